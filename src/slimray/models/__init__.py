@@ -1,0 +1,14 @@
+"""Model architectures described by JSON-serialisable specs (pure torch, no ray)."""
+
+from slimray.models.spec import CNNSpec, InputSpec, MLPSpec, ModelSpec, build_model, spec_from_model
+from slimray.models.teachers import load_ccexam_mnist_teacher
+
+__all__ = [
+    "CNNSpec",
+    "InputSpec",
+    "MLPSpec",
+    "ModelSpec",
+    "build_model",
+    "spec_from_model",
+    "load_ccexam_mnist_teacher",
+]

@@ -1,0 +1,129 @@
+"""Architecture specs: small JSON documents that rebuild a model without pickle.
+
+A spec names the layer widths; ``build_model(spec)`` makes the module and ``spec_from_model`` reads the
+widths back from a (possibly pruned) module, so a pruned network is saved as its smaller spec plus a
+safetensors file. Module names follow the ccexam MNIST CNN (``features.N`` / ``classifier.N``), so its
+pretrained state dict loads into ``CNNSpec(conv_channels=[32, 64], fc_hidden=[128])`` unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, PositiveInt, model_validator
+from torch import nn
+
+from slimray.schema import StrictModel
+
+
+class InputSpec(StrictModel):
+    """What one example looks like in the dataset's raw units, and how to normalise it."""
+
+    shape: list[PositiveInt] = Field(min_length=1, description="shape of one example, e.g. [1, 28, 28]")
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+    min_value: float = Field(description="smallest raw value an input may take")
+    max_value: float = Field(description="largest raw value an input may take")
+
+    @model_validator(mode="after")
+    def _range(self) -> InputSpec:
+        if self.max_value <= self.min_value:
+            raise ValueError("max_value must be greater than min_value")
+        return self
+
+
+class CNNSpec(StrictModel):
+    """conv(k, pad k//2) -> ReLU -> MaxPool(2) per entry of conv_channels, then an MLP head."""
+
+    kind: Literal["cnn"] = "cnn"
+    in_channels: PositiveInt = 1
+    image_size: PositiveInt
+    conv_channels: list[PositiveInt] = Field(min_length=1)
+    fc_hidden: list[PositiveInt] = Field(default_factory=list)
+    num_classes: PositiveInt
+    kernel_size: Literal[3, 5] = 3
+
+    @model_validator(mode="after")
+    def _fits(self) -> CNNSpec:
+        if self.image_size % (2 ** len(self.conv_channels)):
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2**len(conv_channels) "
+                f"= {2 ** len(self.conv_channels)} (each conv block halves it)"
+            )
+        return self
+
+    @property
+    def feature_size(self) -> int:
+        return self.image_size // 2 ** len(self.conv_channels)
+
+
+class MLPSpec(StrictModel):
+    """Flatten -> (Linear -> ReLU) per hidden width -> Linear."""
+
+    kind: Literal["mlp"] = "mlp"
+    in_features: PositiveInt
+    hidden: list[PositiveInt] = Field(default_factory=list)
+    num_classes: PositiveInt
+
+
+ModelSpec = Annotated[Union[CNNSpec, MLPSpec], Field(discriminator="kind")]
+
+
+def _head(in_features: int, hidden: list[int], num_classes: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class ConvNet(nn.Module):
+    def __init__(self, spec: CNNSpec):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = spec.in_channels
+        for c in spec.conv_channels:
+            layers += [nn.Conv2d(width, c, spec.kernel_size, padding=spec.kernel_size // 2), nn.ReLU(), nn.MaxPool2d(2)]
+            width = c
+        self.features = nn.Sequential(*layers)
+        self.classifier = _head(width * spec.feature_size**2, spec.fc_hidden, spec.num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+class MLPNet(nn.Module):
+    def __init__(self, spec: MLPSpec):
+        super().__init__()
+        self.classifier = _head(spec.in_features, spec.hidden, spec.num_classes)
+
+    def forward(self, x):
+        return self.classifier(x.flatten(1))
+
+
+def build_model(spec: CNNSpec | MLPSpec) -> nn.Module:
+    """A freshly initialised float32 model for ``spec``."""
+    if isinstance(spec, CNNSpec):
+        return ConvNet(spec)
+    if isinstance(spec, MLPSpec):
+        return MLPNet(spec)
+    raise TypeError(f"unknown spec type {type(spec).__name__}")
+
+
+def _linears(seq: nn.Sequential) -> list[nn.Linear]:
+    return [m for m in seq if isinstance(m, nn.Linear)]
+
+
+def spec_from_model(model: nn.Module, like: CNNSpec | MLPSpec) -> CNNSpec | MLPSpec:
+    """Read the layer widths of ``model`` (for instance after structured pruning) into a new spec."""
+    hidden = [lin.out_features for lin in _linears(model.classifier)[:-1]]
+    if isinstance(like, CNNSpec):
+        convs = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)]
+        return like.model_copy(update={"conv_channels": convs, "fc_hidden": hidden})
+    return like.model_copy(update={"hidden": hidden})
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

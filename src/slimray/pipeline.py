@@ -1,0 +1,249 @@
+"""The whole pipeline: teacher -> distilled student (Ray Train) -> compression sweep (Ray Tune) -> winner.
+
+Every stage writes its result into ``OUT/<name>/`` atomically; a rerun with the same name reuses finished
+stages, and Ray Train / Tune resume their own unfinished runs from checkpoints stored there.
+Serving is left to the caller (``slimray.cli``), so the pipeline is usable headless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from slimray.artifacts import ArtifactSpec, artifact_bytes, load_artifact, save_artifact
+from slimray.compress.measure import accuracy, compare_latency, predict_logits, torch_threads
+from slimray.config import PipelineConfig
+from slimray.data import Dataset, load_dataset
+from slimray.models import build_model, load_ccexam_mnist_teacher
+from slimray.models.spec import count_params
+from slimray.report import results_table, write_report
+from slimray.runtime import init_ray
+from slimray.schema import ConfigError
+from slimray.sweep.search import SweepContext, run_sweep, trial_key
+from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest
+from slimray.training.distill import TrainData, TrainJob, run_training
+
+
+def log(msg: str) -> None:
+    print(f"[slimray {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def prepare_run_dir(cfg: PipelineConfig, out_dir: Path, *, fresh: bool = False) -> Path:
+    run_dir = (Path(out_dir) / cfg.name).resolve()
+    saved = run_dir / "config.json"
+    current = json.loads(cfg.model_dump_json())
+    if saved.exists() and not fresh:
+        if json.loads(saved.read_text()) != current:
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config; pass --fresh to start it over or choose another name"
+            )
+    elif fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(current, indent=2))
+    return run_dir
+
+
+def _teacher(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path) -> tuple[torch.nn.Module, ArtifactSpec]:
+    path = run_dir / "teacher"
+    if (path / "spec.json").exists():
+        log("teacher: reusing the saved teacher")
+        return load_artifact(path)
+    if cfg.teacher.source == "ccexam_mnist":
+        log("teacher: the pretrained ccexam MNIST CNN")
+        model, spec = load_ccexam_mnist_teacher()
+    else:
+        log(f"teacher: training {cfg.teacher.model.conv_channels if cfg.teacher.model.kind == 'cnn' else cfg.teacher.model.hidden} on labels, {cfg.distill.num_workers} Ray Train workers")
+        spec = cfg.teacher.model
+        job = TrainJob(
+            label="teacher", run_name=f"{cfg.name}-teacher", storage_path=str(run_dir / "ray"), spec=spec.model_dump(),
+            epochs=cfg.teacher.epochs, batch_size=cfg.distill.batch_size, lr=cfg.teacher.lr, alpha=0.0,
+            num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu, seed=cfg.distill.seed,
+            max_failures=cfg.distill.max_failures, metrics_path=str(run_dir / "teacher_metrics.jsonl"),
+        )
+        model, _ = run_training(job, data)
+    art = ArtifactSpec(name="teacher", model=spec, input=ds.input)
+    save_artifact(path, model, art)
+    return load_artifact(path)
+
+
+def _teacher_logits(teacher: torch.nn.Module, x_train: torch.Tensor, run_dir: Path) -> np.ndarray:
+    path = run_dir / "teacher_logits.safetensors"
+    if path.exists():
+        return load_file(str(path))["logits"].numpy()
+    log(f"teacher: computing logits for {len(x_train)} training examples once (shared with every worker)")
+    with torch_threads(os.cpu_count() or 1):
+        logits = predict_logits(teacher, x_train, batch_size=512).contiguous()
+    tmp = path.with_name(".teacher_logits.tmp")
+    save_file({"logits": logits}, str(tmp))
+    tmp.replace(path)
+    return logits.numpy()
+
+
+def _student(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path, *, distilled: bool) -> tuple[torch.nn.Module, ArtifactSpec]:
+    name = "student" if distilled else "student_labels_only"
+    path = run_dir / name
+    if (path / "spec.json").exists():
+        log(f"{name}: reusing the saved model")
+        return load_artifact(path)
+    d = cfg.distill
+    how = f"KD (T={d.temperature}, alpha={d.alpha})" if distilled else "labels only (same budget)"
+    log(f"{name}: {d.epochs} epochs, {how}, {d.num_workers} Ray Train workers")
+    job = TrainJob(
+        label=name, run_name=f"{cfg.name}-{name}", storage_path=str(run_dir / "ray"), spec=d.student.model_dump(),
+        epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, lr_schedule=d.lr_schedule, weight_decay=d.weight_decay, temperature=d.temperature,
+        alpha=d.alpha if distilled else 0.0, num_workers=d.num_workers, use_gpu=d.use_gpu, seed=d.seed,
+        max_failures=d.max_failures, metrics_path=str(run_dir / f"{name}_metrics.jsonl"),
+    )
+    model, _ = run_training(job, data)
+    save_artifact(path, model, ArtifactSpec(name=name, model=d.student, input=ds.input))
+    return load_artifact(path)
+
+
+def run_pipeline(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False) -> dict[str, Any]:
+    """Run every stage; returns the report (also written to ``OUT/<name>/report.json``)."""
+    t_start = time.perf_counter()
+    run_dir = prepare_run_dir(cfg, Path(out_dir), fresh=fresh)
+    log(f"run folder {run_dir}")
+    init_ray(address)
+    log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+    ds = load_dataset(cfg.data.name, seed=cfg.data.seed)
+    x_tr, y_tr = ds.normalized("train")
+    x_va, y_va = ds.normalized("val")
+    x_te, y_te = ds.normalized("test")
+    log(f"data {ds.name}: {len(x_tr)} train / {len(x_va)} val / {len(x_te)} test")
+    refs = dict(x_train=ray.put(x_tr.numpy()), y_train=ray.put(y_tr.numpy()), x_val=ray.put(x_va.numpy()), y_val=ray.put(y_va.numpy()))
+    labels_data = TrainData(**refs)
+
+    teacher, teacher_spec = _teacher(cfg, ds, labels_data, run_dir)
+    logits_ref = ray.put(_teacher_logits(teacher, x_tr, run_dir))
+    kd_data = TrainData(**refs, teacher_logits=logits_ref)
+    student, _ = _student(cfg, ds, kd_data, run_dir, distilled=True)
+    baseline = _student(cfg, ds, labels_data, run_dir, distilled=False)[0] if cfg.distill.labels_only_baseline else None
+
+    s = cfg.search
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    concurrent = s.max_concurrent_trials or max(1, cpus)
+    log(f"sweep: {s.space.num_trials} trials (prune {s.space.prune_ratios} x {s.space.quantizations}), {concurrent} at a time")
+    ctx = SweepContext(
+        run_dir=str(run_dir), base_model_dir=str(run_dir / "student"), search=s.model_dump(),
+        temperature=cfg.distill.temperature, alpha=cfg.distill.alpha, seed=cfg.distill.seed, **refs, teacher_logits=logits_ref,
+    )
+    trials = run_sweep(ctx, run_name=f"{cfg.name}-sweep", storage_path=str(run_dir / "ray"), max_concurrent_trials=concurrent)
+    n_ok = sum(t["status"] == "ok" for t in trials)
+    log(f"sweep: {n_ok}/{len(trials)} trials finished")
+
+    b = s.serving_batch_size
+    lat_key = f"latency_ms_b{b}"
+    x_ref, y_ref = (x_va, y_va) if s.teacher_reference_split == "val" else (x_te, y_te)
+    teacher_ref = accuracy(teacher, x_ref, y_ref)
+    log(f"accuracy floor: teacher {teacher_ref:.2f}% on {s.teacher_reference_split} - {s.max_accuracy_drop} points")
+    ok = feasible(trials, teacher_accuracy=teacher_ref, max_drop=s.max_accuracy_drop)
+    finalists = rank_fastest(ok, latency_key=lat_key)[: s.num_finalists] if ok else []
+    if not finalists:
+        w, _ = pick_winner(trials, teacher_accuracy=teacher_ref, max_drop=s.max_accuracy_drop, latency_key=lat_key)
+        if w is None:
+            raise RuntimeError("every sweep trial failed; see the trial errors in the Ray Tune output")
+        finalists = [w]
+
+    # Re-time teacher, students and finalists side by side: these figures go into the report.
+    models: dict[str, torch.nn.Module] = {"teacher": teacher, "student": student}
+    if baseline is not None:
+        models["student_labels_only"] = baseline
+    for t in finalists:
+        models[t["key"]] = load_artifact(t["artifact"])[0]
+    w_ratio_key = trial_key(finalists[0]["prune_ratio"], "none")
+    for t in trials:  # the pruned fp32 model of each finalist's ratio, for the gain breakdown
+        if t["status"] == "ok" and t["quantization"] == "none" and t["key"] not in models and any(f["prune_ratio"] == t["prune_ratio"] for f in finalists):
+            models[t["key"]] = load_artifact(t["artifact"])[0]
+    log(f"timing {len(models)} models side by side ({s.num_threads} thread(s), batch 1 and {b})")
+    batch_sizes = sorted({1, b})
+    timed = compare_latency(models, x_te[:b], batch_sizes=batch_sizes, num_threads=s.num_threads)
+    for t in finalists:
+        t["retimed"] = timed[t["key"]]
+    winner = min(finalists, key=lambda t: (t["retimed"][b], t["size_bytes"], -t["accuracy"]))
+    constraint_met = winner in ok
+
+    def lat(name: str) -> dict[str, float]:
+        return {f"batch_{k}": v for k, v in timed[name].items()}
+
+    def entry(name: str, model: torch.nn.Module, path: Path | None) -> dict[str, Any]:
+        e = {
+            "accuracy": accuracy(model, x_te, y_te), "val_accuracy": accuracy(model, x_va, y_va),
+            "latency_ms": lat(name),
+        }
+        if path is not None:
+            e["size_bytes"] = artifact_bytes(path)
+        return e
+
+    winner_model, winner_spec = load_artifact(winner["artifact"])
+    save_artifact(run_dir / "winner", winner_model, winner_spec.model_copy(update={"name": cfg.name, "metadata": {"trial": winner["key"]}}))
+
+    t_entry = entry("teacher", teacher, run_dir / "teacher") | {"params": count_params(teacher)}
+    s_entry = entry("student", student, run_dir / "student") | {"params": count_params(student)}
+    if baseline is not None:
+        s_entry["accuracy_without_distillation"] = accuracy(baseline, x_te, y_te)
+        s_entry["labels_only"] = entry("student_labels_only", baseline, run_dir / "student_labels_only") | {"params": count_params(baseline)}
+    w_entry = entry(winner["key"], winner_model, run_dir / "winner") | {
+        "params": winner["params"], "prune_ratio": winner["prune_ratio"], "quantization": winner["quantization"],
+        "key": winner["key"], "architecture": winner_spec.model.model_dump(),
+    }
+    breakdown = [("teacher (fp32)", "teacher"), ("student (fp32)", "student")]
+    if w_ratio_key in timed and winner["prune_ratio"] > 0:
+        breakdown.append((f"+ pruning {winner['prune_ratio']:.2f} (fp32)", w_ratio_key))
+    if winner["quantization"] != "none" or winner["prune_ratio"] == 0:
+        breakdown.append((f"+ {winner['quantization']} (winner)", winner["key"]))
+    t_b = timed["teacher"][b]
+    report = {
+        "name": cfg.name,
+        "recipe": cfg.recipe or cfg.name,
+        "dataset": ds.name,
+        "max_accuracy_drop": s.max_accuracy_drop,
+        "accuracy_floor": teacher_ref - s.max_accuracy_drop,
+        "teacher_reference_split": s.teacher_reference_split,
+        "serving_batch_size": b,
+        "constraint_met": constraint_met,
+        "teacher": t_entry,
+        "student": s_entry,
+        "winner": w_entry,
+        "speedup_vs_teacher": {f"batch_{k}": timed["teacher"][k] / timed[winner["key"]][k] for k in batch_sizes},
+        "gain_breakdown": [
+            {"step": label, "model": key, "latency_ms": timed[key][b], "speedup_vs_teacher": t_b / timed[key][b]} for label, key in breakdown
+        ],
+        "timing": {"num_threads": s.num_threads, "batch_sizes": batch_sizes, "method": "median of interleaved rounds, one process"},
+        "trials": [
+            {
+                k: v for k, v in {
+                    "key": t.get("key", trial_key(t["prune_ratio"], t["quantization"])),
+                    "prune_ratio": t["prune_ratio"], "quantization": t["quantization"], "status": t["status"],
+                    "error": t.get("error"), "val_accuracy": t.get("accuracy"), "params": t.get("params"),
+                    "size_bytes": t.get("size_bytes"),
+                    "latency_ms": {f"batch_{k2}": t[f"latency_ms_b{k2}"] for k2 in batch_sizes} if t["status"] == "ok" else None,
+                    "latency_ms_side_by_side": {f"batch_{k2}": v for k2, v in t["retimed"].items()} if "retimed" in t else None,
+                    "finalist": "retimed" in t,
+                }.items() if v is not None
+            }
+            for t in trials
+        ],
+        "elapsed_s": time.perf_counter() - t_start,
+    }
+    report["pareto_front"] = [
+        {"key": t["key"], "val_accuracy": t["val_accuracy"], "latency_ms": t["latency_ms"]}
+        for t in pareto_front(
+            [dict(t, accuracy=t["val_accuracy"], **{lat_key: t["latency_ms"][f"batch_{b}"]}) for t in report["trials"] if t["status"] == "ok"],
+            latency_key=lat_key,
+        )
+    ]
+    write_report(report, run_dir)
+    log("results (test accuracy; latencies re-timed side by side):\n" + results_table(report))
+    log(f"report: {run_dir / 'report.md'}  plot: {run_dir / 'pareto.png'}  ({report['elapsed_s']:.0f} s)")
+    return report

@@ -1,0 +1,64 @@
+"""The one strict pydantic base every slimray config and spec derives from.
+
+``StrictModel`` forbids unknown fields, so a typo in a YAML file fails at load time naming the field;
+``from_file`` reads YAML or JSON and turns pydantic's errors into a ``ConfigError`` that names the
+file, the field path and what was allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config or spec that does not validate; the message names the file and fields."""
+
+
+def format_validation_error(err: ValidationError, *, source: str) -> str:
+    lines = [f"invalid {err.title} in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (not allowed here; check the spelling)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+class StrictModel(BaseModel):
+    """Base for configs and specs: unknown fields are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<dict>") -> Self:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, source=source)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Self:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot parse {path}: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "<json>") -> Self:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, source=source)) from None

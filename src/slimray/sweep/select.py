@@ -1,0 +1,46 @@
+"""Choosing from trials: the accuracy-constrained winner and the Pareto front (pure python)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def feasible(trials: list[dict[str, Any]], *, teacher_accuracy: float, max_drop: float, accuracy_key: str = "accuracy") -> list[dict[str, Any]]:
+    """Trials that finished and lost at most ``max_drop`` points against the teacher."""
+    floor = teacher_accuracy - max_drop
+    return [t for t in trials if t.get("status") == "ok" and t[accuracy_key] >= floor - 1e-9]
+
+
+def rank_fastest(trials: list[dict[str, Any]], *, latency_key: str) -> list[dict[str, Any]]:
+    """Fastest first; ties (equal latency) go to the smaller model, then the more accurate."""
+    return sorted(trials, key=lambda t: (t[latency_key], t["size_bytes"], -t["accuracy"]))
+
+
+def pick_winner(
+    trials: list[dict[str, Any]], *, teacher_accuracy: float, max_drop: float, latency_key: str
+) -> tuple[dict[str, Any] | None, bool]:
+    """The fastest feasible trial; if none is feasible, the most accurate trial and ``False``."""
+    ok = feasible(trials, teacher_accuracy=teacher_accuracy, max_drop=max_drop)
+    if ok:
+        return rank_fastest(ok, latency_key=latency_key)[0], True
+    done = [t for t in trials if t.get("status") == "ok"]
+    if not done:
+        return None, False
+    return max(done, key=lambda t: (t["accuracy"], -t[latency_key])), False
+
+
+def pareto_front(trials: list[dict[str, Any]], *, latency_key: str) -> list[dict[str, Any]]:
+    """Trials no other trial beats on both accuracy (higher) and latency (lower)."""
+    done = [t for t in trials if t.get("status") == "ok"]
+    front = []
+    for t in done:
+        dominated = any(
+            o is not t
+            and o["accuracy"] >= t["accuracy"]
+            and o[latency_key] <= t[latency_key]
+            and (o["accuracy"] > t["accuracy"] or o[latency_key] < t[latency_key])
+            for o in done
+        )
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: t[latency_key])

@@ -1,0 +1,30 @@
+"""Winner selection: fastest within the accuracy budget, ties to the smaller model; the Pareto front."""
+
+from __future__ import annotations
+
+from slimray.sweep.select import feasible, pareto_front, pick_winner
+
+
+def t(key, acc, lat, size=100, status="ok"):
+    return {"key": key, "accuracy": acc, "lat": lat, "size_bytes": size, "status": status}
+
+
+TRIALS = [t("a", 99.0, 10.0), t("b", 98.8, 5.0), t("c", 98.0, 1.0), t("d", 98.9, 5.0, size=50), t("e", 0, 0, status="error")]
+
+
+def test_fastest_feasible_wins_and_ties_go_to_smaller():
+    w, ok = pick_winner(TRIALS, teacher_accuracy=99.1, max_drop=0.5, latency_key="lat")
+    assert ok and w["key"] == "d"  # b and d tie on latency; d is smaller
+
+
+def test_infeasible_falls_back_to_most_accurate():
+    w, ok = pick_winner(TRIALS, teacher_accuracy=100.0, max_drop=0.5, latency_key="lat")
+    assert not ok and w["key"] == "a"
+
+
+def test_feasible_excludes_errors():
+    assert {x["key"] for x in feasible(TRIALS, teacher_accuracy=99.0, max_drop=10)} == {"a", "b", "c", "d"}
+
+
+def test_pareto_front():
+    assert [x["key"] for x in pareto_front(TRIALS, latency_key="lat")] == ["c", "d", "a"]

@@ -1,0 +1,111 @@
+"""Pipeline configs: strict, validated at load time, clear errors naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+import yaml
+
+from slimray.cli import main
+from slimray.config import PipelineConfig, SearchSpace, load_config, recipe_names
+from slimray.schema import ConfigError
+
+from .conftest import REPO
+
+
+def _write(tmp_path, data, name="cfg.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data) if name.endswith(".yaml") else json.dumps(data))
+    return p
+
+
+def _digits_dict():
+    return load_config(recipe="digits").model_dump()
+
+
+def test_recipes_ship_with_the_package():
+    assert {"mnist", "digits"} <= set(recipe_names())
+    assert load_config().data.name == "mnist"  # the default recipe
+    assert load_config(recipe="digits").teacher.source == "train"
+
+
+def test_unknown_field_is_named(tmp_path):
+    d = _digits_dict()
+    d["distill"]["temprature"] = 3.0
+    with pytest.raises(ConfigError, match=r"distill\.temprature: unknown field"):
+        PipelineConfig.from_file(_write(tmp_path, d))
+
+
+def test_bad_literal_lists_allowed_values(tmp_path):
+    d = _digits_dict()
+    d["search"]["space"]["quantizations"] = ["int3"]
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig.from_file(_write(tmp_path, d, "cfg.json"))
+    msg = str(err.value)
+    assert "search.space.quantizations.0" in msg
+    for allowed in ("none", "dynamic_int8", "static_int8", "bf16"):
+        assert allowed in msg
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "needle"),
+    [
+        (("distill", "alpha"), 1.5, "distill.alpha"),
+        (("search", "space", "prune_ratios"), [0.5, 1.0], "prune ratios must be in [0, 1)"),
+        (("data", "name"), "cifar", "data.name"),
+        (("name",), "../escape", "name"),
+        (("distill", "student", "image_size"), 10, "divisible"),
+    ],
+)
+def test_invalid_values_fail_at_load(tmp_path, path, value, needle):
+    d = _digits_dict()
+    node = d
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=None) as err:
+        PipelineConfig.from_file(_write(tmp_path, d))
+    assert needle in str(err.value)
+
+
+def test_cross_field_rule(tmp_path):
+    d = _digits_dict()
+    d["teacher"] = {"source": "ccexam_mnist"}
+    with pytest.raises(ConfigError, match="needs data.name 'mnist'"):
+        PipelineConfig.from_file(_write(tmp_path, d))
+
+
+def test_unparseable_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        PipelineConfig.from_file(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        PipelineConfig.from_file(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
+        load_config(recipe="nope")
+
+
+def test_cli_rejects_bad_config_before_ray_starts(tmp_path, capsys):
+    d = _digits_dict()
+    d["serve"]["prot"] = 1
+    assert not ray.is_initialized()
+    rc = main(["run", "--config", str(_write(tmp_path, d)), "--no-serve", "--out", str(tmp_path)])
+    assert rc == 2
+    assert "serve.prot: unknown field" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "digits").exists()
+
+
+def test_tune_spaces_validate_and_plug_into_a_config(tmp_path):
+    files = sorted((REPO / "tune").glob("*.yaml"))
+    assert files
+    for f in files:
+        space = SearchSpace.from_file(f)
+        assert space.num_trials >= 2
+    d = _digits_dict()
+    d["search"] = {"space_file": str(REPO / "tune" / "digits-grid.yaml")}
+    cfg = PipelineConfig.model_validate(d)
+    assert cfg.search.space == SearchSpace.from_file(REPO / "tune" / "digits-grid.yaml")
