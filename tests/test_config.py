@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import subprocess
+import sys
+
 import pytest
-import ray
 import yaml
 
-from slimray.cli import main
 from slimray.config import PipelineConfig, SearchSpace, load_config, recipe_names
 from slimray.schema import ConfigError
 
@@ -88,14 +89,18 @@ def test_unparseable_and_missing_files(tmp_path):
         load_config(recipe="nope")
 
 
-def test_cli_rejects_bad_config_before_ray_starts(tmp_path, capsys):
+def test_cli_rejects_bad_config_before_ray_starts(tmp_path):
     d = _digits_dict()
     d["serve"]["prot"] = 1
-    assert not ray.is_initialized()
-    rc = main(["run", "--config", str(_write(tmp_path, d)), "--no-serve", "--out", str(tmp_path)])
-    assert rc == 2
-    assert "serve.prot: unknown field" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    code = (
+        "import sys, slimray.cli as c; rc = c.main(sys.argv[1:]); "
+        "print('ray-imported' if 'ray' in sys.modules else 'no-ray'); sys.exit(rc)"
+    )
+    args = ["run", "--config", str(_write(tmp_path, d)), "--no-serve", "--out", str(tmp_path)]
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "serve.prot: unknown field" in out.stderr
+    assert out.stdout.strip() == "no-ray"  # failed before Ray was even imported
     assert not (tmp_path / "digits").exists()
 
 
