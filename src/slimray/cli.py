@@ -101,11 +101,20 @@ def _check_and_wait(url: str, run_dir: Path) -> None:
     print(f"\nServing {url}/v1/predict  (OpenAPI: {url}/docs, health: {url}/healthz)")
     print(f"  curl -s -X POST {url}/v1/predict -H 'Content-Type: application/json' -d @{sample}")
     print("Ctrl-C stops the server.", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def _serve_until_interrupted(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> int:
     try:
-        while True:
-            time.sleep(3600)
+        url = _serve_run_dir(run_dir, serve_cfg, name=name)
+        _check_and_wait(url, run_dir)
     except KeyboardInterrupt:
-        print("\nstopping")
+        print("\nstopping the server", file=sys.stderr)
+        from ray import serve
+
+        serve.shutdown()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(cfg, out_dir=args.out, address=args.address, fresh=args.fresh)
             if args.no_serve:
                 return 0
-            run_dir = (args.out / cfg.name).resolve()
-            url = _serve_run_dir(run_dir, cfg.serve, name=cfg.name)
-            _check_and_wait(url, run_dir)
-            return 0
+            return _serve_until_interrupted((args.out / cfg.name).resolve(), cfg.serve, name=cfg.name)
         if args.command == "serve":
             from slimray.runtime import init_ray
 
@@ -142,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = PipelineConfig.from_file(cfg_path)
             serve_cfg = cfg.serve.model_copy(update={"port": args.port, "host": args.host, "num_replicas": args.replicas})
             init_ray(args.address)
-            url = _serve_run_dir(run_dir, serve_cfg, name=cfg.name)
-            _check_and_wait(url, run_dir)
-            return 0
+            return _serve_until_interrupted(run_dir, serve_cfg, name=cfg.name)
     except ConfigError as err:
         print(f"slimray: {err}", file=sys.stderr)
         return 2
