@@ -62,12 +62,8 @@ def _post_json(url: str, body: dict, *, timeout: float = 30.0) -> dict:
 def _serve_run_dir(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> str:
     from slimray.serving.app import ServeOptions, build_app, deploy
 
-    options = ServeOptions(
-        model_dir=str(run_dir / "winner"), name=name, num_replicas=serve_cfg.num_replicas,
-        num_cpus_per_replica=serve_cfg.num_cpus_per_replica, num_threads=serve_cfg.num_threads,
-        max_batch_examples=serve_cfg.max_batch_examples, max_body_bytes=serve_cfg.max_body_bytes,
-        api_key_env=serve_cfg.api_key_env,
-    )
+    fields = set(ServeOptions.model_fields) - {"model_dir", "name"}
+    options = ServeOptions(model_dir=str(run_dir / "winner"), name=name, **serve_cfg.model_dump(include=fields))
     return deploy(build_app(options), name=name, host=serve_cfg.host, port=serve_cfg.port, route_prefix=serve_cfg.route_prefix)
 
 

@@ -140,6 +140,7 @@ class ServeConfig(StrictModel):
     num_threads: PositiveInt = 1
     max_batch_examples: PositiveInt = Field(1024, description="largest batch one request may send")
     max_body_bytes: PositiveInt = Field(16 * 1024 * 1024)
+    max_ongoing_requests: PositiveInt = Field(16, description="requests one replica works on at once")
     api_key_env: str = Field("SLIMRAY_API_KEY", description="environment variable holding an optional API key")
     route_prefix: str = "/"
 
