@@ -20,7 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from slimray.auth import AuthError
 from slimray.config import ServeConfig, load_config, recipe_names
+from slimray.jobs import DEFAULT_DASHBOARD
 from slimray.schema import ConfigError
 
 
@@ -47,6 +49,25 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", help="Ray cluster address")
 
     sub.add_parser("recipes", help="list the recipes shipped with slimray")
+
+    sbm = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray Job")
+    sbm.add_argument("--address", default=None, help=f"Ray dashboard address (default RAY_ADDRESS or {DEFAULT_DASHBOARD})")
+    sbm.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit with its status")
+    sbm.add_argument("job_args", nargs=argparse.REMAINDER, help="the slimray command to run there, e.g. run --recipe digits")
+
+    jobs = sub.add_parser("jobs", help="list, inspect, follow or stop slimray jobs on a cluster")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--address", default=None)
+    jobs.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
+
+    clu = sub.add_parser("cluster", help="a multi-node Ray cluster on 127.0.0.1 (token auth on)")
+    clu.add_argument("action", choices=["up", "down", "status"])
+    clu.add_argument("--local", action="store_true", help="start it on this machine (the only kind slimray starts)")
+    clu.add_argument("--workers", type=int, default=1, help="worker raylets besides the head (default 1)")
+    clu.add_argument("--cpus-per-node", type=float, default=1)
+    clu.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs each worker declares (fake ones are fine for placement)")
+    clu.add_argument("--state-dir", type=Path, default=None)
     return p
 
 
@@ -113,6 +134,86 @@ def _serve_until_interrupted(run_dir: Path, serve_cfg: ServeConfig, *, name: str
     return 0
 
 
+def _dashboard_address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
+    if not address.startswith(("http://", "https://")):
+        raise ValueError(f"--address must be the dashboard's http(s) URL (like {DEFAULT_DASHBOARD}), got {address!r}")
+    return address
+
+
+def _token_files() -> tuple[Path, ...]:
+    from slimray.cluster_local import DEFAULT_STATE_DIR
+
+    return (DEFAULT_STATE_DIR / "auth_token",)
+
+
+def _submit(args) -> int:
+    from slimray import jobs
+
+    job_args = [a for a in args.job_args if a != "--"]
+    address = _dashboard_address(args.address)
+    client = jobs.connect(address, token_files=_token_files())
+    job_id = jobs.submit(client, job_args)
+    print(f"submitted {job_id} to {address}", flush=True)
+    if not args.follow:
+        print(f"follow it with: slimray jobs logs {job_id} --follow --address {address}")
+        return 0
+    status = jobs.follow(client, job_id)
+    print(f"\njob {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _jobs(args) -> int:
+    from slimray import jobs
+
+    address = _dashboard_address(args.address)
+    client = jobs.connect(address, token_files=_token_files())
+    if args.action == "list":
+        for j in sorted(client.list_jobs(), key=lambda j: j.start_time or 0):
+            print(f"{j.submission_id or j.job_id}\t{j.status.value}\t{j.entrypoint}")
+        return 0
+    if not args.job_id:
+        raise ValueError(f"slimray jobs {args.action} needs a JOB_ID")
+    if args.action == "status":
+        info = client.get_job_info(args.job_id)
+        print(f"{args.job_id}\t{info.status.value}\t{info.message or ''}")
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            status = jobs.follow(client, args.job_id)
+            return 0 if status == "SUCCEEDED" else 1
+        print(client.get_job_logs(args.job_id), end="")
+        return 0
+    stopped = client.stop_job(args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
+def _cluster(args) -> int:
+    from slimray import cluster_local
+
+    state_dir = args.state_dir or cluster_local.DEFAULT_STATE_DIR
+    if args.action == "up":
+        if not args.local:
+            raise ValueError("slimray starts only local clusters: `slimray cluster up --local`; for clouds see cluster/ (ray up, KubeRay)")
+        c = cluster_local.up(num_workers=args.workers, cpus_per_node=args.cpus_per_node, gpus_per_worker=args.gpus_per_worker, state_dir=state_dir)
+        print(f"local Ray cluster up: head + {c.num_workers} worker(s), token auth on, PIDs {c.pids}")
+        print(f"  dashboard / jobs: {c.dashboard_url}   GCS: {c.gcs_address}")
+        print(f"  token: {c.token_file}  (export RAY_AUTH_TOKEN_PATH={c.token_file} RAY_AUTH_MODE=token for ray's own tools)")
+        print(f"  slimray submit --address {c.dashboard_url} --follow run --recipe digits")
+        return 0
+    if args.action == "status":
+        c = cluster_local.load_state(state_dir)
+        if c is None:
+            print("no local cluster")
+            return 1
+        print(json.dumps({**c.__dict__, "alive": [p for p in c.pids if cluster_local._alive(p)]}, indent=2))
+        return 0
+    pids = cluster_local.down(state_dir=state_dir)
+    print(f"stopped {len(pids)} ray process groups {pids}" if pids else "no local cluster to stop")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -145,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             serve_cfg = cfg.serve.model_copy(update={"port": args.port, "host": args.host, "num_replicas": args.replicas})
             init_ray(args.address)
             return _serve_until_interrupted(run_dir, serve_cfg, name=cfg.name)
-    except ConfigError as err:
+        if args.command == "submit":
+            return _submit(args)
+        if args.command == "jobs":
+            return _jobs(args)
+        if args.command == "cluster":
+            return _cluster(args)
+    except (ConfigError, AuthError, ConnectionError, ValueError, FileNotFoundError) as err:
         print(f"slimray: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -28,7 +28,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool
     address = address or os.environ.get("RAY_ADDRESS")
     env_vars = {k: os.environ[k] for k in FAIL_FAST_ENV}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        # A job's driver keeps the runtime_env it was submitted with (slimray.jobs adds these env vars
+        # there); passing another one here would replace it.
+        ray.init(address=address, log_to_driver=True)
         return False
     ray.init(
         address="local",

@@ -1,0 +1,176 @@
+"""A real multi-node Ray cluster on 127.0.0.1, for trying multi-node behaviour on one machine.
+
+``slimray cluster up --local`` starts a head (``ray start --head --block``) and N worker raylets, each a
+separate process group on loopback, with token authentication on (a fresh token in the state folder)
+and the dashboard bound to 127.0.0.1. The PIDs go to ``state.json``; ``slimray cluster down`` stops
+exactly those process groups and nothing else (never a global ``ray stop``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_STATE_DIR = Path.home() / ".slimray" / "local-cluster"
+
+
+@dataclass
+class LocalCluster:
+    state_dir: str
+    gcs_address: str
+    dashboard_url: str
+    token_file: str
+    pids: list[int]
+    num_workers: int
+
+    @property
+    def token(self) -> str:
+        return Path(self.token_file).read_text().strip()
+
+    def env(self) -> dict[str, str]:
+        """What a client process needs to talk to this cluster."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_file}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
+
+
+def load_state(state_dir: Path = DEFAULT_STATE_DIR) -> LocalCluster | None:
+    path = Path(state_dir) / "state.json"
+    if not path.exists():
+        return None
+    return LocalCluster(**json.loads(path.read_text()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _nodes_alive(dashboard: str, token: str) -> int:
+    req = urllib.request.Request(f"{dashboard}/nodes?view=summary", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        data = json.loads(resp.read())
+    summary = data.get("data", {}).get("summary", [])
+    return sum(1 for n in summary if (n.get("raylet") or {}).get("state") == "ALIVE")
+
+
+def up(
+    *,
+    num_workers: int = 1,
+    cpus_per_node: float = 1,
+    gpus_per_worker: float = 0,
+    head_cpus: float | None = None,
+    state_dir: Path = DEFAULT_STATE_DIR,
+    timeout_s: float = 90,
+) -> LocalCluster:
+    """Start the head and ``num_workers`` worker raylets; returns once all nodes are alive."""
+    state_dir = Path(state_dir)
+    existing = load_state(state_dir)
+    if existing and any(_alive(p) for p in existing.pids):
+        raise RuntimeError(f"a local cluster is already running (state in {state_dir}); run `slimray cluster down` first")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    token_file = state_dir / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    os.chmod(token_file, 0o600)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    # job entrypoints say `python`: make it this interpreter (the one with torch and ray) on every node
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    port, dash_port = _free_port(), _free_port()
+    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    head_cmd = [
+        _ray_bin(), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+        f"--num-cpus={head_cpus if head_cpus is not None else cpus_per_node:g}", "--num-gpus=0",
+        f"--ray-client-server-port={_free_port()}", *common,
+    ]
+    pids: list[int] = []
+    cluster = LocalCluster(
+        state_dir=str(state_dir), gcs_address=f"127.0.0.1:{port}", dashboard_url=f"http://127.0.0.1:{dash_port}",
+        token_file=str(token_file), pids=pids, num_workers=num_workers,
+    )
+
+    def launch(cmd: list[str], name: str) -> None:
+        log = open(state_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        pids.append(proc.pid)
+        (state_dir / "state.json").write_text(json.dumps(asdict(cluster), indent=2))
+
+    launch(head_cmd, "head")
+    deadline = time.monotonic() + timeout_s
+    try:
+        _wait(lambda: _nodes_alive(cluster.dashboard_url, cluster.token) >= 1, deadline, pids, state_dir, "the head")
+        for i in range(num_workers):
+            launch(
+                [_ray_bin(), "start", f"--address={cluster.gcs_address}", f"--num-cpus={cpus_per_node:g}", f"--num-gpus={gpus_per_worker:g}", *common],
+                f"worker{i}",
+            )
+        _wait(lambda: _nodes_alive(cluster.dashboard_url, cluster.token) >= 1 + num_workers, deadline, pids, state_dir, f"{num_workers} worker(s)")
+    except BaseException:
+        down(state_dir=state_dir)
+        raise
+    return cluster
+
+
+def _wait(check, deadline: float, pids: list[int], state_dir: Path, what: str) -> None:
+    while True:
+        try:
+            if check():
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            pass
+        dead = [p for p in pids if not _alive(p)]
+        if dead:
+            raise RuntimeError(f"a ray process exited while starting {what}; see the logs in {state_dir}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not come up in time; see the logs in {state_dir}")
+        time.sleep(0.5)
+
+
+def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 30) -> list[int]:
+    """Stop the process groups this module started (workers first, then the head); returns their PIDs."""
+    state = load_state(state_dir)
+    if state is None:
+        return []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in reversed(state.pids):
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 5)
+        while time.monotonic() < deadline and any(_alive(p) for p in state.pids):
+            time.sleep(0.3)
+            for p in state.pids:  # reap our own children
+                try:
+                    os.waitpid(p, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+        if not any(_alive(p) for p in state.pids):
+            break
+    (Path(state_dir) / "state.json").unlink(missing_ok=True)
+    return state.pids

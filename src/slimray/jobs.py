@@ -1,0 +1,93 @@
+"""Submitting slimray commands to a Ray cluster as Ray Jobs, and following them.
+
+The installed ``slimray`` package travels with the job as a ``py_modules`` entry (so the cluster needs
+torch and ray, not slimray, and no registry access), a ``--config`` file travels in a small
+``working_dir``, and the entrypoint is ``python -m slimray.cli ...``. Outputs go to ``--out`` on the
+cluster (default ``/tmp/slimray/runs``: the job's own working folder is deleted after the job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import slimray
+from slimray.auth import auth_headers, explain_refusal, read_token
+
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+DEFAULT_CLUSTER_OUT = "/tmp/slimray/runs"
+SUBMITTABLE = ("run", "distill", "sweep")
+
+
+def connect(address: str | None, *, token_files: tuple[Path, ...] = ()):
+    """A JobSubmissionClient with the token attached; auth refusals become ``AuthError``."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or DEFAULT_DASHBOARD
+    token = read_token(extra_files=token_files)
+    try:
+        return JobSubmissionClient(address, headers=auth_headers(token))
+    except Exception as err:  # noqa: BLE001 - the SDK raises bare RuntimeError/ConnectionError
+        explained = explain_refusal(err, address=address, token=token)
+        if explained is not None:
+            raise explained from None
+        raise ConnectionError(f"cannot reach the Ray dashboard at {address}: {err}") from None
+
+
+def build_submission(args: list[str], *, workdir: Path) -> dict[str, Any]:
+    """The ``submit_job`` keyword arguments for ``slimray <args>`` (args[0] is the command)."""
+    if not args or args[0] not in SUBMITTABLE:
+        raise ValueError(f"slimray submit takes one of {', '.join(SUBMITTABLE)}, got {args[:1]}")
+    args = list(args)
+    from slimray.runtime import FAIL_FAST_ENV
+
+    runtime_env: dict[str, Any] = {"py_modules": [str(Path(slimray.__file__).parent)], "env_vars": dict(FAIL_FAST_ENV)}
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise ValueError("--config needs a file")
+        src = Path(args[i + 1])
+        if not src.is_file():
+            raise FileNotFoundError(f"config file not found: {src}")
+        shutil.copy(src, workdir / f"config{src.suffix}")
+        args[i + 1] = f"config{src.suffix}"
+        runtime_env["working_dir"] = str(workdir)
+    if args[0] == "run" and "--no-serve" not in args:
+        args.append("--no-serve")  # a job ends; serve the result with `serve deploy` or `slimray serve`
+    if "--out" not in args:
+        args += ["--out", DEFAULT_CLUSTER_OUT]
+    entrypoint = "python -m slimray.cli " + " ".join(shlex.quote(a) for a in args)
+    return {
+        "entrypoint": entrypoint,
+        "runtime_env": runtime_env,
+        "entrypoint_num_cpus": 0,
+        "metadata": {"slimray_version": slimray.__version__, "command": args[0]},
+    }
+
+
+def submit(client, args: list[str]) -> str:
+    with tempfile.TemporaryDirectory(prefix="slimray-job-") as d:
+        return client.submit_job(**build_submission(args, workdir=Path(d)))
+
+
+def follow(client, job_id: str, *, poll_s: float = 1.0) -> str:
+    """Stream the job's logs to stdout until it ends; returns its final status name."""
+
+    async def _tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            print(chunk, end="", flush=True)
+
+    try:
+        asyncio.run(_tail())
+    except Exception as err:  # noqa: BLE001 - log streaming is best effort; status below is authoritative
+        print(f"[slimray] log stream ended early ({type(err).__name__}); waiting for the job to finish", flush=True)
+    while True:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return str(status.value)
+        time.sleep(poll_s)
