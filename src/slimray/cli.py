@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from slimray.auth import AuthError
-from slimray.config import ServeConfig, load_config, recipe_names
+from slimray.config import PipelineConfig, ServeConfig, load_config, recipe_names
 from slimray.jobs import DEFAULT_DASHBOARD
 from slimray.schema import ConfigError
 
@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     src = run.add_mutually_exclusive_group()
     src.add_argument("--recipe", help=f"a recipe shipped with slimray (default mnist)")
     src.add_argument("--config", type=Path, help="a pipeline config file (YAML or JSON)")
+    src.add_argument("--config-env", help=argparse.SUPPRESS)  # JSON config in this env var (slimray submit)
     run.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default ./runs)")
     run.add_argument("--name", help="run name (default: the config's name)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -221,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(recipe_names()))
             return 0
         if args.command == "run":
-            cfg = load_config(recipe=args.recipe, config=args.config)  # fails here, before Ray starts
+            if args.config_env:
+                cfg = PipelineConfig.from_json(os.environ.get(args.config_env, ""), source=f"${args.config_env}")
+            else:
+                cfg = load_config(recipe=args.recipe, config=args.config)  # fails here, before Ray starts
             if args.name:
                 cfg = cfg.model_copy(update={"name": args.name})
                 type(cfg).model_validate(cfg.model_dump())
@@ -239,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = args.run_dir.resolve()
             if not (run_dir / "winner" / "spec.json").exists():
                 raise ConfigError(f"{run_dir} holds no finished run (no winner/spec.json)")
-            cfg_path = run_dir / "config.json"
-            from slimray.config import PipelineConfig
-
-            cfg = PipelineConfig.from_file(cfg_path)
+            cfg = PipelineConfig.from_file(run_dir / "config.json")
             serve_cfg = cfg.serve.model_copy(update={"port": args.port, "host": args.host, "num_replicas": args.replicas})
             init_ray(args.address)
             return _serve_until_interrupted(run_dir, serve_cfg, name=cfg.name)
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             return _jobs(args)
         if args.command == "cluster":
             return _cluster(args)
-    except (ConfigError, AuthError, ConnectionError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, AuthError, ConnectionError, ValueError) as err:
         print(f"slimray: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

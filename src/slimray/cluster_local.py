@@ -103,10 +103,18 @@ def up(
     env.pop("RAY_ADDRESS", None)
     port, dash_port = _free_port(), _free_port()
     common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+    def node_ports() -> list[str]:
+        # every raylet on one machine needs its own agent ports (the defaults, e.g. 52365, would clash)
+        return [
+            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+        ]
+
     head_cmd = [
         _ray_bin(), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
         f"--num-cpus={head_cpus if head_cpus is not None else cpus_per_node:g}", "--num-gpus=0",
-        f"--ray-client-server-port={_free_port()}", *common,
+        f"--ray-client-server-port={_free_port()}", *common, *node_ports(),
     ]
     pids: list[int] = []
     cluster = LocalCluster(
@@ -126,7 +134,7 @@ def up(
         _wait(lambda: _nodes_alive(cluster.dashboard_url, cluster.token) >= 1, deadline, pids, state_dir, "the head")
         for i in range(num_workers):
             launch(
-                [_ray_bin(), "start", f"--address={cluster.gcs_address}", f"--num-cpus={cpus_per_node:g}", f"--num-gpus={gpus_per_worker:g}", *common],
+                [_ray_bin(), "start", f"--address={cluster.gcs_address}", f"--num-cpus={cpus_per_node:g}", f"--num-gpus={gpus_per_worker:g}", *common, *node_ports()],
                 f"worker{i}",
             )
         _wait(lambda: _nodes_alive(cluster.dashboard_url, cluster.token) >= 1 + num_workers, deadline, pids, state_dir, f"{num_workers} worker(s)")

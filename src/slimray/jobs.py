@@ -1,8 +1,8 @@
 """Submitting slimray commands to a Ray cluster as Ray Jobs, and following them.
 
 The installed ``slimray`` package travels with the job as a ``py_modules`` entry (so the cluster needs
-torch and ray, not slimray, and no registry access), a ``--config`` file travels in a small
-``working_dir``, and the entrypoint is ``python -m slimray.cli ...``. Outputs go to ``--out`` on the
+torch and ray, not slimray, and no registry access); a ``--config`` file is validated here and travels
+as JSON in the job's environment; the entrypoint is ``python -m slimray.cli ...``. Outputs go to ``--out`` on the
 cluster (default ``/tmp/slimray/runs``: the job's own working folder is deleted after the job).
 """
 
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import slimray
 from slimray.auth import auth_headers, explain_refusal, read_token
+from slimray.config import PipelineConfig
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 DEFAULT_CLUSTER_OUT = "/tmp/slimray/runs"
+CONFIG_ENV = "SLIMRAY_CONFIG_JSON"
 SUBMITTABLE = ("run", "distill", "sweep")
 
 
@@ -39,7 +39,7 @@ def connect(address: str | None, *, token_files: tuple[Path, ...] = ()):
         raise ConnectionError(f"cannot reach the Ray dashboard at {address}: {err}") from None
 
 
-def build_submission(args: list[str], *, workdir: Path) -> dict[str, Any]:
+def build_submission(args: list[str]) -> dict[str, Any]:
     """The ``submit_job`` keyword arguments for ``slimray <args>`` (args[0] is the command)."""
     if not args or args[0] not in SUBMITTABLE:
         raise ValueError(f"slimray submit takes one of {', '.join(SUBMITTABLE)}, got {args[:1]}")
@@ -48,15 +48,15 @@ def build_submission(args: list[str], *, workdir: Path) -> dict[str, Any]:
 
     runtime_env: dict[str, Any] = {"py_modules": [str(Path(slimray.__file__).parent)], "env_vars": dict(FAIL_FAST_ENV)}
     if "--config" in args:
+        # The config travels inside the job's environment, validated here first (a bad file fails on the
+        # laptop, not on the cluster); search-space files are already expanded into it.
         i = args.index("--config")
         if i + 1 >= len(args):
             raise ValueError("--config needs a file")
-        src = Path(args[i + 1])
-        if not src.is_file():
-            raise FileNotFoundError(f"config file not found: {src}")
-        shutil.copy(src, workdir / f"config{src.suffix}")
-        args[i + 1] = f"config{src.suffix}"
-        runtime_env["working_dir"] = str(workdir)
+        cfg = PipelineConfig.from_file(args[i + 1])
+        cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"space_file": None})})
+        runtime_env["env_vars"][CONFIG_ENV] = cfg.model_dump_json()
+        args[i : i + 2] = ["--config-env", CONFIG_ENV]
     if args[0] == "run" and "--no-serve" not in args:
         args.append("--no-serve")  # a job ends; serve the result with `serve deploy` or `slimray serve`
     if "--out" not in args:
@@ -70,9 +70,17 @@ def build_submission(args: list[str], *, workdir: Path) -> dict[str, Any]:
     }
 
 
-def submit(client, args: list[str]) -> str:
-    with tempfile.TemporaryDirectory(prefix="slimray-job-") as d:
-        return client.submit_job(**build_submission(args, workdir=Path(d)))
+def submit(client, args: list[str], *, agent_wait_s: float = 60.0) -> str:
+    """Submit; a head whose job agent is still starting ("No available agent") is retried for a while."""
+    submission = build_submission(args)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(**submission)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def follow(client, job_id: str, *, poll_s: float = 1.0) -> str:
