@@ -26,21 +26,54 @@ from slimray.jobs import DEFAULT_DASHBOARD
 from slimray.schema import ConfigError
 
 
+def _source_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--recipe", help="a recipe shipped with slimray (default mnist)")
+    src.add_argument("--config", type=Path, help="a pipeline config file (YAML or JSON)")
+    src.add_argument("--config-env", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default ./runs)")
+    p.add_argument("--run-name", "--name", dest="name", help="run name (default: the config's name)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--fresh", action="store_true", help="discard an earlier run of the same name")
+
+
+def _load(args) -> PipelineConfig:
+    """The config named on the command line, with its overrides applied; fails before Ray starts."""
+    if args.config_env:
+        cfg = PipelineConfig.from_json(os.environ.get(args.config_env, ""), source=f"${args.config_env}")
+    else:
+        cfg = load_config(recipe=args.recipe, config=args.config)
+    data = cfg.model_dump()
+    if args.name:
+        data["name"] = args.name
+    if getattr(args, "num_workers", None):
+        data["distill"]["num_workers"] = args.num_workers
+    if getattr(args, "use_gpu", False):
+        data["distill"]["use_gpu"] = True
+    if getattr(args, "port", None):
+        data["serve"]["port"] = args.port
+    data["search"]["space_file"] = None  # already expanded into search.space
+    return PipelineConfig.from_dict(data, source="the command line")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimray", description="Distil, compress and serve PyTorch models on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="the whole pipeline: distil -> sweep -> serve")
-    src = run.add_mutually_exclusive_group()
-    src.add_argument("--recipe", help=f"a recipe shipped with slimray (default mnist)")
-    src.add_argument("--config", type=Path, help="a pipeline config file (YAML or JSON)")
-    src.add_argument("--config-env", help=argparse.SUPPRESS)  # JSON config in this env var (slimray submit)
-    run.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default ./runs)")
-    run.add_argument("--name", help="run name (default: the config's name)")
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _source_args(run)
     run.add_argument("--no-serve", action="store_true", help="stop after the report; do not deploy")
-    run.add_argument("--fresh", action="store_true", help="discard an earlier run of the same name")
     run.add_argument("--port", type=int, help="HTTP port (default from the config, 8000)")
+
+    dis = sub.add_parser("distill", help="distillation alone: teacher -> student on Ray Train")
+    _source_args(dis)
+    dis.add_argument("--num-workers", type=int, help="data-parallel Ray Train workers (overrides the config)")
+    dis.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl, bf16 autocast")
+
+    swp = sub.add_parser("sweep", help="the compression sweep alone (Ray Tune) on a student or the teacher")
+    _source_args(swp)
+    swp.add_argument("--student", type=Path, help="artifact folder to compress (default: the run's student, else its teacher)")
+    swp.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this run; finished trials are kept")
 
     srv = sub.add_parser("serve", help="serve the winner of a finished run")
     srv.add_argument("run_dir", type=Path)
@@ -222,21 +255,44 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(recipe_names()))
             return 0
         if args.command == "run":
-            if args.config_env:
-                cfg = PipelineConfig.from_json(os.environ.get(args.config_env, ""), source=f"${args.config_env}")
-            else:
-                cfg = load_config(recipe=args.recipe, config=args.config)  # fails here, before Ray starts
-            if args.name:
-                cfg = cfg.model_copy(update={"name": args.name})
-                type(cfg).model_validate(cfg.model_dump())
-            if args.port:
-                cfg.serve.port = args.port
+            cfg = _load(args)
             from slimray.pipeline import run_pipeline
 
             run_pipeline(cfg, out_dir=args.out, address=args.address, fresh=args.fresh)
             if args.no_serve:
                 return 0
             return _serve_until_interrupted((args.out / cfg.name).resolve(), cfg.serve, name=cfg.name)
+        if args.command == "distill":
+            from slimray import pipeline
+
+            run = pipeline.open_run(_load(args), out_dir=args.out, address=args.address, fresh=args.fresh)
+            d = pipeline.distill_stage(run)
+            from slimray.compress.measure import accuracy
+
+            x, y = run.split["test"]
+            print(f"teacher {accuracy(d.teacher, x, y):.2f}%  student {accuracy(d.student, x, y):.2f}% (test)"
+                  + (f"  labels-only student {accuracy(d.baseline, x, y):.2f}%" if d.baseline is not None else ""))
+            print(f"student: {run.run_dir / 'student'}  metrics: {run.run_dir / 'student_metrics.jsonl'}")
+            return 0
+        if args.command == "sweep":
+            from slimray import pipeline
+            from slimray.artifacts import load_artifact
+
+            run = pipeline.open_run(_load(args), out_dir=args.out, address=args.address, fresh=args.fresh)
+            d = pipeline.teacher_stage(run)
+            base = args.student.resolve() if args.student else run.run_dir / "student"
+            if args.student and not (base / "spec.json").exists():
+                raise ConfigError(f"--student {args.student}: no spec.json there (expected a slimray model folder)")
+            if not (base / "spec.json").exists():
+                base = run.run_dir / "teacher"
+                pipeline.log("no student in this run: compressing the teacher")
+            if (run.run_dir / "student_labels_only" / "spec.json").exists():
+                d.baseline = load_artifact(run.run_dir / "student_labels_only")[0]
+            try:
+                pipeline.sweep_stage(run, d, base_dir=base, resume=args.resume)
+            except FileExistsError as err:
+                raise ConfigError(str(err)) from None
+            return 0
         if args.command == "serve":
             from slimray.runtime import init_ray
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ def prepare_run_dir(cfg: PipelineConfig, out_dir: Path, *, fresh: bool = False) 
     saved = run_dir / "config.json"
     current = json.loads(cfg.model_dump_json())
     if saved.exists() and not fresh:
-        if json.loads(saved.read_text()) != current:
+        # serving options do not change what the run produces: only the rest must match
+        strip = lambda d: {k: v for k, v in d.items() if k != "serve"}  # noqa: E731
+        if strip(json.loads(saved.read_text())) != strip(current):
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; pass --fresh to start it over or choose another name"
             )
@@ -109,36 +112,83 @@ def _student(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path, *
     return load_artifact(path)
 
 
-def run_pipeline(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False) -> dict[str, Any]:
-    """Run every stage; returns the report (also written to ``OUT/<name>/report.json``)."""
+@dataclass
+class Run:
+    """An opened run: its config, folder, data (tensors and object-store references) and start time."""
+
+    cfg: PipelineConfig
+    run_dir: Path
+    ds: Dataset
+    split: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    refs: dict[str, Any]
+    t_start: float
+
+    @property
+    def labels_data(self) -> TrainData:
+        return TrainData(**self.refs)
+
+
+def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False) -> Run:
+    """Prepare the run folder, start or reach Ray, load the data once and share it through the object store."""
     t_start = time.perf_counter()
     run_dir = prepare_run_dir(cfg, Path(out_dir), fresh=fresh)
     log(f"run folder {run_dir}")
     init_ray(address)
     log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
     ds = load_dataset(cfg.data.name, seed=cfg.data.seed)
-    x_tr, y_tr = ds.normalized("train")
-    x_va, y_va = ds.normalized("val")
-    x_te, y_te = ds.normalized("test")
-    log(f"data {ds.name}: {len(x_tr)} train / {len(x_va)} val / {len(x_te)} test")
+    split = {name: ds.normalized(name) for name in ("train", "val", "test")}
+    log(f"data {ds.name}: {len(split['train'][0])} train / {len(split['val'][0])} val / {len(split['test'][0])} test")
+    (x_tr, y_tr), (x_va, y_va) = split["train"], split["val"]
     refs = dict(x_train=ray.put(x_tr.numpy()), y_train=ray.put(y_tr.numpy()), x_val=ray.put(x_va.numpy()), y_val=ray.put(y_va.numpy()))
-    labels_data = TrainData(**refs)
+    return Run(cfg, run_dir, ds, split, refs, t_start)
 
-    teacher, teacher_spec = _teacher(cfg, ds, labels_data, run_dir)
-    logits_ref = ray.put(_teacher_logits(teacher, x_tr, run_dir))
-    kd_data = TrainData(**refs, teacher_logits=logits_ref)
-    student, _ = _student(cfg, ds, kd_data, run_dir, distilled=True)
-    baseline = _student(cfg, ds, labels_data, run_dir, distilled=False)[0] if cfg.distill.labels_only_baseline else None
 
+@dataclass
+class Distilled:
+    teacher: torch.nn.Module
+    logits_ref: Any
+    student: torch.nn.Module | None = None
+    baseline: torch.nn.Module | None = None
+
+
+def teacher_stage(run: Run) -> Distilled:
+    teacher, _ = _teacher(run.cfg, run.ds, run.labels_data, run.run_dir)
+    logits_ref = ray.put(_teacher_logits(teacher, run.split["train"][0], run.run_dir))
+    return Distilled(teacher=teacher, logits_ref=logits_ref)
+
+
+def distill_stage(run: Run) -> Distilled:
+    """Teacher (loaded or trained), teacher logits, the distilled student and the labels-only baseline."""
+    d = teacher_stage(run)
+    kd_data = TrainData(**run.refs, teacher_logits=d.logits_ref)
+    d.student, _ = _student(run.cfg, run.ds, kd_data, run.run_dir, distilled=True)
+    if run.cfg.distill.labels_only_baseline:
+        d.baseline = _student(run.cfg, run.ds, run.labels_data, run.run_dir, distilled=False)[0]
+    return d
+
+
+def run_pipeline(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False) -> dict[str, Any]:
+    """Run every stage; returns the report (also written to ``OUT/<name>/report.json``)."""
+    run = open_run(cfg, out_dir=out_dir, address=address, fresh=fresh)
+    d = distill_stage(run)
+    return sweep_stage(run, d, base_dir=run.run_dir / "student")
+
+
+def sweep_stage(run: Run, d: Distilled, *, base_dir: Path, resume: bool = True) -> dict[str, Any]:
+    """Compress the model in ``base_dir`` (the student, or any artifact), pick the winner, write the report."""
+    cfg, run_dir, ds, t_start = run.cfg, run.run_dir, run.ds, run.t_start
+    (x_va, y_va), (x_te, y_te) = run.split["val"], run.split["test"]
+    refs, logits_ref, teacher, baseline = run.refs, d.logits_ref, d.teacher, d.baseline
+    student = d.student if d.student is not None else load_artifact(base_dir)[0]
     s = cfg.search
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrent = s.max_concurrent_trials or max(1, cpus)
     log(f"sweep: {s.space.num_trials} trials (prune {s.space.prune_ratios} x {s.space.quantizations}), {concurrent} at a time")
     ctx = SweepContext(
-        run_dir=str(run_dir), base_model_dir=str(run_dir / "student"), search=s.model_dump(),
+        run_dir=str(run_dir), base_model_dir=str(base_dir), search=s.model_dump(),
         temperature=cfg.distill.temperature, alpha=cfg.distill.alpha, seed=cfg.distill.seed, **refs, teacher_logits=logits_ref,
     )
-    trials = run_sweep(ctx, run_name=f"{cfg.name}-sweep", storage_path=str(run_dir / "ray"), max_concurrent_trials=concurrent)
+    trials = run_sweep(ctx, run_name=f"{cfg.name}-sweep", storage_path=str(run_dir / "ray"), max_concurrent_trials=concurrent, resume=resume)
     n_ok = sum(t["status"] == "ok" for t in trials)
     log(f"sweep: {n_ok}/{len(trials)} trials finished")
 
@@ -189,7 +239,7 @@ def run_pipeline(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: 
     save_artifact(run_dir / "winner", winner_model, winner_spec.model_copy(update={"name": cfg.name, "metadata": {"trial": winner["key"]}}))
 
     t_entry = entry("teacher", teacher, run_dir / "teacher") | {"params": count_params(teacher)}
-    s_entry = entry("student", student, run_dir / "student") | {"params": count_params(student)}
+    s_entry = entry("student", student, base_dir) | {"params": count_params(student), "source": str(base_dir)}
     if baseline is not None:
         s_entry["accuracy_without_distillation"] = accuracy(baseline, x_te, y_te)
         s_entry["labels_only"] = entry("student_labels_only", baseline, run_dir / "student_labels_only") | {"params": count_params(baseline)}

@@ -109,13 +109,18 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         tune.report({"key": key, "status": "error", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]})
 
 
-def run_sweep(ctx: SweepContext, *, run_name: str, storage_path: str, max_concurrent_trials: int) -> list[dict[str, Any]]:
-    """Run (or resume) the grid; returns one dict per trial with its settings, metrics and status."""
+def run_sweep(ctx: SweepContext, *, run_name: str, storage_path: str, max_concurrent_trials: int, resume: bool = True) -> list[dict[str, Any]]:
+    """Run (or, with ``resume``, continue) the grid; returns one dict per trial with its settings, metrics and status.
+
+    Without ``resume`` an earlier experiment of the same name is an error rather than silently reused.
+    """
     search = SearchConfig.model_validate(ctx.search)
     lock = TimingLock.remote()
     ctx = SweepContext(**{**ctx.__dict__, "lock": lock})
     trainable = tune.with_resources(tune.with_parameters(compression_trial, ctx=ctx), {"cpu": 1})
     path = os.path.join(storage_path, run_name)
+    if tune.Tuner.can_restore(path) and not resume:
+        raise FileExistsError(f"a sweep already exists at {path}: pass --resume to continue it, or use another run name")
     if tune.Tuner.can_restore(path):
         print(f"[sweep] resuming {path}: finished trials are kept", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)

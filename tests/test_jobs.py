@@ -1,0 +1,97 @@
+"""What `slimray submit` sends: the package as py_modules, the config validated and carried as JSON."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+
+from slimray.auth import explain_refusal, read_token
+from slimray.cli import _parser
+from slimray.config import PipelineConfig, load_config
+from slimray.jobs import CONFIG_ENV, build_submission
+from slimray.schema import ConfigError
+
+from .conftest import REPO
+
+
+def test_run_submission_ships_package_and_config(tmp_path):
+    cfg = load_config(recipe="digits").model_dump(mode="json")
+    cfg["search"] = {"space_file": str(REPO / "tune" / "digits-grid.yaml")}
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    sub = build_submission(["run", "--config", str(f)])
+    argv = shlex.split(sub["entrypoint"])
+    assert argv[:3] == ["python", "-m", "slimray.cli"]
+    args = _parser().parse_args(argv[3:])
+    assert args.command == "run" and args.no_serve and args.config_env == CONFIG_ENV and str(args.out) == "/tmp/slimray/runs"
+    env = sub["runtime_env"]["env_vars"]
+    shipped = PipelineConfig.from_json(env[CONFIG_ENV])
+    assert shipped.search.space_file is None and shipped.search.space.importance == "l2"  # the space file travelled expanded
+    assert sub["runtime_env"]["py_modules"][0].endswith("slimray") and sub["entrypoint_num_cpus"] == 0
+    assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" in env
+
+
+def test_bad_config_fails_before_submission(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump({**load_config(recipe="digits").model_dump(mode="json"), "nmae": "x"}))
+    with pytest.raises(ConfigError, match="nmae: unknown field"):
+        build_submission(["sweep", "--config", str(f)])
+
+
+@pytest.mark.parametrize("args", [[], ["serve", "runs/x"], ["cluster", "up"]])
+def test_only_pipeline_commands_are_submitted(args):
+    with pytest.raises(ValueError, match="run, distill, sweep"):
+        build_submission(args)
+
+
+def test_distill_and_sweep_entrypoints_parse():
+    for cmd in (["distill", "--recipe", "digits", "--num-workers", "2"], ["sweep", "--recipe", "mnist", "--resume"]):
+        argv = shlex.split(build_submission(cmd)["entrypoint"])
+        assert _parser().parse_args(argv[3:]).command == cmd[0]
+
+
+def test_token_sources_and_refusal_messages(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert read_token() is None
+    (tmp_path / "t").write_text("abc\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
+    assert read_token() == "abc"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert read_token() == "env-token"
+    assert "none was sent" in str(explain_refusal(RuntimeError("status code 401"), address="http://h", token=None))
+    assert "rejected the token" in str(explain_refusal(RuntimeError("status code 403"), address="http://h", token="x"))
+    assert explain_refusal(RuntimeError("status code 500"), address="http://h", token="x") is None
+
+
+def test_job_specs_in_jobs_folder_are_submittable():
+    import inspect
+
+    from ray.job_submission import JobSubmissionClient
+
+    allowed = set(inspect.signature(JobSubmissionClient.submit_job).parameters) - {"self"}
+    files = sorted((REPO / "jobs").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"mnist", "digits"}
+    for f in files:
+        spec = yaml.safe_load(f.read_text())
+        assert set(spec) <= allowed, f
+        argv = shlex.split(spec["entrypoint"])
+        assert argv[0] == "slimray"
+        assert _parser().parse_args(argv[1:]).recipe == f.stem
+
+
+def test_serve_configs_validate_with_serves_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    from slimray.serving.app import ServeOptions, app_builder
+
+    for f in sorted((REPO / "serve").glob("*.yaml")):
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(f.read_text())) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(yaml.safe_load(f.read_text()))
+        assert schema.http_options.host == "127.0.0.1", f
+        for app in schema.applications:
+            assert app.import_path == "slimray.serving.app:app_builder"
+            ServeOptions.model_validate(app.args)
+            assert app_builder(app.args) is not None
