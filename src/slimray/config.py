@@ -143,6 +143,22 @@ class ServeConfig(StrictModel):
     max_ongoing_requests: PositiveInt = Field(16, description="requests one replica works on at once")
     api_key_env: str = Field("SLIMRAY_API_KEY", description="environment variable holding an optional API key")
     route_prefix: str = "/"
+    # placement and scaling (names match slimray.serving.app.ServeOptions, which the CLI fills from here)
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica; fractions below 1 share a GPU")
+    max_replicas_per_node: PositiveInt | None = Field(None, description="1 = one replica per node (e.g. per GPU node)")
+    min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound (needs max_replicas)")
+    max_replicas: PositiveInt | None = Field(None, description="turns autoscaling on (num_replicas is then ignored)")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="autoscaling target of requests per replica")
+    # dynamic batching
+    max_batch_size: PositiveInt = Field(16, description="most examples one batched forward pass takes")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10, description="how long a batch waits to fill up")
+    forward_in_thread: bool = Field(True, description="run the forward pass off the replica's event loop")
+    # overload, timeouts, health
+    max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica before 503; -1: no limit")
+    request_timeout_s: float | None = Field(None, gt=0, description="HTTP request timeout (408)")
+    health_check_period_s: float = Field(5.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    access_log: bool = Field(True, description="log every request in the replica (costs CPU under load)")
 
 
 class PipelineConfig(StrictModel):

@@ -1,10 +1,12 @@
-"""The served winner over real HTTP: contract, same classes as in-process, 4xx on bad input, API key."""
+"""The served winner over real HTTP: v1 and Open Inference Protocol v2 contracts, same classes as in-process
+(also through the batched path), a 4xx JSON error for every bad request, API key, metrics."""
 
 from __future__ import annotations
 
 import json
 import math
-import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -15,107 +17,255 @@ from slimray.artifacts import load_artifact
 from slimray.data import normalize
 from slimray.serving.app import RequestError, ServeOptions, build_app, deploy, parse_inputs
 
+pytestmark = pytest.mark.slow
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+GOOD = np.zeros((1, 8, 8)).tolist()
+V2 = "/v2/models/digits/infer"
+
+
+def v2_body(data, shape, datatype="FP32", **extra) -> dict:
+    return {"inputs": [{"name": "input", "shape": shape, "datatype": datatype, "data": data}], **extra}
+
+
+GOOD_V2 = v2_body([0.0] * 64, [1, 1, 8, 8])
 
 
 @pytest.fixture(scope="module")
-def served(digits_run, monkeypatch_module):
+def served(digits_run, serve_port, monkeypatch_module):
     from ray import serve
 
     run_dir, _ = digits_run
-    port = _free_port()
     opts = dict(model_dir=str(run_dir / "winner"), num_cpus_per_replica=0.5, max_batch_examples=64, max_body_bytes=200_000)
-    url = deploy(build_app(ServeOptions(name="digits", **opts)), name="open", port=port, route_prefix="/")
+    # batch_wait_timeout_s long enough that concurrent single-example requests share forward passes
+    app = build_app(ServeOptions(name="digits", max_batch_size=16, batch_wait_timeout_s=0.02, **opts))
+    url = deploy(app, name="open", port=serve_port, route_prefix="/")
     monkeypatch_module.setenv("SLIMRAY_TEST_KEY", "s3cret")
-    locked = build_app(ServeOptions(name="locked", api_key_env="SLIMRAY_TEST_KEY", **opts))
+    locked = build_app(ServeOptions(name="locked", api_key_env="SLIMRAY_TEST_KEY", num_replicas=1, **{**opts, "num_cpus_per_replica": 0.25}))
     monkeypatch_module.delenv("SLIMRAY_TEST_KEY")
     serve.run(locked, name="locked", route_prefix="/locked")
     with httpx.Client(base_url=url, timeout=30) as client:
         yield client, run_dir
-    serve.shutdown()
+    serve.delete("open")
+    serve.delete("locked")
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+def local_model(served):
+    _, run_dir = served
+    return load_artifact(run_dir / "winner")
+
+
+def local_predictions(local_model, x: np.ndarray) -> list[int]:
+    model, spec = local_model
+    with torch.inference_mode():
+        return model(normalize(torch.from_numpy(x), spec.input)).argmax(1).tolist()
 
 
 def test_serve_binds_loopback(served):
     client, _ = served
     assert client.base_url.host == "127.0.0.1"
     assert client.get("/healthz").json() == {"status": "ok", "model": "digits"}
+    assert client.get("/v1/models").json()["models"][0]["name"] == "digits"
 
 
-def test_predict_matches_in_process_model(served, digits):
-    client, run_dir = served
-    model, spec = load_artifact(run_dir / "winner")
+def test_predict_matches_in_process_model(served, local_model, digits):
+    client, _ = served
     x = digits.test.x[:16]
     r = client.post("/v1/predict", json={"inputs": x.tolist()})
     assert r.status_code == 200, r.text
     body = r.json()
-    with torch.inference_mode():
-        local = model(normalize(torch.from_numpy(x), spec.input)).argmax(1).tolist()
-    assert body["predictions"] == local
+    local = local_predictions(local_model, x)
+    assert body["model"] == "digits" and body["predictions"] == local
     assert len(body["probabilities"]) == 16 and all(math.isclose(sum(p), 1.0, abs_tol=1e-4) for p in body["probabilities"])
     # squeezed (8x8) and flat (64) examples are accepted too
     for shaped in (x[:, 0].tolist(), x.reshape(16, 64).tolist()):
         assert client.post("/v1/predict", json={"inputs": shaped}).json()["predictions"] == local
 
 
+def test_batched_path_matches_in_process_model(served, local_model, digits):
+    """32 concurrent one-example requests share forward passes and get the in-process model's classes."""
+    client, _ = served
+    x = digits.test.x[:32]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: client.post("/v1/predict", json={"inputs": x[i : i + 1].tolist()}), range(32)))
+    assert all(a.status_code == 200 for a in answers)
+    assert [a.json()["predictions"][0] for a in answers] == local_predictions(local_model, x)
+    info = client.get("/v1/replica").json()
+    assert info["max_batch_size"] == 16
+    assert 1 < info["largest_batch"] <= 16, info  # requests were concatenated, never beyond the limit
+    assert info["device"] == "cpu" and info["node_id"] and info["replica_id"].startswith("SERVE_REPLICA::open#digits#")
+
+
+def test_v2_infer_contract(served, local_model, digits):
+    client, _ = served
+    x = digits.test.x[:5]
+    local = local_predictions(local_model, x)
+    r = client.post(V2, json=v2_body(x.ravel().tolist(), [5, 1, 8, 8], id="req-42"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == "digits" and body["id"] == "req-42"
+    outs = {o["name"]: o for o in body["outputs"]}
+    assert outs["probabilities"]["shape"] == [5, 10] and outs["probabilities"]["datatype"] == "FP32"
+    assert len(outs["probabilities"]["data"]) == 50
+    assert outs["predictions"] == {"name": "predictions", "shape": [5], "datatype": "INT64", "data": local}
+    # nested data, a squeezed shape, integer and FP64 datatypes, and a chosen output
+    nested = client.post(V2, json=v2_body(x[:, 0].tolist(), [5, 8, 8], "FP64", outputs=[{"name": "predictions"}])).json()
+    assert [o["name"] for o in nested["outputs"]] == ["predictions"] and nested["outputs"][0]["data"] == local
+    assert "id" not in nested
+    ints = client.post(V2, json=v2_body(x.astype(int).ravel().tolist(), [5, 64], "INT32")).json()
+    assert ints["outputs"][1]["shape"] == [5]
+
+
+def test_v2_health_and_metadata(served):
+    client, _ = served
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get("/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
+    meta = client.get("/v2/models/digits").json()
+    assert meta["name"] == "digits"
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"probabilities": [-1, 10], "predictions": [-1]}
+
+
 def test_openapi_docs(served):
     client, _ = served
     assert client.get("/docs").status_code == 200
-    spec = client.get("/openapi.json").json()
-    assert "/v1/predict" in spec["paths"] and "/healthz" in spec["paths"]
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/healthz", "/v2/models/{name}/infer", "/v2/health/ready"} <= set(paths)
 
 
-GOOD = np.zeros((1, 8, 8)).tolist()
+V1_BAD = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"", 400, "empty request body"),
+    (b"[1, 2]", 422, "body"),
+    (json.dumps({"input": GOOD}).encode(), 422, "inputs"),
+    (json.dumps({"inputs": GOOD, "extra": 1}).encode(), 422, "extra"),
+    (json.dumps({"inputs": []}).encode(), 422, "empty"),
+    (json.dumps({"inputs": [[[1, 2], [3]]]}).encode(), 422, "rectangular"),
+    (json.dumps({"inputs": [[["a"] * 8] * 8]}).encode(), 422, "only numbers"),
+    (json.dumps({"inputs": [[[True] * 8] * 8]}).encode(), 422, "only numbers"),
+    (json.dumps({"inputs": np.zeros((1, 7, 7)).tolist()}).encode(), 422, "shape"),
+    (json.dumps({"inputs": [[[1e9] * 8] * 8]}).encode(), 422, "must lie in"),
+    (json.dumps({"inputs": [[[float("nan")] + [0.0] * 7] + [[0.0] * 8] * 7]}).encode(), 422, "NaN"),
+    (json.dumps({"inputs": [[[float("inf")] * 8] * 8]}).encode(), 422, "NaN or infinite"),
+    (json.dumps({"inputs": np.zeros((65, 8, 8)).tolist()}).encode(), 413, "larger than the allowed 64"),
+    (json.dumps({"inputs": np.zeros((64, 8, 8)).tolist(), "pad": "x" * 300_000}).encode(), 413, "exceeds the limit"),
+    (json.dumps({"inputs": "abc"}).encode(), 422, "inputs"),
+    (b"[" * 100_000, 400, "not valid JSON"),
+]
+
+V2_BAD = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"", 400, "empty request body"),
+    (json.dumps({}).encode(), 422, "inputs"),
+    (json.dumps({"inputs": []}).encode(), 422, "inputs"),
+    (json.dumps({**GOOD_V2, "extra": 1}).encode(), 422, "extra"),
+    (json.dumps(v2_body([0.0] * 64, [1, 1, 8, 8], junk=True)).encode(), 422, "junk"),
+    (json.dumps({"inputs": [{**GOOD_V2["inputs"][0], "colour": "red"}]}).encode(), 422, "colour"),
+    (json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32"}]}).encode(), 422, "data"),
+    (json.dumps({"inputs": GOOD_V2["inputs"] * 2}).encode(), 422, "inputs"),
+    (json.dumps(v2_body([0.0] * 64, [1, 1, 8, 8], "BYTES")).encode(), 422, "datatype"),
+    (json.dumps(v2_body([0.0] * 64, [1, 1, 8, 8], "BOOL")).encode(), 422, "datatype"),
+    (json.dumps(v2_body([0.0] * 64, [1, 1, 8, 8], 32)).encode(), 422, "datatype"),
+    (json.dumps(v2_body([0.5] * 64, [1, 64], "INT32")).encode(), 422, "integer"),
+    (json.dumps(v2_body([300] * 64, [1, 64], "INT8")).encode(), 422, "fit"),
+    (json.dumps(v2_body([0.0] * 64, [1, 7, 7])).encode(), 422, "shape"),
+    (json.dumps(v2_body([0.0] * 64, [1, 8, "8"])).encode(), 422, "shape"),
+    (json.dumps(v2_body([0.0] * 64, [-1, 64])).encode(), 422, "negative"),
+    (json.dumps(v2_body([0.0] * 64, [1, -8, -8])).encode(), 422, "negative"),
+    (json.dumps(v2_body([], [0, 64])).encode(), 422, "batch of 0"),
+    (json.dumps(v2_body([0.0] * 63, [1, 64])).encode(), 422, "63 values"),
+    (json.dumps(v2_body([0.0] * 128, [1, 64])).encode(), 422, "128 values"),
+    (json.dumps(v2_body([[0.0] * 64, [0.0] * 3], [2, 64])).encode(), 422, "rectangular"),
+    (json.dumps(v2_body(["x"] * 64, [1, 64])).encode(), 422, "only numbers"),
+    (json.dumps(v2_body([None] * 64, [1, 64])).encode(), 422, "only numbers"),
+    (json.dumps(v2_body([float("nan")] * 64, [1, 64])).encode(), 422, "NaN"),
+    (json.dumps(v2_body([1e300] * 64, [1, 64])).encode(), 422, "overflow"),
+    (json.dumps(v2_body([1e9] * 64, [1, 64])).encode(), 422, "must lie in"),
+    (json.dumps(v2_body([0.0] * 64 * 65, [65, 64])).encode(), 413, "larger than the allowed 64"),
+    (json.dumps(v2_body([0.0] * 64, [1, 64], pad="x" * 300_000)).encode(), 413, "exceeds the limit"),
+    (json.dumps(v2_body([0.0] * 64, [1, 64], outputs=[{"name": "logits"}])).encode(), 422, "unknown outputs"),
+    (json.dumps({"inputs": [{**GOOD_V2["inputs"][0], "name": "image"}]}).encode(), 422, "unknown input"),
+    (json.dumps(v2_body([0.0] * 64, [1, 64], id=7)).encode(), 422, "id"),
+]
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "needle"),
-    [
-        (b"{not json", 400, "not valid JSON"),
-        (b"", 400, "empty request body"),
-        (json.dumps({"input": GOOD}).encode(), 422, "inputs"),
-        (json.dumps({"inputs": GOOD, "extra": 1}).encode(), 422, "extra"),
-        (json.dumps({"inputs": []}).encode(), 422, "empty"),
-        (json.dumps({"inputs": [[[1, 2], [3]]]}).encode(), 422, "rectangular"),
-        (json.dumps({"inputs": [[["a"] * 8] * 8]}).encode(), 422, "only numbers"),
-        (json.dumps({"inputs": np.zeros((1, 7, 7)).tolist()}).encode(), 422, "shape"),
-        (json.dumps({"inputs": [[[1e9] * 8] * 8]}).encode(), 422, "must lie in"),
-        (json.dumps({"inputs": [[[float("nan")] + [0.0] * 7] + [[0.0] * 8] * 7]}).encode(), 422, "NaN"),
-        (json.dumps({"inputs": np.zeros((65, 8, 8)).tolist()}).encode(), 413, "larger than the allowed 64"),
-        (json.dumps({"inputs": np.zeros((64, 8, 8)).tolist(), "pad": "x" * 300_000}).encode(), 413, "exceeds the limit"),
-        (json.dumps({"inputs": "abc"}).encode(), 422, "inputs"),
-    ],
-)
-def test_bad_requests_get_4xx_with_message(served, body, status, needle):
-    client, _ = served
-    r = client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"})
+def _assert_json_error(r: httpx.Response, status: int, needle: str) -> None:
     assert r.status_code == status, r.text
-    assert needle in r.json()["error"]
+    assert r.headers["content-type"].startswith("application/json")
+    assert needle in r.json()["error"], r.json()
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), V1_BAD)
+def test_v1_bad_requests_get_4xx_json(served, body, status, needle):
+    client, _ = served
+    _assert_json_error(client.post("/v1/predict", content=body, headers={"Content-Type": "application/json"}), status, needle)
     assert client.post("/v1/predict", json={"inputs": GOOD}).status_code == 200  # still serving
 
 
-def test_wrong_method_and_unknown_route(served):
+@pytest.mark.parametrize(("body", "status", "needle"), V2_BAD)
+def test_v2_bad_requests_get_4xx_json(served, body, status, needle):
     client, _ = served
-    assert client.get("/v1/predict").status_code == 405
-    assert client.get("/v1/nothing").status_code == 404
+    _assert_json_error(client.post(V2, content=body, headers={"Content-Type": "application/json"}), status, needle)
+    assert client.post(V2, json=GOOD_V2).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "needle"),
+    [
+        ("GET", "/v1/predict", 405, "Not Allowed"),
+        ("PUT", "/v1/predict", 405, "Not Allowed"),
+        ("GET", V2, 405, "Not Allowed"),
+        ("DELETE", "/v2/models/digits", 405, "Not Allowed"),
+        ("GET", "/v1/nothing", 404, "Not Found"),
+        ("POST", "/v2/models/mnist/infer", 404, "unknown model"),
+        ("GET", "/v2/models/mnist", 404, "unknown model"),
+        ("GET", "/v2/models/mnist/ready", 404, "unknown model"),
+        ("POST", "/v2/models/..%2F..%2Fetc%2Fpasswd/infer", 404, "Not Found"),
+        ("GET", "/v2/models/digits%00/ready", 404, "unknown model"),
+        ("POST", "/v2/models/../../etc/infer", 404, "Not Found"),
+    ],
+)
+def test_wrong_method_unknown_route_and_model(served, method, path, status, needle):
+    client, _ = served
+    _assert_json_error(client.request(method, path, json=GOOD_V2), status, needle)
 
 
 def test_api_key(served):
     client, _ = served
+    key = {"Authorization": "Bearer s3cret"}
     assert client.post("/locked/v1/predict", json={"inputs": GOOD}).status_code == 401
     assert client.post("/locked/v1/predict", json={"inputs": GOOD}, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.post("/locked/v1/predict", json={"inputs": GOOD}, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.post("/locked/v1/predict", json={"inputs": GOOD}, headers=key).status_code == 200
     assert client.post("/locked/v1/predict", json={"inputs": GOOD}, headers={"X-API-Key": "s3cret"}).status_code == 200
+    infer = "/locked/v2/models/locked/infer"
+    _assert_json_error(client.post(infer, json=GOOD_V2), 401, "API key")
+    assert client.post(infer, json=GOOD_V2, headers=key).status_code == 200
+    for path in ("/locked/v2/models/locked", "/locked/v2/models/locked/ready", "/locked/v1/models", "/locked/v1/replica"):
+        assert client.get(path).status_code == 401 and client.get(path, headers=key).status_code == 200
+    # liveness and readiness stay open for load balancers and probes
+    for path in ("/locked/healthz", "/locked/v2/health/live", "/locked/v2/health/ready"):
+        assert client.get(path).status_code == 200
+
+
+def test_metrics_reach_prometheus(served, ray_session):
+    """The replica's counters and histograms appear on the node's Prometheus endpoint."""
+    client, _ = served
+    for _ in range(3):
+        client.post(V2, json=GOOD_V2)
+    client.post(V2, content=b"{", headers={"Content-Type": "application/json"})
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    wanted = ("ray_slimray_requests", "ray_slimray_request_errors", "ray_slimray_request_latency_ms", "ray_slimray_batch_size")
+    deadline, text = time.monotonic() + 45, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted) and 'route="/v2/models/{name}/infer"' in text:
+            break
+        time.sleep(1)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, f"not exported: {missing}"
+    errors = [line for line in text.splitlines() if line.startswith("ray_slimray_request_errors") and 'status="400"' in line]
+    assert errors and 'route="/v2/models/{name}/infer"' in errors[0]
 
 
 def test_parse_inputs_nan_is_rejected():

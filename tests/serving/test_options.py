@@ -1,0 +1,117 @@
+"""Serving options without Ray: deployment keyword arguments, config-to-options wiring, the proxy timeout,
+V2 tensor parsing, and a broken model failing its health check instead of answering NaN as a 500."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from slimray.config import ServeConfig
+from slimray.models.spec import InputSpec
+from slimray.serving import app as serving
+from slimray.serving.app import RequestError, ServeOptions, SlimrayModel, V2Tensor, deployment_options, parse_v2_tensor
+
+
+def opts(**kw) -> ServeOptions:
+    return ServeOptions(model_dir="/nowhere", name="m", **kw)
+
+
+def test_fixed_replicas_and_limits():
+    kw = deployment_options(opts(num_replicas=3, max_ongoing_requests=32, max_queued_requests=10, health_check_period_s=2))
+    assert kw["num_replicas"] == 3 and "autoscaling_config" not in kw
+    assert kw["max_ongoing_requests"] == 32 and kw["max_queued_requests"] == 10 and kw["health_check_period_s"] == 2
+    assert kw["ray_actor_options"] == {"num_cpus": 1.0} and "max_replicas_per_node" not in kw
+
+
+def test_autoscaling_replaces_num_replicas():
+    kw = deployment_options(opts(num_replicas=5, min_replicas=0, max_replicas=4, target_ongoing_requests=8))
+    assert "num_replicas" not in kw
+    assert kw["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert deployment_options(opts(max_replicas=2))["autoscaling_config"]["min_replicas"] == 1
+
+
+def test_one_replica_per_gpu_node_is_one_setting():
+    kw = deployment_options(opts(gpus_per_replica=0.5, max_replicas_per_node=1))
+    assert kw["ray_actor_options"]["num_gpus"] == 0.5 and kw["max_replicas_per_node"] == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(min_replicas=1), dict(min_replicas=3, max_replicas=2), dict(gpus_per_replica=1.5), dict(gpus_per_replica=-1),
+     dict(max_queued_requests=-2), dict(name="../etc"), dict(batch_wait_timeout_s=-1), dict(max_batch_size=0)],
+)
+def test_bad_options_are_refused(bad):
+    with pytest.raises(ValidationError):
+        ServeOptions(model_dir="/nowhere", **bad)
+
+
+def test_every_serve_config_field_reaches_the_options():
+    """The CLI passes every ServeConfig field named like a ServeOptions field; only the bind address and route
+    prefix go to deploy() instead. Same defaults on both sides."""
+    cfg, options = set(ServeConfig.model_fields), set(ServeOptions.model_fields)
+    assert cfg - options == {"host", "port", "route_prefix"}
+    for field in cfg & options:
+        assert ServeConfig.model_fields[field].default == ServeOptions.model_fields[field].default, field
+    ServeOptions(model_dir="/x", name="m", **ServeConfig().model_dump(include=options))
+
+
+def test_deploy_sets_the_proxy_timeout(monkeypatch):
+    calls = {}
+    monkeypatch.setattr(serving.serve, "start", lambda **kw: calls.setdefault("start", kw))
+    monkeypatch.setattr(serving.serve, "run", lambda app, **kw: calls.setdefault("run", kw))
+    app = SimpleNamespace(_slimray_http_options={"request_timeout_s": 2.5})
+    url = serving.deploy(app, name="m", port=9123, route_prefix="/m/")
+    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123, "request_timeout_s": 2.5}}
+    assert calls["run"]["route_prefix"] == "/m/" and url == "http://127.0.0.1:9123/m"
+
+
+def tensor(data, shape, datatype="FP32", name="input") -> V2Tensor:
+    return V2Tensor(name=name, shape=shape, datatype=datatype, data=data)
+
+
+def parse(t: V2Tensor, max_examples: int = 4) -> np.ndarray:
+    return parse_v2_tensor(t, shape=[1, 2, 2], min_value=0, max_value=16, max_examples=max_examples)
+
+
+def test_v2_tensor_flat_nested_and_datatypes():
+    flat = parse(tensor([1, 2, 3, 4, 5, 6, 7, 8], [2, 4], "UINT8"))
+    nested = parse(tensor([[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [7.0, 8.0]]], [2, 2, 2], "FP64"))
+    assert flat.shape == nested.shape == (2, 1, 2, 2) and flat.dtype == np.float32
+    np.testing.assert_array_equal(flat, nested)
+
+
+@pytest.mark.parametrize(
+    ("t", "status", "needle"),
+    [
+        (tensor([1] * 4, [1, 4], "UINT8", name="x"), 422, "unknown input"),
+        (tensor([-1] * 4, [1, 4], "UINT8"), 422, "fit"),
+        (tensor([1] * 4, [1, 4], "FP8"), 422, "datatype"),
+        (tensor([1] * 4, [], "FP32"), 422, "batch size first"),
+        (tensor([1] * 4, [1, 2**62, 2**62], "FP32"), 422, "shape"),
+        (tensor([1] * 20, [5, 4], "FP32"), 413, "larger than the allowed 4"),
+        (tensor([70000.0] * 4, [1, 4], "FP16"), 422, "overflow"),
+    ],
+)
+def test_v2_tensor_errors(t, status, needle):
+    with pytest.raises(RequestError) as err:
+        parse(t)
+    assert err.value.status == status and needle in err.value.message
+
+
+class NaNModel(torch.nn.Module):
+    def forward(self, x):
+        return torch.full((len(x), 3), float("nan"))
+
+
+def test_broken_model_fails_health_check_and_answers_null():
+    spec = SimpleNamespace(input=InputSpec(shape=[4], min_value=0, max_value=1), quantization=SimpleNamespace(method="none"))
+    model = SlimrayModel(opts().model_dump(), loader=lambda path: (NaNModel(), spec))
+    assert model.ready is False and model.num_classes == 3
+    with pytest.raises(RuntimeError, match="NaN"):
+        model.check_health()
+    answer = model.predict_array(np.zeros((2, 4), dtype=np.float32))
+    assert answer["predictions"] == [-1, -1] and answer["probabilities"] == [[None] * 3] * 2

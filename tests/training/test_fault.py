@@ -1,0 +1,106 @@
+"""Fault tolerance of distillation: a killed worker restarts the group from the last checkpoint, and a
+killed driver is resumed by a rerun with the same run name."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from slimray.compress.measure import accuracy
+from slimray.training.distill import run_training
+
+from .test_distill import _job, kd_data  # noqa: F401  (fixture)
+
+
+def _epochs(path) -> list[int]:
+    if not path.exists():
+        return []
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_killed_worker_restarts_from_checkpoint(tmp_path, kd_data, digits):  # noqa: F811
+    import ray
+    from ray.util.state import list_actors
+
+    ref_model, _ = run_training(_job(tmp_path / "ref", run_name="ref", epochs=10), kd_data)
+    x, y = digits.normalized("test")
+    ref_acc = accuracy(ref_model, x, y)
+
+    job = _job(tmp_path / "faulty", run_name="faulty", epochs=10, max_failures=2)
+    metrics = tmp_path / "faulty" / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.setdefault("result", run_training(job, kd_data)), daemon=True)
+    t.start()
+    _wait_for(lambda: len(_epochs(metrics)) >= 2, 180, "two checkpointed epochs")
+    gcs = ray.get_runtime_context().gcs_address  # this test's Ray, even if another one runs on the machine
+    workers = list_actors(address=gcs, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 2
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    t.join(timeout=300)
+    assert not t.is_alive(), "the run did not finish after the worker was killed"
+    model, metrics_last = out["result"]
+    epochs = _epochs(metrics)
+    assert epochs[-1] == 10 and metrics_last["epoch"] == 10
+    # some epoch after the first checkpoint was run again: the group restarted from a checkpoint, not from 0
+    assert len(epochs) > len(set(epochs)) or epochs == list(range(1, 11))
+    assert epochs[0] == 1 and epochs.count(1) == 1, "restarted from a checkpoint, not from epoch 0"
+    assert abs(accuracy(model, x, y) - ref_acc) <= 2.0  # same seed; digits' 359 test images make 1 image 0.28 points
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, ray
+    from slimray.runtime import init_ray
+    from slimray.data import load_digits
+    from slimray.training.distill import TrainData, TrainJob, run_training
+    init_ray(num_cpus=2)
+    ds = load_digits(seed=0)
+    (x, y), (xv, yv) = ds.normalized("train"), ds.normalized("val")
+    data = TrainData(ray.put(x.numpy()), ray.put(y.numpy()), ray.put(xv.numpy()), ray.put(yv.numpy()))
+    spec = {"kind": "cnn", "in_channels": 1, "image_size": 8, "conv_channels": [8, 16], "fc_hidden": [32], "num_classes": 10}
+    job = TrainJob(label="driver", run_name="driver-run", storage_path=sys.argv[1] + "/ray", spec=spec, epochs=int(sys.argv[2]),
+                   batch_size=32, lr=3e-3, num_workers=1, metrics_path=sys.argv[1] + "/metrics.jsonl")
+    run_training(job, data)
+    print("DONE")
+    """
+)
+
+
+def test_killed_driver_resumes_on_rerun(tmp_path, ray_session):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    metrics = tmp_path / "metrics.jsonl"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path), "40"], env=env, start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: len(_epochs(metrics)) >= 3, 240, "three epochs in the first driver")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the driver and the Ray it started in-process
+        p.wait(timeout=60)
+    done_before = max(_epochs(metrics))
+    assert done_before < 40
+    time.sleep(2)
+    again = subprocess.run([sys.executable, str(script), str(tmp_path), "40"], env=env, capture_output=True, text=True, timeout=600)
+    assert "DONE" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "resumed from checkpoint" in again.stdout + again.stderr
+    epochs = _epochs(metrics)
+    second = epochs[epochs.index(done_before) + 1 :] if done_before in epochs else epochs
+    assert epochs[-1] == 40
+    assert second[0] > 1, "the rerun started from a checkpoint, not from epoch 1"
