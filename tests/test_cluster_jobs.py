@@ -32,14 +32,9 @@ def _cli(args, *, env, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def local_cluster(tmp_path_factory, request):
-    import ray
-
-    if ray.is_initialized():  # free this machine's 2 cores from the in-process Ray of earlier tests
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+def local_cluster(tmp_path_factory):
+    # The in-process Ray of other tests stays up (idle): shutting it down here would leave the session's
+    # `ray_session` fixture pointing at nothing, and a later ray.put would try to join this cluster.
     state = tmp_path_factory.mktemp("cluster")
     cluster = cluster_local.up(num_workers=1, cpus_per_node=1, head_cpus=1, state_dir=state)
     yield cluster
