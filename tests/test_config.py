@@ -114,3 +114,47 @@ def test_tune_spaces_validate_and_plug_into_a_config(tmp_path):
     d["search"] = {"space_file": str(REPO / "tune" / "digits-grid.yaml")}
     cfg = PipelineConfig.model_validate(d)
     assert cfg.search.space == SearchSpace.from_file(REPO / "tune" / "digits-grid.yaml")
+
+
+def test_quantization_the_device_cannot_run_is_rejected_at_load(tmp_path):
+    d = _digits_dict()
+    d["search"]["space"]["quantizations"] = ["none", "fp16"]
+    with pytest.raises(ConfigError, match=r"search\.space.*\['fp16'\] cannot run on device 'cpu'"):
+        PipelineConfig.from_file(_write(tmp_path, d))
+    d["search"]["space"] = {"device": "cuda", "quantizations": ["none", "static_int8"]}
+    with pytest.raises(ConfigError, match=r"\['static_int8'\] cannot run on device 'cuda'"):
+        PipelineConfig.from_file(_write(tmp_path, d))
+    d["search"]["space"] = {"device": "cuda", "quantizations": ["none", "fp16", "fp8"], "runtimes": ["torch", "onnxruntime"]}
+    space = PipelineConfig.from_file(_write(tmp_path, d)).search.space
+    assert ("fp8", "torch") in space.settings and ("fp16", "onnxruntime") not in space.settings
+
+
+def test_runtime_pairs_that_cannot_run_are_left_out_of_the_space():
+    space = SearchSpace(prune_ratios=[0.0, 0.5], quantizations=["none", "dynamic_int8", "bf16"], runtimes=["torch", "onnxruntime"])
+    assert space.settings == [("none", "torch"), ("dynamic_int8", "torch"), ("bf16", "torch"), ("none", "onnxruntime")]
+    assert {(q, r) for q, r, _ in space.dropped} == {("dynamic_int8", "onnxruntime"), ("bf16", "onnxruntime")}
+    assert space.num_trials == 8
+    with pytest.raises(ValueError, match="no \\(quantization, runtime\\) pair"):
+        SearchSpace(quantizations=["bf16"], runtimes=["onnxruntime"])
+
+
+@pytest.mark.parametrize(
+    ("search", "needle"),
+    [
+        ({"scheduler": "asha", "finetune_epochs": 1}, "asha' needs finetune_epochs >= 2"),
+        ({"algorithm": "grid", "num_samples": 3}, "num_samples applies to algorithm random/optuna"),
+        ({"algorithm": "bayes"}, "search.algorithm"),
+    ],
+)
+def test_search_algorithm_settings_are_checked(tmp_path, search, needle):
+    d = _digits_dict()
+    d["search"].update(search)
+    with pytest.raises(ConfigError, match=needle):
+        PipelineConfig.from_file(_write(tmp_path, d))
+
+
+def test_adaptive_search_defaults_to_half_the_grid():
+    cfg = load_config(recipe="digits").model_dump()
+    cfg["search"].update(algorithm="optuna", scheduler="asha", finetune_epochs=2)
+    s = PipelineConfig.model_validate(cfg).search
+    assert s.num_trials == max(1, s.space.num_trials // 2)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from slimray.artifacts import load_artifact
+from slimray.artifacts import load_runnable
 from slimray.compress.measure import accuracy
 from slimray.config import PipelineConfig
 from slimray.pipeline import prepare_run_dir
@@ -29,18 +29,32 @@ def test_report_contract(digits_run):
     assert 0 < report["student"]["accuracy_without_distillation"] <= 100
     assert report["winner"]["prune_ratio"] in (0.0, 0.5)
     assert report["winner"]["quantization"] in ("none", "static_int8")
-    assert len(report["trials"]) == 4
+    # 2 ratios x (none, static_int8) x (torch, onnxruntime)
+    assert len(report["trials"]) == 8
+    assert {(t["runtime"], t["quantization"]) for t in report["trials"]} == {
+        (r, q) for r in ("torch", "onnxruntime") for q in ("none", "static_int8")
+    }
     for t in report["trials"]:
-        assert {"prune_ratio", "quantization", "status"} <= set(t)
+        assert {"prune_ratio", "quantization", "runtime", "status"} <= set(t)
         assert t["status"] == "ok", t
-        assert {"val_accuracy", "size_bytes", "params", "latency_ms"} <= set(t)
+        assert {"val_accuracy", "size_bytes", "params", "latency_ms", "peak_memory_bytes", "trial_seconds"} <= set(t)
+        assert t["peak_memory_bytes"] > 0 and t["trial_seconds"] > 0
+        assert t["finetune_epochs"] == (2 if t["prune_ratio"] > 0 else 0) and not t["stopped_early"]
+        if t["runtime"] == "onnxruntime":  # the runtime's outputs were checked against the torch model
+            check = t["runtime_check"]
+            assert check["num_examples"] > 0 and check["class_agreement"] >= 90.0  # int8 may flip a few close calls
+            if t["quantization"] == "none":
+                assert check["max_abs_diff"] < 1e-3 and check["class_agreement"] == 100.0
+    same = report["speedup_vs_teacher_same_runtime"]
+    assert same["runtime"] == report["winner"]["runtime"] and same["batch_64"] > 0
+    assert report["search"]["algorithm"] == "grid" and report["search"]["num_trials"] == 8
     pruned = [t for t in report["trials"] if t["prune_ratio"] == 0.5]
     whole = [t for t in report["trials"] if t["prune_ratio"] == 0.0]
     assert max(t["params"] for t in pruned) < min(t["params"] for t in whole)
     for f in ("report.md", "pareto.png", "teacher/spec.json", "student/model.safetensors", "winner/spec.json"):
         assert (run_dir / f).exists(), f
     assert (run_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| winner |" in (run_dir / "report.md").read_text()
+    assert "| winner (" in (run_dir / "report.md").read_text()
 
 
 def test_winner_is_fastest_feasible_finalist(digits_run):
@@ -55,10 +69,11 @@ def test_winner_is_fastest_feasible_finalist(digits_run):
 
 def test_winner_artifact_reloads_with_reported_accuracy(digits_run, digits):
     run_dir, report = digits_run
-    model, spec = load_artifact(run_dir / "winner")
+    model, spec = load_runnable(run_dir / "winner")
     x, y = digits.normalized("test")
     assert accuracy(model, x, y) == pytest.approx(report["winner"]["accuracy"], abs=1e-6)
     assert spec.quantization.method == report["winner"]["quantization"]
+    assert spec.runtime.name == report["winner"]["runtime"]
 
 
 def test_rerun_reuses_stages_and_refuses_a_changed_config(digits_run):
@@ -68,3 +83,34 @@ def test_rerun_reuses_stages_and_refuses_a_changed_config(digits_run):
     changed = PipelineConfig.model_validate({**cfg.model_dump(), "distill": {**cfg.distill.model_dump(), "epochs": 3}})
     with pytest.raises(ConfigError, match="different config"):
         prepare_run_dir(changed, run_dir.parent)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "trial", "suffix"),
+    [("onnx", None, "onnx"), ("onnx", "prune0.50-none", "onnx"), ("onnx", "prune0.50-static_int8-onnxruntime", "onnx"),
+     ("torch-export", "prune0.50-none", "pt2")],
+)
+def test_export_cli_writes_a_checked_model(digits_run, tmp_path, fmt, trial, suffix, capsys):
+    from slimray.cli import main
+
+    run_dir, _ = digits_run
+    out = tmp_path / f"model.{suffix}"
+    args = ["export", str(run_dir), "--format", fmt, "--out", str(out)] + (["--trial", trial] if trial else [])
+    assert main(args) == 0
+    check = json.loads((tmp_path / f"model.{suffix}.check.json").read_text())
+    assert out.stat().st_size == check["bytes"] > 0 and check["num_examples"] == 359
+    # fp32 exports match the model the run measured; the ONNX Runtime int8 trial exports its own graph
+    assert check["class_agreement"] == 100.0 and check["max_abs_diff"] < 1e-3, check
+    assert "same class 100.00%" in capsys.readouterr().out
+
+
+def test_export_cli_rejects_bad_trials(digits_run, tmp_path, capsys):
+    from slimray.cli import main
+
+    run_dir, _ = digits_run
+    for trial in ("../../etc", "nope"):
+        assert main(["export", str(run_dir), "--format", "onnx", "--trial", trial, "--out", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "must match" in err and "trials in this run: prune0.00-none" in err
+    assert main(["export", str(run_dir), "--format", "onnx", "--trial", "prune0.50-static_int8", "--out", str(tmp_path / "q.onnx")]) == 2
+    assert "quantize it in ONNX Runtime" in capsys.readouterr().err

@@ -5,6 +5,11 @@ was compressed (``PruneSpec``, ``QuantSpec``). Loading rebuilds the float archit
 re-applies the same quantization to get the same module structure, then loads the tensors.
 Quantized tensors are stored as their int representation plus scales and zero points; non-tensor
 state (packed-parameter tuples, dtypes) is described in the JSON, so nothing is ever unpickled.
+
+The spec also names the runtime (``RuntimeSpec``). An ``onnxruntime`` artifact holds the float torch
+weights it was exported from plus ``model.onnx`` (the graph the runtime runs, int8 QDQ when quantized);
+``load_runnable`` returns what serving and timing call: the ONNX Runtime session, the compiled module, or
+the torch model.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimray.compress.prune import PruneSpec
-from slimray.compress.quantize import QuantSpec, quantize
+from slimray.compress.quantize import QUANTIZE_AT_LOAD, QuantSpec, quantize
+from slimray.compress.runtime import ONNX_FILE, OrtModel, RuntimeSpec, compile_model
 from slimray.models.spec import InputSpec, ModelSpec, build_model
 from slimray.schema import StrictModel
 
@@ -39,6 +45,7 @@ class ArtifactSpec(StrictModel):
     input: InputSpec
     prune: PruneSpec = Field(default_factory=PruneSpec)
     quantization: QuantSpec = Field(default_factory=QuantSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     state: dict[str, dict[str, Any]] = Field(default_factory=dict, description="non-plain state entries")
     module_versions: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="state-dict metadata (module versions) quantized modules need to load"
@@ -125,8 +132,22 @@ def _atomic_dir_write(path: Path, write) -> None:
         raise
 
 
-def save_artifact(path: str | Path, model: nn.Module, spec: ArtifactSpec) -> ArtifactSpec:
-    """Save ``model`` (float or quantized) and its spec to folder ``path`` atomically."""
+def stores_float(spec: ArtifactSpec) -> bool:
+    """Artifacts whose weights file holds the float model (quantization happens at load or in ONNX)."""
+    return spec.runtime.name == "onnxruntime" or spec.quantization.method in QUANTIZE_AT_LOAD
+
+
+def save_artifact(path: str | Path, model: nn.Module, spec: ArtifactSpec, *, extra_files: dict[str, bytes] | None = None) -> ArtifactSpec:
+    """Save ``model`` and its spec to folder ``path`` atomically.
+
+    ``model`` is the quantized torch model, or the float one where ``stores_float(spec)``;
+    ``extra_files`` (e.g. ``model.onnx``) are written into the same folder in the same atomic step.
+    """
+    if spec.runtime.name == "onnxruntime" and ONNX_FILE not in (extra_files or {}):
+        raise ValueError(f"an onnxruntime artifact needs its {ONNX_FILE}")
+    for name in extra_files or {}:
+        if Path(name).name != name or name in (WEIGHTS, SPEC) or name.startswith("."):
+            raise ValueError(f"bad artifact file name {name!r}")
     state = model.state_dict()
     tensors, meta = encode_state(state)
     versions = {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()}
@@ -135,6 +156,8 @@ def save_artifact(path: str | Path, model: nn.Module, spec: ArtifactSpec) -> Art
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / SPEC).write_text(spec.model_dump_json(indent=2))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
 
     _atomic_dir_write(Path(path), write)
     return spec
@@ -153,16 +176,40 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, ArtifactSpec]:
         raise ValueError(f"{path}: unsupported artifact format {spec.format!r} (expected {FORMAT!r})")
     model = build_model(spec.model).eval()
     example = torch.zeros(1, *spec.input.shape)
-    model = quantize(model, spec.quantization, calibration=[example])
+    if not stores_float(spec):
+        model = quantize(model, spec.quantization, calibration=[example])
     state = OrderedDict(decode_state(load_file(str(path / WEIGHTS)), spec.state))
     state._metadata = OrderedDict((k, dict(v)) for k, v in spec.module_versions.items())  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)
+    if spec.quantization.method in QUANTIZE_AT_LOAD and spec.runtime.name != "onnxruntime":
+        model = quantize(model, spec.quantization)
     return model.eval(), spec
 
 
+def load_runnable(path: str | Path, *, num_threads: int = 1, device: str = "cpu") -> tuple[nn.Module, ArtifactSpec]:
+    """What the artifact's runtime runs: an ONNX Runtime session, a compiled module, or the torch model.
+
+    ONNX files are protobuf, read without pickle. For ``torch`` and ``torch_compile`` the module is moved
+    to ``device``; an ``onnxruntime`` session takes the CUDA provider when ``device`` is ``cuda``.
+    """
+    path = Path(path)
+    spec = load_spec(path)
+    if spec.runtime.name == "onnxruntime":
+        return OrtModel(path / ONNX_FILE, num_threads=num_threads, device=device).eval(), spec
+    model, spec = load_artifact(path)
+    model = model.to(device)
+    if spec.runtime.name == "torch_compile":
+        model = compile_model(model)
+    return model, spec
+
+
 def artifact_bytes(path: str | Path) -> int:
-    """Bytes on disk of the artifact's weights file."""
-    return (Path(path) / WEIGHTS).stat().st_size
+    """Bytes on disk of what the runtime loads: the weights file, or ``model.onnx`` for ONNX Runtime."""
+    path = Path(path)
+    onnx = path / ONNX_FILE
+    if onnx.exists() and load_spec(path).runtime.name == "onnxruntime":
+        return onnx.stat().st_size
+    return (path / WEIGHTS).stat().st_size
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -171,3 +218,18 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def copy_artifact(src: str | Path, dst: str | Path, *, update: dict[str, Any] | None = None) -> ArtifactSpec:
+    """Copy an artifact folder (weights, spec, runtime files) to ``dst`` atomically, updating spec fields."""
+    src = Path(src)
+    spec = load_spec(src).model_copy(update=update or {})
+
+    def write(tmp: Path) -> None:
+        for f in src.iterdir():
+            if f.is_file() and f.name != SPEC and not f.name.startswith("."):
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / SPEC).write_text(spec.model_dump_json(indent=2))
+
+    _atomic_dir_write(Path(dst), write)
+    return spec

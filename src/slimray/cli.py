@@ -2,6 +2,7 @@
 
     slimray run [--recipe NAME | --config FILE] [--out DIR] [--address ADDR] [--no-serve] [--fresh]
     slimray serve RUN_DIR [--port N] [--replicas N] [--host HOST] [--address ADDR]
+    slimray export RUN_DIR --format onnx|torch-export [--trial KEY] --out FILE
     slimray recipes
 
 ``run`` takes the teacher through distillation, the compression sweep and (unless ``--no-serve``) serves
@@ -82,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--replicas", type=int, default=1)
     srv.add_argument("--address", help="Ray cluster address")
 
+    exp = sub.add_parser("export", help="export the winner (or a trial) to ONNX or a torch.export program, checked")
+    exp.add_argument("run_dir", type=Path)
+    exp.add_argument("--format", choices=["onnx", "torch-export"], required=True)
+    exp.add_argument("--trial", help="a trial key, e.g. prune0.50-none (default: the winner)")
+    exp.add_argument("--out", type=Path, required=True, help="file to write (.onnx or .pt2)")
+
     sub.add_parser("recipes", help="list the recipes shipped with slimray")
 
     sbm = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray Job")
@@ -126,10 +133,10 @@ def _check_and_wait(url: str, run_dir: Path) -> None:
     """Answer one real request, compare with the model in-process, then serve until Ctrl-C."""
     import torch
 
-    from slimray.artifacts import load_artifact
+    from slimray.artifacts import load_runnable
     from slimray.data import load_dataset, normalize
 
-    model, spec = load_artifact(run_dir / "winner")
+    model, spec = load_runnable(run_dir / "winner")
     report = json.loads((run_dir / "report.json").read_text())
     ds = load_dataset(report["dataset"], seed=json.loads((run_dir / "config.json").read_text())["data"]["seed"])
     x = ds.test.x[:8]
@@ -303,6 +310,14 @@ def main(argv: list[str] | None = None) -> int:
             serve_cfg = cfg.serve.model_copy(update={"port": args.port, "host": args.host, "num_replicas": args.replicas})
             init_ray(args.address)
             return _serve_until_interrupted(run_dir, serve_cfg, name=cfg.name)
+        if args.command == "export":
+            from slimray.exports import export_run
+
+            check = export_run(args.run_dir, fmt=args.format, out=args.out, trial=args.trial)
+            print(f"wrote {args.out} ({check['bytes']} bytes) from {check['source']}")
+            print(f"check on {check['num_examples']} held-out examples: max abs logit difference {check['max_abs_diff']:.3g}, "
+                  f"same class {check['class_agreement']:.2f}%  ({args.out}.check.json)")
+            return 0
         if args.command == "submit":
             return _submit(args)
         if args.command == "jobs":

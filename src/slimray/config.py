@@ -15,8 +15,10 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from slimray.compress.prune import PruneSpec
 from slimray.compress.quantize import QuantMethod, QuantSpec
-from slimray.models.spec import ModelSpec
+from slimray.compress.runtime import DEVICE_METHODS, Device, RuntimeName, RuntimeSpec, unsupported_reason
+from slimray.models.spec import ModelSpec, build_model
 from slimray.schema import ConfigError, StrictModel
+from slimray.training.features import FeatureKDSpec, layer_names
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -51,7 +53,7 @@ class TeacherConfig(StrictModel):
 
 
 class DistillConfig(StrictModel):
-    """Ray Train distillation of the student from the teacher's logits."""
+    """Ray Train distillation of the student: logit KD, feature KD or labels only (see ``loss``)."""
 
     student: ModelSpec
     epochs: PositiveInt = 6
@@ -66,14 +68,55 @@ class DistillConfig(StrictModel):
     seed: int = 0
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     labels_only_baseline: bool = Field(True, description="also train the student on labels only, same budget")
+    loss: Literal["logits", "features", "labels"] = Field(
+        "logits",
+        description=(
+            "logits: alpha * KD(teacher logits) + (1 - alpha) * CE; features: the same plus feature_kd.weight * "
+            "MSE between a projected student layer and a teacher layer (needs teacher_outputs: in_loop); "
+            "labels: CE on labels only"
+        ),
+    )
+    feature_kd: FeatureKDSpec | None = Field(None, description="the layers feature KD matches; required by loss: features")
+    teacher_outputs: Literal["precomputed", "in_loop"] = Field(
+        "precomputed",
+        description=(
+            "precomputed: teacher logits computed once and shared through the object store (faster); "
+            "in_loop: the teacher runs on every worker, in inference mode, on every batch"
+        ),
+    )
+    teacher_half_precision: bool = Field(True, description="in_loop on GPU: run the teacher in float16 (CPU: float32)")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism: DDP replicas or FSDP2 sharding")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers across nodes (Ray Train ScalingConfig.placement_strategy)"
+    )
+
+    @model_validator(mode="after")
+    def _loss_needs(self) -> DistillConfig:
+        if self.loss == "features":
+            if self.feature_kd is None:
+                raise ValueError("loss 'features' needs feature_kd: {student_layer, teacher_layer, weight}")
+            if self.teacher_outputs != "in_loop":
+                raise ValueError("loss 'features' needs teacher_outputs: in_loop (teacher features are not precomputed)")
+            names = layer_names(build_model(self.student))
+            if self.feature_kd.student_layer not in names:
+                raise ValueError(f"feature_kd.student_layer {self.feature_kd.student_layer!r} is not a student module; choose one of {names}")
+        elif self.feature_kd is not None:
+            raise ValueError(f"feature_kd is set but loss is {self.loss!r}; set loss: features or drop feature_kd")
+        return self
 
 
 class SearchSpace(StrictModel):
-    """Compression search space: the grid of prune ratio x quantization (files under tune/)."""
+    """Compression search space: prune ratio x quantization x runtime, for one device (files under tune/).
 
+    A quantization the device has no kernels for is an error at load; (quantization, runtime) pairs that
+    cannot run together are dropped from the space (listed in ``dropped``), e.g. bf16 in ONNX Runtime.
+    """
+
+    device: Device = Field("cpu", description="where the model will be served: cpu or cuda")
     prune_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
     quantizations: list[QuantMethod] = Field(default_factory=lambda: ["none", "dynamic_int8", "static_int8", "bf16"])
-    importance: Literal["l1", "l2"] = "l1"
+    runtimes: list[RuntimeName] = Field(default_factory=lambda: ["torch"], description="torch, torch_compile, onnxruntime")
+    importance: Literal["l1", "l2", "taylor"] = "l1"
     round_to: PositiveInt | None = None
 
     @field_validator("prune_ratios")
@@ -86,12 +129,43 @@ class SearchSpace(StrictModel):
             raise ValueError(f"prune ratios must be in [0, 1): {bad}")
         return sorted(set(v))
 
-    @field_validator("quantizations")
+    @field_validator("quantizations", "runtimes")
     @classmethod
-    def _quants(cls, v: list[str]) -> list[str]:
+    def _nonempty(cls, v: list[str]) -> list[str]:
         if not v:
-            raise ValueError("at least one quantization")
+            raise ValueError("at least one entry")
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _device(self) -> SearchSpace:
+        bad = [q for q in self.quantizations if q not in DEVICE_METHODS[self.device]]
+        if bad:
+            raise ValueError(
+                f"quantizations {bad} cannot run on device {self.device!r} (it runs {sorted(DEVICE_METHODS[self.device])})"
+            )
+        if not self.settings:
+            reasons = "; ".join(f"{q} in {r}: {why}" for q, r, why in self.dropped)
+            raise ValueError(f"no (quantization, runtime) pair in this space can run: {reasons}")
+        return self
+
+    @property
+    def settings(self) -> list[tuple[str, str]]:
+        """The (quantization, runtime) pairs that can run on the device, in the order given."""
+        return [
+            (q, r) for r in self.runtimes for q in self.quantizations
+            if unsupported_reason(device=self.device, runtime=r, method=q) is None
+        ]
+
+    @property
+    def dropped(self) -> list[tuple[str, str, str]]:
+        """(quantization, runtime, why) for the pairs left out of the space."""
+        out = []
+        for r in self.runtimes:
+            for q in self.quantizations:
+                why = unsupported_reason(device=self.device, runtime=r, method=q)
+                if why is not None:
+                    out.append((q, r, why))
+        return out
 
     def prune_spec(self, ratio: float) -> PruneSpec:
         return PruneSpec(ratio=ratio, importance=self.importance, round_to=self.round_to)
@@ -99,14 +173,24 @@ class SearchSpace(StrictModel):
     def quant_spec(self, method: str) -> QuantSpec:
         return QuantSpec(method=method)
 
+    def runtime_spec(self, name: str) -> RuntimeSpec:
+        return RuntimeSpec(name=name)
+
     @property
     def num_trials(self) -> int:
-        return len(self.prune_ratios) * len(self.quantizations)
+        return len(self.prune_ratios) * len(self.settings)
 
 
 class SearchConfig(StrictModel):
     space: SearchSpace = Field(default_factory=SearchSpace)
     space_file: str | None = Field(None, description="YAML search space (like tune/*.yaml); replaces space")
+    algorithm: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid: every point; random: num_samples draws; optuna: TPE, multi-objective (accuracy, latency)"
+    )
+    num_samples: PositiveInt | None = Field(None, description="trials drawn by random/optuna (default: half the grid)")
+    scheduler: Literal["none", "asha"] = Field("none", description="asha stops weak trials early; fine-tune epochs are its budget")
+    grace_period: PositiveInt = Field(1, description="asha: fine-tune epochs every trial gets")
+    reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor of trials at each rung")
     finetune_epochs: int = Field(1, ge=0, description="KD fine-tune epochs after pruning")
     finetune_lr: float = Field(1e-3, gt=0)
     max_accuracy_drop: float = Field(0.5, ge=0, description="points of accuracy the winner may lose vs the teacher")
@@ -129,7 +213,17 @@ class SearchConfig(StrictModel):
         if self.space_file is not None:
             path = resolve_resource(self.space_file)
             object.__setattr__(self, "space", SearchSpace.from_file(path))
+        if self.scheduler == "asha" and self.finetune_epochs < 2:
+            raise ValueError("scheduler 'asha' needs finetune_epochs >= 2 (its budget is fine-tune epochs)")
+        if self.algorithm == "grid" and self.num_samples is not None:
+            raise ValueError("num_samples applies to algorithm random/optuna; grid runs every point once")
         return self
+
+    @property
+    def num_trials(self) -> int:
+        if self.algorithm == "grid":
+            return self.space.num_trials
+        return self.num_samples or max(1, self.space.num_trials // 2)
 
 
 class ServeConfig(StrictModel):

@@ -20,7 +20,8 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimray.artifacts import ArtifactSpec, artifact_bytes, load_artifact, save_artifact
+from slimray.artifacts import ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, save_artifact
+from slimray.compress.runtime import OrtModel, compile_model, onnx_for
 from slimray.compress.measure import accuracy, compare_latency, predict_logits, torch_threads
 from slimray.config import PipelineConfig
 from slimray.data import Dataset, load_dataset
@@ -31,7 +32,7 @@ from slimray.runtime import init_ray
 from slimray.schema import ConfigError
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
 from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest
-from slimray.training.distill import TrainData, TrainJob, run_training
+from slimray.training.distill import TrainData, TrainJob, check_teacher_layer, run_training
 
 
 def log(msg: str) -> None:
@@ -72,6 +73,7 @@ def _teacher(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path) -
             epochs=cfg.teacher.epochs, batch_size=cfg.distill.batch_size, lr=cfg.teacher.lr, alpha=0.0,
             num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu, seed=cfg.distill.seed,
             max_failures=cfg.distill.max_failures, metrics_path=str(run_dir / "teacher_metrics.jsonl"),
+            strategy=cfg.distill.strategy, placement_strategy=cfg.distill.placement_strategy,
         )
         model, _ = run_training(job, data)
     art = ArtifactSpec(name="teacher", model=spec, input=ds.input)
@@ -99,13 +101,18 @@ def _student(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path, *
         log(f"{name}: reusing the saved model")
         return load_artifact(path)
     d = cfg.distill
-    how = f"KD (T={d.temperature}, alpha={d.alpha})" if distilled else "labels only (same budget)"
-    log(f"{name}: {d.epochs} epochs, {how}, {d.num_workers} Ray Train workers")
+    kd = distilled and d.loss != "labels"
+    how = (f"KD on {d.loss} (T={d.temperature}, alpha={d.alpha}, teacher {d.teacher_outputs})" if kd
+           else "labels only" + ("" if distilled else " (same budget)"))
+    log(f"{name}: {d.epochs} epochs, {how}, {d.num_workers} Ray Train workers ({d.strategy}, {d.placement_strategy})")
     job = TrainJob(
         label=name, run_name=f"{cfg.name}-{name}", storage_path=str(run_dir / "ray"), spec=d.student.model_dump(),
         epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, lr_schedule=d.lr_schedule, weight_decay=d.weight_decay, temperature=d.temperature,
-        alpha=d.alpha if distilled else 0.0, num_workers=d.num_workers, use_gpu=d.use_gpu, seed=d.seed,
+        alpha=d.alpha if kd else 0.0, num_workers=d.num_workers, use_gpu=d.use_gpu, seed=d.seed,
         max_failures=d.max_failures, metrics_path=str(run_dir / f"{name}_metrics.jsonl"),
+        strategy=d.strategy, placement_strategy=d.placement_strategy, teacher_outputs=d.teacher_outputs,
+        teacher_dir=str(run_dir / "teacher"), teacher_half_precision=d.teacher_half_precision,
+        feature_kd=d.feature_kd if kd and d.loss == "features" else None,
     )
     model, _ = run_training(job, data)
     save_artifact(path, model, ArtifactSpec(name=name, model=d.student, input=ds.input))
@@ -159,6 +166,7 @@ def teacher_stage(run: Run) -> Distilled:
 
 def distill_stage(run: Run) -> Distilled:
     """Teacher (loaded or trained), teacher logits, the distilled student and the labels-only baseline."""
+    check_teacher_layer(run.cfg)  # a bad feature_kd.teacher_layer fails before the teacher is trained
     d = teacher_stage(run)
     kd_data = TrainData(**run.refs, teacher_logits=d.logits_ref)
     d.student, _ = _student(run.cfg, run.ds, kd_data, run.run_dir, distilled=True)
@@ -174,6 +182,15 @@ def run_pipeline(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: 
     return sweep_stage(run, d, base_dir=run.run_dir / "student")
 
 
+def _teacher_in_runtime(teacher: torch.nn.Module, runtime: str, example: torch.Tensor, *, num_threads: int) -> torch.nn.Module:
+    """The fp32 teacher in another runtime, to tell what the runtime bought from what compression bought."""
+    if runtime == "onnxruntime":
+        return OrtModel(onnx_for(teacher, example, method="none"), num_threads=num_threads)
+    if runtime == "torch_compile":
+        return compile_model(teacher)
+    return teacher
+
+
 def sweep_stage(run: Run, d: Distilled, *, base_dir: Path, resume: bool = True) -> dict[str, Any]:
     """Compress the model in ``base_dir`` (the student, or any artifact), pick the winner, write the report."""
     cfg, run_dir, ds, t_start = run.cfg, run.run_dir, run.ds, run.t_start
@@ -181,23 +198,34 @@ def sweep_stage(run: Run, d: Distilled, *, base_dir: Path, resume: bool = True) 
     refs, logits_ref, teacher, baseline = run.refs, d.logits_ref, d.teacher, d.baseline
     student = d.student if d.student is not None else load_artifact(base_dir)[0]
     s = cfg.search
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    concurrent = s.max_concurrent_trials or max(1, cpus)
-    log(f"sweep: {s.space.num_trials} trials (prune {s.space.prune_ratios} x {s.space.quantizations}), {concurrent} at a time")
-    ctx = SweepContext(
-        run_dir=str(run_dir), base_model_dir=str(base_dir), search=s.model_dump(),
-        temperature=cfg.distill.temperature, alpha=cfg.distill.alpha, seed=cfg.distill.seed, **refs, teacher_logits=logits_ref,
-    )
-    trials = run_sweep(ctx, run_name=f"{cfg.name}-sweep", storage_path=str(run_dir / "ray"), max_concurrent_trials=concurrent, resume=resume)
-    n_ok = sum(t["status"] == "ok" for t in trials)
-    log(f"sweep: {n_ok}/{len(trials)} trials finished")
-
     b = s.serving_batch_size
     lat_key = f"latency_ms_b{b}"
     x_ref, y_ref = (x_va, y_va) if s.teacher_reference_split == "val" else (x_te, y_te)
     teacher_ref = accuracy(teacher, x_ref, y_ref)
+    floor = teacher_ref - s.max_accuracy_drop
     log(f"accuracy floor: teacher {teacher_ref:.2f}% on {s.teacher_reference_split} - {s.max_accuracy_drop} points")
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    concurrent = s.max_concurrent_trials or max(1, cpus)
+    settings = [f"{q}@{r}" for q, r in s.space.settings]
+    log(
+        f"sweep ({s.algorithm}{', asha' if s.scheduler == 'asha' else ''}): {s.num_trials} trials over prune "
+        f"{s.space.prune_ratios} x {settings}, {concurrent} at a time"
+    )
+    for q, r, why in s.space.dropped:
+        log(f"  left out {q}@{r}: {why}")
+    ctx = SweepContext(
+        run_dir=str(run_dir), base_model_dir=str(base_dir), search=s.model_dump(), accuracy_floor=floor,
+        temperature=cfg.distill.temperature, alpha=cfg.distill.alpha, seed=cfg.distill.seed, **refs, teacher_logits=logits_ref,
+    )
+    t_sweep = time.perf_counter()
+    trials = run_sweep(ctx, run_name=f"{cfg.name}-sweep", storage_path=str(run_dir / "ray"), max_concurrent_trials=concurrent, resume=resume)
+    sweep_wall_s = time.perf_counter() - t_sweep
+    n_ok = sum(t["status"] == "ok" for t in trials)
+    log(f"sweep: {n_ok}/{len(trials)} trials finished")
+
     ok = feasible(trials, teacher_accuracy=teacher_ref, max_drop=s.max_accuracy_drop)
+    # one entry per key (random search may draw a point twice)
+    ok = list({t["key"]: t for t in rank_fastest(ok, latency_key=lat_key)[::-1]}.values())[::-1]
     finalists = rank_fastest(ok, latency_key=lat_key)[: s.num_finalists] if ok else []
     if not finalists:
         w, _ = pick_winner(trials, teacher_accuracy=teacher_ref, max_drop=s.max_accuracy_drop, latency_key=lat_key)
@@ -210,11 +238,15 @@ def sweep_stage(run: Run, d: Distilled, *, base_dir: Path, resume: bool = True) 
     if baseline is not None:
         models["student_labels_only"] = baseline
     for t in finalists:
-        models[t["key"]] = load_artifact(t["artifact"])[0]
-    w_ratio_key = trial_key(finalists[0]["prune_ratio"], "none")
-    for t in trials:  # the pruned fp32 model of each finalist's ratio, for the gain breakdown
-        if t["status"] == "ok" and t["quantization"] == "none" and t["key"] not in models and any(f["prune_ratio"] == t["prune_ratio"] for f in finalists):
-            models[t["key"]] = load_artifact(t["artifact"])[0]
+        models[t["key"]] = load_runnable(t["artifact"], num_threads=s.num_threads)[0]
+    for t in finalists:  # the pruned fp32 torch model of each finalist's ratio, for the gain breakdown
+        k = trial_key(t["prune_ratio"], "none")
+        if t["prune_ratio"] > 0 and k not in models:
+            models[k] = _pruned_fp32(run_dir, base_dir, t, trials)
+    runtimes = sorted({t.get("runtime", "torch") for t in finalists} - {"torch"})
+    for r in runtimes:
+        log(f"teacher in runtime {r} (fp32), for the same-runtime speedup")
+        models[f"teacher@{r}"] = _teacher_in_runtime(teacher, r, x_te[:b], num_threads=s.num_threads)
     log(f"timing {len(models)} models side by side ({s.num_threads} thread(s), batch 1 and {b})")
     batch_sizes = sorted({1, b})
     timed = compare_latency(models, x_te[:b], batch_sizes=batch_sizes, num_threads=s.num_threads)
@@ -222,43 +254,48 @@ def sweep_stage(run: Run, d: Distilled, *, base_dir: Path, resume: bool = True) 
         t["retimed"] = timed[t["key"]]
     winner = min(finalists, key=lambda t: (t["retimed"][b], t["size_bytes"], -t["accuracy"]))
     constraint_met = winner in ok
+    w_runtime = winner.get("runtime", "torch")
 
     def lat(name: str) -> dict[str, float]:
         return {f"batch_{k}": v for k, v in timed[name].items()}
 
     def entry(name: str, model: torch.nn.Module, path: Path | None) -> dict[str, Any]:
-        e = {
-            "accuracy": accuracy(model, x_te, y_te), "val_accuracy": accuracy(model, x_va, y_va),
-            "latency_ms": lat(name),
-        }
+        bs = b if name == winner["key"] and w_runtime == "torch_compile" else 1024  # compiled: serving-size batches
+        e = {"accuracy": accuracy(model, x_te, y_te, batch_size=bs), "val_accuracy": accuracy(model, x_va, y_va, batch_size=bs),
+             "latency_ms": lat(name)}
         if path is not None:
             e["size_bytes"] = artifact_bytes(path)
         return e
 
-    winner_model, winner_spec = load_artifact(winner["artifact"])
-    save_artifact(run_dir / "winner", winner_model, winner_spec.model_copy(update={"name": cfg.name, "metadata": {"trial": winner["key"]}}))
+    winner_spec = copy_artifact(winner["artifact"], run_dir / "winner", update={"name": cfg.name, "metadata": {"trial": winner["key"]}})
+    winner_model = models[winner["key"]]  # scored in the runtime that serves it
 
-    t_entry = entry("teacher", teacher, run_dir / "teacher") | {"params": count_params(teacher)}
+    t_entry = entry("teacher", teacher, run_dir / "teacher") | {"params": count_params(teacher), "runtime": "torch"}
     s_entry = entry("student", student, base_dir) | {"params": count_params(student), "source": str(base_dir)}
     if baseline is not None:
         s_entry["accuracy_without_distillation"] = accuracy(baseline, x_te, y_te)
         s_entry["labels_only"] = entry("student_labels_only", baseline, run_dir / "student_labels_only") | {"params": count_params(baseline)}
     w_entry = entry(winner["key"], winner_model, run_dir / "winner") | {
         "params": winner["params"], "prune_ratio": winner["prune_ratio"], "quantization": winner["quantization"],
-        "key": winner["key"], "architecture": winner_spec.model.model_dump(),
+        "runtime": w_runtime, "key": winner["key"], "architecture": winner_spec.model.model_dump(),
+        "peak_memory_bytes": winner.get("peak_memory_bytes"),
     }
-    breakdown = [("teacher (fp32)", "teacher"), ("student (fp32)", "student")]
-    if w_ratio_key in timed and winner["prune_ratio"] > 0:
-        breakdown.append((f"+ pruning {winner['prune_ratio']:.2f} (fp32)", w_ratio_key))
-    if winner["quantization"] != "none" or winner["prune_ratio"] == 0:
-        breakdown.append((f"+ {winner['quantization']} (winner)", winner["key"]))
+    if winner.get("runtime_check"):
+        w_entry["runtime_check"] = winner["runtime_check"]
+    breakdown = [("teacher (fp32, torch)", "teacher"), ("student (fp32, torch)", "student")]
+    w_ratio_key = trial_key(winner["prune_ratio"], "none")
+    if w_ratio_key in timed and winner["prune_ratio"] > 0 and w_ratio_key != winner["key"]:
+        breakdown.append((f"+ pruning {winner['prune_ratio']:.2f} (fp32, torch)", w_ratio_key))
+    if winner["key"] not in {k for _, k in breakdown}:
+        breakdown.append((f"+ {winner['quantization']} in {w_runtime} (winner)", winner["key"]))
     t_b = timed["teacher"][b]
+    same_runtime = f"teacher@{w_runtime}" if w_runtime != "torch" else "teacher"
     report = {
         "name": cfg.name,
         "recipe": cfg.recipe or cfg.name,
         "dataset": ds.name,
         "max_accuracy_drop": s.max_accuracy_drop,
-        "accuracy_floor": teacher_ref - s.max_accuracy_drop,
+        "accuracy_floor": floor,
         "teacher_reference_split": s.teacher_reference_split,
         "serving_batch_size": b,
         "constraint_met": constraint_met,
@@ -266,24 +303,21 @@ def sweep_stage(run: Run, d: Distilled, *, base_dir: Path, resume: bool = True) 
         "student": s_entry,
         "winner": w_entry,
         "speedup_vs_teacher": {f"batch_{k}": timed["teacher"][k] / timed[winner["key"]][k] for k in batch_sizes},
+        "speedup_vs_teacher_same_runtime": {
+            "runtime": w_runtime,
+            "teacher_latency_ms": lat(same_runtime),
+            **{f"batch_{k}": timed[same_runtime][k] / timed[winner["key"]][k] for k in batch_sizes},
+        },
         "gain_breakdown": [
             {"step": label, "model": key, "latency_ms": timed[key][b], "speedup_vs_teacher": t_b / timed[key][b]} for label, key in breakdown
         ],
         "timing": {"num_threads": s.num_threads, "batch_sizes": batch_sizes, "method": "median of interleaved rounds, one process"},
-        "trials": [
-            {
-                k: v for k, v in {
-                    "key": t.get("key", trial_key(t["prune_ratio"], t["quantization"])),
-                    "prune_ratio": t["prune_ratio"], "quantization": t["quantization"], "status": t["status"],
-                    "error": t.get("error"), "val_accuracy": t.get("accuracy"), "params": t.get("params"),
-                    "size_bytes": t.get("size_bytes"),
-                    "latency_ms": {f"batch_{k2}": t[f"latency_ms_b{k2}"] for k2 in batch_sizes} if t["status"] == "ok" else None,
-                    "latency_ms_side_by_side": {f"batch_{k2}": v for k2, v in t["retimed"].items()} if "retimed" in t else None,
-                    "finalist": "retimed" in t,
-                }.items() if v is not None
-            }
-            for t in trials
-        ],
+        "search": {
+            "algorithm": s.algorithm, "scheduler": s.scheduler, "num_trials": len(trials), "wall_s": sweep_wall_s,
+            "trial_seconds": sum(t.get("trial_seconds") or 0.0 for t in trials),
+            "left_out": [{"quantization": q, "runtime": r, "why": why} for q, r, why in s.space.dropped],
+        },
+        "trials": [_trial_row(t, batch_sizes) for t in trials],
         "elapsed_s": time.perf_counter() - t_start,
     }
     report["pareto_front"] = [
@@ -297,3 +331,30 @@ def sweep_stage(run: Run, d: Distilled, *, base_dir: Path, resume: bool = True) 
     log("results (test accuracy; latencies re-timed side by side):\n" + results_table(report))
     log(f"report: {run_dir / 'report.md'}  plot: {run_dir / 'pareto.png'}  ({report['elapsed_s']:.0f} s)")
     return report
+
+
+def _pruned_fp32(run_dir: Path, base_dir: Path, t: dict[str, Any], trials: list[dict[str, Any]]) -> torch.nn.Module:
+    """The fp32 torch model a finalist was quantized from (its trial, or the cached pruned model)."""
+    key = trial_key(t["prune_ratio"], "none")
+    same = next((o for o in trials if o.get("key") == key and o["status"] == "ok"), None)
+    if same is not None:
+        return load_artifact(same["artifact"])[0]
+    cached = sorted((run_dir / "pruned").glob(f"prune{t['prune_ratio']:.2f}-e*/spec.json"))
+    epochs = t.get("finetune_epochs")
+    exact = run_dir / "pruned" / f"prune{t['prune_ratio']:.2f}-e{epochs}"
+    return load_artifact(exact if (exact / "spec.json").exists() else cached[-1].parent)[0]
+
+
+def _trial_row(t: dict[str, Any], batch_sizes: list[int]) -> dict[str, Any]:
+    row = {
+        "key": t.get("key", trial_key(t["prune_ratio"], t["quantization"], t.get("runtime", "torch"))),
+        "prune_ratio": t["prune_ratio"], "quantization": t["quantization"], "runtime": t.get("runtime", "torch"),
+        "status": t["status"], "error": t.get("error"), "val_accuracy": t.get("accuracy"), "params": t.get("params"),
+        "size_bytes": t.get("size_bytes"), "peak_memory_bytes": t.get("peak_memory_bytes"),
+        "finetune_epochs": t.get("finetune_epochs"), "stopped_early": t.get("stopped_early"),
+        "trial_seconds": t.get("trial_seconds"), "runtime_check": t.get("runtime_check"),
+        "latency_ms": {f"batch_{k2}": t[f"latency_ms_b{k2}"] for k2 in batch_sizes} if t["status"] == "ok" else None,
+        "latency_ms_side_by_side": {f"batch_{k2}": v for k2, v in t["retimed"].items()} if "retimed" in t else None,
+        "finalist": "retimed" in t,
+    }
+    return {k: v for k, v in row.items() if v is not None}

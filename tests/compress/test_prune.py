@@ -58,3 +58,19 @@ def test_pruned_model_rebuilds_from_safetensors_and_spec(tmp_path, digits, train
         assert torch.equal(rebuilt(x), model.eval()(x))
     assert rspec.model == spec and count_params(rebuilt) == count_params(model)
     assert isinstance(rebuilt.features[0], nn.Conv2d) and rebuilt.features[0].out_channels == 8
+
+
+def test_taylor_importance_prunes_by_gradients(digits, trained_digits_cnn):
+    from slimray.compress.measure import accuracy
+
+    x_tr, y_tr = digits.normalized("train")
+    x, y = digits.normalized("test")
+    batches = [(x_tr[i : i + 128], y_tr[i : i + 128]) for i in range(0, 1024, 128)]
+    model = copy.deepcopy(trained_digits_cnn)
+    before = prunable_channels(model)
+    prune(model, PruneSpec(ratio=0.5, importance="taylor"), example_inputs=x[:1], gradient_batches=batches)
+    assert abs((before - prunable_channels(model)) / before - 0.5) < 0.05
+    assert all(p.grad is None for p in model.parameters())  # gradients are not left behind
+    assert model(x[:2]).shape == (2, 10) and accuracy(model, x, y) > 10.0
+    with pytest.raises(ValueError, match="gradient_batches"):
+        prune(copy.deepcopy(trained_digits_cnn), PruneSpec(ratio=0.5, importance="taylor"), example_inputs=x[:1])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimray.artifacts import load_artifact
+from slimray.artifacts import load_runnable
 from slimray.data import normalize
 from slimray.serving.app import RequestError, ServeOptions, build_app, deploy, parse_inputs
 
@@ -52,13 +52,32 @@ def served(digits_run, serve_port, monkeypatch_module):
 @pytest.fixture(scope="module")
 def local_model(served):
     _, run_dir = served
-    return load_artifact(run_dir / "winner")
+    return load_runnable(run_dir / "winner")
 
 
 def local_predictions(local_model, x: np.ndarray) -> list[int]:
     model, spec = local_model
     with torch.inference_mode():
         return model(normalize(torch.from_numpy(x), spec.input)).argmax(1).tolist()
+
+
+def test_served_onnxruntime_model_answers_like_in_process(served, digits, serve_port):
+    """An ONNX Runtime artifact (the sweep's pruned fp32 trial) served by a replica: same classes as in-process."""
+    from ray import serve
+
+    client, run_dir = served
+    ort_dir = run_dir / "trials" / "prune0.50-none-onnxruntime"
+    app = build_app(ServeOptions(name="ort", model_dir=str(ort_dir), num_cpus_per_replica=0.25, max_batch_examples=64))
+    serve.run(app, name="ort", route_prefix="/ort")
+    try:
+        x = digits.test.x[:32]
+        r = client.post("/ort/v1/predict", json={"inputs": x.tolist()})
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == local_predictions(load_runnable(ort_dir), x)
+        assert client.get("/ort/v1/replica").json()["runtime"] == "onnxruntime"
+        assert client.get("/ort/v1/models").json()["models"][0]["runtime"] == "onnxruntime"
+    finally:
+        serve.delete("ort")
 
 
 def test_serve_binds_loopback(served):

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from slimray.compress.measure import accuracy
 from slimray.training.distill import run_training
@@ -24,6 +25,10 @@ def _epochs(path) -> list[int]:
     if not path.exists():
         return []
     return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _wait_for(pred, timeout: float, what: str) -> None:
@@ -67,12 +72,23 @@ def test_killed_worker_restarts_from_checkpoint(tmp_path, kd_data, digits):  # n
     model, metrics_last = out["result"]
     epochs = _epochs(metrics)
     assert epochs[-1] == 30 and metrics_last["epoch"] == 30
-    drops = [i for i in range(1, len(epochs)) if epochs[i] <= epochs[i - 1]]
-    assert drops, f"the kill did not interrupt the run: {epochs}"
-    restart = epochs[drops[0]]
-    assert restart >= 2, f"restarted from epoch {restart - 1}: expected a checkpoint, not epoch 0 ({epochs})"
+    # each line says which checkpoint its worker group started from (0: fresh); the kill may land right after
+    # a checkpoint, so the epoch sequence itself need not repeat
+    resumed = sorted({m["resumed_after_epoch"] for m in _lines(metrics)} - {0})
+    assert resumed, f"the kill did not interrupt the run: {epochs}"
+    assert resumed[0] >= 2, f"restarted after epoch {resumed[0]}: expected the checkpoint of epoch 2 or later"
     assert epochs.count(1) == 1
-    assert abs(accuracy(model, x, y) - ref_acc) <= 2.0  # same seed; digits' 359 test images make 1 image 0.28 points
+    # A resumed run is the uninterrupted run: weights, Adam state, epoch and torch RNG come from the checkpoint,
+    # the sampler's order is a function of (seed, epoch) and runs resume at epoch boundaries, and the lr is a
+    # function of the epoch. So every epoch after the restart repeats the reference's loss, the final weights
+    # match, and the accuracy lands within 0.5 points (the Done-when bound) -- in practice on the same value.
+    ref_loss = {m["epoch"]: m["loss"] for m in _lines(tmp_path / "ref" / "metrics.jsonl")}
+    got_loss = {m["epoch"]: m["loss"] for m in _lines(metrics)}  # the last line per epoch: after the restart
+    assert got_loss == pytest.approx(ref_loss, rel=1e-5)
+    ref_state, state = ref_model.state_dict(), model.state_dict()
+    for k in ref_state:
+        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-4, atol=1e-5)
+    assert abs(accuracy(model, x, y) - ref_acc) <= 0.5
 
 
 DRIVER = textwrap.dedent(

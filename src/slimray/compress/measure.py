@@ -1,14 +1,19 @@
 """Scoring a model: accuracy on held-out data, bytes on disk, latency.
 
 Latency is the median of repeated timed forward passes after warm-up, with torch's thread count fixed
-for the measurement, at each requested batch size.
+for the measurement, at each requested batch size. Peak memory is the growth of the process's peak
+resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) while a model is loaded and run;
+on a GPU, ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,3 +100,35 @@ def compare_latency(
                         m(inputs[b])
                         times[name][b].append(time.perf_counter() - t0)
     return {name: {b: 1e3 * statistics.median(v) for b, v in per.items()} for name, per in times.items()}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory_bytes(run: Callable[[], Any], *, device: str = "cpu") -> tuple[int | None, Any]:
+    """Peak memory ``run()`` adds on top of what the process held before; returns (bytes, run's result).
+
+    CPU: peak resident set growth (Linux only; ``None`` where ``/proc/self/clear_refs`` cannot be written).
+    CUDA: peak allocated bytes of torch's caching allocator during ``run``.
+    """
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = run()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - base), out
+    try:
+        base = _status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, KeyError):
+        return None, run()
+    out = run()
+    return max(0, _status_kb("VmHWM") - base) * 1024, out

@@ -3,10 +3,15 @@
 Whole conv channels and hidden neurons are removed (the next layer's inputs with them, the flatten
 between conv and linear included), so the pruned model is a smaller dense model that runs faster, and
 ``slimray.models.spec_from_model`` reads its new widths back into a spec.
+
+Importance: ``l1`` / ``l2`` rank channels by weight magnitude; ``taylor`` ranks them by the first-order
+Taylor estimate of the loss change |w * dL/dw| (Molchanov et al.), accumulated over a few labelled
+batches, so it needs ``gradient_batches``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -21,7 +26,7 @@ class PruneSpec(StrictModel):
     """Remove ``ratio`` of the channels of every prunable layer (the output layer is kept whole)."""
 
     ratio: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of channels/neurons removed per layer")
-    importance: Literal["l1", "l2"] = Field("l1", description="magnitude norm ranking the channels")
+    importance: Literal["l1", "l2", "taylor"] = Field("l1", description="channel ranking: weight norm, or Taylor (gradients)")
     round_to: int | None = Field(None, ge=1, description="keep widths a multiple of this (kernel-friendly)")
 
 
@@ -32,11 +37,23 @@ def _output_layer(model: nn.Module) -> nn.Module:
     return last[-1]
 
 
-def prune(model: nn.Module, spec: PruneSpec, *, example_inputs: torch.Tensor) -> nn.Module:
-    """Prune ``model`` in place and return it. ``ratio == 0`` leaves it untouched."""
+def prune(
+    model: nn.Module,
+    spec: PruneSpec,
+    *,
+    example_inputs: torch.Tensor,
+    gradient_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> nn.Module:
+    """Prune ``model`` in place and return it. ``ratio == 0`` leaves it untouched.
+
+    ``gradient_batches`` yields (inputs, labels) for the ``taylor`` criterion (cross-entropy gradients).
+    """
     if spec.ratio == 0.0:
         return model
-    importance = tp.importance.MagnitudeImportance(p=1 if spec.importance == "l1" else 2)
+    if spec.importance == "taylor":
+        importance = tp.importance.TaylorImportance()
+    else:
+        importance = tp.importance.MagnitudeImportance(p=1 if spec.importance == "l1" else 2)
     pruner = tp.pruner.MetaPruner(
         model,
         example_inputs,
@@ -45,7 +62,18 @@ def prune(model: nn.Module, spec: PruneSpec, *, example_inputs: torch.Tensor) ->
         ignored_layers=[_output_layer(model)],
         round_to=spec.round_to,
     )
+    if spec.importance == "taylor":
+        batches = list(gradient_batches or [])
+        if not batches:
+            raise ValueError("taylor importance needs gradient_batches (inputs, labels)")
+        was_training = model.training
+        model.eval()  # gradients of the deployed function; no batch-norm statistics updates
+        model.zero_grad()
+        for x, y in batches:
+            nn.functional.cross_entropy(model(x), y).backward()
+        model.train(was_training)
     pruner.step()
+    model.zero_grad(set_to_none=True)
     return model
 
 

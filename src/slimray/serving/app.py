@@ -54,7 +54,7 @@ from pydantic import (
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from slimray.artifacts import load_artifact
+from slimray.artifacts import load_runnable, load_spec
 from slimray.data import normalize
 from slimray.schema import StrictModel
 
@@ -336,11 +336,21 @@ class SlimrayModel:
         self.options = ServeOptions.model_validate(options)
         torch.set_num_threads(self.options.num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.spec = (loader or load_artifact)(self.options.model_dir)
-        if self.device.type == "cuda" and self.spec.quantization.method in ("none", "bf16"):
-            self.model = self.model.to(self.device)
+        if loader is None:
+            # the artifact's runtime: ONNX Runtime session (threads from the replica's options; CUDA provider
+            # on a GPU replica), compiled module, or torch. CPU-only int8 kernels stay on the CPU.
+            spec = load_spec(self.options.model_dir)
+            cpu_only = spec.quantization.method in ("dynamic_int8", "static_int8") or spec.runtime.name == "onnxruntime"
+            device = "cpu" if cpu_only else self.device.type
+            self.model, self.spec = load_runnable(self.options.model_dir, num_threads=self.options.num_threads, device=device)
+            if spec.runtime.name == "onnxruntime" or device == "cpu":
+                self.device = torch.device("cpu")  # ONNX Runtime takes CPU tensors and moves them itself
         else:
-            self.device = torch.device("cpu")
+            self.model, self.spec = loader(self.options.model_dir)
+            if self.device.type == "cuda" and self.spec.quantization.method in ("none", "bf16", "fp16"):
+                self.model = self.model.to(self.device)
+            else:
+                self.device = torch.device("cpu")
         self.model.eval()
         self.api_key = os.environ.get(self.options.api_key_env) or None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimray-forward")
@@ -467,7 +477,7 @@ class SlimrayModel:
     async def models(self, request: Request):
         if denied := self._denied(request):
             return denied
-        return {"models": [{"name": self.options.name, "input_shape": self.spec.input.shape, "quantization": self.spec.quantization.method}]}
+        return {"models": [{"name": self.options.name, "input_shape": self.spec.input.shape, "quantization": self.spec.quantization.method, "runtime": self.spec.runtime.name}]}
 
     def replica_info(self) -> dict[str, Any]:
         import ray
@@ -477,6 +487,7 @@ class SlimrayModel:
             "replica_id": self.replica_id,
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
             "device": str(self.device),
+            "runtime": self.spec.runtime.name,
             "batches_run": self.batches_run,
             "largest_batch": self.largest_batch,
             "max_batch_size": self.options.max_batch_size,

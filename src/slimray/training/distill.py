@@ -1,14 +1,36 @@
-"""Distillation on Ray Train: ``num_workers`` DDP workers (gloo on CPU, nccl on GPU).
+"""Distillation on Ray Train: ``num_workers`` data-parallel workers (gloo on CPU, nccl on GPU).
 
-Teacher logits are computed once by the driver and shared through Ray's object store (each worker reads
-its shard through a ``DistributedSampler``): on MNIST that made a distillation epoch 4x cheaper than
-running the teacher in every step (0.36 s vs 1.6 s per epoch measured here), and the teacher never has to
-fit on a worker. With ``alpha == 0`` and no logits the same loop trains on labels only (teacher
-training for the digits recipe, and the labels-only baseline beside every distilled student).
+Teacher outputs (``teacher_outputs``):
 
-Each epoch rank 0 reports a checkpoint (model safetensors + optimizer, epoch and RNG state). A rerun
-with the same run name resumes from the latest one, and ``max_failures`` lets Ray restart a lost
-worker group from it.
+- ``precomputed`` (default): the driver computes the teacher's logits once and shares them through Ray's
+  object store; each worker reads its shard through a ``DistributedSampler``. This is faster: the teacher's
+  forward pass is paid once instead of every epoch on every worker. Measured on MNIST (ccexam teacher,
+  2 workers, batch 128, ``bench/distill_throughput.py``, on a 2-core machine under heavy outside load, so
+  orders of magnitude only): with the teacher in the loop its forward took 39 s of a 71 s epoch (rank 0),
+  vs 44 s per epoch with precomputed logits, i.e. 1.6x slower per epoch. The teacher also never has to fit
+  on a worker.
+- ``in_loop``: each worker rebuilds the teacher from its artifact (``spec.json`` + ``model.safetensors``, whose
+  bytes travel through the object store as data: no pickled module, no shared disk needed), freezes it (eval,
+  no grads) and runs it under ``torch.inference_mode`` on every batch, in float16 on GPU if
+  ``teacher_half_precision``. Feature KD (``features.py``) needs this: a hidden layer of the teacher per
+  example is too large to precompute.
+
+With ``alpha == 0`` and no feature KD the same loop trains on labels only (teacher training for the digits
+recipe, and the labels-only baseline beside every distilled student).
+
+``strategy``: ``ddp`` wraps the model in DistributedDataParallel (``ray.train.torch.prepare_model``); ``fsdp``
+shards it with torch's FSDP2 ``fully_shard`` (each parameterised block, then the root). Ray's own
+``prepare_model(parallel_strategy="fsdp")`` wraps FSDP1 and refuses CPU; FSDP2 runs on CPU with gloo in
+torch 2.13 (tested here) as well as on GPU with nccl. Checkpoints hold full state dicts either way: under FSDP
+every rank joins ``get_model_state_dict / get_optimizer_state_dict(full_state_dict=True)`` and rank 0 writes.
+
+Each epoch rank 0 reports a checkpoint (student safetensors, the feature projection if any, optimizer, epoch
+and RNG state). A rerun with the same run name resumes from the latest one, and ``max_failures`` lets Ray
+restart a lost worker group from it; since the sampler's order is a function of (seed, epoch) and the lr of
+the epoch, a resumed run repeats the uninterrupted one. ``placement_strategy`` goes to Ray Train's
+``ScalingConfig``; strict placements that the nodes cannot satisfy fail fast. Each metrics line records the
+node of every worker, how often each training sample was drawn that epoch (across workers), and with
+``profile`` a per-epoch time breakdown (see ``bench/distill_throughput.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import ray
@@ -33,11 +55,14 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution import context as _ctx_module
 from safetensors.torch import load_file, save_file
 
+from slimray.artifacts import SPEC, WEIGHTS, load_artifact
 from slimray.models.spec import CNNSpec, MLPSpec, build_model
-from slimray.schema import StrictModel
-from slimray.training.loop import train_epoch
+from slimray.schema import ConfigError, StrictModel
+from slimray.training.features import FeatureKDSpec, KDStudent, build_projection, find_layer
+from slimray.training.loop import TeacherInLoop, train_epoch
 
 MODEL_FILE = "model.safetensors"
+PROJECTION_FILE = "projection.safetensors"
 STATE_FILE = "train_state.pt"
 
 
@@ -78,7 +103,8 @@ def lr_at(base: float, epoch: int, epochs: int, schedule: str) -> float:
 
 
 def _rng_state() -> dict[str, Any]:
-    # torch's generator drives dropout/init; the sampler's order is a function of (seed, epoch) alone
+    # torch's generator drives dropout/init; the sampler's order is a function of (seed, epoch) alone and a
+    # run always resumes at an epoch boundary, so (weights, optimizer, epoch, this) restore the run exactly
     return {"torch": torch.get_rng_state()}
 
 
@@ -86,6 +112,107 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class CountingSampler(torch.utils.data.Sampler[int]):
+    """Passes a sampler's indices through and counts how often each index was drawn this epoch."""
+
+    def __init__(self, inner: torch.utils.data.DistributedSampler, num_samples: int):
+        self.inner = inner
+        self.counts = torch.zeros(num_samples, dtype=torch.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+        self.counts.zero_()
+
+    def __iter__(self):
+        for i in self.inner:
+            self.counts[i] += 1
+            yield i
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _load_teacher(files: dict[str, bytes]) -> torch.nn.Module:
+    """Rebuild the teacher from its artifact files (safetensors + spec.json bytes): no pickled module."""
+    with tempfile.TemporaryDirectory() as d:
+        for name, blob in files.items():
+            Path(d, name).write_bytes(blob)
+        return load_artifact(d)[0]
+
+
+def _example_input(spec: CNNSpec | MLPSpec) -> torch.Tensor:
+    if isinstance(spec, CNNSpec):
+        return torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
+    return torch.zeros(2, spec.in_features)
+
+
+def _shard(net: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: each parameterised block of the student its own shard group, the rest (projection) with the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    student = net.student if isinstance(net, KDStudent) else net
+    for child in student.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(net)
+    return net
+
+
+def _full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, strategy: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full (unsharded) model and optimizer state on rank 0; a collective under FSDP (every rank calls it)."""
+    if strategy == "fsdp" and _distributed():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, opt, options=opts)
+    net = model.module if hasattr(model, "module") else model
+    return net.state_dict(), opt.state_dict()
+
+
+def _split_state(state: dict[str, torch.Tensor], feature: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(student weights, projection weights) from the trained module's full state dict, on CPU."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if not feature:
+        return state, {}
+    part = lambda prefix: {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+    return part("student."), part("projection.")
+
+
+def _comm_costs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, steps: int = 20) -> dict[str, float]:
+    """Per-step cost of DDP's gradient all-reduce, measured two ways before training (weights untouched):
+    the bare collective on a gradient-sized buffer, and a synchronised backward minus a ``no_sync`` one."""
+    if not (_distributed() and hasattr(model, "no_sync")):
+        return {"allreduce_s_per_step": 0.0, "sync_overhead_s_per_step": 0.0}
+    import contextlib
+
+    numel = sum(p.numel() for p in model.parameters())
+    buf = torch.zeros(numel, device=next(model.parameters()).device)
+    for _ in range(3):
+        torch.distributed.all_reduce(buf)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        torch.distributed.all_reduce(buf)
+    bare = (time.perf_counter() - t0) / steps
+    xb, yb = x[:batch_size].to(buf.device), y[:batch_size].to(buf.device)
+
+    def timed(sync: bool) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            with contextlib.nullcontext() if sync else model.no_sync():
+                out = model(xb)
+                torch.nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, yb).backward()
+        return (time.perf_counter() - t0) / steps
+
+    timed(True), timed(False)  # warm-up (DDP rebuilds its buckets on the first synchronised step)
+    overhead = timed(True) - timed(False)
+    model.zero_grad(set_to_none=True)
+    return {"allreduce_s_per_step": bare, "sync_overhead_s_per_step": max(overhead, 0.0)}
 
 
 def _worker_loop(cfg: dict[str, Any]) -> None:
@@ -98,39 +225,75 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     use_cuda = device.type == "cuda"
+    strategy = cfg["strategy"]
     _seed_all(cfg["seed"])
 
     spec = (CNNSpec if cfg["spec"]["kind"] == "cnn" else MLPSpec).model_validate(cfg["spec"])
-    model = build_model(spec)
+    student = build_model(spec)
     if cfg.get("init_state") is not None:
-        model.load_state_dict(ray.get(cfg["init_state"]))
+        student.load_state_dict(ray.get(cfg["init_state"]))
+    feature = FeatureKDSpec.model_validate(cfg["feature_kd"]) if cfg.get("feature_kd") else None
+    teacher = None
+    if cfg.get("teacher_files") is not None:
+        teacher_model = _load_teacher(ray.get(cfg["teacher_files"]))
+        projection = build_projection(student, teacher_model, feature, _example_input(spec)) if feature else None
+        half = use_cuda and cfg["teacher_half_precision"]
+        teacher = TeacherInLoop(
+            teacher_model.to(device), feature_layer=feature.teacher_layer if feature else None,
+            dtype=torch.float16 if half else torch.float32,
+        )
+    net = KDStudent(student, projection, feature.student_layer) if feature else student
+
     optimizer_state, start_epoch = None, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
+            student.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
+            if feature:
+                net.projection.load_state_dict(load_file(os.path.join(d, PROJECTION_FILE)))
             state = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+        if state.get("strategy", "ddp") != strategy:
+            raise RuntimeError(f"checkpoint was written with strategy {state.get('strategy', 'ddp')!r}, this run uses {strategy!r}")
         optimizer_state, start_epoch = state["optimizer"], state["epoch"] + 1
         torch.set_rng_state(state["rng"]["torch"])
         if rank == 0:
             print(f"[{cfg['label']}] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
 
-    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
+    if strategy == "fsdp":
+        model = ray.train.torch.prepare_model(net, parallel_strategy=None)  # moves it to the device
+        if world > 1:
+            model = _shard(model)
+    else:
+        model = ray.train.torch.prepare_model(net, parallel_strategy="ddp")
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state)
+        if strategy == "fsdp" and _distributed():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, opt, optimizer_state, options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(optimizer_state)
 
     x = torch.from_numpy(ray.get(cfg["x_train"]))
     y = torch.from_numpy(ray.get(cfg["y_train"]))
     tensors = [x, y]
-    if cfg["teacher_logits"] is not None and cfg["alpha"] > 0:
+    if teacher is None and cfg["teacher_logits"] is not None and cfg["alpha"] > 0:
         tensors.append(torch.from_numpy(ray.get(cfg["teacher_logits"])))
     dataset = torch.utils.data.TensorDataset(*tensors)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
+    sampler = CountingSampler(
+        torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"]), len(dataset)
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler)
-    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
     x_val = torch.from_numpy(ray.get(cfg["x_val"]))
     y_val = torch.from_numpy(ray.get(cfg["y_val"]))
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if _distributed() and world > 1:
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, node)
+    comm = _comm_costs(model, x, y, batch_size=cfg["batch_size"]) if cfg["profile"] and strategy == "ddp" else {}
+    steps_per_epoch = len(loader)
 
     epochs = cfg["epochs"]
     run_start = time.perf_counter()
@@ -141,18 +304,35 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
         stats = train_epoch(
             model, loader, opt, temperature=cfg["temperature"], alpha=cfg["alpha"],
             device=device if use_cuda else None, autocast_dtype=torch.bfloat16 if use_cuda else None,
+            teacher=teacher, feature_weight=feature.weight if feature else 0.0, profile=cfg["profile"],
         )
+        counts = sampler.counts.clone()
+        if _distributed() and world > 1:
+            torch.distributed.all_reduce(counts)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": stats.loss,
             "samples_per_s": stats.samples_per_s * world,
             "epoch_s": stats.seconds,
+            "samples_seen": int(counts.sum()),
+            "distinct_samples": int((counts > 0).sum()),
+            "max_seen_per_sample": int(counts.max()),
+            "worker_nodes": nodes,
+            "resumed_after_epoch": start_epoch,  # 0: this worker group started fresh
         }
+        if cfg["profile"]:
+            metrics.update(stats.breakdown)
+            if comm:
+                metrics["allreduce_est_s"] = comm["allreduce_s_per_step"] * steps_per_epoch
+                metrics["sync_overhead_est_s"] = comm["sync_overhead_s_per_step"] * steps_per_epoch
+        model_state, opt_state = _full_state(model, opt, strategy)  # every rank: a collective under FSDP
         if rank == 0:
-            net = model.module if hasattr(model, "module") else model
-            net.eval()
+            student_state, proj_state = _split_state(model_state, feature is not None)
+            evaluator = build_model(spec)
+            evaluator.load_state_dict(student_state)
+            evaluator.to(device).eval()
             with torch.inference_mode():
-                pred = torch.cat([net(x_val[i : i + 2048].to(device)).argmax(1).cpu() for i in range(0, len(x_val), 2048)])
+                pred = torch.cat([evaluator(x_val[i : i + 2048].to(device)).argmax(1).cpu() for i in range(0, len(x_val), 2048)])
             metrics["val_accuracy"] = 100.0 * (pred == y_val).float().mean().item()
             done = epoch + 1 - start_epoch
             eta = (time.perf_counter() - run_start) / done * (epochs - epoch - 1)
@@ -165,11 +345,18 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
                 with open(cfg["metrics_path"], "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             with tempfile.TemporaryDirectory() as d:
-                save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, os.path.join(d, MODEL_FILE))
-                torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "rng": _rng_state()}, os.path.join(d, STATE_FILE))
+                save_file(student_state, os.path.join(d, MODEL_FILE))
+                if feature:
+                    save_file(proj_state, os.path.join(d, PROJECTION_FILE))
+                torch.save(
+                    {"optimizer": opt_state, "epoch": epoch, "rng": _rng_state(), "strategy": strategy}, os.path.join(d, STATE_FILE)
+                )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 class TrainJob(StrictModel):
@@ -190,17 +377,81 @@ class TrainJob(StrictModel):
     use_gpu: bool = False
     seed: int = 0
     max_failures: int = 2
-    placement_strategy: str = "PACK"
+    placement_strategy: PlacementStrategy = "PACK"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    teacher_outputs: Literal["precomputed", "in_loop"] = "precomputed"
+    teacher_dir: str | None = None
+    teacher_half_precision: bool = True
+    feature_kd: FeatureKDSpec | None = None
+    profile: bool = False
     metrics_path: str | None = None
+
+
+def _teacher_files(path: str) -> dict[str, bytes]:
+    """The teacher artifact's two files as bytes: they travel through the object store as data, and each
+    worker rebuilds the module from them with ``load_artifact`` (works on nodes that do not share a disk)."""
+    d = Path(path)
+    if not (d / SPEC).is_file() or not (d / WEIGHTS).is_file():
+        raise ConfigError(f"teacher_outputs: in_loop needs a teacher artifact ({SPEC} + {WEIGHTS}) in {d}")
+    return {SPEC: (d / SPEC).read_bytes(), WEIGHTS: (d / WEIGHTS).read_bytes()}
+
+
+def check_placement(*, num_workers: int, strategy: str, use_gpu: bool, what: str) -> None:
+    """Fail fast when a strict placement cannot be met by the nodes (rather than waiting for resources)."""
+    if strategy not in ("STRICT_PACK", "STRICT_SPREAD"):
+        return
+    key = "GPU" if use_gpu else "CPU"
+    per_node = [n["Resources"].get(key, 0.0) for n in ray.nodes() if n.get("Alive")]
+    if strategy == "STRICT_SPREAD" and sum(1 for r in per_node if r >= 1) < num_workers:
+        raise ClusterTooSmallError(
+            f"{what}: STRICT_SPREAD puts each of {num_workers} workers on its own node, but only "
+            f"{sum(1 for r in per_node if r >= 1)} nodes have a {key}"
+        )
+    if strategy == "STRICT_PACK" and max(per_node, default=0.0) < num_workers:
+        raise ClusterTooSmallError(
+            f"{what}: STRICT_PACK puts all {num_workers} workers on one node, but no node has {num_workers} {key}s "
+            f"(largest: {max(per_node, default=0.0):g})"
+        )
+
+
+def check_feature_layers(job: TrainJob) -> None:
+    """Resolve the feature-KD layers and their projection on the driver, so a bad layer name or an
+    incompatible pair of shapes is a ConfigError before any worker starts."""
+    if job.feature_kd is None:
+        return
+    if job.teacher_outputs != "in_loop" or job.teacher_dir is None:
+        raise ConfigError("feature KD needs teacher_outputs: in_loop and a teacher artifact")
+    spec = (CNNSpec if job.spec["kind"] == "cnn" else MLPSpec).model_validate(job.spec)
+    teacher, _ = load_artifact(job.teacher_dir)
+    build_projection(build_model(spec), teacher, job.feature_kd, _example_input(spec))
+
+
+def check_teacher_layer(cfg: Any) -> None:
+    """For a ``PipelineConfig`` with feature KD: the teacher layer must name a module of the teacher's
+    architecture (the configured one, or the ccexam CNN's); checked before the teacher is trained."""
+    fk = cfg.distill.feature_kd
+    if fk is None:
+        return
+    from slimray.models.teachers import CCEXAM_MNIST_SPEC
+
+    spec = cfg.teacher.model if cfg.teacher.source == "train" else CCEXAM_MNIST_SPEC
+    find_layer(build_model(spec), fk.teacher_layer, role="teacher")
+    build_projection(build_model(cfg.distill.student), build_model(spec), fk, _example_input(cfg.distill.student))
 
 
 def run_training(job: TrainJob, data: TrainData, *, init_state: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Fit ``job`` on Ray Train; returns the trained model (eval mode, CPU) and the last metrics."""
     check_fits(num_workers=job.num_workers, cpus_per_worker=1, use_gpu=job.use_gpu, what=job.label)
+    check_placement(num_workers=job.num_workers, strategy=job.placement_strategy, use_gpu=job.use_gpu, what=job.label)
+    check_feature_layers(job)
+    in_loop = job.teacher_outputs == "in_loop" and (job.alpha > 0 or job.feature_kd is not None)
+    if job.teacher_outputs == "in_loop" and job.teacher_dir is None and in_loop:
+        raise ConfigError(f"{job.label}: teacher_outputs: in_loop needs teacher_dir (the teacher artifact)")
     cfg = job.model_dump()
     cfg.update(
         x_train=data.x_train, y_train=data.y_train, x_val=data.x_val, y_val=data.y_val,
-        teacher_logits=data.teacher_logits if job.alpha > 0 else None,
+        teacher_logits=data.teacher_logits if job.alpha > 0 and not in_loop else None,
+        teacher_files=ray.put(_teacher_files(job.teacher_dir)) if in_loop else None,
         init_state=ray.put(init_state) if init_state is not None else None,
     )
     trainer = TorchTrainer(

@@ -1,0 +1,62 @@
+"""Peak memory of serving one artifact, measured in a fresh process.
+
+A trial's own process has already fine-tuned and quantized models, and the allocator keeps what they
+freed, so its resident-set growth under-counts a later load. This probe starts clean: it imports torch
+and ONNX Runtime, builds the input batch, records the resident set, then loads the artifact in its
+runtime and runs one batch; the growth of the peak resident set (Linux ``VmHWM``) is the figure.
+
+    python -m slimray.compress.memprobe ARTIFACT_DIR --batch-size 64 --num-threads 1
+
+prints one JSON line: ``{"peak_memory_bytes": N}`` (``null`` where the peak cannot be read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def probe(path: str | Path, *, batch_size: int, num_threads: int = 1, timeout_s: float = 300.0) -> int | None:
+    """Run the probe in a child process; returns the bytes (``None`` if it could not measure)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "slimray.compress.memprobe", str(path), "--batch-size", str(batch_size), "--num-threads", str(num_threads)],
+        capture_output=True, text=True, timeout=timeout_s, check=False,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"memory probe failed ({out.returncode}): {out.stderr[-1000:]}")
+    return json.loads(lines[-1])["peak_memory_bytes"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="peak memory of loading an artifact and running one batch")
+    p.add_argument("path", type=Path)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-threads", type=int, default=1)
+    args = p.parse_args(argv)
+
+    import onnxruntime  # noqa: F401  (imported before the baseline: its import is not the model's memory)
+    import torch
+
+    from slimray.artifacts import load_runnable, load_spec
+    from slimray.compress.measure import peak_memory_bytes
+
+    torch.set_num_threads(args.num_threads)
+    spec = load_spec(args.path)
+    x = torch.zeros(args.batch_size, *spec.input.shape)
+
+    def load_and_run() -> None:
+        model, _ = load_runnable(args.path, num_threads=args.num_threads)
+        with torch.inference_mode():
+            model(x)
+
+    peak, _ = peak_memory_bytes(load_and_run)
+    print(json.dumps({"peak_memory_bytes": peak}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

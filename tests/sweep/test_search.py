@@ -1,0 +1,50 @@
+"""Adaptive search on Ray Tune: Optuna TPE (accuracy vs latency) with ASHA over fine-tune epochs; the
+objective ASHA ranks by; trial keys."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from slimray.artifacts import ArtifactSpec, save_artifact
+from slimray.config import SearchConfig
+from slimray.sweep.search import PENALTY_PER_POINT, SweepContext, objective, parse_setting, run_sweep, setting_name, trial_key
+
+from ..conftest import DIGITS_CNN
+
+
+def test_objective_prefers_fast_feasible_trials():
+    assert objective(99.0, 2.0, 98.0) > objective(99.5, 3.0, 98.0)  # both feasible: faster wins
+    assert objective(97.9, 1.0, 98.0) < objective(98.0, 50.0, 98.0)  # under the floor loses to any feasible trial
+    assert objective(97.0, 1.0, 98.0) == pytest.approx(-1.0 - PENALTY_PER_POINT)
+    assert objective(90.0, 1.0, None) == -1.0
+
+
+def test_setting_names_and_keys_round_trip():
+    assert parse_setting(setting_name("static_int8", "onnxruntime")) == ("static_int8", "onnxruntime")
+    assert trial_key(0.5, "none") == "prune0.50-none"  # torch keeps the short key
+    assert trial_key(0.25, "static_int8", "onnxruntime") == "prune0.25-static_int8-onnxruntime"
+
+
+@pytest.mark.slow
+def test_optuna_with_asha_stops_weak_trials_on_the_epoch_budget(tmp_path, digits, trained_digits_cnn, ray_session):
+    save_artifact(tmp_path / "student", trained_digits_cnn, ArtifactSpec(name="student", model=DIGITS_CNN, input=digits.input))
+    (x, y), (xv, yv) = digits.normalized("train"), digits.normalized("val")
+    search = SearchConfig(
+        space={"prune_ratios": [0.25, 0.5, 0.75], "quantizations": ["none"], "runtimes": ["torch", "onnxruntime"]},
+        algorithm="optuna", scheduler="asha", num_samples=4, finetune_epochs=3, reduction_factor=2, num_timing_repeats=3,
+    )
+    ctx = SweepContext(
+        run_dir=str(tmp_path), base_model_dir=str(tmp_path / "student"), x_train=ray.put(x.numpy()), y_train=ray.put(y.numpy()),
+        teacher_logits=None, x_val=ray.put(xv.numpy()), y_val=ray.put(yv.numpy()), search=search.model_dump(),
+        temperature=4.0, alpha=0.0, seed=0, accuracy_floor=90.0,
+    )
+    trials = run_sweep(ctx, run_name="adaptive", storage_path=str(tmp_path / "ray"), max_concurrent_trials=2, resume=False)
+    assert len(trials) == 4 and all(t["status"] == "ok" for t in trials), trials
+    for t in trials:
+        assert 1 <= t["finetune_epochs"] <= 3
+        assert t["stopped_early"] == (t["finetune_epochs"] < 3)
+        assert t["trial_seconds"] > 0 and t["latency_ms_b64"] > 0
+    assert any(t["finetune_epochs"] == 3 for t in trials)  # the best ran the whole budget
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_sweep(ctx, run_name="adaptive", storage_path=str(tmp_path / "ray"), max_concurrent_trials=2, resume=False)
