@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.slimray-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-long bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# the multi-minute tests `make test` leaves out: multi-node placement, 1 vs 2 workers, FSDP, Optuna + ASHA, minilm end to end
+test-long: install
+	$(PY) -m pytest -q -m long
 
 clean:
 	rm -rf runs .pytest_cache

@@ -27,6 +27,7 @@ def test_setting_names_and_keys_round_trip():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_optuna_with_asha_stops_weak_trials_on_the_epoch_budget(tmp_path, digits, trained_digits_cnn, ray_session):
     save_artifact(tmp_path / "student", trained_digits_cnn, ArtifactSpec(name="student", model=DIGITS_CNN, input=digits.input))
     (x, y), (xv, yv) = digits.normalized("train"), digits.normalized("val")

@@ -14,7 +14,7 @@ import pytest
 
 from slimray.text.config import TextPipelineConfig, load_text_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 MODELS = ("teacher", "baseline", "student", "winner")
 

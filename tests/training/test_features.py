@@ -122,6 +122,7 @@ def labels_data(ray_session, digits):
     return TrainData(ray.put(x.numpy()), ray.put(y.numpy()), ray.put(xv.numpy()), ray.put(yv.numpy()))
 
 
+@pytest.mark.long
 def test_fsdp_feature_kd_with_teacher_in_loop_checkpoints_full_state_and_resumes(tmp_path, labels_data, teacher_dir, digits):
     from slimray.compress.measure import accuracy
 

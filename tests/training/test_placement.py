@@ -18,7 +18,7 @@ import pytest
 
 from slimray.training.distill import ClusterTooSmallError, check_placement
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 HERE = Path(__file__).resolve().parent
 STRATEGIES = ["SPREAD", "STRICT_SPREAD", "PACK"]

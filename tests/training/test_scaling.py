@@ -8,6 +8,8 @@ import math
 
 import pytest
 
+pytestmark = pytest.mark.long  # two Ray Train runs; `make test-long`
+
 from slimray.compress.measure import accuracy
 from slimray.training.distill import run_training
 
