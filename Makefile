@@ -28,9 +28,10 @@ demo: install
 	$(VENV)/bin/slimray run --recipe mnist
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
-# the multi-minute tests `make test` leaves out: multi-node placement, 1 vs 2 workers, FSDP, Optuna + ASHA, minilm end to end
+# the multi-minute tests `make test` leaves out: multi-node training placement, 1 vs 2 workers, FSDP, Optuna + ASHA
+# (compression and distillation sweeps), sweep resume (both kinds), the 30-epoch worker-kill test, minilm end to end
 test-long: install
 	$(PY) -m pytest -q -m long
 

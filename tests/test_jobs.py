@@ -10,7 +10,8 @@ import yaml
 from slimray.auth import explain_refusal, read_token
 from slimray.cli import _parser
 from slimray.config import PipelineConfig, load_config
-from slimray.jobs import CONFIG_ENV, build_submission
+from slimray.jobs import CONFIG_ENV, SPACE_ENV, build_submission
+from slimray.sweep.space import SweepSpaceFile, load_space_file
 from slimray.schema import ConfigError
 
 from .conftest import REPO
@@ -80,7 +81,21 @@ def test_job_specs_in_jobs_folder_are_submittable():
         assert set(spec) <= allowed, f
         argv = shlex.split(spec["entrypoint"])
         assert argv[0] == "slimray"
-        assert _parser().parse_args(argv[1:]).recipe == f.stem
+        args = _parser().parse_args(argv[1:])
+        assert args.recipe == spec["metadata"]["recipe"] and f.stem.startswith(args.recipe)
+        if getattr(args, "space", None):  # a sweep space named relative to the repository (the job's working_dir)
+            assert load_space_file(REPO / args.space).distill is not None
+
+
+def test_submission_ships_the_space_file_validated(tmp_path):
+    sub = build_submission(["run", "--recipe", "mnist", "--space", str(REPO / "tune" / "mnist-distill.yaml")])
+    assert "--space-env" in sub["entrypoint"] and "mnist-distill.yaml" not in sub["entrypoint"]
+    shipped = SweepSpaceFile.from_json(sub["runtime_env"]["env_vars"][SPACE_ENV])
+    assert shipped == load_space_file(REPO / "tune" / "mnist-distill.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distill: {alpha: [2.0]}\n")
+    with pytest.raises(ConfigError, match="alpha: 2.0 is out of range"):
+        build_submission(["sweep", "--recipe", "mnist", "--space", str(bad)])
 
 
 def test_serve_configs_validate_with_serves_schema():

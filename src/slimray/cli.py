@@ -1,12 +1,16 @@
 """The ``slimray`` command.
 
-    slimray run [--recipe NAME | --config FILE] [--out DIR] [--address ADDR] [--no-serve] [--fresh]
+    slimray run [--recipe NAME | --config FILE] [--space FILE] [--out DIR] [--address ADDR] [--no-serve] [--fresh]
+    slimray distill [--recipe NAME | --config FILE] [--num-workers N]
+    slimray sweep [--recipe NAME | --config FILE] [--space FILE] [--student DIR] [--resume]
     slimray serve RUN_DIR [--port N] [--replicas N] [--host HOST] [--address ADDR]
     slimray export RUN_DIR --format onnx|torch-export [--trial KEY] --out FILE
     slimray recipes
 
 ``run`` takes the teacher through distillation, the compression sweep and (unless ``--no-serve``) serves
-the winner until Ctrl-C. ``--address`` / ``RAY_ADDRESS`` reaches a running cluster; without them Ray is
+the winner until Ctrl-C; with ``--space`` a distillation sweep (Tune trials, each a Ray Train run) picks
+the student first. ``sweep --space`` runs what the space file ranges over: distillation settings, then
+compression settings on the best student. ``--address`` / ``RAY_ADDRESS`` reaches a running cluster; without them Ray is
 started in this process.
 """
 
@@ -24,7 +28,7 @@ from pathlib import Path
 from slimray.auth import AuthError
 from slimray.config import PipelineConfig, ServeConfig, load_config, recipe_names
 from slimray.jobs import DEFAULT_DASHBOARD
-from slimray.schema import ConfigError
+from slimray.schema import ClusterTooSmallError, ConfigError
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +57,15 @@ def _load(args) -> PipelineConfig:
         data["distill"]["use_gpu"] = True
     if getattr(args, "port", None):
         data["serve"]["port"] = args.port
+    if getattr(args, "space", None):
+        from slimray.sweep.space import load_space_file
+
+        data["distill_sweep"] = load_space_file(args.space).model_dump(exclude_none=True)
+    elif getattr(args, "space_env", None):  # a space shipped inside a Ray Job's environment (slimray.jobs)
+        from slimray.sweep.space import SweepSpaceFile
+
+        space = SweepSpaceFile.from_json(os.environ.get(args.space_env, ""), source=f"${args.space_env}")
+        data["distill_sweep"] = space.model_dump(exclude_none=True)
     data["search"]["space_file"] = None  # already expanded into search.space
     return PipelineConfig.from_dict(data, source="the command line")
 
@@ -65,14 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     _source_args(run)
     run.add_argument("--no-serve", action="store_true", help="stop after the report; do not deploy")
     run.add_argument("--port", type=int, help="HTTP port (default from the config, 8000)")
+    run.add_argument("--space", type=Path, help="a sweep space (tune/*.yaml): distil-sweep -> compress-sweep -> serve")
+    run.add_argument("--space-env", help=argparse.SUPPRESS)
 
     dis = sub.add_parser("distill", help="distillation alone: teacher -> student on Ray Train")
     _source_args(dis)
     dis.add_argument("--num-workers", type=int, help="data-parallel Ray Train workers (overrides the config)")
     dis.add_argument("--use-gpu", action="store_true", help="one GPU per worker, nccl, bf16 autocast")
 
-    swp = sub.add_parser("sweep", help="the compression sweep alone (Ray Tune) on a student or the teacher")
+    swp = sub.add_parser("sweep", help="a sweep on Ray Tune: distillation hyperparameters and/or compression settings")
     _source_args(swp)
+    swp.add_argument("--space", type=Path, help="sweep space file (tune/*.yaml): distill and/or compress parts")
+    swp.add_argument("--space-env", help=argparse.SUPPRESS)
     swp.add_argument("--student", type=Path, help="artifact folder to compress (default: the run's student, else its teacher)")
     swp.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this run; finished trials are kept")
 
@@ -316,8 +333,22 @@ def main(argv: list[str] | None = None) -> int:
             from slimray import pipeline
             from slimray.artifacts import load_artifact
 
-            run = pipeline.open_run(_load(args), out_dir=args.out, address=args.address, fresh=args.fresh)
+            cfg = _load(args)
+            run = pipeline.open_run(cfg, out_dir=args.out, address=args.address, fresh=args.fresh)
             d = pipeline.teacher_stage(run)
+            summary = None
+            if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:
+                from slimray.report import best_vs_default_table, distill_sweep_table
+
+                summary = pipeline.distill_sweep_stage(run, d, resume=args.resume)
+                print(best_vs_default_table(summary) + "\n\n" + distill_sweep_table(summary))
+                print(f"best student: {run.run_dir / pipeline.BEST_STUDENT}  report: {run.run_dir / 'distill_sweep.md'}")
+                if cfg.distill_sweep.compress is None:
+                    return 0
+                if (run.run_dir / "student" / "spec.json").exists():
+                    d.default_student = load_artifact(run.run_dir / "student")[0]
+                args.student = run.run_dir / pipeline.BEST_STUDENT
+                d.student = load_artifact(args.student)[0]
             base = args.student.resolve() if args.student else run.run_dir / "student"
             if args.student and not (base / "spec.json").exists():
                 raise ConfigError(f"--student {args.student}: no spec.json there (expected a slimray model folder)")
@@ -327,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             if (run.run_dir / "student_labels_only" / "spec.json").exists():
                 d.baseline = load_artifact(run.run_dir / "student_labels_only")[0]
             try:
-                pipeline.sweep_stage(run, d, base_dir=base, resume=args.resume)
+                pipeline.sweep_stage(run, d, base_dir=base, resume=args.resume, distill_sweep=summary)
             except FileExistsError as err:
                 raise ConfigError(str(err)) from None
             return 0
@@ -361,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             return _jobs(args)
         if args.command == "cluster":
             return _cluster(args)
-    except (ConfigError, AuthError, ConnectionError, ValueError) as err:
+    except (ConfigError, AuthError, ConnectionError, ValueError, ClusterTooSmallError, FileExistsError) as err:
         print(f"slimray: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

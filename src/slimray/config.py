@@ -11,13 +11,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from slimray.compress.prune import PruneSpec
 from slimray.compress.quantize import QuantMethod, QuantSpec
 from slimray.compress.runtime import DEVICE_METHODS, Device, RuntimeName, RuntimeSpec, unsupported_reason
-from slimray.models.spec import ModelSpec, build_model
+from slimray.models.spec import ModelSpec, build_model, scale_spec
 from slimray.schema import ConfigError, StrictModel
+from slimray.sweep.space import DistillSpace, RandInt, SweepSpaceFile, domain_ends, domain_values
 from slimray.training.features import FeatureKDSpec, layer_names
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -188,6 +189,7 @@ class SearchConfig(StrictModel):
         "grid", description="grid: every point; random: num_samples draws; optuna: TPE, multi-objective (accuracy, latency)"
     )
     num_samples: PositiveInt | None = Field(None, description="trials drawn by random/optuna (default: half the grid)")
+    num_startup_trials: PositiveInt | None = Field(None, description="optuna: random trials before TPE takes over (Optuna's default: 10)")
     scheduler: Literal["none", "asha"] = Field("none", description="asha stops weak trials early; fine-tune epochs are its budget")
     grace_period: PositiveInt = Field(1, description="asha: fine-tune epochs every trial gets")
     reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor of trials at each rung")
@@ -263,6 +265,13 @@ class PipelineConfig(StrictModel):
     distill: DistillConfig
     search: SearchConfig = Field(default_factory=SearchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    distill_sweep: SweepSpaceFile | None = Field(
+        None,
+        description=(
+            "a sweep space (tune/*.yaml, or `--space FILE`): its distill part runs a distillation sweep whose best "
+            "student the compression sweep takes; its compress part replaces search.space"
+        ),
+    )
 
     @field_validator("name")
     @classmethod
@@ -273,7 +282,39 @@ class PipelineConfig(StrictModel):
     def _consistent(self) -> PipelineConfig:
         if self.teacher.source == "ccexam_mnist" and self.data.name != "mnist":
             raise ValueError("teacher.source 'ccexam_mnist' needs data.name 'mnist'")
+        if self.distill_sweep is not None:
+            if self.distill_sweep.compress is not None:
+                object.__setattr__(self.search, "space", SearchSpace.model_validate(self.distill_sweep.compress))
+            if self.distill_sweep.distill is not None:
+                check_distill_space(self.distill_sweep.distill, self.distill)
         return self
+
+
+def check_distill_space(space: DistillSpace, distill: DistillConfig) -> None:
+    """Every student the space can make must be a valid model, and every loss kind usable with this config."""
+    widths = domain_ends(space.width) or [1.0]
+    if isinstance(space.depth, RandInt):
+        depths: list[int | None] = list(range(space.depth.randint[0], space.depth.randint[1] + 1))
+    else:
+        depths = domain_values(space.depth) or [None]
+    for w in widths:
+        for dep in depths:
+            try:
+                spec = scale_spec(distill.student, width=w, depth=dep)
+            except ValidationError as err:
+                msg = "; ".join(e["msg"] for e in err.errors())
+                raise ValueError(f"distill_sweep.distill: width {w} / depth {dep} gives no valid student: {msg}") from None
+            except ValueError as err:
+                raise ValueError(f"distill_sweep.distill: width {w} / depth {dep} gives no valid student: {err}") from None
+            if distill.feature_kd is not None and "features" in (domain_values(space.loss) or [distill.loss]):
+                names = layer_names(build_model(spec))
+                if distill.feature_kd.student_layer not in names:
+                    raise ValueError(
+                        f"distill_sweep.distill: depth {dep} removes feature_kd.student_layer "
+                        f"{distill.feature_kd.student_layer!r} (student layers: {names})"
+                    )
+    if "features" in domain_values(space.loss) and (distill.feature_kd is None or distill.teacher_outputs != "in_loop"):
+        raise ValueError("distill_sweep.distill.loss 'features' needs distill.feature_kd and distill.teacher_outputs: in_loop in the config")
 
 
 RECIPES_PACKAGE = "slimray.recipes"

@@ -39,6 +39,9 @@ def connect(address: str | None, *, token_files: tuple[Path, ...] = ()):
         raise ConnectionError(f"cannot reach the Ray dashboard at {address}: {err}") from None
 
 
+SPACE_ENV = "SLIMRAY_SPACE_JSON"
+
+
 def build_submission(args: list[str]) -> dict[str, Any]:
     """The ``submit_job`` keyword arguments for ``slimray <args>`` (args[0] is the command)."""
     if not args or args[0] not in SUBMITTABLE:
@@ -57,6 +60,15 @@ def build_submission(args: list[str]) -> dict[str, Any]:
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"space_file": None})})
         runtime_env["env_vars"][CONFIG_ENV] = cfg.model_dump_json()
         args[i : i + 2] = ["--config-env", CONFIG_ENV]
+    if "--space" in args:
+        # likewise the sweep space file: validated here, shipped as JSON
+        from slimray.sweep.space import load_space_file
+
+        i = args.index("--space")
+        if i + 1 >= len(args):
+            raise ValueError("--space needs a file")
+        runtime_env["env_vars"][SPACE_ENV] = load_space_file(args[i + 1]).model_dump_json(exclude_none=True)
+        args[i : i + 2] = ["--space-env", SPACE_ENV]
     if args[0] == "run" and "--no-serve" not in args:
         args.append("--no-serve")  # a job ends; serve the result with `serve deploy` or `slimray serve`
     if "--out" not in args:

@@ -142,6 +142,14 @@ def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str 
     log(f"run folder {run_dir}")
     init_ray(address)
     log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+    if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:  # fail before training anything
+        from slimray.sweep.engine import plan_train_trials
+
+        s = cfg.distill_sweep.search
+        plan_train_trials(
+            num_trials=cfg.distill_sweep.num_trials, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker,
+            use_gpu=s.use_gpu, max_concurrent_trials=s.max_concurrent_trials, what="distillation sweep",
+        )
     ds = load_dataset(cfg.data.name, seed=cfg.data.seed)
     split = {name: ds.normalized(name) for name in ("train", "val", "test")}
     log(f"data {ds.name}: {len(split['train'][0])} train / {len(split['val'][0])} val / {len(split['test'][0])} test")
@@ -156,6 +164,7 @@ class Distilled:
     logits_ref: Any
     student: torch.nn.Module | None = None
     baseline: torch.nn.Module | None = None
+    default_student: torch.nn.Module | None = None  # the recipe-settings student, when a sweep picked another
 
 
 def teacher_stage(run: Run) -> Distilled:
@@ -176,10 +185,101 @@ def distill_stage(run: Run) -> Distilled:
 
 
 def run_pipeline(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False) -> dict[str, Any]:
-    """Run every stage; returns the report (also written to ``OUT/<name>/report.json``)."""
+    """Run every stage; returns the report (also written to ``OUT/<name>/report.json``). With a distillation
+    space (``distill_sweep``) the sweep's best student, not the recipe-settings one, goes on to compression."""
     run = open_run(cfg, out_dir=out_dir, address=address, fresh=fresh)
     d = distill_stage(run)
+    if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:
+        summary = distill_sweep_stage(run, d)
+        d.default_student, d.student = d.student, load_artifact(run.run_dir / BEST_STUDENT)[0]
+        return sweep_stage(run, d, base_dir=run.run_dir / BEST_STUDENT, distill_sweep=summary)
     return sweep_stage(run, d, base_dir=run.run_dir / "student")
+
+
+BEST_STUDENT = "student_best"
+
+
+def _recipe_settings(cfg: PipelineConfig, fields: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's values of the fields a distillation space ranges over (how the default student was made)."""
+    d = cfg.distill
+    out = {}
+    for k in fields:
+        if k == "width":
+            out[k] = 1.0
+        elif k == "depth":
+            out[k] = len(d.student.conv_channels) if d.student.kind == "cnn" else len(d.student.hidden)
+        else:
+            out[k] = getattr(d, k)
+    out["epochs"] = d.epochs
+    out["num_workers"] = d.num_workers
+    return out
+
+
+def distill_sweep_stage(run: Run, d: Distilled, *, resume: bool = True) -> dict[str, Any]:
+    """Tune over Train: one Ray Train run per point of the distillation space; the best student (held-out
+    accuracy; ties: smaller, then faster) is copied to ``RUN/student_best``. The recipe-settings student
+    (``d.student``, if trained) competes too. Returns the summary (also ``RUN/distill_sweep.{json,md,png}``)."""
+    from slimray.report import write_distill_sweep
+    from slimray.sweep.distill_search import DistillSweepContext, pick_best, run_distill_sweep
+    from slimray.sweep.engine import plan_train_trials
+
+    cfg, run_dir = run.cfg, run.run_dir
+    space = cfg.distill_sweep
+    summary_path = run_dir / "distill_sweep.json"
+    if summary_path.exists() and (run_dir / BEST_STUDENT / "spec.json").exists():
+        log("distillation sweep: reusing the finished sweep")
+        return json.loads(summary_path.read_text())
+    s = space.search
+    concurrent = plan_train_trials(
+        num_trials=space.num_trials, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker, use_gpu=s.use_gpu,
+        max_concurrent_trials=s.max_concurrent_trials, what="distillation sweep",
+    )
+    log(
+        f"distillation sweep ({s.algorithm}{', asha' if s.scheduler == 'asha' else ''}): {space.num_trials} trials over "
+        f"{space.distill.varying() or list(space.distill.params())}, {s.num_workers} Ray Train worker(s) each, {concurrent} at a time"
+    )
+    ctx = DistillSweepContext(
+        run_dir=str(run_dir), storage_path=str(run_dir / "ray"), sweep_name=f"{cfg.name}-distill-sweep",
+        distill=cfg.distill.model_dump(), space=space.model_dump(), input_spec=run.ds.input.model_dump(),
+        data=TrainData(**run.refs, teacher_logits=d.logits_ref), teacher_dir=str(run_dir / "teacher"),
+    )
+    rows = run_distill_sweep(ctx, max_concurrent_trials=concurrent, resume=resume)
+    log(f"distillation sweep: {sum(r['status'] == 'completed' for r in rows)}/{len(rows)} trials completed")
+
+    b = cfg.search.serving_batch_size
+    (x_va, y_va), (x_te, y_te) = run.split["val"], run.split["test"]
+    models: dict[str, torch.nn.Module] = {r["trial_id"]: load_artifact(r["artifact"])[0] for r in rows if r["status"] == "completed"}
+    default = d.student if d.student is not None else (
+        load_artifact(run_dir / "student")[0] if (run_dir / "student" / "spec.json").exists() else None
+    )
+    if default is not None:
+        models["default"] = default
+    log(f"timing {len(models)} students side by side (batch 1 and {b})")
+    timed = compare_latency(models, x_te[:b], batch_sizes=sorted({1, b}), num_threads=cfg.search.num_threads)
+    settings = {r["trial_id"]: r["settings"] for r in rows}
+    settings["default"] = _recipe_settings(cfg, space.distill.params())
+    candidates = [
+        {
+            "key": k, "settings": settings.get(k, {}), "val_accuracy": accuracy(m, x_va, y_va), "test_accuracy": accuracy(m, x_te, y_te),
+            "params": count_params(m), "latency_ms": {f"batch_{bb}": v for bb, v in timed[k].items()}, "lat": timed[k][b],
+        }
+        for k, m in models.items()
+    ]
+    best = pick_best(candidates, tie_tolerance=s.tie_tolerance, latency_key="lat")
+    src = run_dir / "student" if best["key"] == "default" else next(r["artifact"] for r in rows if r["trial_id"] == best["key"])
+    copy_artifact(src, run_dir / BEST_STUDENT, update={"name": BEST_STUDENT, "metadata": {"trial": best["key"]}})
+    log(f"distillation sweep: best student {best['key']} ({best['val_accuracy']:.2f}% val, {best['params']} params)")
+    summary = {
+        "search": s.model_dump(), "space": space.distill.model_dump(exclude_none=True), "varying": space.distill.varying(),
+        "serving_batch_size": b, "max_concurrent_trials": concurrent, "wall_s": rows[0]["sweep_wall_s"] if rows else 0.0,
+        "trial_seconds": sum(r.get("trial_seconds") or 0.0 for r in rows),
+        "trials": [{k: v for k, v in r.items() if k != "sweep_wall_s"} for r in rows],
+        "candidates": [{k: v for k, v in c.items() if k != "lat"} for c in candidates],
+        "best": {k: v for k, v in best.items() if k != "lat"},
+        "default": next(({k: v for k, v in c.items() if k != "lat"} for c in candidates if c["key"] == "default"), None),
+    }
+    write_distill_sweep(summary, run_dir)
+    return summary
 
 
 def _teacher_in_runtime(teacher: torch.nn.Module, runtime: str, example: torch.Tensor, *, num_threads: int) -> torch.nn.Module:
@@ -191,7 +291,9 @@ def _teacher_in_runtime(teacher: torch.nn.Module, runtime: str, example: torch.T
     return teacher
 
 
-def sweep_stage(run: Run, d: Distilled, *, base_dir: Path, resume: bool = True) -> dict[str, Any]:
+def sweep_stage(
+    run: Run, d: Distilled, *, base_dir: Path, resume: bool = True, distill_sweep: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Compress the model in ``base_dir`` (the student, or any artifact), pick the winner, write the report."""
     cfg, run_dir, ds, t_start = run.cfg, run.run_dir, run.ds, run.t_start
     (x_va, y_va), (x_te, y_te) = run.split["val"], run.split["test"]
@@ -237,6 +339,8 @@ def sweep_stage(run: Run, d: Distilled, *, base_dir: Path, resume: bool = True) 
     models: dict[str, torch.nn.Module] = {"teacher": teacher, "student": student}
     if baseline is not None:
         models["student_labels_only"] = baseline
+    if d.default_student is not None:
+        models["student_default"] = d.default_student
     for t in finalists:
         models[t["key"]] = load_runnable(t["artifact"], num_threads=s.num_threads)[0]
     for t in finalists:  # the pruned fp32 torch model of each finalist's ratio, for the gain breakdown
@@ -320,6 +424,12 @@ def sweep_stage(run: Run, d: Distilled, *, base_dir: Path, resume: bool = True) 
         "trials": [_trial_row(t, batch_sizes) for t in trials],
         "elapsed_s": time.perf_counter() - t_start,
     }
+    if d.default_student is not None:
+        report["student_default"] = entry("student_default", d.default_student, run_dir / "student") | {
+            "params": count_params(d.default_student)
+        }
+    if distill_sweep is not None:
+        report["distill_sweep"] = distill_sweep
     report["pareto_front"] = [
         {"key": t["key"], "val_accuracy": t["val_accuracy"], "latency_ms": t["latency_ms"]}
         for t in pareto_front(

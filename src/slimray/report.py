@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ def results_table(report: dict[str, Any]) -> str:
     rows = [
         ("teacher", report["teacher"]),
         ("student (labels only)", report["student"].get("labels_only")),
-        ("student (distilled)", report["student"]),
+        ("student (distilled, recipe settings)", report.get("student_default")),
+        ("student (distilled)" if "student_default" not in report else "student (distilled, sweep best)", report["student"]),
         (f"winner ({report['winner'].get('runtime', 'torch')})", report["winner"]),
     ]
     head = f"| model | test acc % | params | size KB | ms @ batch 1 | ms @ batch {b} | speedup @ {b} |"
@@ -82,12 +84,26 @@ def speedup_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_pareto_png(report: dict[str, Any], path: Path) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    """Write the figure atomically and close it."""
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    _plt().close(fig)
+    tmp.replace(path)
+
+
+def write_pareto_png(report: dict[str, Any], path: Path) -> None:
+    plt = _plt()
     b = report["serving_batch_size"]
     key = f"batch_{b}"
     ok = [t for t in report["trials"] if t["status"] == "ok"]
@@ -113,11 +129,7 @@ def write_pareto_png(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"slimray sweep: {report['recipe']} ({len(ok)} trials)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_png(fig, path)
 
 
 def write_report(report: dict[str, Any], run_dir: Path) -> None:
@@ -167,7 +179,104 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
     if sp:
         lines += ["## Real speedup of pruning (fp32, torch eager, sweep timing)", "", sp, ""]
     lines += ["![pareto](pareto.png)", ""]
+    if report.get("distill_sweep"):
+        lines += distill_sweep_md(report["distill_sweep"])
     tmp = run_dir / ".report.md.tmp"
     tmp.write_text("\n".join(lines))
     tmp.replace(run_dir / "report.md")
     write_pareto_png(report, run_dir / "pareto.png")
+
+
+def _setting(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else _fmt(v)
+
+
+def distill_sweep_table(summary: dict[str, Any]) -> str:
+    """One row per distillation trial: its settings, student, epochs run, why it stopped, accuracy, size, speed."""
+    b = summary["serving_batch_size"]
+    keys = summary["varying"]
+    head = "| trial | " + " | ".join(keys) + f" | student | epochs run | why it ended | val acc % | params | ms @ {b} | trial s |"
+    lines = [head, "|" + "---|" * (len(keys) + 8)]
+    measured = {c["key"]: c for c in summary["candidates"]}
+    for t in summary["trials"]:
+        c = measured.get(t["trial_id"], {})
+        st = t["student"]
+        widths = st.get("conv_channels", []) + st.get("fc_hidden", []) if st.get("kind") == "cnn" else st.get("hidden", [])
+        best = " **best**" if t["trial_id"] == summary["best"]["key"] else ""
+        vals = " | ".join(_setting(t["settings"].get(k)) for k in keys)
+        lines.append(
+            f"| {t['trial_id']}{best} | {vals} | {widths} | {t['epochs_run']}/{t['epochs']} | {t['stop_reason']} | "
+            f"{_fmt(t.get('val_accuracy'))} | {_fmt(c.get('params'))} | {_fmt((c.get('latency_ms') or {}).get(f'batch_{b}'), 3)} | "
+            f"{_fmt(t.get('trial_seconds'), 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def best_vs_default_table(summary: dict[str, Any]) -> str:
+    """The sweep's best student beside the recipe-settings one (held-out accuracy, size, side-by-side latency)."""
+    b = summary["serving_batch_size"]
+    lines = [f"| student | settings | val acc % | test acc % | params | ms @ 1 | ms @ {b} |", "|---|---|---|---|---|---|---|"]
+    best, default = summary["best"], summary.get("default")
+    rows = []
+    if default is not None and best["key"] == default["key"]:
+        rows.append(("best = default (recipe settings: no trial beat it)", default))
+    else:
+        rows.append((f"best (trial {best['key']})", best))
+        if default is not None:
+            rows.append(("default (recipe settings)", default))
+    for name, c in rows:
+        lat = c["latency_ms"]
+        settings = ", ".join(f"{k}={_setting(v)}" for k, v in c.get("settings", {}).items())
+        lines.append(
+            f"| {name} | {settings} | {_fmt(c['val_accuracy'])} | {_fmt(c['test_accuracy'])} | "
+            f"{c['params']} | {_fmt(lat['batch_1'], 3)} | {_fmt(lat[f'batch_{b}'], 3)} |"
+        )
+    return "\n".join(lines)
+
+
+def distill_sweep_md(summary: dict[str, Any]) -> list[str]:
+    s = summary["search"]
+    return [
+        "## Distillation sweep",
+        "",
+        f"{s['algorithm']}{', ASHA over epochs' if s['scheduler'] == 'asha' else ''}: {len(summary['trials'])} trials x "
+        f"{s['num_workers']} Ray Train worker(s), {summary['max_concurrent_trials']} at a time; {summary['trial_seconds']:.0f} "
+        f"trial-seconds, {summary['wall_s']:.0f} s wall. Best = highest validation accuracy (ties within {s['tie_tolerance']} "
+        "points: fewer parameters, then faster; latencies timed side by side after the sweep).",
+        "",
+        best_vs_default_table(summary),
+        "",
+        distill_sweep_table(summary),
+        "",
+        "![distillation sweep](distill_sweep.png)",
+        "",
+    ]
+
+
+def write_distill_sweep_png(summary: dict[str, Any], path: Path) -> None:
+    """Validation accuracy per epoch of every trial (ASHA's stops show as short curves)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for t in summary["trials"]:
+        h = [p for p in t.get("history", []) if p.get("val_accuracy") is not None]
+        if not h:
+            continue
+        best = t["trial_id"] == summary["best"]["key"]
+        ax.plot([p["epoch"] for p in h], [p["val_accuracy"] for p in h], marker="o", ms=3, lw=2.2 if best else 1.0,
+                ls="-" if t["status"] == "completed" else "--", label=f"{t['trial_id']}{' (best)' if best else ''}")
+    if summary.get("default"):
+        ax.axhline(summary["default"]["val_accuracy"], color="grey", lw=0.8, ls=":", label="default student")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"distillation sweep ({len(summary['trials'])} trials; dashed: stopped early)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right", ncol=2)
+    _save_png(fig, path)
+
+
+def write_distill_sweep(summary: dict[str, Any], run_dir: Path) -> None:
+    write_json_atomic(run_dir / "distill_sweep.json", summary)
+    tmp = run_dir / ".distill_sweep.md.tmp"
+    tmp.write_text("\n".join(distill_sweep_md(summary)))
+    tmp.replace(run_dir / "distill_sweep.md")
+    write_distill_sweep_png(summary, run_dir / "distill_sweep.png")

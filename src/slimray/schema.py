@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config or spec that does not validate; the message names the file and fields."""
 
 
+class ClusterTooSmallError(RuntimeError):
+    """The cluster cannot fit what was asked for; raised before anything waits on resources."""
+
+
 def format_validation_error(err: ValidationError, *, source: str) -> str:
     lines = [f"invalid {err.title} in {source}:"]
     for e in err.errors():

@@ -17,7 +17,7 @@ from slimray.sweep.search import read_trial_log
 
 from ..conftest import DIGITS_CNN
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # two drivers starting Ray in subprocesses: `make test-long`
 
 DRIVER = textwrap.dedent(
     """

@@ -38,6 +38,7 @@ def _wait_for(pred, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.long  # two 30-epoch runs; the fast suite's worker-kill check is tests/sweep/test_distill_search.py
 def test_killed_worker_restarts_from_checkpoint(tmp_path, kd_data, digits):  # noqa: F811
     import ray
     from ray.util.state import list_actors

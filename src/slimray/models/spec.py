@@ -127,3 +127,33 @@ def spec_from_model(model: nn.Module, like: CNNSpec | MLPSpec) -> CNNSpec | MLPS
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def scale_spec(spec: CNNSpec | MLPSpec, *, width: float = 1.0, depth: int | None = None) -> CNNSpec | MLPSpec:
+    """A student family around ``spec``: every hidden width times ``width`` (rounded, at least 1), and
+    ``depth`` conv blocks (CNN) or hidden layers (MLP): the first ``depth`` of the given ones, or the last
+    one repeated (doubling its width for a CNN) when ``depth`` is larger. Raises ValueError when the result
+    is not a valid spec (a CNN whose image size is not divisible by 2**depth)."""
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+
+    def scaled(ws: list[int]) -> list[int]:
+        return [max(1, round(w * width)) for w in ws]
+
+    if isinstance(spec, CNNSpec):
+        convs = list(spec.conv_channels)
+        if depth is not None:
+            if depth < 1:
+                raise ValueError(f"a CNN needs depth >= 1 conv block, got {depth}")
+            while len(convs) < depth:
+                convs.append(convs[-1] * 2)
+            convs = convs[:depth]
+        return CNNSpec.model_validate({**spec.model_dump(), "conv_channels": scaled(convs), "fc_hidden": scaled(spec.fc_hidden)})
+    hidden = list(spec.hidden)
+    if depth is not None:
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0 hidden layers, got {depth}")
+        while len(hidden) < depth:
+            hidden.append(hidden[-1] if hidden else 64)
+        hidden = hidden[:depth]
+    return MLPSpec.model_validate({**spec.model_dump(), "hidden": scaled(hidden)})

@@ -32,6 +32,7 @@ from typing import Any
 import ray
 import torch
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from slimray.artifacts import artifact_bytes, load_artifact, load_runnable, save_artifact
 from slimray.compress import memprobe
@@ -42,6 +43,7 @@ from slimray.compress.quantize import QUANTIZE_AT_LOAD, quantize
 from slimray.compress.runtime import ONNX_FILE, onnx_for
 from slimray.config import SearchConfig
 from slimray.models.spec import count_params, spec_from_model
+from slimray.sweep.engine import make_tune_config, run_tuner
 from slimray.sweep.lock import TimingLock, hold
 from slimray.training.loop import finetune
 
@@ -225,21 +227,16 @@ def _param_space(search: SearchConfig) -> dict[str, Any]:
 
 
 def _tune_config(search: SearchConfig, *, max_concurrent_trials: int, lat_key: str) -> tune.TuneConfig:
-    kwargs: dict[str, Any] = {"max_concurrent_trials": max_concurrent_trials}
-    if search.algorithm != "grid":
-        kwargs["num_samples"] = search.num_trials
-    if search.algorithm == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        kwargs["search_alg"] = OptunaSearch(metric=["accuracy", lat_key], mode=["max", "min"], seed=0)
+    scheduler = None
     if search.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        kwargs["scheduler"] = ASHAScheduler(
+        scheduler = ASHAScheduler(
             time_attr="finetune_epochs", metric="objective", mode="max", max_t=search.finetune_epochs,
             grace_period=search.grace_period, reduction_factor=search.reduction_factor,
         )
-    return tune.TuneConfig(**kwargs)
+    return make_tune_config(
+        algorithm=search.algorithm, num_samples=search.num_trials, max_concurrent_trials=max_concurrent_trials,
+        metric=["accuracy", lat_key], mode=["max", "min"], seed=0, scheduler=scheduler, num_startup_trials=search.num_startup_trials,
+    )
 
 
 def run_sweep(ctx: SweepContext, *, run_name: str, storage_path: str, max_concurrent_trials: int, resume: bool = True) -> list[dict[str, Any]]:
@@ -252,20 +249,15 @@ def run_sweep(ctx: SweepContext, *, run_name: str, storage_path: str, max_concur
     lock = TimingLock.remote()
     ctx = SweepContext(**{**ctx.__dict__, "lock": lock})
     trainable = tune.with_resources(tune.with_parameters(compression_trial, ctx=ctx), {"cpu": 1})
-    path = os.path.join(storage_path, run_name)
-    if tune.Tuner.can_restore(path) and not resume:
-        raise FileExistsError(f"a sweep already exists at {path}: pass --resume to continue it, or use another run name")
-    if tune.Tuner.can_restore(path):
-        print(f"[sweep] resuming {path}: finished trials are kept", flush=True)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_param_space(search),
+    try:
+        grid = run_tuner(
+            trainable, param_space=_param_space(search),
             tune_config=_tune_config(search, max_concurrent_trials=max_concurrent_trials, lat_key=lat_key),
-            run_config=tune.RunConfig(name=run_name, storage_path=storage_path, verbose=1),
+            run_name=run_name, storage_path=storage_path, resume=resume,
         )
-    grid = tuner.fit()
+    except FileExistsError:
+        ray.kill(lock)
+        raise
     trials = []
     for result in grid:
         m = dict(result.metrics or {})

@@ -55,9 +55,9 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution import context as _ctx_module
 from safetensors.torch import load_file, save_file
 
-from slimray.artifacts import SPEC, WEIGHTS, load_artifact
-from slimray.models.spec import CNNSpec, MLPSpec, build_model
-from slimray.schema import ConfigError, StrictModel
+from slimray.artifacts import SPEC, WEIGHTS, ArtifactSpec, load_artifact, save_artifact
+from slimray.models.spec import CNNSpec, InputSpec, MLPSpec, build_model
+from slimray.schema import ClusterTooSmallError, ConfigError, StrictModel
 from slimray.training.features import FeatureKDSpec, KDStudent, build_projection, find_layer
 from slimray.training.loop import TeacherInLoop, train_epoch
 
@@ -75,10 +75,6 @@ class TrainData:
     x_val: ray.ObjectRef
     y_val: ray.ObjectRef
     teacher_logits: ray.ObjectRef | None = None
-
-
-class ClusterTooSmallError(RuntimeError):
-    """The cluster cannot fit what was asked for; raised before anything waits on resources."""
 
 
 def check_fits(*, num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str) -> None:
@@ -182,6 +178,11 @@ def _split_state(state: dict[str, torch.Tensor], feature: bool) -> tuple[dict[st
         return state, {}
     part = lambda prefix: {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
     return part("student."), part("projection.")
+
+
+def _placement_group_id() -> str | None:
+    pg = ray.util.get_current_placement_group()
+    return pg.id.hex() if pg is not None else None
 
 
 def _comm_costs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, steps: int = 20) -> dict[str, float]:
@@ -319,6 +320,7 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
             "max_seen_per_sample": int(counts.max()),
             "worker_nodes": nodes,
             "resumed_after_epoch": start_epoch,  # 0: this worker group started fresh
+            "placement_group": _placement_group_id(),
         }
         if cfg["profile"]:
             metrics.update(stats.breakdown)
@@ -342,8 +344,15 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
                 flush=True,
             )
             if cfg.get("metrics_path"):
+                Path(cfg["metrics_path"]).parent.mkdir(parents=True, exist_ok=True)
                 with open(cfg["metrics_path"], "a") as f:
                     f.write(json.dumps(metrics) + "\n")
+            if cfg.get("final_dir") and epoch + 1 == epochs:  # before reporting: a scheduler may end the run at this report
+                save_artifact(
+                    cfg["final_dir"], evaluator.cpu(),
+                    ArtifactSpec(name=Path(cfg["final_dir"]).name, model=spec, input=InputSpec.model_validate(cfg["input_spec"]),
+                                 metadata={"val_accuracy": metrics["val_accuracy"], "epochs": epochs}),
+                )
             with tempfile.TemporaryDirectory() as d:
                 save_file(student_state, os.path.join(d, MODEL_FILE))
                 if feature:
@@ -385,6 +394,9 @@ class TrainJob(StrictModel):
     feature_kd: FeatureKDSpec | None = None
     profile: bool = False
     metrics_path: str | None = None
+    cpus_per_worker: float = 1.0
+    final_dir: str | None = None  # rank 0 writes the trained student artifact here after the last epoch
+    input_spec: dict[str, Any] | None = None  # the artifact's input spec (needed with final_dir)
 
 
 def _teacher_files(path: str) -> dict[str, bytes]:
@@ -439,9 +451,14 @@ def check_teacher_layer(cfg: Any) -> None:
     build_projection(build_model(cfg.distill.student), build_model(spec), fk, _example_input(cfg.distill.student))
 
 
-def run_training(job: TrainJob, data: TrainData, *, init_state: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Fit ``job`` on Ray Train; returns the trained model (eval mode, CPU) and the last metrics."""
-    check_fits(num_workers=job.num_workers, cpus_per_worker=1, use_gpu=job.use_gpu, what=job.label)
+def run_training(
+    job: TrainJob, data: TrainData, *, init_state: dict[str, torch.Tensor] | None = None, callbacks: list[Any] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Fit ``job`` on Ray Train; returns the trained model (eval mode, CPU) and the last metrics.
+    ``callbacks`` go to the Train run (a Tune trial passes ``TuneReportCallback`` to report every epoch)."""
+    if job.final_dir is not None and job.input_spec is None:
+        raise ConfigError(f"{job.label}: final_dir needs input_spec (the artifact records its input)")
+    check_fits(num_workers=job.num_workers, cpus_per_worker=job.cpus_per_worker, use_gpu=job.use_gpu, what=job.label)
     check_placement(num_workers=job.num_workers, strategy=job.placement_strategy, use_gpu=job.use_gpu, what=job.label)
     check_feature_layers(job)
     in_loop = job.teacher_outputs == "in_loop" and (job.alpha > 0 or job.feature_kd is not None)
@@ -458,12 +475,13 @@ def run_training(job: TrainJob, data: TrainData, *, init_state: dict[str, torch.
         _worker_loop,
         train_loop_config=cfg,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": 1},
+            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": job.cpus_per_worker},
             placement_strategy=job.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=job.run_name,
             storage_path=job.storage_path,
+            callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=job.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),

@@ -1,0 +1,205 @@
+"""The machinery both sweeps share: Tune config (grid / random / Optuna, ASHA), run-or-resume, resource
+planning, and clean-up of Ray Train placement groups left by trials that Tune stopped.
+
+The compression sweep (``search.py``: one trial per prune ratio x quantization x runtime) and the
+distillation sweep (``distill_search.py``: one trial = one Ray Train run) differ only in their trainable,
+their parameter space and their metric; ``run_tuner`` runs either, and resumes it when its experiment
+folder exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from slimray.schema import ClusterTooSmallError
+
+DRIVER_MEMORY_BYTES = 256 * 2**20  # what a Train-driver trial reserves: it holds no CPU (its workers do)
+
+
+def make_tune_config(
+    *,
+    algorithm: str,
+    num_samples: int | None,
+    max_concurrent_trials: int,
+    metric: str | list[str],
+    mode: str | list[str],
+    seed: int = 0,
+    num_startup_trials: int | None = None,
+    scheduler: ASHAScheduler | None = None,
+) -> tune.TuneConfig:
+    """grid: every point once; random: ``num_samples`` draws; optuna: TPE on ``metric`` (one or several)."""
+    kwargs: dict[str, Any] = {"max_concurrent_trials": max_concurrent_trials}
+    if algorithm != "grid":
+        kwargs["num_samples"] = num_samples
+    if algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        if num_startup_trials is None:
+            kwargs["search_alg"] = OptunaSearch(metric=metric, mode=mode, seed=seed)
+        else:
+            import optuna
+
+            sampler = optuna.samplers.TPESampler(n_startup_trials=num_startup_trials, seed=seed)
+            kwargs["search_alg"] = OptunaSearch(metric=metric, mode=mode, sampler=sampler)
+    if scheduler is not None:
+        kwargs["scheduler"] = scheduler
+    return tune.TuneConfig(**kwargs)
+
+
+class ExplainedASHA(ASHAScheduler):
+    """ASHA that writes down why it stopped a trial: the epoch, the trial's value and the rung's cutoff
+    (one JSON line per stop in ``stops_path``, so the record survives a resumed sweep)."""
+
+    def __init__(self, *, stops_path: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._stops_path = stops_path
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        cutoffs = self._cutoffs(trial, result)
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and self._time_attr in result and result[self._time_attr] < self._max_t:
+            t = result[self._time_attr]
+            entry = {"trial_id": trial.trial_id, self._time_attr: t, self._metric: result.get(self._metric),
+                     "cutoff": cutoffs.get(t), "mode": self._mode, "time": time.time()}
+            path = Path(self._stops_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(entry, default=float) + "\n")
+        return action
+
+    def _cutoffs(self, trial, result: dict) -> dict[Any, float | None]:
+        """The cutoff of each rung this result reaches, before the result itself is recorded there."""
+        bracket = self._trial_info.get(trial.trial_id)
+        if bracket is None or self._time_attr not in result:
+            return {}
+        out = {}
+        for milestone, recorded in bracket._rungs:
+            if result[self._time_attr] >= milestone and trial.trial_id not in recorded:
+                c = bracket.cutoff(recorded)
+                out[result[self._time_attr]] = None if c is None else float(c) * (1 if self._mode == "max" else -1)
+        return out
+
+
+def read_stops(path: str | Path) -> dict[str, dict[str, Any]]:
+    """trial_id -> the ASHA stop record (the last one if a resumed sweep stopped it again)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            e = json.loads(line)
+            out[e["trial_id"]] = e
+    return out
+
+
+class PlacementGroupReaper(tune.Callback):
+    """Removes the placement group of a trial's Ray Train worker group when Tune ends the trial.
+
+    When a scheduler stops a trial, Tune ends the trial's actor; the Train controller it owned dies with it,
+    but the workers' placement group belongs to the job and would keep its CPUs reserved (Ray Train's own
+    cleaner finds the cluster through RAY_ADDRESS, which an embedded Ray does not set). Workers report the
+    group's id as ``placement_group``; a finished run has removed its group already, so removing it again is
+    a no-op.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[str, str] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        pg = result.get("placement_group")
+        if pg:
+            self._groups[trial.trial_id] = pg
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._reap(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._reap(trial.trial_id)
+
+    def _reap(self, trial_id: str) -> None:
+        pg_hex = self._groups.pop(trial_id, None)
+        if not pg_hex:
+            return
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        try:
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex))))
+        except Exception:  # already removed by the finished run
+            pass
+
+
+def plan_train_trials(
+    *, num_trials: int, num_workers: int, cpus_per_worker: float, use_gpu: bool, max_concurrent_trials: int | None, what: str
+) -> int:
+    """How many Train-in-Tune trials run at once: each is a driver (no CPU, ``DRIVER_MEMORY_BYTES``) plus
+    ``num_workers`` workers. Raises ClusterTooSmallError, naming the resources and what to lower, when one
+    trial (or the asked concurrency) cannot fit the cluster, instead of letting trials wait forever."""
+    total = ray.cluster_resources()
+    cpus, gpus, memory = total.get("CPU", 0.0), total.get("GPU", 0.0), total.get("memory", 0.0)
+    need_cpu = num_workers * cpus_per_worker
+    need_gpu = num_workers if use_gpu else 0
+    per_trial = f"{num_workers} worker(s) x {cpus_per_worker:g} CPU = {need_cpu:g} CPU" + (f" + {need_gpu} GPU" if need_gpu else "")
+    if need_cpu > cpus + 1e-9:
+        raise ClusterTooSmallError(
+            f"{what}: one trial needs its Train driver (0 CPU) + {per_trial}, but the cluster has {cpus:g} CPU; "
+            f"lower search.num_workers (workers per trial) or search.cpus_per_worker, or add nodes"
+        )
+    if need_gpu > gpus:
+        raise ClusterTooSmallError(
+            f"{what}: one trial needs {need_gpu} GPU ({num_workers} workers with use_gpu), the cluster has {gpus:g}; "
+            "lower search.num_workers or set search.use_gpu: false"
+        )
+    fit = math.floor((cpus + 1e-9) / need_cpu)
+    if need_gpu:
+        fit = min(fit, math.floor(gpus / need_gpu))
+    if memory:
+        fit = min(fit, max(1, int(memory // DRIVER_MEMORY_BYTES)))
+    if max_concurrent_trials is not None:
+        if max_concurrent_trials > fit:
+            raise ClusterTooSmallError(
+                f"{what}: max_concurrent_trials {max_concurrent_trials} x ({per_trial}) = "
+                f"{max_concurrent_trials * need_cpu:g} CPU, but the cluster has {cpus:g} CPU"
+                + (f" and {gpus:g} GPU" if need_gpu else "") + f"; lower search.max_concurrent_trials to {fit} or fewer"
+            )
+        return max_concurrent_trials
+    return max(1, min(fit, num_trials))
+
+
+def run_tuner(
+    trainable: Callable,
+    *,
+    param_space: dict[str, Any],
+    tune_config: tune.TuneConfig,
+    run_name: str,
+    storage_path: str,
+    resume: bool,
+    callbacks: list[tune.Callback] | None = None,
+) -> tune.ResultGrid:
+    """Run the experiment ``storage_path/run_name``, or continue it if it exists and ``resume`` is set
+    (finished trials are kept; unfinished and errored ones run again). Without ``resume`` an existing
+    experiment is an error rather than silently reused."""
+    path = os.path.join(storage_path, run_name)
+    if tune.Tuner.can_restore(path):
+        if not resume:
+            raise FileExistsError(f"a sweep already exists at {path}: pass --resume to continue it, or use another run name")
+        print(f"[sweep] resuming {path}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune_config,
+            run_config=tune.RunConfig(name=run_name, storage_path=storage_path, verbose=1, callbacks=callbacks),
+        )
+    return tuner.fit()
