@@ -108,6 +108,24 @@ def test_history_keeps_the_last_line_per_epoch(tmp_path):
     assert _id_from_path("/x/distill_trial_ab12c_00001_1_temperature=2.0000_2026") == "ab12c_00001"
 
 
+def test_asha_records_why_it_stopped_a_trial(tmp_path):
+    from types import SimpleNamespace
+
+    from slimray.sweep.engine import ExplainedASHA, read_stops
+
+    asha = ExplainedASHA(stops_path=str(tmp_path / "stops.jsonl"), time_attr="epoch", metric="val_accuracy", mode="max",
+                         max_t=6, grace_period=2, reduction_factor=2, stop_last_trials=False)
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(3)]
+    for t in trials:
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, trials[0], {"epoch": 1, "val_accuracy": 50.0}) == asha.CONTINUE  # before the rung
+    assert asha.on_trial_result(None, trials[0], {"epoch": 2, "val_accuracy": 90.0}) == asha.CONTINUE
+    assert asha.on_trial_result(None, trials[1], {"epoch": 2, "val_accuracy": 80.0}) == asha.STOP
+    assert asha.on_trial_result(None, trials[2], {"epoch": 2, "val_accuracy": 95.0}) == asha.CONTINUE
+    stops = read_stops(tmp_path / "stops.jsonl")
+    assert list(stops) == ["t1"] and stops["t1"]["epoch"] == 2 and stops["t1"]["cutoff"] == pytest.approx(90.0)
+
+
 # ---- on Ray ----
 
 
