@@ -179,10 +179,10 @@ def _sweep_ctx(tmp_path, digits, trained_digits_cnn, *, space: dict, name: str, 
 
 def _checkpointed_epoch(storage: Path, prefix: str) -> int:
     best = 0
-    for snap in storage.glob(f"{prefix}-*/checkpoint_manager_snapshot.json"):
+    for snap in [*storage.glob(f"{prefix}-*/checkpoint_manager_snapshot.json"), storage / prefix / "checkpoint_manager_snapshot.json"]:
         try:
             latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError):  # not there (yet), or being written
             continue
         best = max(best, int((latest.get("metrics") or {}).get("epoch", 0)))
     return best
@@ -314,9 +314,15 @@ def test_interrupted_distillation_sweep_resumes(tmp_path, digits, trained_digits
     trials = tmp_path / "distill_trials"
     try:
         deadline = time.monotonic() + 400
-        # one trial completed and the next has a registered checkpoint
-        while not (len(list(trials.glob("*/model/spec.json"))) >= 1 and _checkpointed_epoch(tmp_path / "ray", "resume-dsweep") >= 2
-                   and len(list(trials.glob("*/settings.json"))) >= 2):
+        # one trial completed and a trial still running has a registered checkpoint
+        def running_checkpointed() -> bool:
+            for d in trials.glob("*/settings.json"):
+                tid = d.parent.name
+                if not (d.parent / "model" / "spec.json").exists() and _checkpointed_epoch(tmp_path / "ray", f"resume-dsweep-{tid}") >= 2:
+                    return True
+            return False
+
+        while not (len(list(trials.glob("*/model/spec.json"))) >= 1 and running_checkpointed()):
             assert p.poll() is None, "the first driver ended before it was interrupted:\n" + p.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "no trial completed within 400 s"
             time.sleep(0.3)
@@ -324,7 +330,7 @@ def test_interrupted_distillation_sweep_resumes(tmp_path, digits, trained_digits
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
-    done_before = {d.parent.name: (d.parent.parent / "settings.json").stat().st_mtime_ns for d in trials.glob("*/model/spec.json")}
+    done_before = {d.parents[1].name: (d.parents[1] / "settings.json").stat().st_mtime_ns for d in trials.glob("*/model/spec.json")}
     assert 1 <= len(done_before) < 3
     again = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
     out = again.stdout + again.stderr

@@ -112,12 +112,12 @@ class DistillSpace(StrictModel):
         if isinstance(self.loss, list) and not self.loss:
             raise ValueError("loss: an empty list; give at least one value")
         if not self.params():
-            raise ValueError("the distillation space is empty: give at least one of " + ", ".join(self.model_fields))
+            raise ValueError("the distillation space is empty: give at least one of " + ", ".join(type(self).model_fields))
         return self
 
     def params(self) -> dict[str, Any]:
         """The fields that are set, as given."""
-        return {k: getattr(self, k) for k in self.model_fields if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in type(self).model_fields if getattr(self, k) is not None}
 
     def varying(self) -> list[str]:
         """Fields with more than one value (what the trial table shows)."""
