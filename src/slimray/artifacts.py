@@ -148,16 +148,25 @@ def save_artifact(path: str | Path, model: nn.Module, spec: ArtifactSpec, *, ext
     for name in extra_files or {}:
         if Path(name).name != name or name in (WEIGHTS, SPEC) or name.startswith("."):
             raise ValueError(f"bad artifact file name {name!r}")
-    state = model.state_dict()
+    def extra(tmp: Path) -> None:
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+
+    return write_state_artifact(path, model.state_dict(), spec, extra=extra)
+
+
+def write_state_artifact(path: str | Path, state: dict[str, Any], spec: Any, *, extra=None) -> Any:
+    """Encode ``state`` into safetensors, record its layout and module versions in ``spec`` (any spec with
+    ``state`` and ``module_versions`` fields) and write both, plus what ``extra(tmp)`` adds, atomically."""
     tensors, meta = encode_state(state)
     versions = {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()}
     spec = spec.model_copy(update={"state": meta, "module_versions": versions})
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": spec.format})
         (tmp / SPEC).write_text(spec.model_dump_json(indent=2))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+        if extra is not None:
+            extra(tmp)
 
     _atomic_dir_write(Path(path), write)
     return spec

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,32 +28,10 @@ from slimray.models import build_model, load_ccexam_mnist_teacher
 from slimray.models.spec import count_params
 from slimray.report import results_table, write_report
 from slimray.runtime import init_ray
-from slimray.schema import ConfigError
+from slimray.runs import log, prepare_run_dir
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
 from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest
 from slimray.training.distill import TrainData, TrainJob, check_teacher_layer, run_training
-
-
-def log(msg: str) -> None:
-    print(f"[slimray {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def prepare_run_dir(cfg: PipelineConfig, out_dir: Path, *, fresh: bool = False) -> Path:
-    run_dir = (Path(out_dir) / cfg.name).resolve()
-    saved = run_dir / "config.json"
-    current = json.loads(cfg.model_dump_json())
-    if saved.exists() and not fresh:
-        # serving options do not change what the run produces: only the rest must match
-        strip = lambda d: {k: v for k, v in d.items() if k != "serve"}  # noqa: E731
-        if strip(json.loads(saved.read_text())) != strip(current):
-            raise ConfigError(
-                f"{run_dir} holds a run with a different config; pass --fresh to start it over or choose another name"
-            )
-    elif fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(current, indent=2))
-    return run_dir
 
 
 def _teacher(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path) -> tuple[torch.nn.Module, ArtifactSpec]:

@@ -64,29 +64,29 @@ class ExplainedASHA(ASHAScheduler):
         self._stops_path = stops_path
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        cutoffs = self._cutoffs(trial, result)
+        cutoff = self._cutoff(trial, result)
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP and self._time_attr in result and result[self._time_attr] < self._max_t:
             t = result[self._time_attr]
             entry = {"trial_id": trial.trial_id, self._time_attr: t, self._metric: result.get(self._metric),
-                     "cutoff": cutoffs.get(t), "mode": self._mode, "time": time.time()}
+                     "cutoff": cutoff, "mode": self._mode, "time": time.time()}
             path = Path(self._stops_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
                 f.write(json.dumps(entry, default=float) + "\n")
         return action
 
-    def _cutoffs(self, trial, result: dict) -> dict[Any, float | None]:
-        """The cutoff of each rung this result reaches, before the result itself is recorded there."""
+    def _cutoff(self, trial, result: dict) -> float | None:
+        """The cutoff of the rung this result is judged at (the highest milestone it reaches and has not been
+        recorded at, as ASHA decides), taken before the result itself is recorded there."""
         bracket = self._trial_info.get(trial.trial_id)
         if bracket is None or self._time_attr not in result:
-            return {}
-        out = {}
-        for milestone, recorded in bracket._rungs:
+            return None
+        for milestone, recorded in bracket._rungs:  # highest milestone first
             if result[self._time_attr] >= milestone and trial.trial_id not in recorded:
                 c = bracket.cutoff(recorded)
-                out[result[self._time_attr]] = None if c is None else float(c) * (1 if self._mode == "max" else -1)
-        return out
+                return None if c is None else float(c) * (1 if self._mode == "max" else -1)
+        return None
 
 
 def read_stops(path: str | Path) -> dict[str, dict[str, Any]]:

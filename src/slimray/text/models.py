@@ -20,10 +20,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from slimray.artifacts import _atomic_dir_write, decode_state, encode_state
+from slimray.artifacts import decode_state, write_state_artifact
 from slimray.schema import StrictModel
 
 FORMAT = "slimray.text-model/1"
@@ -240,20 +240,14 @@ def save_text_artifact(path: str | Path, model: nn.Module, spec: TextArtifactSpe
     if spec.embedding_storage == "float16":
         state = OrderedDict((k, v.half() if k.endswith(WORD_EMBEDDINGS) and v.dtype == torch.float32 else v) for k, v in state.items())
         state._metadata = getattr(model.state_dict(), "_metadata", {})  # type: ignore[attr-defined]
-    tensors, meta = encode_state(state)
-    versions = {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()}
-    spec = spec.model_copy(update={"state": meta, "module_versions": versions})
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        (tmp / SPEC).write_text(spec.model_dump_json(indent=2))
+    def tokenizer_files(tmp: Path) -> None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.exists():
                 shutil.copyfile(src, tmp / name)
 
-    _atomic_dir_write(Path(path), write)
-    return spec
+    return write_state_artifact(path, state, spec, extra=tokenizer_files)
 
 
 def load_text_spec(path: str | Path) -> TextArtifactSpec:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from safetensors.numpy import load_file as load_np, save_file as save_np
 
 from slimray.artifacts import write_json_atomic
-from slimray.schema import ConfigError
+from slimray.runs import log, prepare_run_dir
 from slimray.sweep.select import pareto_front, pick_winner
 from slimray.text.compress import count_params, sentences_per_s, timing_batches
 from slimray.text.config import TextPipelineConfig
@@ -41,25 +40,6 @@ from slimray.text.models import (
     teacher_dir,
     truncated,
 )
-
-
-def log(msg: str) -> None:
-    print(f"[slimray {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def prepare_run_dir(cfg: TextPipelineConfig, out_dir: Path, *, fresh: bool) -> Path:
-    run_dir = (Path(out_dir) / cfg.name).resolve()
-    saved = run_dir / "config.json"
-    current = json.loads(cfg.model_dump_json())
-    if saved.exists() and not fresh:
-        strip = lambda d: {k: v for k, v in d.items() if k != "serve"}  # noqa: E731
-        if strip(json.loads(saved.read_text())) != strip(current):
-            raise ConfigError(f"{run_dir} holds a run with a different config; pass --fresh to start it over or choose another name")
-    elif fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, current)
-    return run_dir
 
 
 def _teacher_cache(cfg: TextPipelineConfig, teacher, tokenizer, train, held, run_dir: Path) -> tuple[KDData, np.ndarray]:
