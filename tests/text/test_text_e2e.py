@@ -14,7 +14,7 @@ import pytest
 
 from slimray.text.config import TextPipelineConfig, load_text_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.long]
+pytestmark = pytest.mark.slow  # about a minute: part of `make test` (issue #9 asks for an end-to-end run with /v1/embed)
 
 MODELS = ("teacher", "baseline", "student", "winner")
 

@@ -115,30 +115,158 @@ def test_pruning_really_removes_heads_and_neurons(small_student):
     assert emb.shape == (len(SENTENCES), model.config.hidden_size) and torch.isfinite(emb).all()
 
 
-@pytest.mark.parametrize("quant", ["none", "dynamic_int8"])
-def test_artifact_round_trip(small_student, tmp_path, quant):
+@pytest.mark.parametrize("quant, storage", [("none", "float16"), ("dynamic_int8", "float16"), ("none", "int8"), ("bf16", "int8")])
+def test_artifact_round_trip(small_student, tmp_path, quant, storage):
     import copy
     import json
 
     from slimray.text.compress import prune_heads_ffn
-    from slimray.text.models import (encode_batch, load_text_artifact, quantize_text, save_text_artifact, spec_for,
-                                     teacher_config, teacher_dir, tokenize)
+    from slimray.text.models import (artifact_bytes, encode_batch, load_text_artifact, quantize_text, save_text_artifact,
+                                     spec_for, teacher_config, teacher_dir, tokenize)
 
     model, tok = small_student
     ids, mask = tokenize(tok, SENTENCES, max_seq_len=32)
     pruned = prune_heads_ffn(copy.deepcopy(model), ratio=0.25, example_inputs={"input_ids": ids, "attention_mask": mask})
-    with torch.no_grad():  # the artifact stores the word embeddings as float16: round them first to compare exactly
+    with torch.no_grad():  # round the word embeddings as the artifact stores them, to compare exactly
         w = pruned.embeddings.word_embeddings.weight
-        w.copy_(w.half().float())
+        if storage == "float16":
+            w.copy_(w.half().float())
+        else:
+            scale = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+            w.copy_((w / scale).round().clamp(-128, 127) * scale)
     q = quantize_text(pruned, quant)
-    spec = spec_for(pruned, name="t", base_config=teacher_config(), quantization=quant, max_seq_len=32, embedding_storage="float16")
-    save_text_artifact(tmp_path / "m", q, spec, tokenizer_dir=teacher_dir())
+    spec = spec_for(pruned, name="t", base_config=teacher_config(), quantization=quant, max_seq_len=32, embedding_storage=storage)
+    saved = save_text_artifact(tmp_path / "m", q, spec, tokenizer_dir=teacher_dir())
     assert {"model.safetensors", "spec.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "m").iterdir()}
-    assert json.loads((tmp_path / "m" / "spec.json").read_text())["heads_per_layer"] == spec.heads_per_layer
+    on_disk = json.loads((tmp_path / "m" / "spec.json").read_text())
+    assert on_disk["heads_per_layer"] == spec.heads_per_layer
+    assert (on_disk["int8_storage"] != []) == (storage == "int8") and on_disk["int8_storage"] == saved.int8_storage
     loaded, lspec = load_text_artifact(tmp_path / "m")
     assert lspec.quantization == quant
     a, b = encode_batch(q, ids, mask), encode_batch(loaded, ids, mask)
-    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(a, b, atol=1e-5 if quant != "bf16" else 1e-2)
+    if storage == "int8":  # the table takes a quarter of its fp32 bytes (+ one scale per row)
+        table = pruned.embeddings.word_embeddings.weight
+        fp16_dir = tmp_path / "fp16"
+        save_text_artifact(fp16_dir, q, spec.model_copy(update={"embedding_storage": "float16"}), tokenizer_dir=teacher_dir())
+        saved_bytes = artifact_bytes(fp16_dir) - artifact_bytes(tmp_path / "m")
+        assert saved_bytes >= 0.95 * table.numel() * (2 - 1) - 8 * table.shape[0]
+
+
+def test_torchao_artifact_stores_int8_weights_and_reloads_deterministically(small_student, tmp_path):
+    """torchao int8 is applied at load (its tensor subclasses cannot go into safetensors): the artifact holds int8
+    Linear weights + per-channel scales, so it is smaller than the fp32 one, and two loads give the same outputs,
+    close to the float model's."""
+    from slimray.text.models import (artifact_bytes, encode_batch, load_text_artifact, save_text_artifact, spec_for,
+                                     teacher_config, teacher_dir, tokenize)
+
+    model, tok = small_student
+    ids, mask = tokenize(tok, SENTENCES, max_seq_len=32)
+    base = spec_for(model, name="t", base_config=teacher_config(), max_seq_len=32, embedding_storage="int8")
+    save_text_artifact(tmp_path / "fp32", model, base, tokenizer_dir=teacher_dir())
+    spec = save_text_artifact(tmp_path / "ao", model, base.model_copy(update={"quantization": "torchao_int8_dynamic"}),
+                              tokenizer_dir=teacher_dir())
+    linear = [k for k in spec.int8_storage if k.startswith("encoder.")]
+    assert len(linear) == 6 * len(model.encoder.layer)  # q, k, v, attention output, FFN in, FFN out
+    n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert artifact_bytes(tmp_path / "fp32") - artifact_bytes(tmp_path / "ao") >= 0.95 * 3 * n_linear
+    first, lspec = load_text_artifact(tmp_path / "ao", compile=False)
+    second, _ = load_text_artifact(tmp_path / "ao", compile=False)
+    assert lspec.quantization == "torchao_int8_dynamic"
+    a, b = encode_batch(first, ids, mask), encode_batch(second, ids, mask)
+    assert torch.equal(a, b)
+    ref = encode_batch(model, ids, mask)
+    assert float((a * ref).sum(-1).min()) > 0.99
+    with pytest.raises(TypeError, match="float model"):
+        save_text_artifact(tmp_path / "bad", first, lspec, tokenizer_dir=teacher_dir())
+
+
+@pytest.mark.slow
+def test_compiled_torchao_model_answers_like_the_eager_one(small_student, tmp_path):
+    """The path the winner runs in: torchao int8 under torch.compile (dynamic shapes: batch sizes and lengths vary)."""
+    from slimray.text.models import encode_batch, load_text_artifact, save_text_artifact, spec_for, teacher_config, teacher_dir, tokenize
+
+    model, tok = small_student
+    spec = spec_for(model, name="t", base_config=teacher_config(), max_seq_len=32, quantization="torchao_int8_dynamic")
+    save_text_artifact(tmp_path / "ao", model, spec, tokenizer_dir=teacher_dir())
+    eager, _ = load_text_artifact(tmp_path / "ao", compile=False)
+    compiled, _ = load_text_artifact(tmp_path / "ao")
+    for texts in (SENTENCES, SENTENCES[:1], SENTENCES[1:3]):
+        ids, mask = tokenize(tok, texts, max_seq_len=32)
+        a, b = encode_batch(eager, ids, mask), encode_batch(compiled, ids, mask)
+        assert a.shape == b.shape and float((a * b).sum(-1).min()) > 0.999
+
+
+def test_copy_text_artifact_updates_only_the_spec(small_student, tmp_path):
+    from slimray.text.models import copy_text_artifact, load_text_spec, save_text_artifact, spec_for, teacher_config, teacher_dir
+
+    model, _ = small_student
+    save_text_artifact(tmp_path / "a", model, spec_for(model, name="a", base_config=teacher_config(), max_seq_len=32),
+                       tokenizer_dir=teacher_dir())
+    copy_text_artifact(tmp_path / "a", tmp_path / "w", name="winner", max_seq_len=24)
+    assert (tmp_path / "w" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+    spec = load_text_spec(tmp_path / "w")
+    assert spec.name == "winner" and spec.max_seq_len == 24 and load_text_spec(tmp_path / "a").name == "a"
+    with pytest.raises(Exception):
+        copy_text_artifact(tmp_path / "a", tmp_path / "x", max_seq_len=4)  # below the spec's minimum
+
+
+def test_epoch_batches_cover_every_sentence_once_with_little_padding():
+    from slimray.text.kd import epoch_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 65, size=1000)
+    idx = rng.permutation(1000)
+    plain = epoch_batches(idx, lengths, batch_size=32, rng=np.random.default_rng(1), bucket=False)
+    bucketed = epoch_batches(idx, lengths, batch_size=32, rng=np.random.default_rng(1), bucket=True)
+    for batches in (plain, bucketed):
+        assert len(batches) == 32 and sorted(np.concatenate(batches).tolist()) == list(range(1000))
+
+    def padded(batches):
+        return sum(len(b) * int(lengths[b].max()) for b in batches)
+
+    assert padded(bucketed) < 0.75 * padded(plain)
+    again = epoch_batches(idx, lengths, batch_size=32, rng=np.random.default_rng(1), bucket=True)
+    assert all(np.array_equal(x, y) for x, y in zip(bucketed, again))  # seeded: the same on every rank and rerun
+
+
+def test_frozen_word_embeddings_are_not_trained(small_student):
+    import copy
+
+    from slimray.text.kd import KDData, finetune_kd
+
+    model, tok = small_student
+    student = copy.deepcopy(model)
+    table = student.embeddings.word_embeddings.weight.detach().clone()
+    layer = student.encoder.layer[0].intermediate.dense.weight.detach().clone()
+    enc = tok.encode_batch(SENTENCES)
+    lengths = np.array([len(e.ids) for e in enc], dtype=np.int32)
+    ids = np.zeros((len(enc), 32), dtype=np.int32)
+    for i, e in enumerate(enc):
+        ids[i, : lengths[i]] = e.ids
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(enc), 384)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    data = KDData(ids=ids, lengths=lengths, embeddings=emb, hidden=[], offsets=np.concatenate([[0], np.cumsum(lengths)]))
+    finetune_kd(student, data, epochs=2, batch_size=2, lr=1e-3, embed_loss="cosine", hidden_weight=0.0, seed=0)
+    assert torch.equal(student.embeddings.word_embeddings.weight, table)
+    assert not torch.equal(student.encoder.layer[0].intermediate.dense.weight, layer)
+    assert student.embeddings.word_embeddings.weight.requires_grad  # restored for whoever trains it next
+
+
+def test_bf16_is_left_out_on_cpus_without_native_bf16():
+    from slimray.text.compress import bf16_slow_reason, cpu_has_native_bf16
+
+    avx2 = "processor: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    amx = "processor: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n"
+    assert "AVX512-BF16" in bf16_slow_reason(avx2) and not cpu_has_native_bf16(avx2)
+    assert bf16_slow_reason(amx) is None and cpu_has_native_bf16(amx)
+
+
+def test_torchao_without_a_compiler_fails_at_load(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-slimray")
+    with pytest.raises(ConfigError, match="search.quantizations.*C\\+\\+ compiler"):
+        TextPipelineConfig.from_dict({"kind": "text", "search": {"quantizations": ["none", "torchao_int8_dynamic"]}})
 
 
 def test_cli_entry_recognises_text_documents(tmp_path):

@@ -151,6 +151,7 @@ class EmbedModel:
         self.api_key = os.environ.get(self.options.api_key_env) or None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimray-embed")
         probe, _ = self.embed(["ready"])
+        self.embed(["warm-up batch of two", "texts of different lengths"])  # compiled models build their graphs now
         self.dim = int(probe.shape[1])
         self.ready = bool(np.isfinite(probe).all())
         self.batches_run = 0

@@ -16,7 +16,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from slimray.schema import ConfigError, StrictModel
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-QuantName = Literal["none", "dynamic_int8", "bf16"]
+QuantName = Literal["none", "dynamic_int8", "bf16", "torchao_int8_dynamic"]
 
 
 class TextDataConfig(StrictModel):
@@ -53,6 +53,13 @@ class TextDistillConfig(StrictModel):
     hidden_weight: float = Field(0.1, ge=0, description="weight of the token hidden-state MSE (0 turns it off)")
     num_workers: PositiveInt = 2
     max_failures: int = Field(1, ge=0)
+    freeze_word_embeddings: bool = Field(
+        True, description="keep the teacher's word-embedding table (11.7M of the student's parameters) fixed: "
+        "no dense AdamW update or all-reduce of it per step")
+    bucket_by_length: bool = Field(True, description="batches of similar-length sentences (little padding), batch order shuffled")
+    mixed_precision: Literal["auto", "bf16", "none"] = Field(
+        "auto", description="bf16 autocast for the student's forward/backward (fp32 weights and optimizer); auto: bf16 "
+        "where the CPU has native bf16 (AVX512-BF16/AMX), none elsewhere")
     seed: int = 0
 
 
@@ -61,9 +68,11 @@ class TextSearchConfig(StrictModel):
     prune_ratios: list[float] = Field([0.0], min_length=1, description="fraction of heads and FFN neurons removed per layer")
     quantizations: list[QuantName] = Field(
         ["none", "dynamic_int8"], min_length=1,
-        description="bf16 is allowed but on CPUs without AVX512-BF16 it ran ~20x slower than fp32 here",
+        description="none, dynamic_int8 (torch.ao), bf16 (fast only with AVX512-BF16/AMX; ~20x slower than fp32 on "
+        "AVX2-only CPUs), torchao_int8_dynamic (torchao int8 under torch.compile; needs a C++ compiler)",
     )
-    embedding_storage: Literal["float32", "float16"] = Field("float16", description="word-embedding table dtype on disk for trials")
+    embedding_storage: Literal["float32", "float16", "int8"] = Field(
+        "float16", description="word-embedding table on disk for trials: float16, or int8 with one scale per row")
     seq_lens: list[int] = Field([64], min_length=1, description="maximum sequence lengths tried at inference")
     finetune_epochs: float = Field(1.0, ge=0, description="KD passes over the train sentences after pruning")
     finetune_lr: float = Field(1e-4, gt=0)
@@ -80,6 +89,18 @@ class TextSearchConfig(StrictModel):
         if any(not 0 <= r < 1 for r in v):
             raise ValueError("prune ratios must lie in [0, 1)")
         return sorted(set(v))
+
+    @field_validator("quantizations")
+    @classmethod
+    def _quants(cls, v: list[str]) -> list[str]:
+        if "torchao_int8_dynamic" in v:
+            import os
+            import shutil
+
+            if shutil.which(os.environ.get("CXX", "g++")) is None:
+                raise ValueError("torchao_int8_dynamic needs torch.compile, and torch.compile on CPU needs a C++ compiler "
+                                 "(none found on PATH: install g++ or leave torchao_int8_dynamic out)")
+        return list(dict.fromkeys(v))
 
     @field_validator("seq_lens")
     @classmethod

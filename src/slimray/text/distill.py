@@ -25,7 +25,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from slimray.text.kd import KDData, kd_loss, lr_factor, make_batch, student_cosine
+from slimray.text.kd import KDData, autocast, epoch_batches, kd_loss, lr_factor, make_batch, student_cosine, trainable_parameters
 from slimray.text.models import TextArtifactSpec, build_float
 
 MODEL_FILE = "model.safetensors"
@@ -52,8 +52,9 @@ def _worker(cfg: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[distill] resumed from checkpoint after epoch {start_epoch}", flush=True)
     model.train()
+    params = trainable_parameters(model, freeze_word_embeddings=cfg["freeze_word_embeddings"])
     model = ray.train.torch.prepare_model(model, parallel_strategy="ddp")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if opt_state is not None:
         opt.load_state_dict(opt_state)
 
@@ -66,16 +67,24 @@ def _worker(cfg: dict[str, Any]) -> None:
     net = model.module if hasattr(model, "module") else model
     start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        order = np.random.default_rng(cfg["seed"] + epoch).permutation(n)
-        order = np.resize(order, per_rank * world)[rank::world]  # equal shards (a few repeats pad the last)
+        rng = np.random.default_rng(cfg["seed"] + epoch)
+        order = np.resize(rng.permutation(n), per_rank * world)[rank::world]  # equal shards (a few repeats pad the last)
+        batches = epoch_batches(order, data.lengths, batch_size=bs, rng=np.random.default_rng([cfg["seed"], epoch, rank]),
+                                bucket=cfg["bucket_by_length"])
+        assert len(batches) == steps_per_epoch, (len(batches), steps_per_epoch)
         t0, seen, loss_sum, parts_sum = time.perf_counter(), 0, 0.0, {}
         model.train()
-        for s in range(steps_per_epoch):
-            idx = order[s * bs : (s + 1) * bs]
+        last_log = t0
+        for s, idx in enumerate(batches):
             step = epoch * steps_per_epoch + s
+            if rank == 0 and time.perf_counter() - last_log > cfg.get("log_every_s", 30.0):
+                last_log = time.perf_counter()
+                print(f"[distill] epoch {epoch + 1}/{epochs}  step {s}/{steps_per_epoch}  loss {loss_sum / max(1, s):.4f}  "
+                      f"{seen * world / (last_log - t0):.0f} sentences/s", flush=True)
             for g in opt.param_groups:
                 g["lr"] = cfg["lr"] * lr_factor(step, total, warmup=cfg["warmup_steps"], schedule=cfg["lr_schedule"])
-            loss, parts = kd_loss(model, make_batch(data, idx), embed_loss=cfg["embed_loss"], hidden_weight=cfg["hidden_weight"])
+            with autocast(cfg["bf16_autocast"]):
+                loss, parts = kd_loss(model, make_batch(data, idx), embed_loss=cfg["embed_loss"], hidden_weight=cfg["hidden_weight"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -111,6 +120,7 @@ def distill_student(
     epochs: int, batch_size: int, lr: float, lr_schedule: str, warmup_steps: int, weight_decay: float,
     embed_loss: str, hidden_weight: float, num_workers: int, max_failures: int, seed: int,
     run_name: str, storage_path: str, metrics_path: str | None = None,
+    freeze_word_embeddings: bool = True, bucket_by_length: bool = True, bf16_autocast: bool = False,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Fit the student on Ray Train; returns it (float, eval mode) and the last epoch's metrics."""
     cpus = ray.cluster_resources().get("CPU", 0.0)
@@ -123,6 +133,7 @@ def distill_student(
         "val": {k: ray.put(v) for k, v in val.items()},
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
         "weight_decay": weight_decay, "embed_loss": embed_loss, "hidden_weight": hidden_weight, "metrics_path": metrics_path,
+        "freeze_word_embeddings": freeze_word_embeddings, "bucket_by_length": bucket_by_length, "bf16_autocast": bf16_autocast,
     }
     trainer = TorchTrainer(
         _worker,

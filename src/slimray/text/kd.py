@@ -116,6 +116,39 @@ def kd_loss(student: nn.Module, batch: dict, *, embed_loss: str, hidden_weight: 
     return loss, parts
 
 
+def epoch_batches(idx: np.ndarray, lengths: np.ndarray, *, batch_size: int, rng: np.random.Generator,
+                  bucket: bool, pool_batches: int = 8) -> list[np.ndarray]:
+    """Split one epoch's (already shuffled) sentence indices ``idx`` into batches.
+
+    With ``bucket`` the indices are taken ``pool_batches`` batches at a time, sorted by length inside the
+    pool and cut into batches, and the batches are then shuffled: each batch holds sentences of similar
+    length, so padding (most of a random batch's compute at sequence length 64) nearly vanishes, while
+    every sentence is still seen once per epoch and batch composition still changes from epoch to epoch.
+    """
+    if not bucket:
+        return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    pool = batch_size * pool_batches
+    batches = []
+    for i in range(0, len(idx), pool):
+        chunk = idx[i : i + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[k] for k in rng.permutation(len(batches))]
+
+
+def trainable_parameters(student: nn.Module, *, freeze_word_embeddings: bool) -> list[nn.Parameter]:
+    """The parameters distillation updates; the word-embedding table (half the model, copied from the teacher)
+    is frozen when asked, which removes its dense AdamW update and its all-reduce from every step."""
+    if freeze_word_embeddings:
+        student.embeddings.word_embeddings.weight.requires_grad_(False)
+    return [p for p in student.parameters() if p.requires_grad]
+
+
+def autocast(enabled: bool):
+    """bf16 autocast on CPU (a no-op context when not ``enabled``)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
 def lr_factor(step: int, total: int, *, warmup: int, schedule: str) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -142,28 +175,31 @@ def student_cosine(student: nn.Module, ids: np.ndarray, lengths: np.ndarray, tea
 
 
 def finetune_kd(student: nn.Module, data: KDData, *, epochs: float, batch_size: int, lr: float, embed_loss: str,
-                hidden_weight: float, seed: int, weight_decay: float = 0.01, warmup: int = 10) -> nn.Module:
+                hidden_weight: float, seed: int, weight_decay: float = 0.01, warmup: int = 10,
+                freeze_word_embeddings: bool = True, bucket_by_length: bool = True, bf16_autocast: bool = False) -> nn.Module:
     """Single-process KD (used after pruning): ``epochs`` may be fractional (a share of one pass)."""
     if epochs <= 0:
         return student.eval()
     rng = np.random.default_rng(seed)
     steps_per_epoch = math.ceil(len(data) / batch_size)
     total = max(1, int(round(epochs * steps_per_epoch)))
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=weight_decay)
+    params = trainable_parameters(student, freeze_word_embeddings=freeze_word_embeddings)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     student.train()
-    step, order = 0, rng.permutation(len(data))
+    step, batches = 0, []
     while step < total:
-        pos = (step % steps_per_epoch) * batch_size
-        if pos == 0 and step > 0:
-            order = rng.permutation(len(data))
-        batch = make_batch(data, order[pos : pos + batch_size])
+        if not batches:
+            batches = epoch_batches(rng.permutation(len(data)), data.lengths, batch_size=batch_size, rng=rng, bucket=bucket_by_length)
+        batch = make_batch(data, batches.pop())
         for g in opt.param_groups:
             g["lr"] = lr * lr_factor(step, total, warmup=warmup, schedule="cosine")
-        loss, _ = kd_loss(student, batch, embed_loss=embed_loss, hidden_weight=hidden_weight)
+        with autocast(bf16_autocast):
+            loss, _ = kd_loss(student, batch, embed_loss=embed_loss, hidden_weight=hidden_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
+    student.embeddings.word_embeddings.weight.requires_grad_(True)
     return student.eval()
 
 

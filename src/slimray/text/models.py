@@ -31,7 +31,11 @@ WEIGHTS = "model.safetensors"
 SPEC = "spec.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
-QuantMethod = Literal["none", "dynamic_int8", "bf16"]
+QuantMethod = Literal["none", "dynamic_int8", "bf16", "torchao_int8_dynamic"]
+EmbeddingStorage = Literal["float32", "float16", "int8"]
+# quantizations whose artifact holds float (or int8-stored, dequantized at load) weights and re-quantizes at load:
+# torchao's tensor subclasses cannot go into safetensors
+QUANTIZE_AT_LOAD = frozenset({"torchao_int8_dynamic"})
 
 
 class TextArtifactSpec(StrictModel):
@@ -44,9 +48,12 @@ class TextArtifactSpec(StrictModel):
     max_seq_len: int = Field(64, ge=8, le=512)
     pooling: Literal["mean"] = "mean"
     normalize: bool = True
-    embedding_storage: Literal["float32", "float16"] = Field(
-        "float32", description="dtype of the word-embedding table on disk (float16 halves it; upcast on load)"
+    embedding_storage: EmbeddingStorage = Field(
+        "float32", description="the word-embedding table on disk: float32, float16 (half) or int8 with one scale per "
+        "row (a quarter); cast back to the model's dtype on load",
     )
+    int8_storage: list[str] = Field(
+        default_factory=list, description="state keys stored as int8 + per-row scales (dequantized on load)")
     state: dict[str, dict[str, Any]] = Field(default_factory=dict)
     module_versions: dict[str, dict[str, Any]] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -215,8 +222,15 @@ class Bf16Encoder(nn.Module):
         return self.inner(**kwargs)
 
 
-def quantize_text(model: nn.Module, method: QuantMethod) -> nn.Module:
-    """A quantized copy of a float BERT: ``dynamic_int8`` (Linear layers, torch.ao) or ``bf16``."""
+def quantize_text(model: nn.Module, method: QuantMethod, *, compile: bool = True) -> nn.Module:
+    """A quantized copy of a float BERT.
+
+    ``dynamic_int8``: Linear layers through torch.ao (per-channel int8 weights, activations quantized on the fly);
+    ``bf16``: the whole encoder in bfloat16; ``torchao_int8_dynamic``: torchao int8 weights + int8 dynamic
+    activations on every Linear, run under ``torch.compile`` (inductor, frozen weights, dynamic shapes: one
+    graph for every batch size and sequence length), the path where torchao pays off on CPU. Compilation happens
+    at the first call (tens of seconds); ``compile=False`` gives the eager torchao model (same numbers, slower).
+    """
     model = copy.deepcopy(model).eval()
     if method == "none":
         return model
@@ -228,18 +242,64 @@ def quantize_text(model: nn.Module, method: QuantMethod) -> nn.Module:
             torch.backends.quantized.engine = "x86"
             qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # per-channel weights: closer to fp32 on BERT
             return torch.ao.quantization.quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8)
+    if method == "torchao_int8_dynamic":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(model, Int8DynamicActivationInt8WeightConfig())
+        return compile_encoder(model) if compile else model
     raise ValueError(f"unknown quantization {method!r}")
+
+
+def compile_encoder(model: nn.Module) -> nn.Module:
+    """``torch.compile`` for inference (inductor, weights frozen, dynamic batch and sequence length)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(model.eval(), dynamic=True)
+
+
+def _int8_rows(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 with one scale per row (axis 0), as a per-channel quantized tensor."""
+    w = w.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+    return torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.int64), 0, torch.qint8)
+
+
+def _int8_keys(model: nn.Module, state: dict[str, Any], spec: TextArtifactSpec) -> list[str]:
+    keys = []
+    if spec.embedding_storage == "int8":
+        keys += [k for k in state if k.endswith(WORD_EMBEDDINGS)]
+    if spec.quantization in QUANTIZE_AT_LOAD:  # the Linear weights torchao quantizes at load
+        keys += [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return keys
 
 
 # ----------------------------------------------------------------------------------------- artifacts
 
 
 def save_text_artifact(path: str | Path, model: nn.Module, spec: TextArtifactSpec, *, tokenizer_dir: str | Path) -> TextArtifactSpec:
-    """Write ``model`` (float or quantized) + spec + tokenizer files to folder ``path`` atomically."""
+    """Write ``model`` + spec + tokenizer files to folder ``path`` atomically.
+
+    ``model`` is the quantized model for ``none``/``bf16``/``dynamic_int8`` and the float model for the
+    quantizations applied at load (``torchao_int8_dynamic``), whose Linear weights are then stored as int8 + one
+    scale per output channel. The word-embedding table is stored as ``spec.embedding_storage`` says.
+    """
+    if spec.quantization in QUANTIZE_AT_LOAD and any(type(p.data) is not torch.Tensor for p in model.parameters()):
+        raise TypeError(f"save_text_artifact: give the float model for quantization {spec.quantization!r} (it is applied at load)")
     state = model.state_dict()
-    if spec.embedding_storage == "float16":
-        state = OrderedDict((k, v.half() if k.endswith(WORD_EMBEDDINGS) and v.dtype == torch.float32 else v) for k, v in state.items())
-        state._metadata = getattr(model.state_dict(), "_metadata", {})  # type: ignore[attr-defined]
+    meta = getattr(state, "_metadata", {})
+    int8 = set(_int8_keys(model, state, spec))
+    out = OrderedDict()
+    for k, v in state.items():
+        if k in int8:
+            v = _int8_rows(v)
+        elif spec.embedding_storage == "float16" and k.endswith(WORD_EMBEDDINGS) and v.dtype == torch.float32:
+            v = v.half()
+        out[k] = v
+    out._metadata = meta  # type: ignore[attr-defined]
+    spec = spec.model_copy(update={"int8_storage": sorted(int8)})
 
     def tokenizer_files(tmp: Path) -> None:
         for name in TOKENIZER_FILES:
@@ -247,7 +307,24 @@ def save_text_artifact(path: str | Path, model: nn.Module, spec: TextArtifactSpe
             if src.exists():
                 shutil.copyfile(src, tmp / name)
 
-    return write_state_artifact(path, state, spec, extra=tokenizer_files)
+    return write_state_artifact(path, out, spec, extra=tokenizer_files)
+
+
+def copy_text_artifact(src: str | Path, dst: str | Path, **update: Any) -> TextArtifactSpec:
+    """Copy the artifact in ``src`` to ``dst`` atomically, with spec fields replaced by ``update``."""
+    from slimray.artifacts import _atomic_dir_write
+
+    spec = load_text_spec(src).model_copy(update=update)
+    TextArtifactSpec.model_validate(spec.model_dump())  # the updated spec must still be valid
+
+    def write(tmp: Path) -> None:
+        for f in Path(src).iterdir():
+            if f.is_file() and f.name != SPEC:
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / SPEC).write_text(spec.model_dump_json(indent=2))
+
+    _atomic_dir_write(Path(dst), write)
+    return spec
 
 
 def load_text_spec(path: str | Path) -> TextArtifactSpec:
@@ -261,19 +338,24 @@ def build_float(spec: TextArtifactSpec) -> nn.Module:
     return set_layer_widths(model, spec.heads_per_layer, spec.ffn_per_layer).eval()
 
 
-def load_text_artifact(path: str | Path) -> tuple[nn.Module, TextArtifactSpec]:
-    """Rebuild the encoder in ``path`` (no pickle); eval mode, quantized as recorded."""
+def load_text_artifact(path: str | Path, *, compile: bool = True) -> tuple[nn.Module, TextArtifactSpec]:
+    """Rebuild the encoder in ``path`` (no pickle); eval mode, quantized as recorded (``compile``: see quantize_text)."""
     path = Path(path)
     spec = load_text_spec(path)
     if spec.format != FORMAT:
         raise ValueError(f"{path}: unsupported artifact format {spec.format!r} (expected {FORMAT!r})")
-    model = quantize_text(build_float(spec), spec.quantization)
+    at_load = spec.quantization in QUANTIZE_AT_LOAD
+    model = build_float(spec) if at_load else quantize_text(build_float(spec), spec.quantization)
     state = OrderedDict(decode_state(load_file(str(path / WEIGHTS)), spec.state))
     state._metadata = OrderedDict((k, dict(v)) for k, v in spec.module_versions.items())  # type: ignore[attr-defined]
     for k, v in state.items():
-        if k.endswith(WORD_EMBEDDINGS) and v.dtype == torch.float16:
+        if k in spec.int8_storage:
+            state[k] = v.dequantize()
+        elif k.endswith(WORD_EMBEDDINGS) and v.dtype == torch.float16:
             state[k] = v.float()
     model.load_state_dict(state, strict=True)
+    if at_load:
+        model = quantize_text(model, spec.quantization, compile=compile)
     return model.eval(), spec
 
 
@@ -283,7 +365,7 @@ def artifact_bytes(path: str | Path) -> int:
 
 def spec_for(model: nn.Module, *, name: str, base_config: dict[str, Any], quantization: QuantMethod = "none",
              max_seq_len: int = 64, metadata: dict[str, Any] | None = None,
-             embedding_storage: Literal["float32", "float16"] = "float32") -> TextArtifactSpec:
+             embedding_storage: EmbeddingStorage = "float32") -> TextArtifactSpec:
     """The spec of a float BERT ``model`` (widths read from the model)."""
     heads, ffn = layer_widths(model)
     return TextArtifactSpec(

@@ -23,16 +23,18 @@ from safetensors.numpy import load_file as load_np, save_file as save_np
 from slimray.artifacts import write_json_atomic
 from slimray.runs import log, prepare_run_dir
 from slimray.sweep.select import pareto_front, pick_winner
-from slimray.text.compress import count_params, sentences_per_s, timing_batches
+from slimray.text.compress import bf16_slow_reason, count_params, cpu_has_native_bf16, sentences_per_s, timing_batches
 from slimray.text.config import TextPipelineConfig
 from slimray.text.data import split_by_article, topic_names
 from slimray.text.evaluate import quality
 from slimray.text.kd import KDData, target_layers, teacher_targets
 from slimray.text.models import (
     artifact_bytes,
+    copy_text_artifact,
     embed_texts,
     load_teacher,
     load_text_artifact,
+    load_text_spec,
     load_tokenizer,
     save_text_artifact,
     spec_for,
@@ -145,12 +147,14 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
 
     # distillation on Ray Train
     student_dir = run_dir / "student"
+    amp = cfg.distill.mixed_precision == "bf16" or (cfg.distill.mixed_precision == "auto" and cpu_has_native_bf16())
     if (student_dir / "spec.json").exists():
         log("student: reusing the distilled student")
     else:
         d = cfg.distill
         log(f"student: teacher layers {layers}, {d.epochs} epochs of embedding ({d.embed_loss}) + hidden-state KD "
-            f"(weight {d.hidden_weight}), {d.num_workers} Ray Train workers (gloo, 1 thread each)")
+            f"(weight {d.hidden_weight}), {d.num_workers} Ray Train workers (gloo, 1 thread each), batch {d.batch_size}, "
+            f"{'bf16 autocast' if amp else 'fp32'}")
         spec = spec_for(baseline, name="student", base_config=base_cfg, max_seq_len=seq, metadata=meta)
         nval = min(300, len(held.texts))
         enc = tokenizer.encode_batch(held.texts[:nval])
@@ -165,17 +169,25 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
             weight_decay=d.weight_decay, embed_loss=d.embed_loss, hidden_weight=d.hidden_weight, num_workers=d.num_workers,
             max_failures=d.max_failures, seed=d.seed, run_name=f"{cfg.name}-distill", storage_path=str(run_dir / "ray"),
             metrics_path=str(run_dir / "distill_metrics.jsonl"),
+            freeze_word_embeddings=d.freeze_word_embeddings, bucket_by_length=d.bucket_by_length, bf16_autocast=amp,
         )
         save_text_artifact(student_dir, student, spec, tokenizer_dir=teacher_dir())
     t_distilled = time.perf_counter()
 
     # compression search
     s = cfg.search
+    left_out = []
+    if "bf16" in s.quantizations and len(s.quantizations) > 1 and (why := bf16_slow_reason()):
+        left_out.append({"quantization": "bf16", "why": why})
+        s = s.model_copy(update={"quantizations": [q for q in s.quantizations if q != "bf16"]})
+        log(f"search: bf16 left out: {why}")
     log(f"search: prune ratios {s.prune_ratios} x quantizations {s.quantizations} x seq lens {s.seq_lens} "
         f"({'Ray Tune' if s.use_tune else 'in the driver'})")
     ctx = {
         "run_dir": str(run_dir), "student_dir": str(student_dir), "search": s.model_dump(), "seed": cfg.distill.seed,
         "batch_size": cfg.distill.batch_size, "embed_loss": cfg.distill.embed_loss, "hidden_weight": cfg.distill.hidden_weight,
+        "freeze_word_embeddings": cfg.distill.freeze_word_embeddings, "bucket_by_length": cfg.distill.bucket_by_length,
+        "bf16_autocast": amp,
         "k": k, "probe_c": cfg.eval.probe_c,
     }
     evalset = {"heldout_texts": held.texts, "heldout_labels": held.labels, "probe_texts": probe_texts, "probe_labels": probe_labels,
@@ -201,7 +213,11 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
         r["meets_probe"] = r["probe_accuracy"] >= probe_floor - 1e-9
     texts = held.texts
     log(f"timing: {len(ok)} candidates at batch 32, {s.num_threads} thread(s), one at a time")
-    loaded = {r["key"]: load_text_artifact(r["model_dir"])[0] for r in ok}
+    by_dir: dict[str, Any] = {}  # one model per artifact: its seq-len variants share it (and one compilation)
+    for r in ok:
+        if r["model_dir"] not in by_dir:
+            by_dir[r["model_dir"]] = load_text_artifact(r["model_dir"])[0]
+    loaded = {r["key"]: by_dir[r["model_dir"]] for r in ok}
     quick = _time_models({r["key"]: (loaded[r["key"]], r["seq_len"]) for r in ok}, texts, teacher_dir(), batch_sizes=[32],
                          sentences_b32=s.timing_sentences, num_threads=s.num_threads, repeats=max(2, s.timing_repeats // 2))
     for r in ok:
@@ -227,11 +243,9 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
     feasible = feasible and bool(winner and winner["meets_cosine"])
     if winner is None:
         raise RuntimeError("no compression trial finished; see trials/*.error.json")
-    win_spec = load_text_artifact(winner["model_dir"])[1]
-    win_model = loaded[winner["key"]]
-    save_text_artifact(run_dir / "winner", win_model, win_spec.model_copy(update={
-        "name": "winner", "max_seq_len": winner["seq_len"],
-        "metadata": {**win_spec.metadata, "key": winner["key"], "seq_len": winner["seq_len"]}}), tokenizer_dir=teacher_dir())
+    win_spec = load_text_spec(winner["model_dir"])
+    copy_text_artifact(winner["model_dir"], run_dir / "winner", name="winner", max_seq_len=winner["seq_len"],
+                       metadata={**win_spec.metadata, "key": winner["key"], "seq_len": winner["seq_len"]})
 
     def entry(q: dict[str, float], size: int, params: int, sps: dict[str, float], **extra) -> dict[str, Any]:
         return {"probe_accuracy": q["probe_accuracy"], "cosine_to_teacher": q["cosine_to_teacher"], recall_key: q[recall_key],
@@ -257,10 +271,15 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
         "trials": rows,
         "pareto_front": [r["key"] for r in pareto_front(ok, latency_key="ms_per_sentence_b32")],
         "finalists": [r["key"] for r in finalists],
+        "search_left_out": left_out,
     }
     tw, ww = report["teacher"], report["winner"]
     report["targets"] = _targets(tw, ww, s, big)
     report["distill_metrics"] = _read_jsonl(run_dir / "distill_metrics.jsonl")
+    d = cfg.distill
+    report["distill"] = {"epochs": d.epochs, "batch_size": d.batch_size, "lr": d.lr, "num_workers": d.num_workers,
+                         "embed_loss": d.embed_loss, "hidden_weight": d.hidden_weight, "bf16_autocast": amp,
+                         "freeze_word_embeddings": d.freeze_word_embeddings, "bucket_by_length": d.bucket_by_length}
     report["wall_s"] = {"distill_and_before": t_distilled - t_start, "search": t_searched - t_distilled,
                         "total": time.perf_counter() - t_start}
     write_json_atomic(run_dir / "report.json", report)
@@ -322,6 +341,16 @@ def render_markdown(r: dict[str, Any]) -> str:
             continue
         lines.append(f"| {t['key']} | {t['cosine_to_teacher']:.4f} | {t['probe_accuracy']:.2f} | {t[recall]:.3f} | "
                      f"{t['size_bytes'] / 1e6:.1f} | {t.get('sentences_per_s_quick', float('nan')):.1f} |")
+    if r.get("distill"):
+        d, m = r["distill"], r.get("distill_metrics") or [{}]
+        lines += ["", "## Distillation", "",
+                  f"{d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']}, {d['num_workers']} Ray Train workers, loss "
+                  f"{d['embed_loss']} + {d['hidden_weight']} x hidden-state MSE, {'bf16 autocast' if d['bf16_autocast'] else 'fp32'}, "
+                  f"word embeddings {'frozen' if d['freeze_word_embeddings'] else 'trained'}; val cosine per epoch: "
+                  + ", ".join(f"{e.get('val_cosine', float('nan')):.4f}" for e in m)
+                  + (f"; {m[-1].get('sentences_per_s', float('nan')):.0f} sentences/s in the last epoch." if m[-1] else ".")]
+    for lo in r.get("search_left_out", []):
+        lines += ["", f"Left out of the search: {lo['quantization']} ({lo['why']})."]
     lines += ["", f"Wall time: {r['wall_s']['total']:.0f} s (distillation and before {r['wall_s']['distill_and_before']:.0f} s, "
               f"search {r['wall_s']['search']:.0f} s)."]
     return "\n".join(lines) + "\n"

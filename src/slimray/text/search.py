@@ -27,6 +27,7 @@ from slimray.text.compress import count_params, prune_heads_ffn
 from slimray.text.evaluate import quality
 from slimray.text.kd import KDData, finetune_kd
 from slimray.text.models import (
+    QUANTIZE_AT_LOAD,
     artifact_bytes,
     embed_texts,
     load_text_artifact,
@@ -61,6 +62,8 @@ def run_ratio(ratio: float, ctx: dict[str, Any], *, kd_data: KDData, evalset: di
         student = finetune_kd(
             student, kd_data, epochs=search["finetune_epochs"], batch_size=ctx["batch_size"], lr=search["finetune_lr"],
             embed_loss=ctx["embed_loss"], hidden_weight=ctx["hidden_weight"], seed=ctx["seed"],
+            freeze_word_embeddings=ctx.get("freeze_word_embeddings", True), bucket_by_length=ctx.get("bucket_by_length", True),
+            bf16_autocast=ctx.get("bf16_autocast", False),
         )
     base = spec_for(student, name=ratio_key(ratio), base_config=spec.bert_config, max_seq_len=spec.max_seq_len,
                     metadata={"prune_ratio": ratio, "student_layers": spec.metadata.get("student_layers")},
@@ -68,7 +71,7 @@ def run_ratio(ratio: float, ctx: dict[str, Any], *, kd_data: KDData, evalset: di
     rows = []
     for quant in search["quantizations"]:
         qdir = run_dir / "trials" / f"{ratio_key(ratio)}-{quant}"
-        model = quantize_text(student, quant)
+        model = student if quant in QUANTIZE_AT_LOAD else quantize_text(student, quant)
         save_text_artifact(qdir, model, base.model_copy(update={"quantization": quant, "name": qdir.name}), tokenizer_dir=tok_dir)
         model, _ = load_text_artifact(qdir)  # score exactly what was saved
         full: dict[str, np.ndarray] = {}
