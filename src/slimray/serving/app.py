@@ -24,8 +24,6 @@ Metrics (requests by route and status, latency, batch sizes, errors) go to Ray's
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import math
 import os
 import time
@@ -36,8 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -52,11 +49,20 @@ from pydantic import (
     model_validator,
 )
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimray.artifacts import load_runnable, load_spec
 from slimray.data import normalize
 from slimray.schema import StrictModel
+from slimray.serving.http import (
+    RequestError,
+    api_key_denied,
+    error_response,
+    install_error_handlers,
+    json_response,
+    read_json_body,
+    unknown_model,
+    validation_message,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
@@ -161,25 +167,6 @@ INT_TYPES = {
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
     "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
 }
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _json(payload: Any) -> Response:
-    # No response_model validation on the hot path: the payload is built here and NaN is already null.
-    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
-
-
-def _validation_message(err: ValidationError | RequestValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
 
 
 # ----------------------------------------------------------------------------------------- input parsing
@@ -425,36 +412,13 @@ class SlimrayModel:
     # -- request helpers
 
     def _denied(self, request: Request) -> JSONResponse | None:
-        if self.api_key is None:
-            return None
-        given = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization") or ""
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if hmac.compare_digest(given.encode(), self.api_key.encode()):
-            return None
-        return _error(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+        return api_key_denied(request, self.api_key)
 
     async def _json_body(self, request: Request, hint: str) -> Any:
-        limit = self.options.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
-        body = await request.body()
-        if len(body) > limit:
-            raise RequestError(413, f"request body of {len(body)} bytes exceeds the limit of {limit}")
-        if not body:
-            raise RequestError(400, f"empty request body: send JSON {hint}")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-            raise RequestError(400, f"request body is not valid JSON: {err}") from None
+        return await read_json_body(request, limit=self.options.max_body_bytes, hint=hint)
 
     def _unknown_model(self, name: str) -> JSONResponse | None:
-        # compared as a string only: a model name never reaches the filesystem
-        if name == self.options.name:
-            return None
-        return _error(404, f"unknown model {name[:100]!r}; this endpoint serves {self.options.name!r}")
+        return unknown_model(name, self.options.name)
 
     def _probabilities_json(self, probs: np.ndarray) -> list[list[float | None]]:
         rows = probs.tolist()
@@ -471,7 +435,7 @@ class SlimrayModel:
 
     async def healthz(self):
         if not self.ready:
-            return _error(503, "model is not healthy")
+            return error_response(503, "model is not healthy")
         return {"status": "ok", "model": self.options.name}
 
     async def models(self, request: Request):
@@ -506,15 +470,15 @@ class SlimrayModel:
             try:
                 req = PredictRequest.model_validate(payload)
             except ValidationError as err:
-                raise RequestError(422, _validation_message(err)) from None
+                raise RequestError(422, validation_message(err)) from None
             arr = parse_inputs(
                 req.inputs, shape=self.spec.input.shape, min_value=self.spec.input.min_value,
                 max_value=self.spec.input.max_value, max_examples=self.options.max_batch_examples,
             )
         except RequestError as err:
-            return _error(err.status, err.message)
+            return error_response(err.status, err.message)
         probs, preds = await self.infer(arr)
-        return _json({"model": self.options.name, "predictions": preds.tolist(), "probabilities": self._probabilities_json(probs)})
+        return json_response({"model": self.options.name, "predictions": preds.tolist(), "probabilities": self._probabilities_json(probs)})
 
     async def v2_live(self):
         return {"live": True}
@@ -556,7 +520,7 @@ class SlimrayModel:
             try:
                 req = V2InferRequest.model_validate(payload)
             except ValidationError as err:
-                raise RequestError(422, _validation_message(err)) from None
+                raise RequestError(422, validation_message(err)) from None
             wanted = [o.name for o in req.outputs] if req.outputs else list(OUTPUT_NAMES)
             if unknown := [w for w in wanted if w not in OUTPUT_NAMES]:
                 raise RequestError(422, f"unknown outputs {unknown}; this model has {list(OUTPUT_NAMES)}")
@@ -565,7 +529,7 @@ class SlimrayModel:
                 max_value=self.spec.input.max_value, max_examples=self.options.max_batch_examples,
             )
         except RequestError as err:
-            return _error(err.status, err.message)
+            return error_response(err.status, err.message)
         probs, preds = await self.infer(arr)
         tensors = {
             "probabilities": {"name": "probabilities", "shape": list(probs.shape), "datatype": "FP32",
@@ -576,30 +540,16 @@ class SlimrayModel:
         if req.id is not None:
             answer["id"] = req.id
         answer["outputs"] = [tensors[w] for w in wanted]
-        return _json(answer)
+        return json_response(answer)
 
 
 # ----------------------------------------------------------------------------------------- the FastAPI app
 
 
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error(422, _validation_message(exc))
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    return _error(500, "internal error")
-
-
 def _make_api() -> FastAPI:
     """The FastAPI app whose routes are ``SlimrayModel``'s methods."""
     api = FastAPI(title="slimray", description="Compressed model served by slimray on Ray Serve (v1 and Open Inference Protocol v2).")
-    api.add_exception_handler(StarletteHTTPException, _http_error)
-    api.add_exception_handler(RequestValidationError, _validation_error)
-    api.add_exception_handler(Exception, _unexpected_error)
+    install_error_handlers(api)
     api.add_middleware(MetricsMiddleware)
     errors = {
         400: {"description": "unparseable or empty body"},

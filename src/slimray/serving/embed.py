@@ -23,8 +23,6 @@ empty list, non-strings, empty strings, a text over ``max_text_chars``; 413 too 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,13 +32,21 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, StrictStr, ValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StrictStr, ValidationError
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimray.schema import StrictModel
+from slimray.serving.http import (
+    RequestError,
+    api_key_denied,
+    error_response,
+    install_error_handlers,
+    json_response,
+    read_json_body,
+    unknown_model,
+    validation_message,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 INPUT_NAME = "text"
@@ -94,24 +100,6 @@ class V2InferRequest(BaseModel):
     parameters: dict[str, Any] | None = None
     inputs: list[V2Tensor] = Field(min_length=1, max_length=1, description="exactly one BYTES input named 'text'")
     outputs: list[dict[str, Any]] | None = None
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _json(payload: Any) -> Response:
-    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
-
-
-def _validation_message(err: ValidationError | RequestValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
 
 
 def check_texts(texts: list[Any], *, max_texts: int, max_chars: int, where: str = "texts") -> list[str]:
@@ -207,41 +195,19 @@ class EmbedModel:
     # -- helpers
 
     def _denied(self, request: Request) -> JSONResponse | None:
-        if self.api_key is None:
-            return None
-        given = request.headers.get("x-api-key") or ""
-        auth = request.headers.get("authorization") or ""
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if hmac.compare_digest(given.encode(), self.api_key.encode()):
-            return None
-        return _error(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+        return api_key_denied(request, self.api_key)
 
     async def _json_body(self, request: Request, hint: str) -> Any:
-        limit = self.options.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
-        body = await request.body()
-        if len(body) > limit:
-            raise RequestError(413, f"request body of {len(body)} bytes exceeds the limit of {limit}")
-        if not body:
-            raise RequestError(400, f"empty request body: send JSON {hint}")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-            raise RequestError(400, f"request body is not valid JSON: {err}") from None
+        return await read_json_body(request, limit=self.options.max_body_bytes, hint=hint)
 
     def _unknown_model(self, name: str) -> JSONResponse | None:
-        if name == self.options.name:
-            return None
-        return _error(404, f"unknown model {name[:100]!r}; this endpoint serves {self.options.name!r}")
+        return unknown_model(name, self.options.name)
 
     # -- routes
 
     async def healthz(self):
         if not self.ready:
-            return _error(503, "model is not healthy")
+            return error_response(503, "model is not healthy")
         return {"status": "ok", "model": self.options.name}
 
     async def models(self, request: Request):
@@ -258,12 +224,12 @@ class EmbedModel:
             try:
                 req = EmbedRequest.model_validate(payload)
             except ValidationError as err:
-                raise RequestError(422, _validation_message(err)) from None
+                raise RequestError(422, validation_message(err)) from None
             texts = check_texts(req.texts, max_texts=self.options.max_texts, max_chars=self.options.max_text_chars)
         except RequestError as err:
-            return _error(err.status, err.message)
+            return error_response(err.status, err.message)
         emb, trunc = await self.infer(texts)
-        return _json({"model": self.options.name, "dim": self.dim, "embeddings": emb.tolist(), "truncated": trunc})
+        return json_response({"model": self.options.name, "dim": self.dim, "embeddings": emb.tolist(), "truncated": trunc})
 
     async def v2_live(self):
         return {"live": True}
@@ -292,7 +258,7 @@ class EmbedModel:
             try:
                 req = V2InferRequest.model_validate(payload)
             except ValidationError as err:
-                raise RequestError(422, _validation_message(err)) from None
+                raise RequestError(422, validation_message(err)) from None
             t = req.inputs[0]
             if t.name != INPUT_NAME:
                 raise RequestError(422, f"unknown input {t.name!r}: this model has one input named {INPUT_NAME!r}")
@@ -304,32 +270,18 @@ class EmbedModel:
                 raise RequestError(422, f"unknown outputs; this model has one output named {OUTPUT_NAME!r}")
             texts = check_texts(t.data, max_texts=self.options.max_texts, max_chars=self.options.max_text_chars, where="data")
         except RequestError as err:
-            return _error(err.status, err.message)
+            return error_response(err.status, err.message)
         emb, _ = await self.infer(texts)
         answer: dict[str, Any] = {"model_name": self.options.name, "model_version": "1"}
         if req.id is not None:
             answer["id"] = req.id
         answer["outputs"] = [{"name": OUTPUT_NAME, "shape": list(emb.shape), "datatype": "FP32", "data": emb.ravel().tolist()}]
-        return _json(answer)
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error(422, _validation_message(exc))
-
-
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    return _error(500, "internal error")
+        return json_response(answer)
 
 
 def _make_api() -> FastAPI:
     api = FastAPI(title="slimray embeddings", description="Sentence embeddings from a slimray-compressed encoder on Ray Serve.")
-    api.add_exception_handler(StarletteHTTPException, _http_error)
-    api.add_exception_handler(RequestValidationError, _validation_error)
-    api.add_exception_handler(Exception, _unexpected_error)
+    install_error_handlers(api)
     errors = {400: {"description": "unparseable or empty body"}, 401: {"description": "missing or wrong API key"},
               413: {"description": "too many texts or body too large"}, 422: {"description": "invalid texts"}}
 
