@@ -30,6 +30,7 @@ from slimray.text.models import TextArtifactSpec, build_float
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
+LOG_EVERY_S = 30.0  # rank 0 prints a progress line this often within an epoch
 
 
 def _worker(cfg: dict[str, Any]) -> None:
@@ -67,8 +68,8 @@ def _worker(cfg: dict[str, Any]) -> None:
     net = model.module if hasattr(model, "module") else model
     start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        rng = np.random.default_rng(cfg["seed"] + epoch)
-        order = np.resize(rng.permutation(n), per_rank * world)[rank::world]  # equal shards (a few repeats pad the last)
+        order = np.random.default_rng(cfg["seed"] + epoch).permutation(n)
+        order = np.resize(order, per_rank * world)[rank::world]  # equal shards (a few repeats pad the last)
         batches = epoch_batches(order, data.lengths, batch_size=bs, rng=np.random.default_rng([cfg["seed"], epoch, rank]),
                                 bucket=cfg["bucket_by_length"])
         assert len(batches) == steps_per_epoch, (len(batches), steps_per_epoch)
@@ -77,7 +78,7 @@ def _worker(cfg: dict[str, Any]) -> None:
         last_log = t0
         for s, idx in enumerate(batches):
             step = epoch * steps_per_epoch + s
-            if rank == 0 and time.perf_counter() - last_log > cfg.get("log_every_s", 30.0):
+            if rank == 0 and time.perf_counter() - last_log > LOG_EVERY_S:
                 last_log = time.perf_counter()
                 print(f"[distill] epoch {epoch + 1}/{epochs}  step {s}/{steps_per_epoch}  loss {loss_sum / max(1, s):.4f}  "
                       f"{seen * world / (last_log - t0):.0f} sentences/s", flush=True)

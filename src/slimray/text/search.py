@@ -62,8 +62,8 @@ def run_ratio(ratio: float, ctx: dict[str, Any], *, kd_data: KDData, evalset: di
         student = finetune_kd(
             student, kd_data, epochs=search["finetune_epochs"], batch_size=ctx["batch_size"], lr=search["finetune_lr"],
             embed_loss=ctx["embed_loss"], hidden_weight=ctx["hidden_weight"], seed=ctx["seed"],
-            freeze_word_embeddings=ctx.get("freeze_word_embeddings", True), bucket_by_length=ctx.get("bucket_by_length", True),
-            bf16_autocast=ctx.get("bf16_autocast", False),
+            freeze_word_embeddings=ctx["freeze_word_embeddings"], bucket_by_length=ctx["bucket_by_length"],
+            bf16_autocast=ctx["bf16_autocast"],
         )
     base = spec_for(student, name=ratio_key(ratio), base_config=spec.bert_config, max_seq_len=spec.max_seq_len,
                     metadata={"prune_ratio": ratio, "student_layers": spec.metadata.get("student_layers")},
