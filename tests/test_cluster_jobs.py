@@ -1,10 +1,11 @@
-"""A real local multi-node cluster (ray start head + 1 worker, token auth on): submit the digits pipeline
-as a Ray Job, see it succeed and write its artifacts, deploy the winner from the serve/ config, call it
+"""A real local multi-node cluster (ray start head + 1 worker, token auth on): submit a user's own model
+(code, weights and data of its own) as a Ray Job, see it succeed and write its artifacts, deploy the winner from the serve/ config, call it
 over HTTP, and tear the cluster down by PID. Without the token, the submission fails with a message."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import yaml
 
 from slimray import cluster_local
 
-from .conftest import REPO, tiny_digits_config
+from .byom import project
+from .conftest import REPO
 
 
 def _free_port() -> int:
@@ -60,18 +62,30 @@ def test_submission_without_token_fails_with_message(local_cluster, clean_env):
 
 
 def test_submit_follow_then_serve_from_serve_config(local_cluster, clean_env, tmp_path):
+    """The user's own project (its model code in its own folder, Parquet data, safetensors teacher) submitted as
+    a job; the code folder is moved away once the job is submitted, so the job imports the user's module from
+    what travelled with it (py_modules)."""
     env = {**clean_env, "RAY_AUTH_TOKEN_PATH": local_cluster.token_file}
-    cfg_file = tmp_path / "digits.yaml"
-    cfg_file.write_text(yaml.safe_dump(tiny_digits_config("digits-cluster").model_dump(mode="json")))
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copy(project.CODE_DIR / "user_models.py", code / "user_models.py")
+    cfg_file = project.mlp_project(tmp_path / "proj", name="user-cluster", code_dir=code, epochs=4)
     out_dir = tmp_path / "out"
-    sub = _cli(
-        ["submit", "--address", local_cluster.dashboard_url, "--follow", "run", "--config", str(cfg_file), "--out", str(out_dir)],
-        env=env, timeout=900,
+    sub = subprocess.Popen(
+        [sys.executable, "-m", "slimray.cli", "submit", "--address", local_cluster.dashboard_url, "--follow", "run", "--config", str(cfg_file),
+         "--out", str(out_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
-    assert "SUCCEEDED" in sub.stdout and "submitted raysubmit_" in sub.stdout
-    run_dir = out_dir / "digits-cluster"
-    for f in ("report.json", "report.md", "pareto.png", "winner/model.safetensors", "winner/spec.json"):
+    first = sub.stdout.readline()
+    assert "submitted raysubmit_" in first, first + sub.stdout.read()[-3000:]
+    code.rename(tmp_path / "code-away")  # from now on only the job's copy of the code exists
+    try:
+        rest, _ = sub.communicate(timeout=900)
+    finally:
+        (tmp_path / "code-away").rename(code)  # back for the Serve replica below, which imports it from code_dir
+    assert sub.returncode == 0, rest[-4000:]
+    assert "SUCCEEDED" in rest
+    run_dir = out_dir / "user-cluster"
+    for f in ("report.json", "report.md", "pareto.png", "winner/model.safetensors", "winner/spec.json", "teacher_outputs"):
         assert (run_dir / f).exists(), f
 
     listed = _cli(["jobs", "list", "--address", local_cluster.dashboard_url], env=env, timeout=60)
@@ -90,9 +104,9 @@ def test_submit_follow_then_serve_from_serve_config(local_cluster, clean_env, tm
         env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120,
     )
     assert dep.returncode == 0, dep.stdout + dep.stderr
-    from slimray.data import load_digits
+    from slimray.pipeline import read_test_sample
 
-    x = load_digits(seed=0).test.x[:4].tolist()
+    x = read_test_sample(run_dir)[0][:4].tolist()
     deadline = time.monotonic() + 120
     while True:
         try:

@@ -242,3 +242,22 @@ def copy_artifact(src: str | Path, dst: str | Path, *, update: dict[str, Any] | 
 
     _atomic_dir_write(Path(dst), write)
     return spec
+
+
+def artifact_files(path: str | Path) -> dict[str, bytes]:
+    """An artifact's two files as bytes, to travel through the object store as data (no shared disk needed);
+    ``load_artifact_bytes`` rebuilds the module from them."""
+    d = Path(path)
+    if not (d / SPEC).is_file() or not (d / WEIGHTS).is_file():
+        raise FileNotFoundError(f"no model artifact ({SPEC} + {WEIGHTS}) in {d}")
+    return {SPEC: (d / SPEC).read_bytes(), WEIGHTS: (d / WEIGHTS).read_bytes()}
+
+
+def load_artifact_bytes(files: dict[str, bytes]) -> tuple[nn.Module, ArtifactSpec]:
+    """``load_artifact`` on files given as bytes (see ``artifact_files``): no pickled module."""
+    with tempfile.TemporaryDirectory() as d:
+        for name, blob in files.items():
+            if Path(name).name != name or name not in (SPEC, WEIGHTS):
+                raise ValueError(f"bad artifact file name {name!r}")
+            Path(d, name).write_bytes(blob)
+        return load_artifact(d)

@@ -6,6 +6,7 @@
     slimray serve RUN_DIR [--port N] [--replicas N] [--host HOST] [--address ADDR]
     slimray export RUN_DIR --format onnx|torch-export [--trial KEY] --out FILE
     slimray recipes
+    slimray init --model PKG.MODULE:FACTORY --weights W.safetensors --data PATH [--code-dir DIR] [--out slimray.yaml]
 
 ``run`` takes the teacher through distillation, the compression sweep and (unless ``--no-serve``) serves
 the winner until Ctrl-C; with ``--space`` a distillation sweep (Tune trials, each a Ray Train run) picks
@@ -108,6 +109,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the recipes shipped with slimray")
 
+    ini = sub.add_parser("init", help="write a starter config for your own model and data (checked first)")
+    ini.add_argument("--model", required=True, help="factory of your nn.Module, e.g. my_models.net:build")
+    ini.add_argument("--weights", required=True, help="the trained weights as a .safetensors file")
+    ini.add_argument("--data", required=True, help="training data: .parquet/.csv/.jsonl/.npz file, or an image folder")
+    ini.add_argument("--code-dir", help="folder holding the factory's module (default: the current folder if it holds it)")
+    ini.add_argument("--kwargs", default="{}", help="keyword arguments for the factory as JSON, e.g. '{\"num_classes\": 10}'")
+    ini.add_argument("--name", help="run name (default: from the data path)")
+    ini.add_argument("--out", type=Path, default=Path("slimray.yaml"), help="config file to write (default slimray.yaml)")
+    ini.add_argument("--force", action="store_true", help="overwrite --out")
+
     sbm = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray Job")
     sbm.add_argument("--address", default=None, help=f"Ray dashboard address (default RAY_ADDRESS or {DEFAULT_DASHBOARD})")
     sbm.add_argument("--follow", action="store_true", help="stream the logs until the job ends; exit with its status")
@@ -151,12 +162,12 @@ def _check_and_wait(url: str, run_dir: Path) -> None:
     import torch
 
     from slimray.artifacts import load_runnable
-    from slimray.data import load_dataset, normalize
+    from slimray.data import normalize
+    from slimray.pipeline import read_test_sample
 
     model, spec = load_runnable(run_dir / "winner")
-    report = json.loads((run_dir / "report.json").read_text())
-    ds = load_dataset(report["dataset"], seed=json.loads((run_dir / "config.json").read_text())["data"]["seed"])
-    x = ds.test.x[:8]
+    x, labels = read_test_sample(run_dir)
+    x, labels = x[:8], labels[:8]
     body = {"inputs": x.tolist()}
     sample = run_dir / "sample_request.json"
     sample.write_text(json.dumps(body))
@@ -172,7 +183,7 @@ def _check_and_wait(url: str, run_dir: Path) -> None:
     with torch.inference_mode():
         local = model(normalize(torch.from_numpy(x), spec.input)).argmax(1).tolist()
     same = answer["predictions"] == local
-    print(f"served predictions {answer['predictions']} (labels {ds.test.y[:8].tolist()}); in-process {local}: {'same' if same else 'DIFFERENT'}")
+    print(f"served predictions {answer['predictions']} (labels {labels.tolist()}); in-process {local}: {'same' if same else 'DIFFERENT'}")
     print(f"\nServing {url}/v1/predict  (OpenAPI: {url}/docs, health: {url}/healthz)")
     print(f"  curl -s -X POST {url}/v1/predict -H 'Content-Type: application/json' -d @{sample}")
     print("Ctrl-C stops the server.", flush=True)
@@ -215,6 +226,25 @@ def _wait_text(url: str) -> int:
         from ray import serve
 
         serve.shutdown()
+    return 0
+
+
+def _init(args) -> int:
+    from slimray.starter import write_starter
+
+    try:
+        kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--kwargs is not JSON: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError("--kwargs must be a JSON object")
+    code_dir = args.code_dir
+    top = args.model.split(":", 1)[0].split(".", 1)[0]
+    if code_dir is None and (Path(top).is_dir() or Path(f"{top}.py").is_file()):
+        code_dir = "."
+    out = write_starter(args.out, model=args.model, weights=args.weights, data=args.data, code_dir=code_dir,
+                        name=args.name, kwargs=kwargs, force=args.force)
+    print(f"wrote {out}; check the data columns in it, then: slimray run --config {out}")
     return 0
 
 
@@ -386,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"check on {check['num_examples']} held-out examples: max abs logit difference {check['max_abs_diff']:.3g}, "
                   f"same class {check['class_agreement']:.2f}%  ({args.out}.check.json)")
             return 0
+        if args.command == "init":
+            return _init(args)
         if args.command == "submit":
             return _submit(args)
         if args.command == "jobs":

@@ -9,15 +9,17 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import Discriminator, Field, PositiveInt, Tag, ValidationError, field_validator, model_validator
 
 from slimray.compress.prune import PruneSpec
 from slimray.compress.quantize import QuantMethod, QuantSpec
 from slimray.compress.runtime import DEVICE_METHODS, Device, RuntimeName, RuntimeSpec, unsupported_reason
-from slimray.models.spec import ModelSpec, build_model, scale_spec
-from slimray.schema import ConfigError, StrictModel
+from slimray.data.files_config import FilesDataConfig
+from slimray.models.spec import ModelSpec, ModuleSpec, build_model, scale_spec
+from slimray.models.usermodule import check_factory_path
+from slimray.schema import UNION_TAGS, ConfigError, StrictModel
 from slimray.sweep.space import DistillSpace, RandInt, SweepSpaceFile, domain_ends, domain_values
 from slimray.training.features import FeatureKDSpec, layer_names
 
@@ -31,32 +33,82 @@ def check_name(value: str, *, what: str = "name") -> str:
     return value
 
 
-class DataConfig(StrictModel):
+class BuiltinDataConfig(StrictModel):
+    """A dataset that installs from a package (the recipes' data)."""
+
+    source: Literal["builtin"] = "builtin"
     name: Literal["mnist", "digits"]
     seed: int = Field(0, description="split seed (digits only; MNIST has fixed splits)")
 
 
-class TeacherConfig(StrictModel):
-    """Either a pretrained teacher from a package, or one trained on labels in the pipeline."""
+def _data_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("source", "builtin")
+    return getattr(value, "source", "builtin")
 
-    source: Literal["ccexam_mnist", "train"]
+
+UNION_TAGS.update({"builtin", "files"})
+DataConfig = Annotated[
+    Union[Annotated[BuiltinDataConfig, Tag("builtin")], Annotated[FilesDataConfig, Tag("files")]],
+    Discriminator(_data_kind),
+]
+
+
+class TeacherConfig(StrictModel):
+    """Where the teacher comes from: the user's module + safetensors weights (``module``), a pretrained
+    teacher from a package (``ccexam_mnist``), or one trained on labels in the pipeline (``train``)."""
+
+    source: Literal["module", "ccexam_mnist", "train"]
     model: ModelSpec | None = Field(None, description="architecture to train (source: train)")
+    factory: str | None = Field(None, description="source module: 'package.module:function' returning the nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="source module: keyword arguments for the factory")
+    weights: str | None = Field(None, description="source module: the teacher's state dict as a .safetensors file")
+    code_dir: str | None = Field(None, description="source module: folder holding the factory's package (travels with submitted jobs)")
     epochs: PositiveInt = 20
     lr: float = Field(2e-3, gt=0)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str | None) -> str | None:
+        return None if v is None else check_factory_path(v)
 
     @model_validator(mode="after")
     def _needs_model(self) -> TeacherConfig:
         if self.source == "train" and self.model is None:
             raise ValueError("teacher.model is required when teacher.source is 'train'")
-        if self.source == "ccexam_mnist" and self.model is not None:
-            raise ValueError("teacher.model must be left out for source 'ccexam_mnist' (its architecture is fixed)")
+        if self.source != "train" and self.model is not None:
+            raise ValueError(f"teacher.model must be left out for source {self.source!r} (it is for source: train)")
+        module_fields = [f for f in ("factory", "weights", "code_dir") if getattr(self, f) is not None] + (["kwargs"] if self.kwargs else [])
+        if self.source == "module":
+            missing = [f for f in ("factory", "weights") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"teacher.source 'module' needs {' and '.join('teacher.' + m for m in missing)}")
+        elif module_fields:
+            raise ValueError(f"teacher.{module_fields[0]} is only for source: module (this teacher's source is {self.source!r})")
         return self
+
+    def module_spec(self) -> ModuleSpec:
+        assert self.source == "module" and self.factory is not None
+        return ModuleSpec(factory=self.factory, kwargs=self.kwargs, code_dir=self.code_dir)
+
+
+class DeriveConfig(StrictModel):
+    """A student derived from the teacher by structured pruning (torch-pruning's dependency graph), then
+    recovered by distillation: no hand-written student architecture needed."""
+
+    keep: float = Field(0.5, gt=0, lt=1, description="fraction of the teacher's parameters (or MACs) the student keeps")
+    by: Literal["params", "macs"] = Field("params", description="what `keep` measures")
+    importance: Literal["l1", "l2", "taylor"] = Field("l1", description="channel ranking used to choose what is removed")
+    round_to: PositiveInt | None = Field(None, description="keep widths a multiple of this")
 
 
 class DistillConfig(StrictModel):
     """Ray Train distillation of the student: logit KD, feature KD or labels only (see ``loss``)."""
 
-    student: ModelSpec
+    student: ModelSpec | None = Field(
+        None, description="a built-in student architecture; leave out to derive the student from the teacher (see derive)"
+    )
+    derive: DeriveConfig | None = Field(None, description="derive the student by pruning the teacher (the default without student)")
     epochs: PositiveInt = 6
     batch_size: PositiveInt = 128
     lr: float = Field(3e-3, gt=0)
@@ -93,11 +145,19 @@ class DistillConfig(StrictModel):
 
     @model_validator(mode="after")
     def _loss_needs(self) -> DistillConfig:
+        if self.student is not None and self.derive is not None:
+            raise ValueError("give distill.student (a built-in architecture) or distill.derive (prune the teacher), not both")
+        if self.student is None and self.derive is None:
+            object.__setattr__(self, "derive", DeriveConfig())
+        if isinstance(self.student, ModuleSpec):
+            raise ValueError("distill.student must be a built-in spec (cnn or mlp); a student of your own module is derived (distill.derive)")
         if self.loss == "features":
             if self.feature_kd is None:
                 raise ValueError("loss 'features' needs feature_kd: {student_layer, teacher_layer, weight}")
             if self.teacher_outputs != "in_loop":
                 raise ValueError("loss 'features' needs teacher_outputs: in_loop (teacher features are not precomputed)")
+            if self.student is None:  # a derived student keeps the teacher's module names: checked with the teacher
+                return self
             names = layer_names(build_model(self.student))
             if self.feature_kd.student_layer not in names:
                 raise ValueError(f"feature_kd.student_layer {self.feature_kd.student_layer!r} is not a student module; choose one of {names}")
@@ -195,6 +255,9 @@ class SearchConfig(StrictModel):
     reduction_factor: float = Field(2.0, gt=1, description="asha: keep 1/reduction_factor of trials at each rung")
     finetune_epochs: int = Field(1, ge=0, description="KD fine-tune epochs after pruning")
     finetune_lr: float = Field(1e-3, gt=0)
+    finetune_examples: PositiveInt = Field(
+        50_000, description="data on disk: training examples (with the teacher's outputs) read for pruning fine-tunes and calibration"
+    )
     max_accuracy_drop: float = Field(0.5, ge=0, description="points of accuracy the winner may lose vs the teacher")
     teacher_reference_split: Literal["val", "test"] = Field(
         "val",
@@ -280,8 +343,11 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
-        if self.teacher.source == "ccexam_mnist" and self.data.name != "mnist":
+        if self.teacher.source == "ccexam_mnist" and getattr(self.data, "name", None) != "mnist":
             raise ValueError("teacher.source 'ccexam_mnist' needs data.name 'mnist'")
+        if self.distill_sweep is not None and self.distill_sweep.distill is not None and self.distill.student is None:
+            if {"width", "depth"} & set(self.distill_sweep.distill.params()):
+                raise ValueError("distill_sweep.distill.width/depth scale a built-in student spec; with a derived student sweep distill.derive.keep instead")
         if self.distill_sweep is not None:
             if self.distill_sweep.compress is not None:
                 object.__setattr__(self.search, "space", SearchSpace.model_validate(self.distill_sweep.compress))
@@ -292,6 +358,8 @@ class PipelineConfig(StrictModel):
 
 def check_distill_space(space: DistillSpace, distill: DistillConfig) -> None:
     """Every student the space can make must be a valid model, and every loss kind usable with this config."""
+    if distill.student is None:
+        return
     widths = domain_ends(space.width) or [1.0]
     if isinstance(space.depth, RandInt):
         depths: list[int | None] = list(range(space.depth.randint[0], space.depth.randint[1] + 1))
@@ -338,9 +406,21 @@ def resolve_resource(path: str) -> Path:
     return Path(path)
 
 
+def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
+    """Relative data, weights and code paths made absolute against ``base`` (a config file's folder)."""
+    data = cfg.model_dump()
+    if cfg.data.source == "files":
+        data["data"] = cfg.data.resolve_paths(base).model_dump()
+    for key in ("weights", "code_dir"):
+        v = data["teacher"].get(key)
+        if v is not None and not Path(v).is_absolute():
+            data["teacher"][key] = str((base / v).resolve())
+    return PipelineConfig.model_validate(data)
+
+
 def load_config(*, recipe: str | None = None, config: str | Path | None = None) -> PipelineConfig:
     if recipe and config:
         raise ConfigError("give --recipe or --config, not both")
     if config is not None:
-        return PipelineConfig.from_file(config)
+        return resolve_paths(PipelineConfig.from_file(config), Path(config).resolve().parent)
     return PipelineConfig.from_file(recipe_path(recipe or "mnist"))

@@ -43,13 +43,22 @@ def model_dir(run_dir: Path, trial: str | None) -> Path:
     return path
 
 
+def held_out_inputs(run_dir: Path):
+    """The run's held-out examples (raw units): its saved test sample, or, for runs made before it existed,
+    the built-in dataset's test split."""
+    from slimray.pipeline import TEST_SAMPLE, read_test_sample
+
+    if (run_dir / TEST_SAMPLE).exists():
+        return read_test_sample(run_dir)[0]
+    cfg = json.loads((run_dir / "config.json").read_text())
+    return load_dataset(cfg["data"]["name"], seed=cfg["data"].get("seed", 0)).test.x
+
+
 def export_run(run_dir: str | Path, *, fmt: ExportFormat, out: str | Path, trial: str | None = None) -> dict[str, Any]:
     run_dir, out = Path(run_dir), Path(out)
     src = model_dir(run_dir, trial)
     spec = load_spec(src)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    ds = load_dataset(cfg["data"]["name"], seed=cfg["data"].get("seed", 0))
-    x = normalize(torch.from_numpy(ds.test.x), spec.input)
+    x = normalize(torch.from_numpy(held_out_inputs(run_dir)), spec.input)
     reference, _ = load_runnable(src)  # what the run measured and serves
     if fmt == "onnx":
         if spec.runtime.name == "onnxruntime":

@@ -16,7 +16,7 @@ from typing import Any
 
 import slimray
 from slimray.auth import auth_headers, explain_refusal, read_token
-from slimray.config import PipelineConfig
+from slimray.config import load_config
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 DEFAULT_CLUSTER_OUT = "/tmp/slimray/runs"
@@ -42,6 +42,19 @@ def connect(address: str | None, *, token_files: tuple[Path, ...] = ()):
 SPACE_ENV = "SLIMRAY_SPACE_JSON"
 
 
+def user_code_modules(factory: str, code_dir: str | None) -> list[Path]:
+    """What of the user's code folder travels with a job: the factory's top-level package (a folder) or
+    module (a ``.py`` file), as ``py_modules`` entries. Without ``code_dir`` the code must be installed there."""
+    if code_dir is None:
+        return []
+    top = factory.split(":", 1)[0].split(".", 1)[0]
+    root = Path(code_dir)
+    for candidate in (root / top, root / f"{top}.py"):
+        if candidate.exists():
+            return [candidate.resolve()]
+    raise ValueError(f"teacher.code_dir {code_dir}: neither {top}/ nor {top}.py is there (the factory {factory!r} imports {top!r})")
+
+
 def build_submission(args: list[str]) -> dict[str, Any]:
     """The ``submit_job`` keyword arguments for ``slimray <args>`` (args[0] is the command)."""
     if not args or args[0] not in SUBMITTABLE:
@@ -56,8 +69,13 @@ def build_submission(args: list[str]) -> dict[str, Any]:
         i = args.index("--config")
         if i + 1 >= len(args):
             raise ValueError("--config needs a file")
-        cfg = PipelineConfig.from_file(args[i + 1])
+        cfg = load_config(config=args[i + 1])  # relative data/weights/code paths made absolute
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"space_file": None})})
+        if cfg.teacher.source == "module":
+            user_code = user_code_modules(cfg.teacher.factory, cfg.teacher.code_dir)
+            # the factory's package travels with the job; where code_dir does not exist (another machine) the
+            # import finds it there instead
+            runtime_env["py_modules"] += [str(m) for m in user_code]
         runtime_env["env_vars"][CONFIG_ENV] = cfg.model_dump_json()
         args[i : i + 2] = ["--config-env", CONFIG_ENV]
     if "--space" in args:

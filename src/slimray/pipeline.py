@@ -19,13 +19,18 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimray.artifacts import ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, save_artifact
+import copy
+
+from slimray.artifacts import ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, load_spec, save_artifact
+from slimray.compress.prune import prune_to_fraction
 from slimray.compress.runtime import OrtModel, compile_model, onnx_for
 from slimray.compress.measure import accuracy, compare_latency, predict_logits, torch_threads
 from slimray.config import PipelineConfig
-from slimray.data import Dataset, load_dataset
-from slimray.models import build_model, load_ccexam_mnist_teacher
-from slimray.models.spec import count_params
+from slimray.data import load_dataset
+from slimray.models import load_ccexam_mnist_teacher
+from slimray.models.spec import InputSpec, ModuleSpec, count_params, spec_from_model
+from slimray.models.usermodule import build_from_factory, load_weights
+from slimray.schema import ConfigError
 from slimray.report import results_table, write_report
 from slimray.runtime import init_ray
 from slimray.runs import log, prepare_run_dir
@@ -34,12 +39,17 @@ from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_faste
 from slimray.training.distill import TrainData, TrainJob, check_teacher_layer, run_training
 
 
-def _teacher(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path) -> tuple[torch.nn.Module, ArtifactSpec]:
+def _teacher(run: Run, data: TrainData) -> tuple[torch.nn.Module, ArtifactSpec]:
+    cfg, run_dir = run.cfg, run.run_dir
     path = run_dir / "teacher"
     if (path / "spec.json").exists():
         log("teacher: reusing the saved teacher")
         return load_artifact(path)
-    if cfg.teacher.source == "ccexam_mnist":
+    if cfg.teacher.source == "module":
+        spec = cfg.teacher.module_spec()
+        log(f"teacher: {spec.factory} with weights {cfg.teacher.weights}")
+        model = load_user_teacher(cfg)
+    elif cfg.teacher.source == "ccexam_mnist":
         log("teacher: the pretrained ccexam MNIST CNN")
         model, spec = load_ccexam_mnist_teacher()
     else:
@@ -50,12 +60,34 @@ def _teacher(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path) -
             epochs=cfg.teacher.epochs, batch_size=cfg.distill.batch_size, lr=cfg.teacher.lr, alpha=0.0,
             num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu, seed=cfg.distill.seed,
             max_failures=cfg.distill.max_failures, metrics_path=str(run_dir / "teacher_metrics.jsonl"),
-            strategy=cfg.distill.strategy, placement_strategy=cfg.distill.placement_strategy,
+            strategy=cfg.distill.strategy, placement_strategy=cfg.distill.placement_strategy, input_spec=run.input.model_dump(),
         )
         model, _ = run_training(job, data)
-    art = ArtifactSpec(name="teacher", model=spec, input=ds.input)
+    art = ArtifactSpec(name="teacher", model=spec, input=run.input)
     save_artifact(path, model, art)
     return load_artifact(path)
+
+
+def load_user_teacher(cfg: PipelineConfig, *, input_shape: list[int] | None = None) -> torch.nn.Module:
+    """The user's teacher: ``factory(**kwargs)`` with its safetensors weights (mismatches listed), in eval mode.
+    With ``input_shape``, one forward pass on zeros checks that the module takes the data's examples."""
+    t = cfg.teacher
+    model = build_from_factory(t.factory, t.kwargs, code_dir=t.code_dir)
+    load_weights(model, t.weights)
+    model.eval()
+    if input_shape is not None:
+        try:
+            with torch.inference_mode():
+                out = model(torch.zeros(2, *input_shape))
+        except Exception as err:
+            raise ConfigError(
+                f"teacher.factory {t.factory!r}: the module fails on a batch of examples shaped {input_shape} "
+                f"(from the data): {type(err).__name__}: {err}"
+            ) from None
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise ConfigError(f"teacher.factory {t.factory!r}: a classifier must return logits shaped (batch, classes), got "
+                              f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else list(out.shape)}")
+    return model
 
 
 def _teacher_logits(teacher: torch.nn.Module, x_train: torch.Tensor, run_dir: Path) -> np.ndarray:
@@ -71,7 +103,32 @@ def _teacher_logits(teacher: torch.nn.Module, x_train: torch.Tensor, run_dir: Pa
     return logits.numpy()
 
 
-def _student(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path, *, distilled: bool) -> tuple[torch.nn.Module, ArtifactSpec]:
+def derive_student(run: Run, teacher: torch.nn.Module, teacher_spec: ArtifactSpec) -> tuple[torch.nn.Module, ArtifactSpec]:
+    """The student derived from the teacher by structured pruning to ``distill.derive.keep`` of its size
+    (saved once as ``RUN/student_init``: the distillation runs start from these weights)."""
+    path = run.run_dir / "student_init"
+    if (path / "spec.json").exists():
+        return load_artifact(path)
+    dv = run.cfg.distill.derive
+    assert dv is not None
+    x, y = run.split["val"] if run.split.get("train") is None else run.split["train"]
+    grads = [(x[i * 64 : (i + 1) * 64], y[i * 64 : (i + 1) * 64]) for i in range(min(8, max(1, len(x) // 64)))]
+    pruned, info = prune_to_fraction(
+        copy.deepcopy(teacher).train(), keep=dv.keep, by=dv.by, importance=dv.importance, round_to=dv.round_to,
+        example_inputs=x[:1], gradient_batches=grads if dv.importance == "taylor" else None,
+    )
+    note = f"teacher pruned to {100 * info['kept_fraction']:.1f}% of its {dv.by} (channel ratio {info['channel_ratio']:.3f}, {dv.importance})"
+    log(f"student: derived from the teacher: {note}; {count_params(teacher)} -> {count_params(pruned)} params")
+    model_spec = spec_from_model(pruned, teacher_spec.model)
+    if isinstance(model_spec, ModuleSpec):
+        model_spec = model_spec.model_copy(update={"note": note})
+    spec = ArtifactSpec(name="student_init", model=model_spec, input=run.input, metadata={"derived": info})
+    save_artifact(path, pruned.eval(), spec)
+    return load_artifact(path)
+
+
+def _student(run: Run, data: TrainData, *, distilled: bool, init: tuple[torch.nn.Module, ArtifactSpec] | None) -> tuple[torch.nn.Module, ArtifactSpec]:
+    cfg, run_dir = run.cfg, run.run_dir
     name = "student" if distilled else "student_labels_only"
     path = run_dir / name
     if (path / "spec.json").exists():
@@ -81,40 +138,69 @@ def _student(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path, *
     kd = distilled and d.loss != "labels"
     how = (f"KD on {d.loss} (T={d.temperature}, alpha={d.alpha}, teacher {d.teacher_outputs})" if kd
            else "labels only" + ("" if distilled else " (same budget)"))
-    log(f"{name}: {d.epochs} epochs, {how}, {d.num_workers} Ray Train workers ({d.strategy}, {d.placement_strategy})")
+    src = "Ray Data shards" if data.train_stream is not None else "the object store"
+    log(f"{name}: {d.epochs} epochs, {how}, {d.num_workers} Ray Train workers ({d.strategy}, {d.placement_strategy}) reading {src}")
+    model_spec = init[1].model if init is not None else d.student
     job = TrainJob(
-        label=name, run_name=f"{cfg.name}-{name}", storage_path=str(run_dir / "ray"), spec=d.student.model_dump(),
+        label=name, run_name=f"{cfg.name}-{name}", storage_path=str(run_dir / "ray"), spec=model_spec.model_dump(),
         epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, lr_schedule=d.lr_schedule, weight_decay=d.weight_decay, temperature=d.temperature,
         alpha=d.alpha if kd else 0.0, num_workers=d.num_workers, use_gpu=d.use_gpu, seed=d.seed,
         max_failures=d.max_failures, metrics_path=str(run_dir / f"{name}_metrics.jsonl"),
         strategy=d.strategy, placement_strategy=d.placement_strategy, teacher_outputs=d.teacher_outputs,
         teacher_dir=str(run_dir / "teacher"), teacher_half_precision=d.teacher_half_precision,
-        feature_kd=d.feature_kd if kd and d.loss == "features" else None,
+        feature_kd=d.feature_kd if kd and d.loss == "features" else None, input_spec=run.input.model_dump(),
     )
-    model, _ = run_training(job, data)
-    save_artifact(path, model, ArtifactSpec(name=name, model=d.student, input=ds.input))
+    init_state = {k: v.detach().clone() for k, v in init[0].state_dict().items()} if init is not None else None
+    model, _ = run_training(job, data, init_state=init_state)
+    save_artifact(path, model, ArtifactSpec(name=name, model=model_spec, input=run.input, metadata=init[1].metadata if init else {}))
     return load_artifact(path)
 
 
 @dataclass
 class Run:
-    """An opened run: its config, folder, data (tensors and object-store references) and start time."""
+    """An opened run: its config, folder, data and start time. ``split`` holds normalised tensors (val, test,
+    and train for built-in data; for data on disk, train is a sample of the teacher outputs, set by the
+    teacher stage), ``refs`` their object-store references, ``stream`` the training files as a Ray Dataset."""
 
     cfg: PipelineConfig
     run_dir: Path
-    ds: Dataset
-    split: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    name: str
+    input: InputSpec
+    num_classes: int
+    split: dict[str, tuple[torch.Tensor, torch.Tensor] | None]
     refs: dict[str, Any]
     t_start: float
+    stream: Any = None  # ray.data.Dataset of raw (x, y) for data on disk
 
     @property
     def labels_data(self) -> TrainData:
-        return TrainData(**self.refs)
+        return TrainData(**self.refs, train_stream=self.stream)
+
+
+TEST_SAMPLE = "test_sample.safetensors"
+NUM_TEST_SAMPLE = 1024
+
+
+def write_test_sample(run_dir: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Up to NUM_TEST_SAMPLE held-out examples in raw units (a seeded pick): what ``slimray serve`` checks the endpoint with, and what
+    export checks against, without reading the user's data again."""
+    pick = np.sort(np.random.default_rng(0).permutation(len(y))[:NUM_TEST_SAMPLE])  # files may be sorted by class
+    tmp = run_dir / f".{TEST_SAMPLE}.tmp"
+    save_file({"x": torch.from_numpy(np.ascontiguousarray(x[pick])), "y": torch.from_numpy(np.ascontiguousarray(y[pick]))}, str(tmp))
+    tmp.replace(run_dir / TEST_SAMPLE)
+
+
+def read_test_sample(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    t = load_file(str(Path(run_dir) / TEST_SAMPLE))
+    return t["x"].numpy(), t["y"].numpy()
 
 
 def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False) -> Run:
-    """Prepare the run folder, start or reach Ray, load the data once and share it through the object store."""
+    """Prepare the run folder, start or reach Ray, open the data (built-in: loaded once and shared through the
+    object store; files: checked in one streaming pass, val/test read, train kept as a Ray Dataset)."""
     t_start = time.perf_counter()
+    if cfg.teacher.source == "module":  # the user's code and weights fail here, before Ray starts
+        load_user_teacher(cfg)
     run_dir = prepare_run_dir(cfg, Path(out_dir), fresh=fresh)
     log(f"run folder {run_dir}")
     init_ray(address)
@@ -127,12 +213,31 @@ def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str 
             num_trials=cfg.distill_sweep.num_trials, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker,
             use_gpu=s.use_gpu, max_concurrent_trials=s.max_concurrent_trials, what="distillation sweep",
         )
-    ds = load_dataset(cfg.data.name, seed=cfg.data.seed)
-    split = {name: ds.normalized(name) for name in ("train", "val", "test")}
-    log(f"data {ds.name}: {len(split['train'][0])} train / {len(split['val'][0])} val / {len(split['test'][0])} test")
-    (x_tr, y_tr), (x_va, y_va) = split["train"], split["val"]
-    refs = dict(x_train=ray.put(x_tr.numpy()), y_train=ray.put(y_tr.numpy()), x_val=ray.put(x_va.numpy()), y_val=ray.put(y_va.numpy()))
-    return Run(cfg, run_dir, ds, split, refs, t_start)
+    if cfg.data.source == "files":
+        from slimray.data.files import load_files_data
+
+        log(f"data: reading {cfg.data.train} with Ray Data (one checking pass over the training split)")
+        fd = load_files_data(cfg.data)
+        if cfg.teacher.source == "module":
+            load_user_teacher(cfg, input_shape=fd.input.shape)
+        norm = lambda s: (fd.input.normalize(torch.from_numpy(s.x)), torch.from_numpy(s.y))  # noqa: E731
+        split = {"train": None, "val": norm(fd.val), "test": norm(fd.test)}
+        name, input_spec, num_classes, stream, n_train = fd.name, fd.input, fd.num_classes, fd.train, fd.num_train
+        write_test_sample(run_dir, fd.test.x, fd.test.y)
+        refs = dict(x_train=None, y_train=None)
+    else:
+        ds = load_dataset(cfg.data.name, seed=cfg.data.seed)
+        if cfg.teacher.source == "module":
+            load_user_teacher(cfg, input_shape=ds.input.shape)
+        split = {k: ds.normalized(k) for k in ("train", "val", "test")}
+        name, input_spec, num_classes, stream, n_train = ds.name, ds.input, ds.num_classes, None, len(ds.train)
+        write_test_sample(run_dir, ds.test.x, ds.test.y)
+        refs = dict(x_train=ray.put(split["train"][0].numpy()), y_train=ray.put(split["train"][1].numpy()))
+    log(f"data {name}: {n_train} train / {len(split['val'][0])} val / {len(split['test'][0])} test, "
+        f"{num_classes} classes, examples {input_spec.shape}")
+    (x_va, y_va) = split["val"]
+    refs.update(x_val=ray.put(x_va.numpy()), y_val=ray.put(y_va.numpy()))
+    return Run(cfg, run_dir, name, input_spec, num_classes, split, refs, t_start, stream=stream)
 
 
 @dataclass
@@ -145,19 +250,36 @@ class Distilled:
 
 
 def teacher_stage(run: Run) -> Distilled:
-    teacher, _ = _teacher(run.cfg, run.ds, run.labels_data, run.run_dir)
-    logits_ref = ray.put(_teacher_logits(teacher, run.split["train"][0], run.run_dir))
-    return Distilled(teacher=teacher, logits_ref=logits_ref)
+    teacher, _ = _teacher(run, run.labels_data)
+    if run.stream is None:
+        logits_ref = ray.put(_teacher_logits(teacher, run.split["train"][0], run.run_dir))
+        return Distilled(teacher=teacher, logits_ref=logits_ref)
+    # data on disk: the teacher's outputs are a Ray Data batch-inference job written into the run folder once
+    from slimray.data.files import TEACHER_OUTPUTS, read_sample, write_teacher_outputs
+
+    out = run.run_dir / TEACHER_OUTPUTS
+    if not out.is_dir():
+        log("teacher: computing its outputs over the training split once (Ray Data batch inference)")
+        write_teacher_outputs(run.stream, teacher_dir=run.run_dir / "teacher", input_spec=run.input, out_dir=out)
+    else:
+        log("teacher: reusing its saved outputs")
+    run.stream = ray.data.read_parquet(str(out))
+    sample = read_sample(out, limit=run.cfg.search.finetune_examples)
+    x = run.input.normalize(torch.from_numpy(sample["x"]))
+    run.split["train"] = (x, torch.from_numpy(sample["y"]))
+    run.refs.update(x_train=ray.put(x.numpy()), y_train=ray.put(sample["y"]))
+    return Distilled(teacher=teacher, logits_ref=ray.put(sample["logits"]))
 
 
 def distill_stage(run: Run) -> Distilled:
-    """Teacher (loaded or trained), teacher logits, the distilled student and the labels-only baseline."""
+    """Teacher (loaded or trained), teacher outputs, the distilled student and the labels-only baseline."""
     check_teacher_layer(run.cfg)  # a bad feature_kd.teacher_layer fails before the teacher is trained
     d = teacher_stage(run)
-    kd_data = TrainData(**run.refs, teacher_logits=d.logits_ref)
-    d.student, _ = _student(run.cfg, run.ds, kd_data, run.run_dir, distilled=True)
+    init = derive_student(run, d.teacher, load_spec(run.run_dir / "teacher")) if run.cfg.distill.student is None else None
+    kd_data = TrainData(**run.refs, teacher_logits=d.logits_ref, train_stream=run.stream)
+    d.student, _ = _student(run, kd_data, distilled=True, init=init)
     if run.cfg.distill.labels_only_baseline:
-        d.baseline = _student(run.cfg, run.ds, run.labels_data, run.run_dir, distilled=False)[0]
+        d.baseline = _student(run, run.labels_data, distilled=False, init=init)[0]
     return d
 
 
@@ -217,7 +339,7 @@ def distill_sweep_stage(run: Run, d: Distilled, *, resume: bool = True) -> dict[
     )
     ctx = DistillSweepContext(
         run_dir=str(run_dir), storage_path=str(run_dir / "ray"), sweep_name=f"{cfg.name}-distill-sweep",
-        distill=cfg.distill.model_dump(), space=space.model_dump(), input_spec=run.ds.input.model_dump(),
+        distill=cfg.distill.model_dump(), space=space.model_dump(), input_spec=run.input.model_dump(),
         data=TrainData(**run.refs, teacher_logits=d.logits_ref), teacher_dir=str(run_dir / "teacher"),
     )
     rows = run_distill_sweep(ctx, max_concurrent_trials=concurrent, resume=resume)
@@ -272,7 +394,7 @@ def sweep_stage(
     run: Run, d: Distilled, *, base_dir: Path, resume: bool = True, distill_sweep: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Compress the model in ``base_dir`` (the student, or any artifact), pick the winner, write the report."""
-    cfg, run_dir, ds, t_start = run.cfg, run.run_dir, run.ds, run.t_start
+    cfg, run_dir, t_start = run.cfg, run.run_dir, run.t_start
     (x_va, y_va), (x_te, y_te) = run.split["val"], run.split["test"]
     refs, logits_ref, teacher, baseline = run.refs, d.logits_ref, d.teacher, d.baseline
     student = d.student if d.student is not None else load_artifact(base_dir)[0]
@@ -374,7 +496,7 @@ def sweep_stage(
     report = {
         "name": cfg.name,
         "recipe": cfg.recipe or cfg.name,
-        "dataset": ds.name,
+        "dataset": run.name,
         "max_accuracy_drop": s.max_accuracy_drop,
         "accuracy_floor": floor,
         "teacher_reference_split": s.teacher_reference_split,

@@ -23,10 +23,15 @@ class ClusterTooSmallError(RuntimeError):
     """The cluster cannot fit what was asked for; raised before anything waits on resources."""
 
 
+# Tags of tagged unions (``Annotated[..., Tag(name)]``): pydantic puts them in an error's location, where
+# they name no field of the file; the message leaves them out so that it reads like the YAML path.
+UNION_TAGS: set[str] = set()
+
+
 def format_validation_error(err: ValidationError, *, source: str) -> str:
     lines = [f"invalid {err.title} in {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in e["loc"] if p not in UNION_TAGS) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (not allowed here; check the spelling)"

@@ -81,3 +81,53 @@ def prunable_channels(model: nn.Module) -> int:
     """Channels/neurons the pruner may remove: the outputs of every layer but the last."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
     return sum(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for m in layers)
+
+
+def model_size(model: nn.Module, *, by: Literal["params", "macs"], example_inputs: torch.Tensor) -> float:
+    if by == "params":
+        return float(sum(p.numel() for p in model.parameters()))
+    macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    return float(macs)
+
+
+def prune_to_fraction(
+    model: nn.Module,
+    *,
+    keep: float,
+    by: Literal["params", "macs"] = "params",
+    importance: Literal["l1", "l2", "taylor"] = "l1",
+    round_to: int | None = None,
+    example_inputs: torch.Tensor,
+    gradient_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    tolerance: float = 0.02,
+    max_steps: int = 12,
+) -> tuple[nn.Module, dict[str, float]]:
+    """A structurally pruned copy of ``model`` keeping about ``keep`` of its parameters (or MACs).
+
+    The per-layer channel ratio that gets there is found by bisection (a layer's cost falls roughly with the
+    square of its kept width, so the ratio is not ``1 - keep``). Returns the pruned copy and what was reached.
+    """
+    import copy
+
+    if not 0.0 < keep < 1.0:
+        raise ValueError(f"keep must be in (0, 1), got {keep}")
+    example_inputs = example_inputs[:1]
+    full = model_size(model, by=by, example_inputs=example_inputs)
+    lo, hi = 0.0, 0.99
+    best: tuple[float, nn.Module, float] | None = None
+    for _ in range(max_steps):
+        ratio = (lo + hi) / 2
+        candidate = prune(copy.deepcopy(model), PruneSpec(ratio=ratio, importance=importance, round_to=round_to),
+                          example_inputs=example_inputs, gradient_batches=gradient_batches)
+        frac = model_size(candidate, by=by, example_inputs=example_inputs) / full
+        if best is None or abs(frac - keep) < abs(best[2] - keep):
+            best = (ratio, candidate, frac)
+        if abs(frac - keep) <= tolerance:
+            break
+        if frac > keep:
+            lo = ratio
+        else:
+            hi = ratio
+    assert best is not None
+    ratio, pruned, frac = best
+    return pruned, {"channel_ratio": ratio, "kept_fraction": frac, "by": by, "target": keep}

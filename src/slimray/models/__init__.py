@@ -1,6 +1,6 @@
 """Model architectures described by JSON-serialisable specs (pure torch, no ray)."""
 
-from slimray.models.spec import CNNSpec, InputSpec, MLPSpec, ModelSpec, build_model, spec_from_model
+from slimray.models.spec import CNNSpec, InputSpec, MLPSpec, ModelSpec, ModuleSpec, build_model, parse_spec, spec_from_model
 from slimray.models.teachers import load_ccexam_mnist_teacher
 
 __all__ = [
@@ -8,6 +8,8 @@ __all__ = [
     "InputSpec",
     "MLPSpec",
     "ModelSpec",
+    "ModuleSpec",
+    "parse_spec",
     "build_model",
     "spec_from_model",
     "load_ccexam_mnist_teacher",

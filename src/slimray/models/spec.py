@@ -8,20 +8,23 @@ pretrained state dict loads into ``CNNSpec(conv_channels=[32, 64], fc_hidden=[12
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, PositiveInt, model_validator
+import torch
+from pydantic import Field, PositiveInt, TypeAdapter, field_validator, model_validator
 from torch import nn
 
 from slimray.schema import StrictModel
 
 
 class InputSpec(StrictModel):
-    """What one example looks like in the dataset's raw units, and how to normalise it."""
+    """What one example looks like in the dataset's raw units, and how to normalise it.
+
+    ``mean`` / ``std`` are one number, or one per channel (the first dimension of ``shape``)."""
 
     shape: list[PositiveInt] = Field(min_length=1, description="shape of one example, e.g. [1, 28, 28]")
-    mean: float = 0.0
-    std: float = Field(1.0, gt=0)
+    mean: float | list[float] = 0.0
+    std: float | list[float] = 1.0
     min_value: float = Field(description="smallest raw value an input may take")
     max_value: float = Field(description="largest raw value an input may take")
 
@@ -29,7 +32,21 @@ class InputSpec(StrictModel):
     def _range(self) -> InputSpec:
         if self.max_value <= self.min_value:
             raise ValueError("max_value must be greater than min_value")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, list) and len(v) != self.shape[0]:
+                raise ValueError(f"{name} has {len(v)} values; per-channel {name} needs one per channel ({self.shape[0]})")
+        std = self.std if isinstance(self.std, list) else [self.std]
+        if any(s <= 0 for s in std):
+            raise ValueError("std must be > 0")
         return self
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std on a batch shaped (N, *shape), per channel when mean/std are lists."""
+        extra = [1] * (len(self.shape) - 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).reshape(-1, *extra) if isinstance(self.mean, list) else self.mean
+        std = torch.tensor(self.std, dtype=torch.float32).reshape(-1, *extra) if isinstance(self.std, list) else self.std
+        return (x.float() - mean) / std
 
 
 class CNNSpec(StrictModel):
@@ -66,7 +83,34 @@ class MLPSpec(StrictModel):
     num_classes: PositiveInt
 
 
-ModelSpec = Annotated[Union[CNNSpec, MLPSpec], Field(discriminator="kind")]
+class ModuleSpec(StrictModel):
+    """The user's own ``nn.Module``: built by ``factory(**kwargs)``, resized by ``structure`` when pruned."""
+
+    kind: Literal["module"] = "module"
+    factory: str = Field(description="import path 'package.module:function' returning the nn.Module")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory (JSON values)")
+    code_dir: str | None = Field(None, description="folder put on sys.path to import the factory")
+    resized_modules: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="module attributes structured pruning changed (in_channels, out_features, ...)"
+    )
+    resized_tensors: dict[str, list[int]] = Field(default_factory=dict, description="tensor shapes pruning changed")
+    note: str | None = Field(None, description="how this architecture was derived (e.g. 'teacher pruned to 50% of params')")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        from slimray.models.usermodule import check_factory_path
+
+        return check_factory_path(v)
+
+
+ModelSpec = Annotated[Union[CNNSpec, MLPSpec, ModuleSpec], Field(discriminator="kind")]
+_SPEC_ADAPTER = TypeAdapter(ModelSpec)
+
+
+def parse_spec(data: dict[str, Any]) -> CNNSpec | MLPSpec | ModuleSpec:
+    """A model spec from its JSON form (any kind)."""
+    return _SPEC_ADAPTER.validate_python(data)
 
 
 def _head(in_features: int, hidden: list[int], num_classes: int) -> nn.Sequential:
@@ -103,12 +147,17 @@ class MLPNet(nn.Module):
         return self.classifier(x.flatten(1))
 
 
-def build_model(spec: CNNSpec | MLPSpec) -> nn.Module:
-    """A freshly initialised float32 model for ``spec``."""
+def build_model(spec: CNNSpec | MLPSpec | ModuleSpec) -> nn.Module:
+    """A freshly initialised float32 model for ``spec`` (a user module: the factory's, resized as recorded)."""
     if isinstance(spec, CNNSpec):
         return ConvNet(spec)
     if isinstance(spec, MLPSpec):
         return MLPNet(spec)
+    if isinstance(spec, ModuleSpec):
+        from slimray.models.usermodule import apply_structure, build_from_factory
+
+        model = build_from_factory(spec.factory, spec.kwargs, code_dir=spec.code_dir)
+        return apply_structure(model, spec.resized_modules, spec.resized_tensors)
     raise TypeError(f"unknown spec type {type(spec).__name__}")
 
 
@@ -116,8 +165,14 @@ def _linears(seq: nn.Sequential) -> list[nn.Linear]:
     return [m for m in seq if isinstance(m, nn.Linear)]
 
 
-def spec_from_model(model: nn.Module, like: CNNSpec | MLPSpec) -> CNNSpec | MLPSpec:
+def spec_from_model(model: nn.Module, like: CNNSpec | MLPSpec | ModuleSpec) -> CNNSpec | MLPSpec | ModuleSpec:
     """Read the layer widths of ``model`` (for instance after structured pruning) into a new spec."""
+    if isinstance(like, ModuleSpec):
+        from slimray.models.usermodule import build_from_factory, structure_changes
+
+        original = build_from_factory(like.factory, like.kwargs, code_dir=like.code_dir)
+        attrs, shapes = structure_changes(original, model)
+        return like.model_copy(update={"resized_modules": attrs, "resized_tensors": shapes})
     hidden = [lin.out_features for lin in _linears(model.classifier)[:-1]]
     if isinstance(like, CNNSpec):
         convs = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)]
@@ -136,6 +191,8 @@ def scale_spec(spec: CNNSpec | MLPSpec, *, width: float = 1.0, depth: int | None
     is not a valid spec (a CNN whose image size is not divisible by 2**depth)."""
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
+    if isinstance(spec, ModuleSpec):
+        raise ValueError("width/depth scaling needs a built-in student spec (cnn or mlp); a user module is derived by pruning")
 
     def scaled(ws: list[int]) -> list[int]:
         return [max(1, round(w * width)) for w in ws]

@@ -55,8 +55,8 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution import context as _ctx_module
 from safetensors.torch import load_file, save_file
 
-from slimray.artifacts import SPEC, WEIGHTS, ArtifactSpec, load_artifact, save_artifact
-from slimray.models.spec import CNNSpec, InputSpec, MLPSpec, build_model
+from slimray.artifacts import ArtifactSpec, artifact_files, load_artifact, load_artifact_bytes, save_artifact
+from slimray.models.spec import CNNSpec, InputSpec, MLPSpec, build_model, parse_spec
 from slimray.schema import ClusterTooSmallError, ConfigError, StrictModel
 from slimray.training.features import FeatureKDSpec, KDStudent, build_projection, find_layer
 from slimray.training.loop import TeacherInLoop, train_epoch
@@ -68,13 +68,15 @@ STATE_FILE = "train_state.pt"
 
 @dataclass(frozen=True)
 class TrainData:
-    """Object-store references to normalised arrays: train (x, y[, teacher logits]) and val (x, y)."""
+    """Object-store references to normalised arrays: train (x, y[, teacher logits]) and val (x, y); or, for
+    data on disk, ``train_stream``: a Ray Dataset (raw x, y[, logits]) that workers read in shards."""
 
-    x_train: ray.ObjectRef
-    y_train: ray.ObjectRef
+    x_train: ray.ObjectRef | None
+    y_train: ray.ObjectRef | None
     x_val: ray.ObjectRef
     y_val: ray.ObjectRef
     teacher_logits: ray.ObjectRef | None = None
+    train_stream: Any = None
 
 
 def check_fits(*, num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str) -> None:
@@ -130,19 +132,48 @@ class CountingSampler(torch.utils.data.Sampler[int]):
         return len(self.inner)
 
 
+class StreamLoader:
+    """One epoch of a Ray Data shard as (x, y[, teacher logits]) batches, shuffled within a buffer by (seed,
+    epoch); raw inputs are normalised here with the artifact's input spec."""
+
+    def __init__(self, shard: Any, *, batch_size: int, seed: int, input_spec: InputSpec, with_logits: bool):
+        self.shard, self.batch_size, self.seed, self.input, self.with_logits = shard, batch_size, seed, input_spec, with_logits
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        for b in self.shard.iter_torch_batches(
+            batch_size=self.batch_size, local_shuffle_buffer_size=max(4 * self.batch_size, 2048),
+            local_shuffle_seed=self.seed * 100_003 + self.epoch, drop_last=False,
+        ):
+            out = [self.input.normalize(b["x"]), b["y"].long()]
+            if self.with_logits:
+                out.append(b["logits"].float())
+            yield out
+
+
+def _epoch_counts(sampler: Any, num_samples: int, world: int) -> dict[str, int]:
+    """How often each training sample was drawn this epoch, over all workers (a streamed shard: the total only)."""
+    if isinstance(sampler, StreamLoader):
+        seen = torch.tensor([num_samples])
+        if _distributed() and world > 1:
+            torch.distributed.all_reduce(seen)
+        return {"samples_seen": int(seen.item())}
+    counts = sampler.counts.clone()
+    if _distributed() and world > 1:
+        torch.distributed.all_reduce(counts)
+    return {"samples_seen": int(counts.sum()), "distinct_samples": int((counts > 0).sum()), "max_seen_per_sample": int(counts.max())}
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _load_teacher(files: dict[str, bytes]) -> torch.nn.Module:
-    """Rebuild the teacher from its artifact files (safetensors + spec.json bytes): no pickled module."""
-    with tempfile.TemporaryDirectory() as d:
-        for name, blob in files.items():
-            Path(d, name).write_bytes(blob)
-        return load_artifact(d)[0]
-
-
-def _example_input(spec: CNNSpec | MLPSpec) -> torch.Tensor:
+def _example_input(spec: Any, input_shape: list[int] | None = None) -> torch.Tensor:
+    if input_shape is not None:
+        return torch.zeros(2, *input_shape)
     if isinstance(spec, CNNSpec):
         return torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
     return torch.zeros(2, spec.in_features)
@@ -229,15 +260,16 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     strategy = cfg["strategy"]
     _seed_all(cfg["seed"])
 
-    spec = (CNNSpec if cfg["spec"]["kind"] == "cnn" else MLPSpec).model_validate(cfg["spec"])
+    spec = parse_spec(cfg["spec"])
+    input_shape = cfg["input_spec"]["shape"] if cfg.get("input_spec") else None
     student = build_model(spec)
     if cfg.get("init_state") is not None:
         student.load_state_dict(ray.get(cfg["init_state"]))
     feature = FeatureKDSpec.model_validate(cfg["feature_kd"]) if cfg.get("feature_kd") else None
     teacher = None
     if cfg.get("teacher_files") is not None:
-        teacher_model = _load_teacher(ray.get(cfg["teacher_files"]))
-        projection = build_projection(student, teacher_model, feature, _example_input(spec)) if feature else None
+        teacher_model = load_artifact_bytes(ray.get(cfg["teacher_files"]))[0]
+        projection = build_projection(student, teacher_model, feature, _example_input(spec, input_shape)) if feature else None
         half = use_cuda and cfg["teacher_half_precision"]
         teacher = TeacherInLoop(
             teacher_model.to(device), feature_layer=feature.teacher_layer if feature else None,
@@ -275,16 +307,24 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
         else:
             opt.load_state_dict(optimizer_state)
 
-    x = torch.from_numpy(ray.get(cfg["x_train"]))
-    y = torch.from_numpy(ray.get(cfg["y_train"]))
-    tensors = [x, y]
-    if teacher is None and cfg["teacher_logits"] is not None and cfg["alpha"] > 0:
-        tensors.append(torch.from_numpy(ray.get(cfg["teacher_logits"])))
-    dataset = torch.utils.data.TensorDataset(*tensors)
-    sampler = CountingSampler(
-        torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"]), len(dataset)
-    )
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler)
+    use_logits = teacher is None and cfg["alpha"] > 0
+    if cfg["stream"]:  # Ray Data: this worker's shard of the training files (raw units, normalised here)
+        loader = StreamLoader(
+            ray.train.get_dataset_shard("train"), batch_size=cfg["batch_size"], seed=cfg["seed"],
+            input_spec=InputSpec.model_validate(cfg["input_spec"]), with_logits=use_logits,
+        )
+        sampler, x, y = loader, None, None
+    else:
+        x = torch.from_numpy(ray.get(cfg["x_train"]))
+        y = torch.from_numpy(ray.get(cfg["y_train"]))
+        tensors = [x, y]
+        if use_logits and cfg["teacher_logits"] is not None:
+            tensors.append(torch.from_numpy(ray.get(cfg["teacher_logits"])))
+        dataset = torch.utils.data.TensorDataset(*tensors)
+        sampler = CountingSampler(
+            torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"]), len(dataset)
+        )
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler)
     x_val = torch.from_numpy(ray.get(cfg["x_val"]))
     y_val = torch.from_numpy(ray.get(cfg["y_val"]))
 
@@ -293,8 +333,8 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     if _distributed() and world > 1:
         nodes = [None] * world
         torch.distributed.all_gather_object(nodes, node)
-    comm = _comm_costs(model, x, y, batch_size=cfg["batch_size"]) if cfg["profile"] and strategy == "ddp" else {}
-    steps_per_epoch = len(loader)
+    comm = _comm_costs(model, x, y, batch_size=cfg["batch_size"]) if cfg["profile"] and strategy == "ddp" and x is not None else {}
+    steps_per_epoch = len(loader) if x is not None else 0
 
     epochs = cfg["epochs"]
     run_start = time.perf_counter()
@@ -307,17 +347,12 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
             device=device if use_cuda else None, autocast_dtype=torch.bfloat16 if use_cuda else None,
             teacher=teacher, feature_weight=feature.weight if feature else 0.0, profile=cfg["profile"],
         )
-        counts = sampler.counts.clone()
-        if _distributed() and world > 1:
-            torch.distributed.all_reduce(counts)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": stats.loss,
             "samples_per_s": stats.samples_per_s * world,
             "epoch_s": stats.seconds,
-            "samples_seen": int(counts.sum()),
-            "distinct_samples": int((counts > 0).sum()),
-            "max_seen_per_sample": int(counts.max()),
+            **_epoch_counts(sampler, stats.num_samples, world),
             "worker_nodes": nodes,
             "resumed_after_epoch": start_epoch,  # 0: this worker group started fresh
             "placement_group": _placement_group_id(),
@@ -400,12 +435,11 @@ class TrainJob(StrictModel):
 
 
 def _teacher_files(path: str) -> dict[str, bytes]:
-    """The teacher artifact's two files as bytes: they travel through the object store as data, and each
-    worker rebuilds the module from them with ``load_artifact`` (works on nodes that do not share a disk)."""
-    d = Path(path)
-    if not (d / SPEC).is_file() or not (d / WEIGHTS).is_file():
-        raise ConfigError(f"teacher_outputs: in_loop needs a teacher artifact ({SPEC} + {WEIGHTS}) in {d}")
-    return {SPEC: (d / SPEC).read_bytes(), WEIGHTS: (d / WEIGHTS).read_bytes()}
+    """The teacher artifact's files as bytes: each worker rebuilds the module from them (nodes need no shared disk)."""
+    try:
+        return artifact_files(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"teacher_outputs: in_loop needs a teacher artifact: {err}") from None
 
 
 def check_placement(*, num_workers: int, strategy: str, use_gpu: bool, what: str) -> None:
@@ -433,9 +467,10 @@ def check_feature_layers(job: TrainJob) -> None:
         return
     if job.teacher_outputs != "in_loop" or job.teacher_dir is None:
         raise ConfigError("feature KD needs teacher_outputs: in_loop and a teacher artifact")
-    spec = (CNNSpec if job.spec["kind"] == "cnn" else MLPSpec).model_validate(job.spec)
+    spec = parse_spec(job.spec)
     teacher, _ = load_artifact(job.teacher_dir)
-    build_projection(build_model(spec), teacher, job.feature_kd, _example_input(spec))
+    shape = job.input_spec["shape"] if job.input_spec else None
+    build_projection(build_model(spec), teacher, job.feature_kd, _example_input(spec, shape))
 
 
 def check_teacher_layer(cfg: Any) -> None:
@@ -446,9 +481,29 @@ def check_teacher_layer(cfg: Any) -> None:
         return
     from slimray.models.teachers import CCEXAM_MNIST_SPEC
 
-    spec = cfg.teacher.model if cfg.teacher.source == "train" else CCEXAM_MNIST_SPEC
-    find_layer(build_model(spec), fk.teacher_layer, role="teacher")
-    build_projection(build_model(cfg.distill.student), build_model(spec), fk, _example_input(cfg.distill.student))
+    if cfg.teacher.source == "module":
+        spec = cfg.teacher.module_spec()
+    else:
+        spec = cfg.teacher.model if cfg.teacher.source == "train" else CCEXAM_MNIST_SPEC
+    teacher = build_model(spec)
+    find_layer(teacher, fk.teacher_layer, role="teacher")
+    if cfg.distill.student is None:  # a derived student has the teacher's module names
+        find_layer(teacher, fk.student_layer, role="student")
+        return
+    if cfg.teacher.source == "module":  # the projection needs the data's input shape: checked before training
+        return
+    build_projection(build_model(cfg.distill.student), teacher, fk, _example_input(cfg.distill.student))
+
+
+def stream_cpus_per_worker(job: TrainJob) -> float:
+    """CPUs each worker reserves when it reads a Ray Data stream. Ray Data's read tasks need a CPU that the
+    workers do not hold, or they never run (seen on 2 CPUs with 2 workers: the dataset waited forever); on a
+    cluster without a spare CPU the workers reserve less, so one CPU stays free for reading."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    spare = total - job.num_workers * job.cpus_per_worker
+    if spare >= 1.0:
+        return job.cpus_per_worker
+    return max(0.1, (total - 1.0) / job.num_workers)
 
 
 def run_training(
@@ -464,18 +519,23 @@ def run_training(
     in_loop = job.teacher_outputs == "in_loop" and (job.alpha > 0 or job.feature_kd is not None)
     if job.teacher_outputs == "in_loop" and job.teacher_dir is None and in_loop:
         raise ConfigError(f"{job.label}: teacher_outputs: in_loop needs teacher_dir (the teacher artifact)")
+    stream = data.train_stream is not None
+    if stream and job.input_spec is None:
+        raise ConfigError(f"{job.label}: streamed training data needs input_spec (inputs are normalised in the workers)")
     cfg = job.model_dump()
     cfg.update(
-        x_train=data.x_train, y_train=data.y_train, x_val=data.x_val, y_val=data.y_val,
+        x_train=data.x_train, y_train=data.y_train, x_val=data.x_val, y_val=data.y_val, stream=stream,
         teacher_logits=data.teacher_logits if job.alpha > 0 and not in_loop else None,
         teacher_files=ray.put(_teacher_files(job.teacher_dir)) if in_loop else None,
         init_state=ray.put(init_state) if init_state is not None else None,
     )
+    cpus_per_worker = stream_cpus_per_worker(job) if stream else job.cpus_per_worker
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=cfg,
+        datasets={"train": data.train_stream} if stream else None,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": job.cpus_per_worker},
+            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": cpus_per_worker},
             placement_strategy=job.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
@@ -489,8 +549,7 @@ def run_training(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{job.label}: training produced no checkpoint")
-    spec = (CNNSpec if job.spec["kind"] == "cnn" else MLPSpec).model_validate(job.spec)
-    model = build_model(spec)
+    model = build_model(parse_spec(job.spec))
     with result.checkpoint.as_directory() as d:
         model.load_state_dict(load_file(str(Path(d) / MODEL_FILE)))
     return model.eval(), dict(result.metrics or {})

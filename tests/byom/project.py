@@ -1,0 +1,119 @@
+"""Builds a "user project" on disk, as a team that has never used slimray would have it: its own model code
+(``user_models.py`` beside this file), a teacher trained briefly and saved as safetensors, and its data as
+files (an image folder of PNGs, Parquet with a list column, CSV with feature columns), plus a config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import save_file
+
+CODE_DIR = Path(__file__).resolve().parent
+if str(CODE_DIR) not in sys.path:  # the user's code folder, as teacher.code_dir puts it on slimray's path
+    sys.path.insert(0, str(CODE_DIR))
+
+
+def digits_arrays(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(d.target))
+    return d.images[idx].astype(np.float32) / 16.0, d.target[idx].astype(np.int64)  # (N, 8, 8) in [0, 1]
+
+
+def train_teacher(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 30, seed: int = 0) -> torch.nn.Module:
+    """The user's own training: a few seconds of Adam on normalised inputs."""
+    torch.manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(yt))
+        for i in range(0, len(yt), 64):
+            b = perm[i : i + 64]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[b]), yt[b]).backward()
+            opt.step()
+    return model.eval()
+
+
+def write_image_folder(root: Path, x: np.ndarray, y: np.ndarray) -> None:
+    from PIL import Image
+
+    for i, (img, label) in enumerate(zip(x, y)):
+        d = root / f"class_{label}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img * 255).round().astype(np.uint8), mode="L").save(d / f"{i:05d}.png")
+
+
+def write_parquet(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"pixels": [row.reshape(-1).tolist() for row in x], "label": y}), path)
+
+
+def write_csv(path: Path, x: np.ndarray, y: np.ndarray) -> list[str]:
+    cols = [f"f{i}" for i in range(x.reshape(len(x), -1).shape[1])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = x.reshape(len(x), -1)
+    with open(path, "w") as f:
+        f.write(",".join(cols + ["label"]) + "\n")
+        for row, label in zip(flat, y):
+            f.write(",".join(f"{v:.6g}" for v in row) + f",{label}\n")
+    return cols
+
+
+def resnet_project(root: Path, *, name: str = "user-resnet") -> Path:
+    """A residual CNN with BatchNorm (the user's) on digits as an image folder of PNGs; returns the config path."""
+    import user_models  # noqa: F401  (CODE_DIR is on sys.path in the tests)
+
+    x, y = digits_arrays()
+    n_test = 300
+    write_image_folder(root / "data" / "train", x[n_test:], y[n_test:])
+    write_image_folder(root / "data" / "test", x[:n_test], y[:n_test])
+    teacher = train_teacher(user_models.resnet(in_channels=1, num_classes=10, width=24), ((x[n_test:] - 0.3) / 0.4)[:, None], y[n_test:], epochs=12)
+    save_file(teacher.state_dict(), str(root / "teacher.safetensors"))
+    cfg = {
+        "name": name,
+        "data": {"source": "files", "train": "data/train", "test": "data/test", "val_fraction": 0.15, "mean": [0.3], "std": [0.4]},
+        "teacher": {"source": "module", "factory": "user_models:resnet", "kwargs": {"in_channels": 1, "num_classes": 10, "width": 24},
+                    "weights": "teacher.safetensors", "code_dir": str(CODE_DIR)},
+        "distill": {"derive": {"keep": 0.4}, "epochs": 6, "batch_size": 64, "lr": 3e-3, "num_workers": 2, "labels_only_baseline": False},
+        "search": {"space": {"prune_ratios": [0.0, 0.3], "quantizations": ["none"], "runtimes": ["torch", "onnxruntime"]},
+                   "finetune_epochs": 1, "num_timing_repeats": 5, "max_accuracy_drop": 3.0, "serving_batch_size": 32},
+    }
+    path = root / "slimray.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def mlp_project(root: Path, *, name: str = "user-mlp", code_dir: Path = CODE_DIR, epochs: int = 8, num_workers: int = 2) -> Path:
+    """An MLP with LayerNorm (the user's) on digits as Parquet (a list column); returns the config path."""
+    import user_models  # noqa: F401
+
+    x, y = digits_arrays(seed=1)
+    write_parquet(root / "data" / "digits.parquet", x, y)
+    flat = x.reshape(len(x), -1)
+    teacher = train_teacher(user_models.mlp(num_features=64, num_classes=10, hidden=[256, 128]), (flat - flat.mean()) / flat.std(), y, epochs=15)
+    save_file(teacher.state_dict(), str(root / "teacher.safetensors"))
+    cfg = {
+        "name": name,
+        "data": {"source": "files", "train": "data/digits.parquet", "input_column": "pixels", "label_column": "label",
+                 "val_fraction": 0.15, "test_fraction": 0.15, "seed": 3},
+        "teacher": {"source": "module", "factory": "user_models:mlp", "kwargs": {"num_features": 64, "num_classes": 10, "hidden": [256, 128]},
+                    "weights": "teacher.safetensors", "code_dir": str(code_dir)},
+        "distill": {"derive": {"keep": 0.3}, "epochs": epochs, "batch_size": 64, "lr": 3e-3, "num_workers": num_workers,
+                    "labels_only_baseline": False},
+        "search": {"space": {"prune_ratios": [0.0, 0.3], "quantizations": ["none", "dynamic_int8"], "runtimes": ["torch"]},
+                   "finetune_epochs": 1, "num_timing_repeats": 5, "max_accuracy_drop": 3.0, "serving_batch_size": 32},
+    }
+    path = root / "slimray.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

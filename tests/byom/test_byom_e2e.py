@@ -1,0 +1,112 @@
+"""Bring your own model and data, end to end, as a new user would: models slimray does not ship (a residual
+CNN with BatchNorm, an MLP with LayerNorm), trained briefly and saved as safetensors, data written as an
+image folder of PNGs and as Parquet, then `slimray run --config` in a subprocess: a student derived from the
+teacher by pruning, distillation on 2 Ray Train workers reading Ray Data shards, a sweep, a report, and the
+winner served over HTTP answering like the model in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import project
+
+from slimray.artifacts import load_runnable, load_spec
+from slimray.data import normalize
+from slimray.pipeline import read_test_sample
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(args: list[str], *, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "slimray.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_run(run_dir: Path, *, factory: str) -> dict:
+    report = json.loads((run_dir / "report.json").read_text())
+    student = load_spec(run_dir / "student")
+    assert student.model.kind == "module" and student.model.factory == factory
+    assert student.model.resized_modules and student.model.note.startswith("teacher pruned to")
+    assert report["student"]["params"] < report["teacher"]["params"]
+    # distillation: 2 Ray Train workers, each epoch read the whole training split from Ray Data shards
+    lines = [json.loads(line) for line in (run_dir / "student_metrics.jsonl").read_text().splitlines()]
+    assert lines and all(len(m["worker_nodes"]) == 2 for m in lines)
+    n_train = lines[0]["samples_seen"]
+    assert all(m["samples_seen"] == n_train for m in lines) and n_train > 1000
+    assert list((run_dir / "teacher_outputs").glob("*.parquet")), "the teacher's outputs were written by Ray Data"
+    assert report["trials"] and all(t["status"] == "ok" for t in report["trials"])
+    assert report["winner"]["accuracy"] >= report["teacher"]["accuracy"] - 5.0
+    assert (run_dir / "report.md").exists() and (run_dir / "pareto.png").exists()
+    return report
+
+
+def test_residual_cnn_on_an_image_folder_is_derived_distilled_searched_and_served(tmp_path):
+    cfg = project.resnet_project(tmp_path)
+    out = _cli(["run", "--config", str(cfg), "--no-serve", "--out", str(tmp_path / "runs")], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "user-resnet"
+    report = _check_run(run_dir, factory="user_models:resnet")
+    assert report["dataset"] == "files"
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    server = subprocess.Popen([sys.executable, "-m", "slimray.cli", "serve", str(run_dir), "--port", str(port)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        x, y = read_test_sample(run_dir)
+        x = x[:32]
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": x.tolist()}, timeout=30)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the served user model never answered"
+            time.sleep(1)
+        model, spec = load_runnable(run_dir / "winner")
+        with torch.inference_mode():
+            local = model(normalize(torch.from_numpy(x), spec.input))
+        assert r.json()["predictions"] == local.argmax(1).tolist()
+        torch.testing.assert_close(torch.tensor(r.json()["probabilities"]), local.softmax(1), atol=1e-4, rtol=1e-3)
+        bad = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": [[0.0] * 5]}, timeout=30)
+        assert bad.status_code == 422 and "error" in bad.json()
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.mark.long
+def test_mlp_on_parquet_runs_end_to_end(tmp_path):
+    cfg = project.mlp_project(tmp_path)
+    out = _cli(["run", "--config", str(cfg), "--no-serve", "--out", str(tmp_path / "runs")], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "user-mlp"
+    _check_run(run_dir, factory="user_models:mlp")
+    x, y = read_test_sample(run_dir)
+    model, spec = load_runnable(run_dir / "winner")
+    with torch.inference_mode():
+        acc = (model(normalize(torch.from_numpy(x), spec.input)).argmax(1).numpy() == y).mean()
+    assert acc > 0.85
