@@ -162,3 +162,48 @@ def test_adaptive_search_defaults_to_half_the_grid():
     cfg["search"].update(algorithm="optuna", scheduler="asha", finetune_epochs=2)
     s = PipelineConfig.model_validate(cfg).search
     assert s.num_trials == max(1, s.space.num_trials // 2)
+
+
+def _files_cfg(**over):
+    base = {
+        "name": "u",
+        "data": {"source": "files", "train": "d.parquet"},
+        "teacher": {"source": "module", "factory": "pkg.net:build", "weights": "t.safetensors"},
+        "distill": {},
+    }
+    for k, v in over.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) else v
+    return base
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"teacher": {"weights": None}}, "needs teacher.weights"),
+        ({"teacher": {"factory": "pkg/net.py"}}, "must look like 'package.module:function'"),
+        ({"teacher": {"source": "train", "factory": None, "weights": None, "model": None}}, "teacher.model is required"),
+        ({"teacher": {"source": "ccexam_mnist"}}, "teacher.factory is only for source: module"),
+        ({"distill": {"derive": {"keep": 1.5}}}, "distill.derive.keep"),
+        ({"distill": {"derive": {"keep": 0.5}, "student": {"kind": "mlp", "in_features": 4, "num_classes": 2}}}, "not both"),
+        ({"data": {"mean": [0.1, 0.2], "feature_columns": []}}, "at least one column"),
+        ({"data": {"source": "files", "train": "d.parquet", "unknown": 1}}, "data.unknown: unknown field"),
+    ],
+)
+def test_user_model_and_files_configs_fail_at_load_naming_the_field(over, needle):
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig.from_dict(_files_cfg(**over))
+    assert needle in str(err.value)
+
+
+def test_a_student_is_derived_when_none_is_given_and_paths_resolve_against_the_file(tmp_path):
+    from slimray.config import load_config
+
+    path = tmp_path / "sub" / "c.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(_files_cfg(teacher={"code_dir": "code"})))
+    cfg = load_config(config=path)
+    assert cfg.distill.student is None and cfg.distill.derive.keep == 0.5 and cfg.distill.derive.by == "params"
+    assert cfg.data.train == str(path.parent / "d.parquet")
+    assert cfg.teacher.weights == str(path.parent / "t.safetensors") and cfg.teacher.code_dir == str(path.parent / "code")
+    again = PipelineConfig.model_validate_json(cfg.model_dump_json())  # what config.json and submitted jobs carry
+    assert again == cfg

