@@ -7,6 +7,7 @@ Serving is left to the caller (``slimray.cli``), so the pipeline is usable headl
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -19,8 +20,6 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-import copy
-
 from slimray.artifacts import ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, load_spec, save_artifact
 from slimray.compress.prune import prune_to_fraction
 from slimray.compress.runtime import OrtModel, compile_model, onnx_for
@@ -30,10 +29,10 @@ from slimray.data import load_dataset
 from slimray.models import load_ccexam_mnist_teacher
 from slimray.models.spec import InputSpec, ModuleSpec, count_params, spec_from_model
 from slimray.models.usermodule import build_from_factory, load_weights
-from slimray.schema import ConfigError
 from slimray.report import results_table, write_report
 from slimray.runtime import init_ray
 from slimray.runs import log, prepare_run_dir
+from slimray.schema import ConfigError
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
 from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest
 from slimray.training.distill import TrainData, TrainJob, check_teacher_layer, run_training
@@ -255,7 +254,7 @@ def teacher_stage(run: Run) -> Distilled:
         logits_ref = ray.put(_teacher_logits(teacher, run.split["train"][0], run.run_dir))
         return Distilled(teacher=teacher, logits_ref=logits_ref)
     # data on disk: the teacher's outputs are a Ray Data batch-inference job written into the run folder once
-    from slimray.data.files import TEACHER_OUTPUTS, read_sample, write_teacher_outputs
+    from slimray.data.files import TEACHER_OUTPUTS, read_sample, rows_within_budget, write_teacher_outputs
 
     out = run.run_dir / TEACHER_OUTPUTS
     if not out.is_dir():
@@ -264,7 +263,7 @@ def teacher_stage(run: Run) -> Distilled:
     else:
         log("teacher: reusing its saved outputs")
     run.stream = ray.data.read_parquet(str(out))
-    sample = read_sample(out, limit=run.cfg.search.finetune_examples)
+    sample = read_sample(out, limit=rows_within_budget(run.input.shape, run.cfg.search.finetune_examples))
     x = run.input.normalize(torch.from_numpy(sample["x"]))
     run.split["train"] = (x, torch.from_numpy(sample["y"]))
     run.refs.update(x_train=ray.put(x.numpy()), y_train=ray.put(sample["y"]))
@@ -337,10 +336,13 @@ def distill_sweep_stage(run: Run, d: Distilled, *, resume: bool = True) -> dict[
         f"distillation sweep ({s.algorithm}{', asha' if s.scheduler == 'asha' else ''}): {space.num_trials} trials over "
         f"{space.distill.varying() or list(space.distill.params())}, {s.num_workers} Ray Train worker(s) each, {concurrent} at a time"
     )
+    if cfg.distill.student is None:  # trials start from the derived student
+        derive_student(run, d.teacher, load_spec(run_dir / "teacher"))
     ctx = DistillSweepContext(
         run_dir=str(run_dir), storage_path=str(run_dir / "ray"), sweep_name=f"{cfg.name}-distill-sweep",
         distill=cfg.distill.model_dump(), space=space.model_dump(), input_spec=run.input.model_dump(),
-        data=TrainData(**run.refs, teacher_logits=d.logits_ref), teacher_dir=str(run_dir / "teacher"),
+        data=TrainData(**run.refs, teacher_logits=d.logits_ref, train_stream=run.stream), teacher_dir=str(run_dir / "teacher"),
+        student_init_dir=str(run_dir / "student_init") if cfg.distill.student is None else None,
     )
     rows = run_distill_sweep(ctx, max_concurrent_trials=concurrent, resume=resume)
     log(f"distillation sweep: {sum(r['status'] == 'completed' for r in rows)}/{len(rows)} trials completed")

@@ -250,6 +250,15 @@ def _scan(ds, *, field: str) -> dict[str, Any]:
     return {"n": n, "shape": list(shape), "y_min": y_min, "y_max": y_max, "min": lo, "max": hi, "mean": mean.tolist(), "std": std.tolist()}
 
 
+MEMORY_BUDGET_BYTES = 1 << 30  # what one split (or sample) read onto the driver may take
+
+
+def rows_within_budget(shape: list[int], limit: int, *, budget: int = MEMORY_BUDGET_BYTES) -> int:
+    """``limit``, lowered so that that many float32 examples of ``shape`` fit in ``budget`` bytes (at least 1,000)."""
+    per = 4 * int(np.prod(shape))
+    return max(1000, min(limit, budget // max(per, 1)))
+
+
 def _collect(ds, *, limit: int, field: str) -> Split:
     xs, ys = [], []
     try:
@@ -291,8 +300,9 @@ def load_files_data(cfg: FilesDataConfig) -> FilesData:
         val_ds = read_split(cfg, cfg.val, field="data.val", classes=classes)[0]
     if cfg.test is not None:
         test_ds = read_split(cfg, cfg.test, field="data.test", classes=classes)[0]
-    val = _collect(val_ds, limit=cfg.max_eval_examples, field="data.val" if cfg.val else "data.val_fraction")
-    test = _collect(test_ds, limit=cfg.max_eval_examples, field="data.test" if cfg.test else "data.test_fraction")
+    limit = rows_within_budget(shape, cfg.max_eval_examples)
+    val = _collect(val_ds, limit=limit, field="data.val" if cfg.val else "data.val_fraction")
+    test = _collect(test_ds, limit=limit, field="data.test" if cfg.test else "data.test_fraction")
     for split, field in ((val, "data.val"), (test, "data.test")):
         if list(split.x.shape[1:]) != shape:
             raise ConfigError(f"{field}: examples shaped {list(split.x.shape[1:])}, the training split's are {shape}")

@@ -27,6 +27,7 @@ from typing import Any
 
 from ray import tune
 
+from slimray.artifacts import load_artifact, load_spec
 from slimray.config import DistillConfig
 from slimray.models.spec import scale_spec
 from slimray.schema import ConfigError
@@ -50,11 +51,16 @@ class DistillSweepContext:
     input_spec: dict[str, Any]
     data: TrainData
     teacher_dir: str
+    student_init_dir: str | None = None  # a student derived from the teacher (no built-in student spec)
 
 
 def trial_job(settings: dict[str, Any], *, base: DistillConfig, space: SweepSpaceFile, trial_id: str, ctx: DistillSweepContext) -> TrainJob:
     """The Train job of one trial: the recipe's distillation settings with the trial's values put in."""
-    student = scale_spec(base.student, width=float(settings.get("width", 1.0)), depth=settings.get("depth"))
+    if base.student is None:  # derived from the teacher: every trial starts from the same pruned weights
+        assert ctx.student_init_dir is not None
+        student = load_spec(ctx.student_init_dir).model
+    else:
+        student = scale_spec(base.student, width=float(settings.get("width", 1.0)), depth=settings.get("depth"))
     loss = settings.get("loss", base.loss)
     kd = loss != "labels"
     trial_dir = Path(ctx.run_dir) / "distill_trials" / trial_id
@@ -85,7 +91,8 @@ def distill_trial(config: dict[str, Any], ctx: DistillSweepContext) -> None:
     trial_dir = Path(ctx.run_dir) / "distill_trials" / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "settings.json").write_text(json.dumps({"config": config, "job": job.model_dump()}, indent=2, default=str))
-    run_training(job, ctx.data, callbacks=[TuneReportCallback()])
+    init_state = load_artifact(ctx.student_init_dir)[0].state_dict() if base.student is None else None
+    run_training(job, ctx.data, init_state=init_state, callbacks=[TuneReportCallback()])
 
 
 def _param_space(space: SweepSpaceFile) -> dict[str, Any]:
