@@ -75,8 +75,12 @@ def test_submit_follow_then_serve_from_serve_config(local_cluster, clean_env, tm
         [sys.executable, "-m", "slimray.cli", "submit", "--address", local_cluster.dashboard_url, "--follow", "run", "--config", str(cfg_file),
          "--out", str(out_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    first = sub.stdout.readline()
-    assert "submitted raysubmit_" in first, first + sub.stdout.read()[-3000:]
+    seen = []
+    for line in sub.stdout:  # Ray's SDK logs the package uploads first
+        seen.append(line)
+        if "submitted raysubmit_" in line or len(seen) > 50:
+            break
+    assert "submitted raysubmit_" in seen[-1], "".join(seen) + sub.stdout.read()[-3000:]
     code.rename(tmp_path / "code-away")  # from now on only the job's copy of the code exists
     try:
         rest, _ = sub.communicate(timeout=900)

@@ -17,6 +17,7 @@ from slimray.compress.prune import PruneSpec
 from slimray.compress.quantize import QuantMethod, QuantSpec
 from slimray.compress.runtime import DEVICE_METHODS, Device, RuntimeName, RuntimeSpec, unsupported_reason
 from slimray.data.files_config import FilesDataConfig
+from slimray.evaluation import EvalConfig
 from slimray.models.spec import ModelSpec, ModuleSpec, build_model, scale_spec
 from slimray.models.usermodule import check_factory_path
 from slimray.schema import UNION_TAGS, ConfigError, StrictModel
@@ -328,6 +329,7 @@ class PipelineConfig(StrictModel):
     distill: DistillConfig
     search: SearchConfig = Field(default_factory=SearchConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="the metric the winner must keep (default: accuracy)")
     distill_sweep: SweepSpaceFile | None = Field(
         None,
         description=(

@@ -9,7 +9,10 @@ cluster (default ``/tmp/slimray/runs``: the job's own working folder is deleted 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import shlex
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,9 +52,16 @@ def user_code_modules(factory: str, code_dir: str | None) -> list[Path]:
         return []
     top = factory.split(":", 1)[0].split(".", 1)[0]
     root = Path(code_dir)
-    for candidate in (root / top, root / f"{top}.py"):
-        if candidate.exists():
-            return [candidate.resolve()]
+    if (root / top).is_dir():
+        return [(root / top).resolve()]
+    if (root / f"{top}.py").is_file():
+        # the Jobs SDK uploads folders only: a module file travels as a package of the same name (its code
+        # in __init__.py), which imports the same way; the folder is removed when this process exits
+        tmp = Path(tempfile.mkdtemp(prefix="slimray-code-"))
+        atexit.register(shutil.rmtree, tmp, True)
+        (tmp / top).mkdir()
+        shutil.copyfile(root / f"{top}.py", tmp / top / "__init__.py")
+        return [tmp / top]
     raise ValueError(f"teacher.code_dir {code_dir}: neither {top}/ nor {top}.py is there (the factory {factory!r} imports {top!r})")
 
 

@@ -26,6 +26,7 @@ from slimray.compress.runtime import OrtModel, compile_model, onnx_for
 from slimray.compress.measure import accuracy, compare_latency, predict_logits, torch_threads
 from slimray.config import PipelineConfig
 from slimray.data import load_dataset
+from slimray.evaluation import load_metric
 from slimray.models import load_ccexam_mnist_teacher
 from slimray.models.spec import InputSpec, ModuleSpec, count_params, spec_from_model
 from slimray.models.usermodule import build_from_factory, load_weights
@@ -404,9 +405,15 @@ def sweep_stage(
     b = s.serving_batch_size
     lat_key = f"latency_ms_b{b}"
     x_ref, y_ref = (x_va, y_va) if s.teacher_reference_split == "val" else (x_te, y_te)
-    teacher_ref = accuracy(teacher, x_ref, y_ref)
-    floor = teacher_ref - s.max_accuracy_drop
-    log(f"accuracy floor: teacher {teacher_ref:.2f}% on {s.teacher_reference_split} - {s.max_accuracy_drop} points")
+    metric = load_metric(cfg.eval, default_max_drop=s.max_accuracy_drop, code_dir=cfg.teacher.code_dir)
+    teacher_value = metric.value(teacher, x_ref, y_ref)
+    teacher_ref, drop = metric.quality(teacher_value), metric.budget(teacher_value)
+    floor = teacher_ref - drop
+    if metric.fn is None:
+        log(f"accuracy floor: teacher {teacher_ref:.2f}% on {s.teacher_reference_split} - {drop} points")
+    else:
+        log(f"{metric.name} ({'higher' if metric.higher_is_better else 'lower'} is better): teacher {teacher_value:.4g} on "
+            f"{s.teacher_reference_split}; the winner may lose {drop:.4g}")
     cpus = int(ray.cluster_resources().get("CPU", 1))
     concurrent = s.max_concurrent_trials or max(1, cpus)
     settings = [f"{q}@{r}" for q, r in s.space.settings]
@@ -419,6 +426,7 @@ def sweep_stage(
     ctx = SweepContext(
         run_dir=str(run_dir), base_model_dir=str(base_dir), search=s.model_dump(), accuracy_floor=floor,
         temperature=cfg.distill.temperature, alpha=cfg.distill.alpha, seed=cfg.distill.seed, **refs, teacher_logits=logits_ref,
+        evaluation=cfg.eval.model_dump(), code_dir=cfg.teacher.code_dir,
     )
     t_sweep = time.perf_counter()
     trials = run_sweep(ctx, run_name=f"{cfg.name}-sweep", storage_path=str(run_dir / "ray"), max_concurrent_trials=concurrent, resume=resume)
@@ -426,12 +434,12 @@ def sweep_stage(
     n_ok = sum(t["status"] == "ok" for t in trials)
     log(f"sweep: {n_ok}/{len(trials)} trials finished")
 
-    ok = feasible(trials, teacher_accuracy=teacher_ref, max_drop=s.max_accuracy_drop)
+    ok = feasible(trials, teacher_accuracy=teacher_ref, max_drop=drop)
     # one entry per key (random search may draw a point twice)
     ok = list({t["key"]: t for t in rank_fastest(ok, latency_key=lat_key)[::-1]}.values())[::-1]
     finalists = rank_fastest(ok, latency_key=lat_key)[: s.num_finalists] if ok else []
     if not finalists:
-        w, _ = pick_winner(trials, teacher_accuracy=teacher_ref, max_drop=s.max_accuracy_drop, latency_key=lat_key)
+        w, _ = pick_winner(trials, teacher_accuracy=teacher_ref, max_drop=drop, latency_key=lat_key)
         if w is None:
             raise RuntimeError("every sweep trial failed; see the trial errors in the Ray Tune output")
         finalists = [w]
@@ -468,6 +476,8 @@ def sweep_stage(
         bs = b if name == winner["key"] and w_runtime == "torch_compile" else 1024  # compiled: serving-size batches
         e = {"accuracy": accuracy(model, x_te, y_te, batch_size=bs), "val_accuracy": accuracy(model, x_va, y_va, batch_size=bs),
              "latency_ms": lat(name)}
+        if metric.fn is not None:  # the user's metric beside accuracy
+            e["metric"] = {"test": metric.value(model, x_te, y_te, batch_size=bs), "val": metric.value(model, x_va, y_va, batch_size=bs)}
         if path is not None:
             e["size_bytes"] = artifact_bytes(path)
         return e
@@ -499,8 +509,9 @@ def sweep_stage(
         "name": cfg.name,
         "recipe": cfg.recipe or cfg.name,
         "dataset": run.name,
-        "max_accuracy_drop": s.max_accuracy_drop,
+        "max_accuracy_drop": drop,
         "accuracy_floor": floor,
+        "metric": metric.describe() | {"teacher_reference": teacher_value, "budget": drop},
         "teacher_reference_split": s.teacher_reference_split,
         "serving_batch_size": b,
         "constraint_met": constraint_met,
@@ -560,7 +571,8 @@ def _trial_row(t: dict[str, Any], batch_sizes: list[int]) -> dict[str, Any]:
     row = {
         "key": t.get("key", trial_key(t["prune_ratio"], t["quantization"], t.get("runtime", "torch"))),
         "prune_ratio": t["prune_ratio"], "quantization": t["quantization"], "runtime": t.get("runtime", "torch"),
-        "status": t["status"], "error": t.get("error"), "val_accuracy": t.get("accuracy"), "params": t.get("params"),
+        "status": t["status"], "error": t.get("error"), "val_accuracy": t.get("accuracy"), "metric_value": t.get("metric_value"),
+        "params": t.get("params"),
         "size_bytes": t.get("size_bytes"), "peak_memory_bytes": t.get("peak_memory_bytes"),
         "finetune_epochs": t.get("finetune_epochs"), "stopped_early": t.get("stopped_early"),
         "trial_seconds": t.get("trial_seconds"), "runtime_check": t.get("runtime_check"),

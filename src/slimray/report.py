@@ -125,7 +125,9 @@ def write_pareto_png(report: dict[str, Any], path: Path) -> None:
     ax.axhline(floor, color="red", lw=0.8, ls=":", label="accuracy floor")
     ax.set_xscale("log")
     ax.set_xlabel(f"latency at batch {b} (ms, sweep timing, log scale)")
-    ax.set_ylabel("validation accuracy (%)")
+    m = report.get("metric") or {}
+    name = m.get("name", "accuracy")
+    ax.set_ylabel("validation accuracy (%)" if name == "accuracy" else f"validation {name}" + ("" if m.get("higher_is_better", True) else " (negated)"))
     ax.set_title(f"slimray sweep: {report['recipe']} ({len(ok)} trials)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -142,8 +144,9 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
         results_table(report),
         "",
         f"Winner: prune ratio {w.get('prune_ratio')}, quantization `{w.get('quantization')}`, runtime `{w.get('runtime', 'torch')}`; "
-        f"{'within' if report['constraint_met'] else 'NOT within'} {report['max_accuracy_drop']} points of the teacher "
-        f"(selection on validation accuracy). Speedup at batch {b} vs the teacher: "
+        f"{'within' if report['constraint_met'] else 'NOT within'} {report['max_accuracy_drop']:.4g} "
+        f"{'points' if (report.get('metric') or {}).get('name', 'accuracy') == 'accuracy' else (report['metric']['name'] + ' units')} "
+        f"of the teacher (selection on validation {(report.get('metric') or {}).get('name', 'accuracy')}). Speedup at batch {b} vs the teacher: "
         f"{report['speedup_vs_teacher'][f'batch_{b}']:.2f}x (latencies re-timed side by side in one process, "
         f"{report['timing']['num_threads']} thread(s)).",
         "",
@@ -267,7 +270,9 @@ def write_distill_sweep_png(summary: dict[str, Any], path: Path) -> None:
     if summary.get("default"):
         ax.axhline(summary["default"]["val_accuracy"], color="grey", lw=0.8, ls=":", label="default student")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
+    m = report.get("metric") or {}
+    name = m.get("name", "accuracy")
+    ax.set_ylabel("validation accuracy (%)" if name == "accuracy" else f"validation {name}" + ("" if m.get("higher_is_better", True) else " (negated)"))
     ax.set_title(f"distillation sweep ({len(summary['trials'])} trials; dashed: stopped early)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="lower right", ncol=2)

@@ -87,7 +87,8 @@ def resnet_project(root: Path, *, name: str = "user-resnet") -> Path:
                     "weights": "teacher.safetensors", "code_dir": str(CODE_DIR)},
         "distill": {"derive": {"keep": 0.4}, "epochs": 6, "batch_size": 64, "lr": 3e-3, "num_workers": 2, "labels_only_baseline": False},
         "search": {"space": {"prune_ratios": [0.0, 0.3], "quantizations": ["none"], "runtimes": ["torch", "onnxruntime"]},
-                   "finetune_epochs": 1, "num_timing_repeats": 5, "max_accuracy_drop": 3.0, "serving_batch_size": 32},
+                   "finetune_epochs": 1, "num_timing_repeats": 5, "serving_batch_size": 32},
+        "eval": {"metric": "user_metrics:macro_f1", "max_drop": 0.03},  # the user's own metric, in its own units
     }
     path = root / "slimray.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -37,11 +37,12 @@ from ray.tune.schedulers import ASHAScheduler
 from slimray.artifacts import artifact_bytes, load_artifact, load_runnable, save_artifact
 from slimray.compress import memprobe
 from slimray.compress.export import check_outputs
-from slimray.compress.measure import accuracy, latency_ms, peak_memory_bytes
+from slimray.compress.measure import latency_ms, peak_memory_bytes
 from slimray.compress.prune import prune
 from slimray.compress.quantize import QUANTIZE_AT_LOAD, quantize
 from slimray.compress.runtime import ONNX_FILE, onnx_for
 from slimray.config import SearchConfig
+from slimray.evaluation import EvalConfig, load_metric
 from slimray.models.spec import count_params, spec_from_model
 from slimray.sweep.engine import make_tune_config, run_tuner
 from slimray.sweep.lock import TimingLock, hold
@@ -64,8 +65,10 @@ class SweepContext:
     temperature: float
     alpha: float
     seed: int
-    accuracy_floor: float | None = None  # for the early-stopping objective
+    accuracy_floor: float | None = None  # for the early-stopping objective (in quality units)
     lock: Any = None
+    evaluation: dict[str, Any] | None = None  # EvalConfig: the metric trials are scored on (default: accuracy)
+    code_dir: str | None = None  # where a metric of the user's own is imported from
 
 
 def setting_name(method: str, runtime: str) -> str:
@@ -158,6 +161,7 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     search = SearchConfig.model_validate(ctx.search)
+    metric = load_metric(EvalConfig.model_validate(ctx.evaluation or {}), default_max_drop=search.max_accuracy_drop, code_dir=ctx.code_dir)
     ratio = float(config["prune_ratio"])
     method, runtime = parse_setting(str(config["setting"]))
     key = trial_key(ratio, method, runtime)
@@ -194,11 +198,12 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
             else:
                 runnable = _load_and_run(out, example, num_threads=search.num_threads)
             # scored in the runtime that serves it; a compiled module in serving-size batches (fewer recompiles)
-            acc = accuracy(runnable, x_val, y_val, batch_size=search.serving_batch_size if runtime == "torch_compile" else 1024)
+            value = metric.value(runnable, x_val, y_val, batch_size=search.serving_batch_size if runtime == "torch_compile" else 1024)
+            acc = metric.quality(value)  # "accuracy" below: the signed quality every selection rule compares
             lat = fixed[f"latency_ms_b{search.serving_batch_size}"]
             tune.report(
                 {
-                    "key": key, "status": "ok", "accuracy": acc, "finetune_epochs": epoch, "artifact": str(out),
+                    "key": key, "status": "ok", "accuracy": acc, "metric_value": value, "finetune_epochs": epoch, "artifact": str(out),
                     "objective": objective(acc, lat, ctx.accuracy_floor), "trial_seconds": time.perf_counter() - t_start, **fixed,
                 }
             )
@@ -271,7 +276,7 @@ def run_sweep(ctx: SweepContext, *, run_name: str, storage_path: str, max_concur
             row.update(status="error", error=m.get("error") or str(result.error))
         else:
             row.update(
-                {k: m[k] for k in ("key", "status", "accuracy", "params", "size_bytes", "peak_memory_bytes", "artifact",
+                {k: m[k] for k in ("key", "status", "accuracy", "metric_value", "params", "size_bytes", "peak_memory_bytes", "artifact",
                                    "finetune_epochs", "runtime_check") if k in m}
             )
             row.update({k: v for k, v in m.items() if k.startswith("latency_ms_b")})
