@@ -110,3 +110,28 @@ def test_serve_configs_validate_with_serves_schema():
             assert app.import_path == "slimray.serving.app:app_builder"
             ServeOptions.model_validate(app.args)
             assert app_builder(app.args) is not None
+
+
+def test_the_users_code_travels_with_the_job(tmp_path):
+    """The factory's module (a file: shipped as a package of the same name) and a metric's package (a folder)
+    go into py_modules; relative paths in the config are made absolute against the config file."""
+    code = tmp_path / "code"
+    (code / "metrics_pkg").mkdir(parents=True)
+    (code / "metrics_pkg" / "__init__.py").write_text("def f1(p, y):\n    return 1.0\n")
+    (code / "net.py").write_text("def build():\n    pass\n")
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({
+        "name": "user", "data": {"source": "files", "train": "d.parquet"},
+        "teacher": {"source": "module", "factory": "net:build", "weights": "t.safetensors", "code_dir": "code"},
+        "distill": {}, "eval": {"metric": "metrics_pkg:f1", "max_drop": 0.1},
+    }))
+    sub = build_submission(["run", "--config", str(f)])
+    mods = sub["runtime_env"]["py_modules"][1:]
+    assert len(mods) == 2
+    from pathlib import Path
+
+    net, pkg = Path(mods[0]), Path(mods[1])
+    assert net.name == "net" and (net / "__init__.py").read_text() == (code / "net.py").read_text()
+    assert pkg == (code / "metrics_pkg").resolve()
+    shipped = PipelineConfig.from_json(sub["runtime_env"]["env_vars"][CONFIG_ENV])
+    assert shipped.data.train == str(tmp_path / "d.parquet") and shipped.teacher.code_dir == str(code)

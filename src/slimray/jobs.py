@@ -81,11 +81,12 @@ def build_submission(args: list[str]) -> dict[str, Any]:
             raise ValueError("--config needs a file")
         cfg = load_config(config=args[i + 1])  # relative data/weights/code paths made absolute
         cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update={"space_file": None})})
-        if cfg.teacher.source == "module":
-            user_code = user_code_modules(cfg.teacher.factory, cfg.teacher.code_dir)
-            # the factory's package travels with the job; where code_dir does not exist (another machine) the
-            # import finds it there instead
-            runtime_env["py_modules"] += [str(m) for m in user_code]
+        paths = [cfg.teacher.factory] if cfg.teacher.source == "module" else []
+        paths += [cfg.eval.metric] if cfg.eval.metric != "accuracy" else []
+        # the factory's (and the metric's) package travels with the job; where code_dir does not exist (another
+        # machine) the import finds it there instead
+        for path in dict.fromkeys(p.split(":", 1)[0].split(".", 1)[0] for p in paths):
+            runtime_env["py_modules"] += [str(m) for m in user_code_modules(f"{path}:x", cfg.teacher.code_dir)]
         runtime_env["env_vars"][CONFIG_ENV] = cfg.model_dump_json()
         args[i : i + 2] = ["--config-env", CONFIG_ENV]
     if "--space" in args:
