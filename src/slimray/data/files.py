@@ -170,7 +170,7 @@ def read_split(cfg: FilesDataConfig, path: str, *, field: str, classes: list[str
         if not p.is_dir():
             raise ConfigError(f"{field} {path}: format image_folder needs a folder with one sub-folder per class")
         items, found = _image_index(p, field=field)
-        if classes is not None and found != classes[: len(found)] and set(found) - set(classes):
+        if classes is not None and set(found) - set(classes):
             raise ConfigError(f"{field} {path}: class folders {sorted(set(found) - set(classes))} are not in the training split's {classes}")
         if classes is not None:  # label ids follow the training split's class order
             index = {c: i for i, c in enumerate(classes)}
