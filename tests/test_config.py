@@ -186,6 +186,9 @@ def _files_cfg(**over):
         ({"distill": {"derive": {"keep": 1.5}}}, "distill.derive.keep"),
         ({"distill": {"derive": {"keep": 0.5}, "student": {"kind": "mlp", "in_features": 4, "num_classes": 2}}}, "not both"),
         ({"data": {"mean": [0.1, 0.2], "feature_columns": []}}, "at least one column"),
+        ({"distill": {"derive": {"keep": 1.0}}}, "derives nothing smaller"),
+        ({"teacher": {"source": "ccexam_mnist", "factory": None, "weights": None}, "data": {"source": "builtin", "name": "mnist"},
+          "distill": {"derive": {"drop_blocks": 1}}}, "drop_blocks needs a teacher of your own"),
         ({"data": {"source": "files", "train": "d.parquet", "unknown": 1}}, "data.unknown: unknown field"),
     ],
 )

@@ -97,7 +97,8 @@ class DeriveConfig(StrictModel):
     """A student derived from the teacher by structured pruning (torch-pruning's dependency graph), then
     recovered by distillation: no hand-written student architecture needed."""
 
-    keep: float = Field(0.5, gt=0, lt=1, description="fraction of the teacher's parameters (or MACs) the student keeps")
+    keep: float = Field(0.5, gt=0, le=1, description="width: fraction of the teacher's parameters (or MACs) the student keeps (1: no width pruning)")
+    drop_blocks: int = Field(0, ge=0, description="depth: repeated blocks (residual blocks, transformer layers) dropped, least important first")
     by: Literal["params", "macs"] = Field("params", description="what `keep` measures")
     importance: Literal["l1", "l2", "taylor"] = Field("l1", description="channel ranking used to choose what is removed")
     round_to: PositiveInt | None = Field(None, description="keep widths a multiple of this")
@@ -345,6 +346,11 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
+        dv = self.distill.derive
+        if dv is not None and dv.drop_blocks and self.teacher.source != "module":
+            raise ValueError("distill.derive.drop_blocks needs a teacher of your own (teacher.source: module); built-in specs have no repeated blocks")
+        if dv is not None and dv.keep == 1.0 and not dv.drop_blocks:
+            raise ValueError("distill.derive with keep 1 and no drop_blocks derives nothing smaller; lower keep or set drop_blocks")
         if self.teacher.source == "ccexam_mnist" and getattr(self.data, "name", None) != "mnist":
             raise ValueError("teacher.source 'ccexam_mnist' needs data.name 'mnist'")
         if self.distill_sweep is not None and self.distill_sweep.distill is not None and self.distill.student is None:

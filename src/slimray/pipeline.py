@@ -29,7 +29,7 @@ from slimray.data import load_dataset
 from slimray.evaluation import load_metric
 from slimray.models import load_ccexam_mnist_teacher
 from slimray.models.spec import InputSpec, ModuleSpec, count_params, spec_from_model
-from slimray.models.usermodule import build_from_factory, load_weights
+from slimray.models.usermodule import block_importance, build_from_factory, drop_modules, load_weights, repeated_blocks
 from slimray.report import results_table, write_report
 from slimray.runtime import init_ray
 from slimray.runs import log, prepare_run_dir
@@ -103,6 +103,20 @@ def _teacher_logits(teacher: torch.nn.Module, x_train: torch.Tensor, run_dir: Pa
     return logits.numpy()
 
 
+def choose_blocks(model: torch.nn.Module, x: torch.Tensor, *, num_drop: int) -> tuple[list[str], list[str], dict[str, float]]:
+    """(dropped, kept, importance) of the model's repeated blocks: the ``num_drop`` whose removal alone moves
+    the output least (KL on ``x``) are dropped. Fails when the model has too few droppable blocks."""
+    names = repeated_blocks(model, x[:2])
+    if len(names) <= num_drop:
+        raise ConfigError(
+            f"distill.derive.drop_blocks {num_drop}: the teacher has {len(names)} repeated shape-preserving blocks "
+            f"({names or 'none'}); at least one must stay"
+        )
+    importance = block_importance(model, names, x)
+    dropped = sorted(names, key=importance.get)[:num_drop]
+    return sorted(dropped), [n for n in names if n not in dropped], importance
+
+
 def derive_student(run: Run, teacher: torch.nn.Module, teacher_spec: ArtifactSpec) -> tuple[torch.nn.Module, ArtifactSpec]:
     """The student derived from the teacher by structured pruning to ``distill.derive.keep`` of its size
     (saved once as ``RUN/student_init``: the distillation runs start from these weights)."""
@@ -113,12 +127,24 @@ def derive_student(run: Run, teacher: torch.nn.Module, teacher_spec: ArtifactSpe
     assert dv is not None
     x, y = run.split["val"] if run.split.get("train") is None else run.split["train"]
     grads = [(x[i * 64 : (i + 1) * 64], y[i * 64 : (i + 1) * 64]) for i in range(min(8, max(1, len(x) // 64)))]
-    pruned, info = prune_to_fraction(
-        copy.deepcopy(teacher).train(), keep=dv.keep, by=dv.by, importance=dv.importance, round_to=dv.round_to,
-        example_inputs=x[:1], gradient_batches=grads if dv.importance == "taylor" else None,
-    )
-    note = f"teacher pruned to {100 * info['kept_fraction']:.1f}% of its {dv.by} (channel ratio {info['channel_ratio']:.3f}, {dv.importance})"
-    log(f"student: derived from the teacher: {note}; {count_params(teacher)} -> {count_params(pruned)} params")
+    student = copy.deepcopy(teacher)
+    info: dict[str, Any] = {}
+    notes = []
+    if dv.drop_blocks:
+        dropped, kept, importance = choose_blocks(student, x[:256], num_drop=dv.drop_blocks)
+        drop_modules(student, dropped)
+        info.update(dropped_blocks=dropped, kept_blocks=kept, block_importance=importance)
+        notes.append(f"dropped blocks {dropped} (kept {kept})")
+    if dv.keep < 1.0:
+        student, width = prune_to_fraction(
+            student.train(), keep=dv.keep, by=dv.by, importance=dv.importance, round_to=dv.round_to,
+            example_inputs=x[:1], gradient_batches=grads if dv.importance == "taylor" else None,
+        )
+        info.update(width)
+        notes.append(f"pruned to {100 * width['kept_fraction']:.1f}% of its {dv.by} (channel ratio {width['channel_ratio']:.3f}, {dv.importance})")
+    pruned = student.eval()
+    note = "teacher " + "; ".join(notes)
+    log(f"student: derived from the {note}; {count_params(teacher)} -> {count_params(pruned)} params")
     model_spec = spec_from_model(pruned, teacher_spec.model)
     if isinstance(model_spec, ModuleSpec):
         model_spec = model_spec.model_copy(update={"note": note})

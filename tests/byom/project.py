@@ -85,7 +85,7 @@ def resnet_project(root: Path, *, name: str = "user-resnet") -> Path:
         "data": {"source": "files", "train": "data/train", "test": "data/test", "val_fraction": 0.15, "mean": [0.3], "std": [0.4]},
         "teacher": {"source": "module", "factory": "user_models:resnet", "kwargs": {"in_channels": 1, "num_classes": 10, "width": 24},
                     "weights": "teacher.safetensors", "code_dir": str(CODE_DIR)},
-        "distill": {"derive": {"keep": 0.4}, "epochs": 6, "batch_size": 64, "lr": 3e-3, "num_workers": 2, "labels_only_baseline": False},
+        "distill": {"derive": {"keep": 0.5, "drop_blocks": 1}, "epochs": 6, "batch_size": 64, "lr": 3e-3, "num_workers": 2, "labels_only_baseline": False},
         "search": {"space": {"prune_ratios": [0.0, 0.3], "quantizations": ["none"], "runtimes": ["torch", "onnxruntime"]},
                    "finetune_epochs": 1, "num_timing_repeats": 5, "serving_batch_size": 32},
         "eval": {"metric": "user_metrics:macro_f1", "max_drop": 0.03},  # the user's own metric, in its own units

@@ -43,7 +43,7 @@ def _check_run(run_dir: Path, *, factory: str) -> dict:
     report = json.loads((run_dir / "report.json").read_text())
     student = load_spec(run_dir / "student")
     assert student.model.kind == "module" and student.model.factory == factory
-    assert student.model.resized_modules and student.model.note.startswith("teacher pruned to")
+    assert student.model.resized_modules and student.model.note.startswith("teacher ")
     assert report["student"]["params"] < report["teacher"]["params"]
     # distillation: 2 Ray Train workers, each epoch read the whole training split from Ray Data shards
     lines = [json.loads(line) for line in (run_dir / "student_metrics.jsonl").read_text().splitlines()]
@@ -64,6 +64,11 @@ def test_residual_cnn_on_an_image_folder_is_derived_distilled_searched_and_serve
     run_dir = tmp_path / "runs" / "user-resnet"
     report = _check_run(run_dir, factory="user_models:resnet")
     assert report["dataset"] == "files"
+    # depth: one of the two repeated residual blocks of stage1 dropped (the one that mattered least), then width
+    student = load_spec(run_dir / "student")
+    assert len(student.model.removed_modules) == 1 and student.model.removed_modules[0] in ("stage1.0", "stage1.1")
+    derived = student.metadata["derived"]
+    assert derived["dropped_blocks"] == student.model.removed_modules and len(derived["kept_blocks"]) == 1
     # the winner was chosen on the user's metric (macro F1), within its budget of the teacher's value
     m = report["metric"]
     assert m["name"] == "user_metrics:macro_f1" and m["budget"] == 0.03 and 0.5 < m["teacher_reference"] <= 1.0

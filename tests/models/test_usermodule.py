@@ -112,3 +112,26 @@ def _clean_sys_path():
     before = list(sys.path)
     yield
     sys.path[:] = before
+
+
+def test_repeated_blocks_are_found_dropped_by_importance_and_rebuilt():
+    from slimray.models.usermodule import block_importance, drop_modules, repeated_blocks
+
+    spec = ModuleSpec(factory="user_models:resnet", kwargs={"width": 8}, code_dir=CODE_DIR)
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    x = torch.randn(32, 1, 8, 8)
+    names = repeated_blocks(model, x[:2])
+    assert names == ["stage1.0", "stage1.1"]  # stage2 is a lone block; the down-sampling stage changes the shape
+    assert repeated_blocks(build_model(ModuleSpec(factory="user_models:mlp", code_dir=CODE_DIR)), torch.zeros(2, 64)) == []  # norms are no blocks
+    importance = block_importance(model, names, x)
+    assert set(importance) == set(names) and all(v >= 0 for v in importance.values())
+    drop = min(importance, key=importance.get)
+    drop_modules(model, [drop])
+    student, _ = prune_to_fraction(model.train(), keep=0.6, example_inputs=x[:1])
+    student.eval()
+    derived = parse_spec(spec_from_model(student, spec).model_dump(mode="json"))
+    assert derived.removed_modules == [drop]
+    rebuilt = build_model(derived)
+    rebuilt.load_state_dict(student.state_dict(), strict=True)
+    torch.testing.assert_close(rebuilt.eval()(x), student(x))

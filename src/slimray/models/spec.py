@@ -94,6 +94,7 @@ class ModuleSpec(StrictModel):
         default_factory=dict, description="module attributes structured pruning changed (in_channels, out_features, ...)"
     )
     resized_tensors: dict[str, list[int]] = Field(default_factory=dict, description="tensor shapes pruning changed")
+    removed_modules: list[str] = Field(default_factory=list, description="repeated blocks dropped (replaced by identity)")
     note: str | None = Field(None, description="how this architecture was derived (e.g. 'teacher pruned to 50% of params')")
 
     @field_validator("factory")
@@ -154,9 +155,10 @@ def build_model(spec: CNNSpec | MLPSpec | ModuleSpec) -> nn.Module:
     if isinstance(spec, MLPSpec):
         return MLPNet(spec)
     if isinstance(spec, ModuleSpec):
-        from slimray.models.usermodule import apply_structure, build_from_factory
+        from slimray.models.usermodule import apply_structure, build_from_factory, drop_modules
 
         model = build_from_factory(spec.factory, spec.kwargs, code_dir=spec.code_dir)
+        drop_modules(model, spec.removed_modules)
         return apply_structure(model, spec.resized_modules, spec.resized_tensors)
     raise TypeError(f"unknown spec type {type(spec).__name__}")
 
@@ -168,11 +170,13 @@ def _linears(seq: nn.Sequential) -> list[nn.Linear]:
 def spec_from_model(model: nn.Module, like: CNNSpec | MLPSpec | ModuleSpec) -> CNNSpec | MLPSpec | ModuleSpec:
     """Read the layer widths of ``model`` (for instance after structured pruning) into a new spec."""
     if isinstance(like, ModuleSpec):
-        from slimray.models.usermodule import build_from_factory, structure_changes
+        from slimray.models.usermodule import build_from_factory, drop_modules, removed_modules, structure_changes
 
         original = build_from_factory(like.factory, like.kwargs, code_dir=like.code_dir)
+        removed = removed_modules(original, model)
+        drop_modules(original, removed)
         attrs, shapes = structure_changes(original, model)
-        return like.model_copy(update={"resized_modules": attrs, "resized_tensors": shapes})
+        return like.model_copy(update={"resized_modules": attrs, "resized_tensors": shapes, "removed_modules": removed})
     hidden = [lin.out_features for lin in _linears(model.classifier)[:-1]]
     if isinstance(like, CNNSpec):
         convs = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)]

@@ -148,6 +148,8 @@ def structure_changes(original: nn.Module, changed: nn.Module) -> tuple[dict[str
     before = dict(original.named_modules())
     attrs: dict[str, dict[str, Any]] = {}
     for name, mod in changed.named_modules():
+        if isinstance(mod, nn.Identity):  # a dropped block (recorded by removed_modules)
+            continue
         ref = before.get(name)
         if ref is None:
             raise ValueError(f"module {name!r} is not in the original model: structural changes beyond resizing are not recorded")
@@ -183,3 +185,77 @@ def apply_structure(model: nn.Module, attrs: dict[str, dict[str, Any]], shapes: 
         else:
             raise ValueError(f"recorded tensor {key!r} is neither a parameter nor a buffer")
     return model
+
+
+# --- depth: repeated blocks dropped (replaced by identity) ----------------------------------------------
+
+def repeated_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Blocks that can be dropped: children of an ``nn.Sequential`` / ``nn.ModuleList`` holding two or more
+    modules of the same class, whose output has the shape of their input (a residual block, a transformer
+    layer), so that replacing one with the identity leaves a working network."""
+    candidates: list[str] = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Sequential, nn.ModuleList)):
+            kids = list(mod.named_children())
+            counts: dict[type, int] = {}
+            for _, k in kids:
+                counts[type(k)] = counts.get(type(k), 0) + 1
+            candidates += [f"{name}.{n}" if name else n for n, k in kids  # composite modules only, not a lone norm
+                           if counts[type(k)] >= 2 and any(True for _ in k.children()) and any(True for _ in k.parameters())]
+    shapes: dict[str, bool] = {}
+    modules = dict(model.named_modules())
+    hooks = []
+    for n in candidates:
+        def hook(mod, args, out, n=n):
+            x = args[0] if args else None
+            shapes[n] = isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.shape == out.shape
+        hooks.append(modules[n].register_forward_hook(hook))
+    try:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            model(example)
+        model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n in candidates if shapes.get(n)]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.ModuleList):
+        parent[int(leaf)] = new
+    else:
+        setattr(parent, leaf, new)
+
+
+def drop_modules(model: nn.Module, names: list[str]) -> nn.Module:
+    """Replace each named block by ``nn.Identity`` in place (the block's parameters go with it)."""
+    for name in names:
+        _set_module(model, name, nn.Identity())
+    return model
+
+
+def block_importance(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, float]:
+    """How much the model's output distribution moves (KL to the full model's softmax on ``x``) when each block
+    alone is replaced by the identity: the blocks that matter least are dropped first."""
+    import copy
+
+    model = model.eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(x).float(), dim=1)
+        out = {}
+        for n in names:
+            trial = drop_modules(copy.deepcopy(model), [n])
+            got = torch.log_softmax(trial(x).float(), dim=1)
+            out[n] = float(torch.nn.functional.kl_div(got, ref, log_target=True, reduction="batchmean"))
+    return out
+
+
+def removed_modules(original: nn.Module, changed: nn.Module) -> list[str]:
+    """Modules of ``original`` that are an ``nn.Identity`` in ``changed`` (dropped blocks)."""
+    now = dict(changed.named_modules())
+    return [n for n, m in original.named_modules()
+            if n and not isinstance(m, nn.Identity) and isinstance(now.get(n), nn.Identity)]
