@@ -173,6 +173,7 @@ def _files_cfg(**over):
     }
     for k, v in over.items():
         base[k] = {**base[k], **v} if isinstance(v, dict) else v
+        base[k] = {kk: vv for kk, vv in base[k].items() if vv is not None or kk == "model"} if isinstance(base[k], dict) else base[k]
     return base
 
 
@@ -187,7 +188,7 @@ def _files_cfg(**over):
         ({"distill": {"derive": {"keep": 0.5}, "student": {"kind": "mlp", "in_features": 4, "num_classes": 2}}}, "not both"),
         ({"data": {"mean": [0.1, 0.2], "feature_columns": []}}, "at least one column"),
         ({"distill": {"derive": {"keep": 1.0}}}, "derives nothing smaller"),
-        ({"teacher": {"source": "ccexam_mnist", "factory": None, "weights": None}, "data": {"source": "builtin", "name": "mnist"},
+        ({"teacher": {"source": "ccexam_mnist", "factory": None, "weights": None}, "data": {"source": "builtin", "name": "mnist", "train": None},
           "distill": {"derive": {"drop_blocks": 1}}}, "drop_blocks needs a teacher of your own"),
         ({"data": {"source": "files", "train": "d.parquet", "unknown": 1}}, "data.unknown: unknown field"),
     ],
