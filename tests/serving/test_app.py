@@ -31,7 +31,7 @@ GOOD_V2 = v2_body([0.0] * 64, [1, 1, 8, 8])
 
 
 @pytest.fixture(scope="module")
-def served(digits_run, serve_port, monkeypatch_module):
+def served(digits_run, serve_port, tmp_path_factory):
     from ray import serve
 
     run_dir, _ = digits_run
@@ -39,9 +39,9 @@ def served(digits_run, serve_port, monkeypatch_module):
     # batch_wait_timeout_s long enough that concurrent single-example requests share forward passes
     app = build_app(ServeOptions(name="digits", max_batch_size=16, batch_wait_timeout_s=0.02, **opts))
     url = deploy(app, name="open", port=serve_port, route_prefix="/")
-    monkeypatch_module.setenv("SLIMRAY_TEST_KEY", "s3cret")
-    locked = build_app(ServeOptions(name="locked", api_key_env="SLIMRAY_TEST_KEY", num_replicas=1, **{**opts, "num_cpus_per_replica": 0.25}))
-    monkeypatch_module.delenv("SLIMRAY_TEST_KEY")
+    key_file = tmp_path_factory.mktemp("secret") / "api-key"  # like a mounted Kubernetes Secret
+    key_file.write_text("s3cret\n")
+    locked = build_app(ServeOptions(name="locked", api_key_file=str(key_file), num_replicas=1, **{**opts, "num_cpus_per_replica": 0.25}))
     serve.run(locked, name="locked", route_prefix="/locked")
     with httpx.Client(base_url=url, timeout=30) as client:
         yield client, run_dir

@@ -3,6 +3,7 @@ V2 tensor parsing, and a broken model failing its health check instead of answer
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +14,9 @@ from pydantic import ValidationError
 from slimray.config import ServeConfig
 from slimray.models.spec import InputSpec
 from slimray.serving import app as serving
-from slimray.serving.app import RequestError, ServeOptions, SlimrayModel, V2Tensor, deployment_options, parse_v2_tensor
+from slimray.serving.app import RequestError, ServeOptions, V2Tensor, deployment_options, parse_v2_tensor
+from slimray.serving.model import ModelServer
+from slimray.serving.protocols import build_api
 
 
 def opts(**kw) -> ServeOptions:
@@ -25,6 +28,7 @@ def test_fixed_replicas_and_limits():
     assert kw["num_replicas"] == 3 and "autoscaling_config" not in kw
     assert kw["max_ongoing_requests"] == 32 and kw["max_queued_requests"] == 10 and kw["health_check_period_s"] == 2
     assert kw["ray_actor_options"] == {"num_cpus": 1.0} and "max_replicas_per_node" not in kw
+    assert kw["logging_config"] == {"enable_access_log": False}  # the fast default: no per-request access log
 
 
 def test_autoscaling_replaces_num_replicas():
@@ -108,10 +112,14 @@ class NaNModel(torch.nn.Module):
 
 
 def test_broken_model_fails_health_check_and_answers_null():
+    from fastapi.testclient import TestClient
+
     spec = SimpleNamespace(input=InputSpec(shape=[4], min_value=0, max_value=1), quantization=SimpleNamespace(method="none"))
-    model = SlimrayModel(opts().model_dump(), loader=lambda path: (NaNModel(), spec))
-    assert model.ready is False and model.num_classes == 3
+    server = ModelServer(opts(kind="classifier"), loader=lambda path: (NaNModel(), spec))
+    assert server.ready is False and server.codec.num_classes == 3
     with pytest.raises(RuntimeError, match="NaN"):
-        model.check_health()
-    answer = model.predict_array(np.zeros((2, 4), dtype=np.float32))
+        server.check_health()
+    r = TestClient(build_api(server, api_key=None)).post("/v1/predict", json={"inputs": [[0.0] * 4] * 2})
+    assert r.status_code == 200
+    answer = json.loads(r.content)  # strict JSON: a bare NaN would not parse as null
     assert answer["predictions"] == [-1, -1] and answer["probabilities"] == [[None] * 3] * 2

@@ -47,14 +47,14 @@ def text_run(ray_session, tmp_path_factory):
 def served(text_run):
     from ray import serve
 
-    from slimray.serving.app import deploy
-    from slimray.serving.embed import build_embed_app, embed_options_for_run
+    from slimray.serving.app import build_app, deploy
+    from slimray.serving.options import options_for_run
 
     run_dir, _, _ = text_run
-    opts = embed_options_for_run(run_dir, name="minilm", num_cpus_per_replica=0.5, max_texts=8, max_text_chars=300,
-                                 batch_wait_timeout_s=0.02)
-    assert opts.model_dir == str(run_dir / "winner")
-    url = deploy(build_embed_app(opts), name="text-embed", port=free_port(), route_prefix="/")
+    opts = options_for_run(run_dir, name="minilm", num_cpus_per_replica=0.5, max_batch_examples=8, max_text_chars=300,
+                           batch_wait_timeout_s=0.02)
+    assert opts.model_dir == str(run_dir / "winner") and opts.max_batch_size == 32  # the text recipe's batch size
+    url = deploy(build_app(opts), name="text-embed", port=free_port(), route_prefix="/")
     with httpx.Client(base_url=url, timeout=60) as client:
         yield client, run_dir
     serve.delete("text-embed")
