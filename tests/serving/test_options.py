@@ -123,3 +123,69 @@ def test_broken_model_fails_health_check_and_answers_null():
     assert r.status_code == 200
     answer = json.loads(r.content)  # strict JSON: a bare NaN would not parse as null
     assert answer["predictions"] == [-1, -1] and answer["probabilities"] == [[None] * 3] * 2
+
+
+class TinyClassifier(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(len(x), -1)[:, :3]
+
+
+def tiny_server(**kw) -> ModelServer:
+    spec = SimpleNamespace(input=InputSpec(shape=[4], min_value=0, max_value=1), quantization=SimpleNamespace(method="none"))
+    return ModelServer(opts(kind="classifier", **kw), loader=lambda path: (TinyClassifier(), spec))
+
+
+def test_streaming_body_limit_stops_reading_at_the_limit():
+    """The shared plumbing counts bytes as they arrive: a chunked 20 MB body gets 413 after a few chunks, and
+    the rest is never pulled from the server."""
+    import asyncio
+
+    api = build_api(tiny_server(max_body_bytes=200_000), api_key=None)
+    chunk, total, pulled = b"7" * 65536, 20 * 2**20, 0
+
+    async def receive():
+        nonlocal pulled
+        if pulled >= total:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")], "root_path": "",
+             "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "http_version": "1.1",
+             "asgi": {"version": "3.0"}}
+    asyncio.run(api(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert "exceeds the limit" in json.loads(sent[1]["body"])["error"]
+    assert pulled <= 200_000 + 2 * len(chunk) < total
+
+
+def test_declared_length_over_the_limit_is_refused_before_reading():
+    from fastapi.testclient import TestClient
+
+    client = TestClient(build_api(tiny_server(max_body_bytes=1000), api_key=None))
+    r = client.post("/v1/predict", content=b"x" * 5000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+
+
+def test_api_key_file_wins_and_a_missing_file_fails_closed(tmp_path, monkeypatch):
+    from slimray.serving.http import read_api_key
+
+    monkeypatch.setenv("SLIMRAY_TEST_KEY", "from-env")
+    key = tmp_path / "key"
+    key.write_text("from-file\n")
+    assert read_api_key(env="SLIMRAY_TEST_KEY", file=str(key)) == "from-file"
+    assert read_api_key(env="SLIMRAY_TEST_KEY", file=None) == "from-env"
+    assert read_api_key(env="SLIMRAY_NO_SUCH_KEY", file=None) is None
+    with pytest.raises(RuntimeError, match="not readable"):
+        read_api_key(env="SLIMRAY_TEST_KEY", file=str(tmp_path / "missing"))
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(RuntimeError, match="empty"):
+        read_api_key(env="SLIMRAY_TEST_KEY", file=str(tmp_path / "empty"))
+    kw = deployment_options(opts(api_key_file=str(key)))
+    assert "runtime_env" not in kw["ray_actor_options"] and "from-" not in json.dumps(kw)
