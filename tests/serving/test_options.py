@@ -69,7 +69,7 @@ def test_deploy_sets_the_proxy_timeout(monkeypatch):
     monkeypatch.setattr(serving.serve, "run", lambda app, **kw: calls.setdefault("run", kw))
     app = SimpleNamespace(_slimray_http_options={"request_timeout_s": 2.5})
     url = serving.deploy(app, name="m", port=9123, route_prefix="/m/")
-    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123, "request_timeout_s": 2.5}}
+    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123, "request_timeout_s": 2.5}, "grpc_options": None}
     assert calls["run"]["route_prefix"] == "/m/" and url == "http://127.0.0.1:9123/m"
 
 
@@ -189,3 +189,67 @@ def test_api_key_file_wins_and_a_missing_file_fails_closed(tmp_path, monkeypatch
         read_api_key(env="SLIMRAY_TEST_KEY", file=str(tmp_path / "empty"))
     kw = deployment_options(opts(api_key_file=str(key)))
     assert "runtime_env" not in kw["ray_actor_options"] and "from-" not in json.dumps(kw)
+
+
+def test_grpc_model_infer_answers_like_the_model():
+    """The OIP gRPC methods on an in-process server: raw_input_contents in (tritonclient's default encoding),
+    raw_output_contents out, errors as gRPC status codes. (Serve's gRPC proxy itself is not started here: it binds
+    every interface.)"""
+    import asyncio
+
+    import grpc
+
+    from slimray.serving.app import SlimrayModel
+    from slimray.serving.grpc import inference_pb2 as pb
+
+    class Context:
+        def __init__(self, metadata=()):
+            self.metadata, self.code, self.details = list(metadata), None, None
+
+        def invocation_metadata(self):
+            return self.metadata
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    replica = SlimrayModel.__new__(SlimrayModel)  # the replica class without Serve: its server and key only
+    replica.server, replica.api_key = tiny_server(), None
+    x = np.random.default_rng(0).uniform(0, 1, (3, 4)).astype(np.float32)
+    req = pb.ModelInferRequest(model_name="m", id="r1")
+    req.inputs.add(name="input", datatype="FP32", shape=[3, 4])
+    req.raw_input_contents.append(x.astype("<f4").tobytes())
+    ctx = Context()
+    res = asyncio.run(replica.ModelInfer(req, grpc_context=ctx))
+    assert ctx.code is None and res.id == "r1" and [o.name for o in res.outputs] == ["probabilities", "predictions"]
+    probs = np.frombuffer(res.raw_output_contents[0], "<f4").reshape(list(res.outputs[0].shape))
+    preds = np.frombuffer(res.raw_output_contents[1], "<i8")
+    expected = torch.softmax(TinyClassifier()(torch.from_numpy(x)), 1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    assert preds.tolist() == expected.argmax(1).tolist()
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="input", datatype="FP32", shape=[3, 4]).contents.fp32_contents.extend(x.ravel().tolist())
+    assert np.frombuffer(asyncio.run(replica.ModelInfer(typed)).raw_output_contents[1], "<i8").tolist() == preds.tolist()
+    assert asyncio.run(replica.ServerLive(pb.ServerLiveRequest())).live
+    assert asyncio.run(replica.ServerReady(pb.ServerReadyRequest())).ready
+    meta = asyncio.run(replica.ModelMetadata(pb.ModelMetadataRequest(name="m")))
+    assert meta.inputs[0].name == "input" and list(meta.inputs[0].shape) == [-1, 4]
+    for bad, code in [(pb.ModelInferRequest(model_name="other"), grpc.StatusCode.NOT_FOUND),
+                      (pb.ModelInferRequest(model_name="m"), grpc.StatusCode.INVALID_ARGUMENT)]:
+        ctx = Context()
+        asyncio.run(replica.ModelInfer(bad, grpc_context=ctx))
+        assert ctx.code == code and ctx.details
+    short = pb.ModelInferRequest(model_name="m")
+    short.inputs.add(name="input", datatype="FP32", shape=[3, 4])
+    short.raw_input_contents.append(b"\x00" * 8)
+    ctx = Context()
+    asyncio.run(replica.ModelInfer(short, grpc_context=ctx))
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in ctx.details
+    replica.api_key = "k"
+    ctx = Context()
+    asyncio.run(replica.ModelInfer(req, grpc_context=ctx))
+    assert ctx.code == grpc.StatusCode.UNAUTHENTICATED
+    ctx = Context([("authorization", "Bearer k")])
+    assert asyncio.run(replica.ModelInfer(req, grpc_context=ctx)).outputs and ctx.code is None

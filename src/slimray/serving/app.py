@@ -4,7 +4,8 @@
 application; nothing is deployed on import. For ``serve run`` / ``serve deploy`` the import path is
 ``slimray.serving.app:app_builder`` with the options as ``args`` (see ``serve/*.yaml``).
 
-Layers: ``SlimrayModel`` (the replica) holds a ``ModelServer`` (``slimray.serving.model``: the batched
+Layers: ``SlimrayModel`` (the replica; its ``GrpcInference`` methods answer the OIP gRPC service through Serve's
+gRPC proxy, ``slimray.serving.grpc_v2``) holds a ``ModelServer`` (``slimray.serving.model``: the batched
 forward through the artifact's codec, ``slimray.serving.codecs``) and builds the HTTP ingress
 (``slimray.serving.protocols``) at replica start through Serve's ``__serve_build_asgi_app__`` hook, so the
 routes fit the model kind. The API key is read inside the replica (``api_key_file`` or its own ``api_key_env``
@@ -20,6 +21,7 @@ from typing import Any
 
 from ray import serve
 
+from slimray.serving.grpc_v2 import SERVICER_FUNCTION, GrpcInference
 from slimray.serving.codecs import RequestError, check_texts, parse_inputs, parse_v2_tensor  # noqa: F401  (re-exported)
 from slimray.serving.http import read_api_key
 from slimray.serving.model import ModelServer
@@ -27,8 +29,8 @@ from slimray.serving.options import ServeOptions, deployment_options, options_fo
 from slimray.serving.protocols import V2Tensor, build_api  # noqa: F401  (re-exported)
 
 
-class SlimrayModel:
-    """One replica: the model server and its HTTP ingress. Undecorated; see ``build_app``."""
+class SlimrayModel(GrpcInference):
+    """One replica: the model server, its HTTP ingress and its OIP gRPC methods. Undecorated; see ``build_app``."""
 
     def __init__(self, options: dict[str, Any], loader: Callable | None = None):
         self.options = ServeOptions.model_validate(options)
@@ -71,18 +73,24 @@ def deploy(
     port: int = 8000,
     route_prefix: str = "/",
     request_timeout_s: float | None = None,
+    grpc_port: int | None = None,
 ) -> str:
     """Start Serve's HTTP proxy on ``host:port`` (loopback by default), run ``app``, return its URL.
 
     ``request_timeout_s`` (default: the app's ``ServeOptions.request_timeout_s``) makes the proxy answer 408;
-    it is set when the proxy starts, so an already running Serve keeps its value.
+    it is set when the proxy starts, so an already running Serve keeps its value. ``grpc_port`` also starts
+    Serve's gRPC proxy with the Open Inference Protocol service (off by default: Ray 2.60's gRPC proxy binds
+    every interface, ``[::]:port``, not the loopback address).
     """
     if request_timeout_s is None:
         request_timeout_s = getattr(app, "_slimray_http_options", {}).get("request_timeout_s")
     http_options: dict[str, Any] = {"host": host, "port": port}
     if request_timeout_s is not None:
         http_options["request_timeout_s"] = request_timeout_s
-    serve.start(http_options=http_options)
+    grpc_options = None
+    if grpc_port is not None:
+        grpc_options = {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+    serve.start(http_options=http_options, grpc_options=grpc_options)
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}{route_prefix.rstrip('/')}"
