@@ -198,6 +198,8 @@ def test_encoder_tokenises_once_and_answers_nan_as_null(text_run, monkeypatch):
     client = TestClient(build_api(server, api_key=None))
     assert client.post("/v1/embed", json={"texts": ["a", "b c", "d e f"]}).status_code == 200
     assert calls == [3]
+    r = client.post("/v1/embed", content=b"\0" * 8, headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 415 and "JSON" in r.json()["error"]
     monkeypatch.setattr("slimray.text.models.encode_batch", lambda model, ids, mask: torch.full((len(ids), 4), float("nan")))
     r = client.post("/v1/embed", json={"texts": ["nan please"]})
     assert r.status_code == 200

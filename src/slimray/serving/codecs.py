@@ -62,6 +62,7 @@ class Codec:
     v1_hint: ClassVar[str]  # what the native body looks like, for error messages
     input_name: ClassVar[str]
     output_names: ClassVar[tuple[str, ...]]  # the V2 outputs, in their default order
+    binary_bodies: ClassVar[bool] = False  # whether the native route takes raw float32 / .npy bodies (parse_array)
 
     def __init__(self, options: Any, loader: Any = None):
         self.options = options
@@ -225,6 +226,7 @@ class ClassifierCodec(Codec):
     v1_hint = '{"inputs": [...]}'
     input_name = "input"
     output_names = ("probabilities", "predictions")
+    binary_bodies = True
 
     def __init__(self, options: Any, loader: Any = None):
         super().__init__(options)

@@ -275,6 +275,8 @@ def build_api(server: ModelServer, *, api_key: str | None, metrics: bool = False
             body = await read_body(request, limit=limit)
             ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
             if ctype in NPY_TYPES or ctype == RAW_TYPE:
+                if not codec.binary_bodies:
+                    raise RequestError(415, f"a {codec.kind} takes JSON bodies only: send {codec.v1_hint}")
                 items = codec.parse_array(parse_binary_array(body, content_type=ctype, shape_header=request.headers.get(SHAPE_HEADER)))
             else:
                 items = codec.parse_v1(parse_json(body, hint=codec.v1_hint))
