@@ -253,3 +253,60 @@ def test_grpc_model_infer_answers_like_the_model():
     assert ctx.code == grpc.StatusCode.UNAUTHENTICATED
     ctx = Context([("authorization", "Bearer k")])
     assert asyncio.run(replica.ModelInfer(req, grpc_context=ctx)).outputs and ctx.code is None
+
+
+TRITON_GRPC_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as triton
+
+c = triton.InferenceServerClient(url=sys.argv[1])
+x = np.asarray(json.loads(sys.argv[2]), dtype=np.float32)
+assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("m")
+meta = c.get_model_metadata("m")
+inp = triton.InferInput("input", list(x.shape), "FP32")
+inp.set_data_from_numpy(x)
+res = c.infer("m", [inp])
+print(json.dumps({"input": meta.inputs[0].name, "predictions": res.as_numpy("predictions").tolist(),
+                  "probabilities": res.as_numpy("probabilities").tolist()}))
+"""
+
+
+def test_tritonclient_grpc_with_its_defaults_gets_the_model_outputs():
+    """tritonclient.grpc (defaults: raw_input_contents) against the replica's OIP gRPC methods on a loopback gRPC
+    server. The client runs in its own process: its copy of the ``inference`` messages would clash with slimray's
+    in one descriptor pool."""
+    import asyncio
+    import subprocess
+    import sys
+    from concurrent import futures
+
+    import grpc
+
+    from slimray.serving.app import SlimrayModel
+    from slimray.serving.grpc import inference_pb2_grpc
+
+    replica = SlimrayModel.__new__(SlimrayModel)
+    replica.server, replica.api_key = tiny_server(), None
+
+    class Servicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+        pass
+
+    for rpc in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"):
+        setattr(Servicer, rpc, lambda self, request, context, rpc=rpc: asyncio.run(getattr(replica, rpc)(request, grpc_context=context)))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        x = np.random.default_rng(1).uniform(0, 1, (4, 4)).astype(np.float32)
+        out = subprocess.run([sys.executable, "-c", TRITON_GRPC_CLIENT, f"127.0.0.1:{port}", json.dumps(x.tolist())],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout)
+    finally:
+        server.stop(grace=None)
+    expected = torch.softmax(TinyClassifier()(torch.from_numpy(x)), 1).numpy()
+    assert got["input"] == "input"
+    np.testing.assert_allclose(np.array(got["probabilities"]), expected, atol=1e-6)
+    assert got["predictions"] == expected.argmax(1).tolist()
