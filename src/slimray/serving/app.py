@@ -40,6 +40,10 @@ class SlimrayModel(GrpcInference):
     def __serve_build_asgi_app__(self):
         return build_api(self.server, api_key=self.api_key, metrics=self.server.replica_id is not None)
 
+    def replica_info(self) -> dict[str, Any]:
+        """Which replica, node and device this is (also over HTTP at ``GET /v1/replica``); for handle calls."""
+        return self.server.info()
+
     def check_health(self) -> None:
         """Serve calls this every ``health_check_period_s``; raising makes Serve replace the replica."""
         self.server.check_health()
