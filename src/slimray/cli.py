@@ -199,10 +199,9 @@ def _check_and_wait(url: str, run_dir: Path, serve_cfg: ServeConfig) -> None:
     """Answer one real request, compare with the model in-process, then serve until Ctrl-C."""
     import torch
 
-    from slimray.serving.http import read_api_key
-
     from slimray.artifacts import load_runnable
     from slimray.data import load_dataset, normalize
+    from slimray.serving.http import read_api_key
 
     model, spec = load_runnable(run_dir / "winner")
     report = json.loads((run_dir / "report.json").read_text())
