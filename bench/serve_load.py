@@ -1,28 +1,30 @@
-"""Closed-loop load test: slimray on Ray Serve vs a plain FastAPI + uvicorn server vs the raw batched forward.
+"""Closed-loop load test: slimray on Ray Serve (the user's defaults) vs a plain FastAPI + uvicorn server vs the raw
+batched forward, on a classifier run (e.g. mnist: one image per request, JSON and binary bodies) or a sentence-encoder
+run (e.g. minilm: one sentence per request).
 
 Run from the repository root with the virtual environment active, on a finished run (one with ``winner/``)::
 
-    python bench/serve_load.py --run-dir /tmp/runs2/mnist
+    python bench/serve_load.py --run-dir /tmp/runs/mnist
+    python bench/serve_load.py --run-dir /tmp/runs/minilm
 
-It takes about 4-6 minutes on 2 cores and, in one invocation, measures for each concurrency (default 1, 8, 32):
+In one invocation it measures, for each concurrency (default 1, 8, 32):
 
-* ``raw``            the model's forward pass in-process on a batch of ``concurrency`` examples: the compute limit;
+* ``raw``            the codec's forward pass in-process on a batch of ``concurrency`` items: the compute limit;
 * ``in-process``     the request path without the network: parse ``concurrency`` JSON bodies, one batched forward,
-                     serialise the answers (what a perfect batching server could do);
-* ``plain``          a plain FastAPI + uvicorn server (one worker, sync endpoint, no batching, same model and
-                     validation), started by this script in a subprocess on 127.0.0.1;
-* ``slimray``        ``slimray.serving`` on Ray Serve (local Ray, 2 CPUs), dynamic batching, forward on a thread;
-* ``slimray-inline`` the same with the forward pass run inline on the replica's event loop (``forward_in_thread``
-                     off), to show what moving it to a thread buys;
-* ``slimray-haproxy`` the default variant behind Ray Serve's experimental HAProxy ingress
-                     (``RAY_SERVE_ENABLE_HA_PROXY=1``: HAProxy forwards HTTP straight to the replicas), which
-                     removes most of the Python proxy's per-request cost.
+                     serialise the answers;
+* ``plain``          a plain FastAPI + uvicorn server (one worker, sync endpoint, pydantic body, no batching, same
+                     model and validation, JSON), started by this script in a subprocess on 127.0.0.1;
+* ``slimray``        ``slimray.serving`` on Ray Serve with exactly the options ``slimray serve RUN`` uses (the run's
+                     config; local Ray, 2 CPUs), JSON bodies;
+* ``slimray-binary`` the same deployment with binary bodies (raw float32 + ``X-Shape``; classifiers only);
+* ``slimray-haproxy`` / ``slimray-throughput`` the same behind Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``)
+                     or with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (each gets a Ray of its own), with ``--variants``.
 
-Each HTTP level is a closed loop of ``concurrency`` clients (aiohttp, in this process) sending one example per
-request, bounded by ``--max-requests`` and ``--duration-s``; only 127.0.0.1 is ever contacted. The table gives
-throughput (examples/s), p50/p99 latency and the ratios slimray/plain and slimray/raw; ``--out`` gets the JSON.
-Ray and the plain server are shut down before the script exits, also on errors. The client shares the CPUs with
-the servers, so absolute numbers are this machine's; compare rows of one invocation.
+Each HTTP level is a closed loop of ``concurrency`` clients (aiohttp, in this process) sending one item per request,
+bounded by ``--max-requests`` and ``--duration-s``; only 127.0.0.1 is ever contacted. The table gives throughput
+(items/s), p50/p99 latency and the ratios to plain and raw; ``--out`` gets the JSON with the machine's load average.
+Ray and the plain server are shut down before the script exits, also on errors. The client shares the CPUs with the
+servers, so absolute numbers are this machine's; compare rows of one invocation.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slimray.serving.app import PredictRequest  # module level: FastAPI resolves the endpoint's annotation here
+from slimray.serving.protocols import EmbedRequest, PredictRequest  # module level: FastAPI resolves the annotations here
 
 HOST = "127.0.0.1"
 
@@ -72,52 +74,66 @@ def summarise(name: str, concurrency: int, latencies_s: list[float], elapsed_s: 
 # ----------------------------------------------------------------------------------------- inputs
 
 
-def sample_examples(run_dir: Path, spec) -> list[list]:
-    """Examples in raw units: the run's sample request if present, else random values in the input range."""
+def sample_items(run_dir: Path, codec) -> list:
+    """One item per request: images in raw units (the run's sample request, else random values in the input range)
+    or sentences (the text run's sample request)."""
     sample = run_dir / "sample_request.json"
-    if sample.is_file():
-        inputs = json.loads(sample.read_text()).get("inputs") or []
-        if inputs:
-            return inputs
+    data = json.loads(sample.read_text()) if sample.is_file() else {}
+    if codec.kind == "sentence_encoder":
+        return data.get("texts") or ["A short sentence to embed.", "Another one, a little longer than the first."]
+    if data.get("inputs"):
+        return data["inputs"]
     rng = np.random.default_rng(0)
-    lo, hi = spec.input.min_value, spec.input.max_value
-    return [np.round(rng.uniform(lo, hi, size=spec.input.shape), 3).tolist() for _ in range(8)]
+    lo, hi = codec.spec.input.min_value, codec.spec.input.max_value
+    return [np.round(rng.uniform(lo, hi, size=codec.spec.input.shape), 3).tolist() for _ in range(8)]
+
+
+def json_bodies(codec, items: list) -> list[bytes]:
+    key = "texts" if codec.kind == "sentence_encoder" else "inputs"
+    return [json.dumps({key: [it]}).encode() for it in items]
+
+
+def binary_bodies(codec, items: list) -> list[tuple[bytes, dict]]:
+    shape = ",".join(map(str, [1, *codec.spec.input.shape]))
+    return [(np.asarray([it], dtype="<f4").tobytes(), {"Content-Type": "application/octet-stream", "X-Shape": shape}) for it in items]
+
+
+def user_options(run_dir: Path, **overrides):
+    """Exactly the options `slimray serve RUN_DIR` deploys with (the run's config), plus benchmark overrides."""
+    from slimray.serving.options import options_for_run
+
+    return options_for_run(run_dir.resolve(), **overrides)
 
 
 # ----------------------------------------------------------------------------------------- in-process limits
 
 
-def bench_raw(model_dir: str, examples: list[list], levels: list[int], seconds: float, threads: int) -> list[dict]:
-    import torch
+def bench_raw(run_dir: Path, items: list, levels: list[int], seconds: float) -> list[dict]:
+    from slimray.serving.model import ModelServer
 
-    from slimray.serving.app import ServeOptions, SlimrayModel, parse_inputs
-
-    torch.set_num_threads(threads)
-    server = SlimrayModel(ServeOptions(model_dir=model_dir, num_threads=threads).model_dump())
-    spec = server.spec.input
+    server = ModelServer(user_options(run_dir))
+    codec = server.codec
     rows = []
     for c in levels:
-        batch = np.asarray([examples[i % len(examples)] for i in range(c)], dtype=np.float32).reshape(c, *spec.shape)
-        for _ in range(20):
-            server.forward(batch)
+        batch = [items[i % len(items)] for i in range(c)]
+        batch = batch if codec.kind == "sentence_encoder" else np.asarray(batch, dtype=np.float32).reshape(c, *codec.spec.input.shape)
+        for _ in range(10):
+            codec.forward(batch)
         lat, start = [], time.perf_counter()
         while time.perf_counter() - start < seconds and len(lat) < 100_000:
             t0 = time.perf_counter()
-            server.forward(batch)
+            codec.forward(batch)
             lat.append(time.perf_counter() - t0)
         rows.append(summarise("raw", c, lat, time.perf_counter() - start, c * len(lat), 0))
 
-        bodies = [json.dumps({"inputs": [examples[i % len(examples)]]}).encode() for i in range(c)]
+        bodies = json_bodies(codec, [items[i % len(items)] for i in range(c)])
         lat, start = [], time.perf_counter()
         while time.perf_counter() - start < seconds and len(lat) < 100_000:
             t0 = time.perf_counter()
-            arrays = [
-                parse_inputs(json.loads(b)["inputs"], shape=spec.shape, min_value=spec.min_value, max_value=spec.max_value, max_examples=1024)
-                for b in bodies
-            ]
-            probs, preds = server.forward(np.concatenate(arrays))
+            parts = [codec.parse_v1(json.loads(b)) for b in bodies]
+            out = codec.forward(codec.concat(parts))
             for i in range(c):
-                json.dumps({"model": "m", "predictions": preds[i : i + 1].tolist(), "probabilities": probs[i : i + 1].tolist()})
+                json.dumps(codec.v1_answer({k: v[i : i + 1] for k, v in out.items()}))
             lat.append(time.perf_counter() - t0)
         rows.append(summarise("in-process", c, lat, time.perf_counter() - start, c * len(lat), 0))
     return rows
@@ -126,7 +142,7 @@ def bench_raw(model_dir: str, examples: list[list], levels: list[int], seconds: 
 # ----------------------------------------------------------------------------------------- HTTP load
 
 
-async def closed_loop(url: str, bodies: list[bytes], concurrency: int, *, max_requests: int, seconds: float, warmup_s: float) -> dict:
+async def closed_loop(url: str, bodies: list, concurrency: int, *, max_requests: int, seconds: float, warmup_s: float) -> dict:
     import aiohttp
 
     assert url.startswith(f"http://{HOST}:"), "the benchmark only targets the loopback address"
@@ -141,7 +157,9 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, *, max_re
         async def one(i: int) -> tuple[bool, float]:
             t0 = time.perf_counter()
             try:
-                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as r:
+                body = bodies[i % len(bodies)]
+                data, hdrs = body if isinstance(body, tuple) else (body, headers)
+                async with session.post(url, data=data, headers=hdrs) as r:
                     await r.read()
                     ok = r.status == 200
             except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -205,42 +223,52 @@ def wait_ready(url: str, timeout_s: float) -> None:
 # ----------------------------------------------------------------------------------------- the plain server
 
 
-def plain_server_main(model_dir: str, port: int, threads: int) -> None:
-    """A plain FastAPI + uvicorn server: same model and validation, no batching, sync endpoint."""
+def plain_server_main(run_dir: str, port: int) -> None:
+    """A plain FastAPI + uvicorn server: same model and validation, no batching, sync endpoint, pydantic body."""
     import uvicorn
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
-    from slimray.serving.app import RequestError, ServeOptions, SlimrayModel, parse_inputs
+    from slimray.serving.http import RequestError
+    from slimray.serving.model import ModelServer
 
-    server = SlimrayModel(ServeOptions(model_dir=model_dir, num_threads=threads).model_dump())
-    spec = server.spec.input
+    codec = ModelServer(user_options(Path(run_dir))).codec
     app = FastAPI()
 
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
 
-    @app.post("/v1/predict")
-    def predict(req: PredictRequest):
-        try:
-            arr = parse_inputs(req.inputs, shape=spec.shape, min_value=spec.min_value, max_value=spec.max_value, max_examples=1024)
-        except RequestError as err:
-            return JSONResponse({"error": err.message}, status_code=err.status)
-        return server.predict_array(arr)
+    if codec.kind == "sentence_encoder":
+
+        @app.post("/v1/embed")
+        def embed(req: EmbedRequest):
+            try:
+                texts = codec.parse_v1({"texts": req.texts})
+            except RequestError as err:
+                return JSONResponse({"error": err.message}, status_code=err.status)
+            return {"model": "m", **codec.v1_answer(codec.forward(texts))}
+    else:
+
+        @app.post("/v1/predict")
+        def predict(req: PredictRequest):
+            try:
+                arr = codec.parse_v1({"inputs": req.inputs})
+            except RequestError as err:
+                return JSONResponse({"error": err.message}, status_code=err.status)
+            return {"model": "m", **codec.v1_answer(codec.forward(arr))}
 
     uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
 
 
-def bench_plain(model_dir: str, bodies: list[bytes], levels: list[int], args) -> list[dict]:
+def bench_plain(run_dir: Path, verb: str, bodies: list[bytes], levels: list[int], args) -> list[dict]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--plain-server", "--model-dir", model_dir, "--port", str(port), "--threads", str(args.threads)],
-        start_new_session=True,
+        [sys.executable, __file__, "--plain-server", "--run-dir", str(run_dir), "--port", str(port)], start_new_session=True,
     )
     try:
-        wait_ready(f"http://{HOST}:{port}/healthz", 60)
-        return load_levels("plain", f"http://{HOST}:{port}/v1/predict", bodies, levels, args)
+        wait_ready(f"http://{HOST}:{port}/healthz", 120)
+        return load_levels("plain", f"http://{HOST}:{port}/v1/{verb}", bodies, levels, args)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -253,39 +281,35 @@ def bench_plain(model_dir: str, bodies: list[bytes], levels: list[int], args) ->
 # ----------------------------------------------------------------------------------------- slimray on Serve
 
 
-def bench_slimray(model_dir: str, bodies: list[bytes], levels: list[int], args) -> list[dict]:
+ENV_VARIANTS = {"slimray": {}, "slimray-haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+                "slimray-throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+
+
+def bench_slimray(run_dir: Path, verb: str, bodies: list[bytes], binary: list | None, levels: list[int], args) -> list[dict]:
+    """Each variant on a fresh local Ray (Serve reads its ingress settings when it starts), deployed with the
+    options `slimray serve` uses; the default variant is also loaded with binary bodies."""
     import ray
     from ray import serve
 
     from slimray.runtime import init_ray
-    from slimray.serving.app import ServeOptions, build_app, deploy
+    from slimray.serving.app import build_app, deploy
 
-    rows, port = [], None
-    in_thread = {"slimray": True, "slimray-inline": False, "slimray-haproxy": True}
+    rows = []
     for name in args.variants:
-        # Ray Serve's experimental HAProxy ingress is switched on by an environment variable read when Serve
-        # starts, so that variant gets a Ray of its own.
-        haproxy = name == "slimray-haproxy"
-        if haproxy != (os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1") and ray.is_initialized():
+        for key in {k for env in ENV_VARIANTS.values() for k in env}:
+            os.environ.pop(key, None)
+        os.environ.update(ENV_VARIANTS[name])
+        init_ray(num_cpus=2)
+        try:
+            opts = user_options(run_dir, name="bench")
+            url = deploy(build_app(opts), name="bench", port=free_port(), route_prefix="/")
+            wait_ready(f"{url}/healthz", 120)
+            rows += load_levels(name, f"{url}/v1/{verb}", bodies, levels, args)
+            if binary and name == "slimray":
+                rows += load_levels("slimray-binary", f"{url}/v1/{verb}", binary, levels, args)
+        finally:
             serve.shutdown()
             ray.shutdown()
-        if haproxy:
-            os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-        else:
-            os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
-        if init_ray(num_cpus=2) or port is None:
-            port = free_port()  # the proxy's port is fixed when Serve starts
-        opts = ServeOptions(
-            model_dir=model_dir, name="bench", num_replicas=args.replicas, num_cpus_per_replica=0.5, num_threads=args.threads,
-            max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-            max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=-1,
-            forward_in_thread=in_thread[name], access_log=args.access_log,
-        )
-        url = deploy(build_app(opts), name="bench", port=port, route_prefix="/")
-        wait_ready(f"{url}/healthz", 60)
-        rows += load_levels(name, f"{url}/v1/predict", bodies, levels, args)
-        serve.delete("bench")
-    os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
     return rows
 
 
@@ -294,8 +318,8 @@ def bench_slimray(model_dir: str, bodies: list[bytes], levels: list[int], args) 
 
 def table(rows: list[dict], levels: list[int]) -> str:
     by = {(r["system"], r["concurrency"]): r for r in rows}
-    systems = [s for s in ("raw", "in-process", "plain", "slimray", "slimray-inline", "slimray-haproxy") if any(k[0] == s for k in by)]
-    lines = ["| system | concurrency | examples/s | p50 ms | p99 ms | errors | vs plain | vs raw |", "|---|---|---|---|---|---|---|---|"]
+    systems = [s for s in ("raw", "in-process", "plain", "slimray", "slimray-binary", "slimray-haproxy", "slimray-throughput") if any(k[0] == s for k in by)]
+    lines = ["| system | concurrency | items/s | p50 ms | p99 ms | errors | vs plain | vs raw |", "|---|---|---|---|---|---|---|---|"]
     for c in levels:
         plain, raw = by.get(("plain", c)), by.get(("raw", c))
         for s in systems:
@@ -317,51 +341,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=6.0, help="measured seconds per level (bound)")
     p.add_argument("--max-requests", type=int, default=20_000, help="requests per level (bound)")
     p.add_argument("--warmup-s", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads in every server")
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=2.0)
-    p.add_argument("--max-ongoing-requests", type=int, default=64)
-    p.add_argument("--access-log", action="store_true", help="keep Serve's per-request access log on")
-    p.add_argument(
-        "--variants", nargs="+", default=["slimray", "slimray-inline", "slimray-haproxy"],
-        choices=["slimray", "slimray-inline", "slimray-haproxy"],
-    )
+    p.add_argument("--variants", nargs="+", default=["slimray"], choices=list(ENV_VARIANTS))
     p.add_argument("--skip", nargs="*", default=[], choices=["raw", "plain", "slimray"])
     p.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
     # internal: the plain server's subprocess
     p.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.plain_server:
-        plain_server_main(args.model_dir, args.port, args.threads)
+        plain_server_main(str(args.run_dir), args.port)
         return 0
     if args.run_dir is None or not (args.run_dir / "winner" / "spec.json").is_file():
         p.error("--run-dir must be a finished run with winner/spec.json")
     if any(c < 1 or c > 256 for c in args.concurrency):
         p.error("concurrency must lie in 1..256")
 
-    from slimray.artifacts import load_spec
+    from slimray.serving.model import ModelServer
 
-    model_dir = str((args.run_dir / "winner").resolve())
-    spec = load_spec(model_dir)
-    examples = sample_examples(args.run_dir, spec)
-    bodies = [json.dumps({"inputs": [e]}).encode() for e in examples]
+    codec = ModelServer(user_options(args.run_dir)).codec
+    items = sample_items(args.run_dir, codec)
+    bodies = json_bodies(codec, items)
+    binary = binary_bodies(codec, items) if codec.kind == "classifier" else None
+    verb = codec.v1_verb
     levels = sorted(set(args.concurrency))
     rows: list[dict] = []
     t0 = time.time()
+    load_at_start = os.getloadavg()
+    print(f"load average at start: {load_at_start}", flush=True)
     try:
         if "raw" not in args.skip:
             print("raw forward and in-process request path", flush=True)
-            rows += bench_raw(model_dir, examples, levels, min(args.duration_s, 3.0), args.threads)
+            rows += bench_raw(args.run_dir, items, levels, min(args.duration_s, 3.0))
         if "plain" not in args.skip:
             print("plain FastAPI + uvicorn", flush=True)
-            rows += bench_plain(model_dir, bodies, levels, args)
+            rows += bench_plain(args.run_dir, verb, bodies, levels, args)
         if "slimray" not in args.skip:
             print("slimray on Ray Serve", flush=True)
-            rows += bench_slimray(model_dir, bodies, levels, args)
+            rows += bench_slimray(args.run_dir, verb, bodies, binary, levels, args)
     finally:
         try:
             import ray
@@ -379,9 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "run_dir": str(args.run_dir), "model": spec.name, "input_shape": spec.input.shape, "request_bytes": [len(b) for b in bodies],
+        "run_dir": str(args.run_dir), "kind": codec.kind, "request_bytes": [len(b) for b in bodies],
+        "options": user_options(args.run_dir).model_dump(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("plain_server", "model_dir", "port")},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_at_end": os.getloadavg()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_at_start": load_at_start,
+                    "loadavg_at_end": os.getloadavg()},
         "wall_s": round(time.time() - t0, 1),
     }
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "table": report}, indent=2))

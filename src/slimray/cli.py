@@ -96,9 +96,10 @@ def _parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve the winner of a finished run")
     srv.add_argument("run_dir", type=Path)
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    srv.add_argument("--replicas", type=int, default=1)
+    # no defaults here: a flag overrides the run's config only when given
+    srv.add_argument("--port", type=int, help="HTTP port (default: the run's config, 8000)")
+    srv.add_argument("--host", help="bind address (default: the run's config, loopback)")
+    srv.add_argument("--replicas", type=int, help="replica count (default: the run's config)")
     srv.add_argument("--address", help="Ray cluster address")
 
     exp = sub.add_parser("export", help="export the winner (or a trial) to ONNX or a torch.export program, checked")
@@ -140,30 +141,79 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _post_json(url: str, body: dict, *, timeout: float = 30.0) -> dict:
+def _post_json(url: str, body: dict, *, key: str | None, timeout: float = 30.0) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    key = os.environ.get("SLIMRAY_API_KEY")
     if key:
         req.add_header("Authorization", f"Bearer {key}")
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
-def _serve_run_dir(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> str:
-    from slimray.serving.app import ServeOptions, build_app, deploy
+def _serve_flags(args) -> dict:
+    """The `slimray serve` flags the user gave (None = keep the run's config)."""
+    given = {"port": args.port, "host": args.host, "num_replicas": args.replicas}
+    return {k: v for k, v in given.items() if v is not None}
 
-    fields = set(ServeOptions.model_fields) - {"model_dir", "name"}
-    options = ServeOptions(model_dir=str(run_dir / "winner"), name=name, **serve_cfg.model_dump(include=fields))
+
+def _serve_run_dir(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> str:
+    from slimray.serving.app import build_app, deploy
+    from slimray.serving.options import options_for_run
+
+    options = options_for_run(run_dir, serve_config=serve_cfg, name=name)
     return deploy(build_app(options), name=name, host=serve_cfg.host, port=serve_cfg.port, route_prefix=serve_cfg.route_prefix)
 
 
-def _check_and_wait(url: str, run_dir: Path) -> None:
+class _Terminated(Exception):
+    """SIGTERM while serving: stop like Ctrl-C, exit 0."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _stop_signals() -> None:
+    """Ctrl-C raises KeyboardInterrupt again (Tune installs its own SIGINT handler during a sweep and leaves it),
+    and SIGTERM stops the server cleanly instead of Ray's exit path."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _serving(name: str, start) -> int:
+    """Run ``start()`` (deploy, check, wait) until Ctrl-C (exit 130) or SIGTERM (exit 0); then delete only this
+    Serve application — never ``serve.shutdown()``, which removes every application of a shared cluster."""
+    import ray
+
+    from slimray.serving.app import undeploy
+
+    _stop_signals()
+    code = 0
+    try:
+        start()
+    except KeyboardInterrupt:
+        code = 130
+    except _Terminated:
+        code = 0
+    finally:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean-up
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"\nstopping: deleting the Serve application {name!r}", file=sys.stderr, flush=True)
+        undeploy(name)
+        ray.shutdown()
+    return code
+
+
+def _check_and_wait(url: str, run_dir: Path, serve_cfg: ServeConfig) -> None:
     """Answer one real request, compare with the model in-process, then serve until Ctrl-C."""
     import torch
 
     from slimray.artifacts import load_runnable
     from slimray.data import normalize
     from slimray.pipeline import read_test_sample
+    from slimray.serving.http import read_api_key
 
     model, spec = load_runnable(run_dir / "winner")
     x, labels = read_test_sample(run_dir)
@@ -171,10 +221,11 @@ def _check_and_wait(url: str, run_dir: Path) -> None:
     body = {"inputs": x.tolist()}
     sample = run_dir / "sample_request.json"
     sample.write_text(json.dumps(body))
+    key = read_api_key(env=serve_cfg.api_key_env, file=serve_cfg.api_key_file)  # the key the server checks
     deadline = time.monotonic() + 60
     while True:
         try:
-            answer = _post_json(f"{url}/v1/predict", body)
+            answer = _post_json(f"{url}/v1/predict", body, key=key)
             break
         except (urllib.error.URLError, ConnectionError):
             if time.monotonic() > deadline:
@@ -192,15 +243,7 @@ def _check_and_wait(url: str, run_dir: Path) -> None:
 
 
 def _serve_until_interrupted(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> int:
-    try:
-        url = _serve_run_dir(run_dir, serve_cfg, name=name)
-        _check_and_wait(url, run_dir)
-    except KeyboardInterrupt:
-        print("\nstopping the server", file=sys.stderr)
-        from ray import serve
-
-        serve.shutdown()
-    return 0
+    return _serving(name, lambda: _check_and_wait(_serve_run_dir(run_dir, serve_cfg, name=name), run_dir, serve_cfg))
 
 
 def _run_text(tcfg, args) -> int:
@@ -212,21 +255,15 @@ def _run_text(tcfg, args) -> int:
     if args.no_serve:
         return 0
     init_ray(args.address)
-    return _wait_text(serve_text_run((args.out / tcfg.name).resolve()))
+    return _serving(tcfg.name, lambda: _wait_text(serve_text_run((args.out / tcfg.name).resolve())))
 
 
-def _wait_text(url: str) -> int:
+def _wait_text(url: str) -> None:
     print(f"\nServing {url}/v1/embed  (V2: {url}/v2/models/<name>/infer, health: {url}/healthz)")
     print(f"  curl -s -X POST {url}/v1/embed -H 'Content-Type: application/json' -d '{{\"texts\": [\"hello world\"]}}'")
     print("Ctrl-C stops the server.", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
-    return 0
+    while True:
+        time.sleep(3600)
 
 
 def _init(args) -> int:
@@ -401,11 +438,13 @@ def main(argv: list[str] | None = None) -> int:
             from slimray.text.entry import is_text_run, serve_text_run
 
             if is_text_run(run_dir):
+                from slimray.text.config import TextPipelineConfig
+
+                name = TextPipelineConfig.from_file(run_dir / "config.json").name
                 init_ray(args.address)
-                url = serve_text_run(run_dir, host=args.host, port=args.port, num_replicas=args.replicas)
-                return _wait_text(url)
+                return _serving(name, lambda: _wait_text(serve_text_run(run_dir, host=args.host, port=args.port, num_replicas=args.replicas)))
             cfg = PipelineConfig.from_file(run_dir / "config.json")
-            serve_cfg = cfg.serve.model_copy(update={"port": args.port, "host": args.host, "num_replicas": args.replicas})
+            serve_cfg = cfg.serve.model_copy(update=_serve_flags(args))
             init_ray(args.address)
             return _serve_until_interrupted(run_dir, serve_cfg, name=cfg.name)
         if args.command == "export":

@@ -302,7 +302,8 @@ class ServeConfig(StrictModel):
     max_batch_examples: PositiveInt = Field(1024, description="largest batch one request may send")
     max_body_bytes: PositiveInt = Field(16 * 1024 * 1024)
     max_ongoing_requests: PositiveInt = Field(16, description="requests one replica works on at once")
-    api_key_env: str = Field("SLIMRAY_API_KEY", description="environment variable holding an optional API key")
+    api_key_env: str = Field("SLIMRAY_API_KEY", description="environment variable (of the replica) holding an optional API key")
+    api_key_file: str | None = Field(None, description="file holding the API key (e.g. a mounted Secret); wins over api_key_env")
     route_prefix: str = "/"
     # placement and scaling (names match slimray.serving.app.ServeOptions, which the CLI fills from here)
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica; fractions below 1 share a GPU")
@@ -319,7 +320,7 @@ class ServeConfig(StrictModel):
     request_timeout_s: float | None = Field(None, gt=0, description="HTTP request timeout (408)")
     health_check_period_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
-    access_log: bool = Field(True, description="log every request in the replica (costs CPU under load)")
+    access_log: bool = Field(False, description="log every request in the replica (costs CPU under load)")
 
 
 class PipelineConfig(StrictModel):

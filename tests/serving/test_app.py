@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -31,7 +32,7 @@ GOOD_V2 = v2_body([0.0] * 64, [1, 1, 8, 8])
 
 
 @pytest.fixture(scope="module")
-def served(digits_run, serve_port, monkeypatch_module):
+def served(digits_run, serve_port, tmp_path_factory):
     from ray import serve
 
     run_dir, _ = digits_run
@@ -39,9 +40,9 @@ def served(digits_run, serve_port, monkeypatch_module):
     # batch_wait_timeout_s long enough that concurrent single-example requests share forward passes
     app = build_app(ServeOptions(name="digits", max_batch_size=16, batch_wait_timeout_s=0.02, **opts))
     url = deploy(app, name="open", port=serve_port, route_prefix="/")
-    monkeypatch_module.setenv("SLIMRAY_TEST_KEY", "s3cret")
-    locked = build_app(ServeOptions(name="locked", api_key_env="SLIMRAY_TEST_KEY", num_replicas=1, **{**opts, "num_cpus_per_replica": 0.25}))
-    monkeypatch_module.delenv("SLIMRAY_TEST_KEY")
+    key_file = tmp_path_factory.mktemp("secret") / "api-key"  # like a mounted Kubernetes Secret
+    key_file.write_text("s3cret\n")
+    locked = build_app(ServeOptions(name="locked", api_key_file=str(key_file), num_replicas=1, **{**opts, "num_cpus_per_replica": 0.25}))
     serve.run(locked, name="locked", route_prefix="/locked")
     with httpx.Client(base_url=url, timeout=30) as client:
         yield client, run_dir
@@ -296,3 +297,225 @@ def test_metrics_reach_prometheus(served, ray_session):
 def test_parse_inputs_nan_is_rejected():
     with pytest.raises(RequestError, match="NaN"):
         parse_inputs([[[float("nan")] * 8] * 8], shape=[1, 8, 8], min_value=0, max_value=16, max_examples=4)
+
+
+# ----------------------------------------------------------------------------------------- binary bodies, KServe v1, OIP clients
+
+
+def test_binary_and_kserve_v1_bodies_answer_like_json(served, local_model, digits):
+    """Raw little-endian float32 with X-Shape, .npy, and KServe v1 ``instances`` get the JSON route's answer."""
+    client, _ = served
+    x = digits.test.x[:6].astype(np.float32)
+    by_json = client.post("/v1/predict", json={"inputs": x.tolist()}).json()
+    assert by_json["predictions"] == local_predictions(local_model, x)
+    raw = client.post("/v1/predict", content=x.astype("<f4").tobytes(),
+                      headers={"Content-Type": "application/octet-stream", "X-Shape": ",".join(map(str, x.shape))})
+    buf = io.BytesIO()
+    np.save(buf, x)
+    npy = client.post("/v1/predict", content=buf.getvalue(), headers={"Content-Type": "application/x-npy"})
+    for r in (raw, npy):
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == by_json["predictions"]
+        np.testing.assert_allclose(r.json()["probabilities"], by_json["probabilities"], atol=1e-6)
+    kserve = client.post("/v1/models/digits:predict", json={"instances": x.tolist()})
+    assert kserve.status_code == 200, kserve.text
+    assert kserve.json() == {"predictions": by_json["predictions"]}
+    status = client.get("/v1/models/digits").json()
+    assert status["name"] == "digits" and status["ready"] is True
+    assert status["model_version_status"][0]["state"] == "AVAILABLE"
+    # binary mistakes are 4xx with a message; pickled .npy (object arrays) is refused
+    obj = io.BytesIO()
+    np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for content, headers, status_code in [
+        (obj.getvalue(), {"Content-Type": "application/x-npy"}, 400),
+        (b"\x00" * 10, {"Content-Type": "application/x-npy"}, 400),
+        (x.tobytes(), {"Content-Type": "application/octet-stream"}, 400),
+        (x.tobytes()[:-4], {"Content-Type": "application/octet-stream", "X-Shape": "6,1,8,8"}, 422),
+        (x.tobytes(), {"Content-Type": "application/octet-stream", "X-Shape": "6,a"}, 400),
+    ]:
+        _assert_json_error(client.post("/v1/predict", content=content, headers=headers), status_code, "")
+    _assert_json_error(client.post("/v1/models/digits:predict", json={"instances": []}), 422, "empty")
+    _assert_json_error(client.post("/v1/models/mnist:predict", json={"instances": x.tolist()}), 404, "unknown model")
+    _assert_json_error(client.post("/v1/models/digits:predict", json={"inputs": x.tolist()}), 422, "instances")
+
+
+def test_tritonclient_http_with_its_defaults(served, local_model, digits, serve_port):
+    """The reference OIP client with its defaults (binary tensor extension both ways) gets the in-process answer."""
+    import tritonclient.http as triton
+
+    x = digits.test.x[:5].astype(np.float32)
+    local = local_predictions(local_model, x)
+    c = triton.InferenceServerClient(url=f"127.0.0.1:{serve_port}")
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("digits")
+    assert c.get_model_metadata("digits")["inputs"][0]["name"] == "input"
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)  # binary_data=True by default
+    res = c.infer("digits", [inp])  # no outputs named: the client asks for all of them in binary
+    assert res.as_numpy("predictions").tolist() == local
+    probs = res.as_numpy("probabilities")
+    assert probs.shape == (5, 10) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    res = c.infer("digits", [inp], outputs=[triton.InferRequestedOutput("predictions")], request_id="r1")
+    assert res.as_numpy("predictions").tolist() == local and res.get_response()["id"] == "r1"
+    json_in = triton.InferInput("input", list(x.shape), "FP32")
+    json_in.set_data_from_numpy(x, binary_data=False)
+    res = c.infer("digits", [json_in], outputs=[triton.InferRequestedOutput("probabilities", binary_data=False)])
+    np.testing.assert_allclose(res.as_numpy("probabilities"), probs, atol=1e-6)
+    c.close()
+
+
+def test_v2_binary_mistakes_get_4xx(served):
+    client, _ = served
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}).encode()
+    ok = client.post(V2, content=header + np.zeros(64, "<f4").tobytes(), headers={"Inference-Header-Content-Length": str(len(header))})
+    assert ok.status_code == 200 and ok.headers["content-type"].startswith("application/json"), ok.text
+    for body, headers, status in [
+        (header + b"\x00" * 10, {"Inference-Header-Content-Length": str(len(header))}, 400),
+        (header + np.zeros(64, "<f4").tobytes(), {"Inference-Header-Content-Length": "99999999"}, 400),
+        (header + np.zeros(64, "<f4").tobytes(), {}, 400),
+        (header, {}, 400),
+    ]:
+        _assert_json_error(client.post(V2, content=body, headers=headers), status, "")
+
+
+# ----------------------------------------------------------------------------------------- issue 18: secrets, body limit
+
+
+def test_api_key_never_reaches_ray(served, ray_session):
+    """The key is read by the replica from its file: absent from the deployment's runtime_env, init args and
+    everything ``serve status`` / the Serve details show."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    client, _ = served
+    assert client.get("/locked/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    details = _get_global_client().get_serve_details()
+    deployment = details["applications"]["locked"]["deployments"]["locked"]
+    actor = deployment["deployment_config"].get("ray_actor_options") or {}
+    assert "s3cret" not in json.dumps(actor.get("runtime_env") or {})
+    assert "s3cret" not in json.dumps(details, default=str) and "s3cret" not in str(serve.status())
+    webui = ray_session._private.worker.global_worker.node.address_info.get("webui_url")
+    if webui:  # the `serve status` command itself, as an operator would run it
+        cli = Path(sys.executable).with_name("serve")
+        out = subprocess.run([str(cli), "status", "-a", f"http://{webui}"], capture_output=True, text=True, timeout=60)
+        assert "locked" in out.stdout, out.stdout + out.stderr
+        assert "s3cret" not in out.stdout + out.stderr
+
+
+def _send_chunked(port: int, total: int) -> tuple[int, bytes]:
+    """POST ``total`` bytes as a chunked body (no Content-Length), stopping as soon as an answer arrives;
+    returns (bytes sent, the answer's head)."""
+    import select
+    import socket
+
+    chunk, sent = b"7" * 65536, 0
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        deadline = time.monotonic() + 30
+        while sent < total and time.monotonic() < deadline and not select.select([s], [], [], 0)[0]:
+            try:
+                s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            except OSError:  # the server closed the connection after answering
+                break
+            sent += len(chunk)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            part = s.recv(65536)
+            if not part:
+                break
+            reply += part
+    return sent, reply
+
+
+def test_chunked_body_over_the_limit_gets_413_through_serve(served, serve_port):
+    """A chunked 20 MB body (no Content-Length) through Serve's proxy gets a JSON 413, and the replica keeps serving."""
+    client, _ = served
+    sent, reply = _send_chunked(serve_port, 20 * 2**20)
+    assert reply.split(b"\r\n", 1)[0].split()[1] == b"413", reply[:300]
+    assert client.post("/v1/predict", json={"inputs": GOOD}).status_code == 200
+
+
+@pytest.mark.xfail(reason="Serve's default proxy reads the whole request body into its queue and hands it to the replica "
+                          "in batches, so the replica can receive the body before the app's streaming limit answers; "
+                          "the app itself stops reading at the limit (test_options.py)", strict=False)
+def test_chunked_body_keeps_the_replica_peak_memory_flat(served, serve_port):
+    client, _ = served
+    _send_chunked(serve_port, 2 * 2**20)  # warm-up: the 413 path once, so the peak below measures only the body
+    before = client.get("/v1/replica").json()["max_rss_bytes"]
+    total = 20 * 2**20
+    sent, _ = _send_chunked(serve_port, total)
+    after = client.get("/v1/replica").json()["max_rss_bytes"]
+    assert sent < total and after - before < total // 2, (sent, before, after)
+
+
+# ----------------------------------------------------------------------------------------- OpenAPI
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref":
+                yield v
+            else:
+                yield from _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _refs(v)
+
+
+def test_openapi_is_valid_and_lists_the_4xx_answers(served):
+    client, _ = served
+    doc = client.get("/openapi.json").json()
+    for ref in set(_refs(doc)):
+        assert ref.startswith("#/"), ref
+        node = doc
+        for part in ref[2:].split("/"):
+            assert part in node, f"dangling $ref {ref}"
+            node = node[part]
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            if method == "post":
+                assert {"400", "413", "422"} <= codes, (path, codes)
+            if "{name}" in path:
+                assert "404" in codes, (path, codes)
+
+
+def test_fuzz_over_loopback_finds_no_5xx_and_no_schema_violation(served):
+    """Schemathesis over the served OpenAPI document, bounded (examples per operation and wall time):
+    schema-valid and schema-invalid requests, every answer checked against the document. A schema-valid body
+    may still be refused with a documented 422 (e.g. an image of the wrong shape), so that one check is off."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation.modes import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    client, _ = served
+    base = str(client.base_url)
+    schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
+    failures: list[str] = []
+    deadline = time.monotonic() + 120
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @given(case=op.as_strategy(generation_mode=mode))
+            @settings(max_examples=12, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+            def fuzz(case):
+                if time.monotonic() > deadline:
+                    return
+                try:
+                    case.call_and_validate(base_url=base, excluded_checks=[positive_data_acceptance], timeout=30)
+                except BaseException as err:  # schemathesis raises a group of failures: keep every one
+                    failures.append(f"{op.label} [{mode}]: {str(err)[:400]}")
+
+            try:
+                fuzz()
+            except Unsatisfiable:  # no invalid request exists for a route without parameters or body
+                pass
+    assert not failures, "\n\n".join(failures[:5])

@@ -3,6 +3,7 @@ V2 tensor parsing, and a broken model failing its health check instead of answer
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +14,9 @@ from pydantic import ValidationError
 from slimray.config import ServeConfig
 from slimray.models.spec import InputSpec
 from slimray.serving import app as serving
-from slimray.serving.app import RequestError, ServeOptions, SlimrayModel, V2Tensor, deployment_options, parse_v2_tensor
+from slimray.serving.app import RequestError, ServeOptions, V2Tensor, deployment_options, parse_v2_tensor
+from slimray.serving.model import ModelServer
+from slimray.serving.protocols import build_api
 
 
 def opts(**kw) -> ServeOptions:
@@ -25,6 +28,7 @@ def test_fixed_replicas_and_limits():
     assert kw["num_replicas"] == 3 and "autoscaling_config" not in kw
     assert kw["max_ongoing_requests"] == 32 and kw["max_queued_requests"] == 10 and kw["health_check_period_s"] == 2
     assert kw["ray_actor_options"] == {"num_cpus": 1.0} and "max_replicas_per_node" not in kw
+    assert kw["logging_config"] == {"enable_access_log": False}  # the fast default: no per-request access log
 
 
 def test_autoscaling_replaces_num_replicas():
@@ -65,7 +69,7 @@ def test_deploy_sets_the_proxy_timeout(monkeypatch):
     monkeypatch.setattr(serving.serve, "run", lambda app, **kw: calls.setdefault("run", kw))
     app = SimpleNamespace(_slimray_http_options={"request_timeout_s": 2.5})
     url = serving.deploy(app, name="m", port=9123, route_prefix="/m/")
-    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123, "request_timeout_s": 2.5}}
+    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 9123, "request_timeout_s": 2.5}, "grpc_options": None}
     assert calls["run"]["route_prefix"] == "/m/" and url == "http://127.0.0.1:9123/m"
 
 
@@ -108,10 +112,201 @@ class NaNModel(torch.nn.Module):
 
 
 def test_broken_model_fails_health_check_and_answers_null():
+    from fastapi.testclient import TestClient
+
     spec = SimpleNamespace(input=InputSpec(shape=[4], min_value=0, max_value=1), quantization=SimpleNamespace(method="none"))
-    model = SlimrayModel(opts().model_dump(), loader=lambda path: (NaNModel(), spec))
-    assert model.ready is False and model.num_classes == 3
+    server = ModelServer(opts(kind="classifier"), loader=lambda path: (NaNModel(), spec))
+    assert server.ready is False and server.codec.num_classes == 3
     with pytest.raises(RuntimeError, match="NaN"):
-        model.check_health()
-    answer = model.predict_array(np.zeros((2, 4), dtype=np.float32))
+        server.check_health()
+    r = TestClient(build_api(server, api_key=None)).post("/v1/predict", json={"inputs": [[0.0] * 4] * 2})
+    assert r.status_code == 200
+    answer = json.loads(r.content, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
     assert answer["predictions"] == [-1, -1] and answer["probabilities"] == [[None] * 3] * 2
+
+
+class TinyClassifier(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(len(x), -1)[:, :3]
+
+
+def tiny_server(**kw) -> ModelServer:
+    spec = SimpleNamespace(input=InputSpec(shape=[4], min_value=0, max_value=1), quantization=SimpleNamespace(method="none"))
+    return ModelServer(opts(kind="classifier", **kw), loader=lambda path: (TinyClassifier(), spec))
+
+
+def test_streaming_body_limit_stops_reading_at_the_limit():
+    """The shared plumbing counts bytes as they arrive: a chunked 20 MB body gets 413 after a few chunks, and
+    the rest is never pulled from the server."""
+    import asyncio
+
+    api = build_api(tiny_server(max_body_bytes=200_000), api_key=None)
+    chunk, total, pulled = b"7" * 65536, 20 * 2**20, 0
+
+    async def receive():
+        nonlocal pulled
+        if pulled >= total:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked")], "root_path": "",
+             "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "http_version": "1.1",
+             "asgi": {"version": "3.0"}}
+    asyncio.run(api(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert "exceeds the limit" in json.loads(sent[1]["body"])["error"]
+    assert pulled <= 200_000 + 2 * len(chunk) < total
+
+
+def test_declared_length_over_the_limit_is_refused_before_reading():
+    from fastapi.testclient import TestClient
+
+    client = TestClient(build_api(tiny_server(max_body_bytes=1000), api_key=None))
+    r = client.post("/v1/predict", content=b"x" * 5000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+
+
+def test_api_key_file_wins_and_a_missing_file_fails_closed(tmp_path, monkeypatch):
+    from slimray.serving.http import read_api_key
+
+    monkeypatch.setenv("SLIMRAY_TEST_KEY", "from-env")
+    key = tmp_path / "key"
+    key.write_text("from-file\n")
+    assert read_api_key(env="SLIMRAY_TEST_KEY", file=str(key)) == "from-file"
+    assert read_api_key(env="SLIMRAY_TEST_KEY", file=None) == "from-env"
+    assert read_api_key(env="SLIMRAY_NO_SUCH_KEY", file=None) is None
+    with pytest.raises(RuntimeError, match="not readable"):
+        read_api_key(env="SLIMRAY_TEST_KEY", file=str(tmp_path / "missing"))
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(RuntimeError, match="empty"):
+        read_api_key(env="SLIMRAY_TEST_KEY", file=str(tmp_path / "empty"))
+    kw = deployment_options(opts(api_key_file=str(key)))
+    assert "runtime_env" not in kw["ray_actor_options"] and "from-" not in json.dumps(kw)
+
+
+def test_grpc_model_infer_answers_like_the_model():
+    """The OIP gRPC methods on an in-process server: raw_input_contents in (tritonclient's default encoding),
+    raw_output_contents out, errors as gRPC status codes. (Serve's gRPC proxy itself is not started here: it binds
+    every interface.)"""
+    import asyncio
+
+    import grpc
+
+    from slimray.serving.app import SlimrayModel
+    from slimray.serving.grpc import inference_pb2 as pb
+
+    class Context:
+        def __init__(self, metadata=()):
+            self.metadata, self.code, self.details = list(metadata), None, None
+
+        def invocation_metadata(self):
+            return self.metadata
+
+        def set_code(self, code):
+            self.code = code
+
+        def set_details(self, details):
+            self.details = details
+
+    replica = SlimrayModel.__new__(SlimrayModel)  # the replica class without Serve: its server and key only
+    replica.server, replica.api_key = tiny_server(), None
+    x = np.random.default_rng(0).uniform(0, 1, (3, 4)).astype(np.float32)
+    req = pb.ModelInferRequest(model_name="m", id="r1")
+    req.inputs.add(name="input", datatype="FP32", shape=[3, 4])
+    req.raw_input_contents.append(x.astype("<f4").tobytes())
+    ctx = Context()
+    res = asyncio.run(replica.ModelInfer(req, grpc_context=ctx))
+    assert ctx.code is None and res.id == "r1" and [o.name for o in res.outputs] == ["probabilities", "predictions"]
+    probs = np.frombuffer(res.raw_output_contents[0], "<f4").reshape(list(res.outputs[0].shape))
+    preds = np.frombuffer(res.raw_output_contents[1], "<i8")
+    expected = torch.softmax(TinyClassifier()(torch.from_numpy(x)), 1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+    assert preds.tolist() == expected.argmax(1).tolist()
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="input", datatype="FP32", shape=[3, 4]).contents.fp32_contents.extend(x.ravel().tolist())
+    assert np.frombuffer(asyncio.run(replica.ModelInfer(typed)).raw_output_contents[1], "<i8").tolist() == preds.tolist()
+    assert asyncio.run(replica.ServerLive(pb.ServerLiveRequest())).live
+    assert asyncio.run(replica.ServerReady(pb.ServerReadyRequest())).ready
+    meta = asyncio.run(replica.ModelMetadata(pb.ModelMetadataRequest(name="m")))
+    assert meta.inputs[0].name == "input" and list(meta.inputs[0].shape) == [-1, 4]
+    for bad, code in [(pb.ModelInferRequest(model_name="other"), grpc.StatusCode.NOT_FOUND),
+                      (pb.ModelInferRequest(model_name="m"), grpc.StatusCode.INVALID_ARGUMENT)]:
+        ctx = Context()
+        asyncio.run(replica.ModelInfer(bad, grpc_context=ctx))
+        assert ctx.code == code and ctx.details
+    short = pb.ModelInferRequest(model_name="m")
+    short.inputs.add(name="input", datatype="FP32", shape=[3, 4])
+    short.raw_input_contents.append(b"\x00" * 8)
+    ctx = Context()
+    asyncio.run(replica.ModelInfer(short, grpc_context=ctx))
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in ctx.details
+    replica.api_key = "k"
+    ctx = Context()
+    asyncio.run(replica.ModelInfer(req, grpc_context=ctx))
+    assert ctx.code == grpc.StatusCode.UNAUTHENTICATED
+    ctx = Context([("authorization", "Bearer k")])
+    assert asyncio.run(replica.ModelInfer(req, grpc_context=ctx)).outputs and ctx.code is None
+
+
+TRITON_GRPC_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as triton
+
+c = triton.InferenceServerClient(url=sys.argv[1])
+x = np.asarray(json.loads(sys.argv[2]), dtype=np.float32)
+assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("m")
+meta = c.get_model_metadata("m")
+inp = triton.InferInput("input", list(x.shape), "FP32")
+inp.set_data_from_numpy(x)
+res = c.infer("m", [inp])
+print(json.dumps({"input": meta.inputs[0].name, "predictions": res.as_numpy("predictions").tolist(),
+                  "probabilities": res.as_numpy("probabilities").tolist()}))
+"""
+
+
+def test_tritonclient_grpc_with_its_defaults_gets_the_model_outputs():
+    """tritonclient.grpc (defaults: raw_input_contents) against the replica's OIP gRPC methods on a loopback gRPC
+    server. The client runs in its own process: its copy of the ``inference`` messages would clash with slimray's
+    in one descriptor pool."""
+    import asyncio
+    import subprocess
+    import sys
+    from concurrent import futures
+
+    import grpc
+
+    from slimray.serving.app import SlimrayModel
+    from slimray.serving.grpc import inference_pb2_grpc
+
+    replica = SlimrayModel.__new__(SlimrayModel)
+    replica.server, replica.api_key = tiny_server(), None
+
+    class Servicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
+        pass
+
+    for rpc in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"):
+        setattr(Servicer, rpc, lambda self, request, context, rpc=rpc: asyncio.run(getattr(replica, rpc)(request, grpc_context=context)))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        x = np.random.default_rng(1).uniform(0, 1, (4, 4)).astype(np.float32)
+        out = subprocess.run([sys.executable, "-c", TRITON_GRPC_CLIENT, f"127.0.0.1:{port}", json.dumps(x.tolist())],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got = json.loads(out.stdout)
+    finally:
+        server.stop(grace=None)
+    expected = torch.softmax(TinyClassifier()(torch.from_numpy(x)), 1).numpy()
+    assert got["input"] == "input"
+    np.testing.assert_allclose(np.array(got["probabilities"]), expected, atol=1e-6)
+    assert got["predictions"] == expected.argmax(1).tolist()

@@ -68,14 +68,14 @@ def text_run(ray_session, tmp_path_factory):
 def served(text_run):
     from ray import serve
 
-    from slimray.serving.app import deploy
-    from slimray.serving.embed import build_embed_app, embed_options_for_run
+    from slimray.serving.app import build_app, deploy
+    from slimray.serving.options import options_for_run
 
     run_dir, _, _ = text_run
-    opts = embed_options_for_run(run_dir, name="minilm", num_cpus_per_replica=0.5, max_texts=8, max_text_chars=300,
-                                 batch_wait_timeout_s=0.02)
-    assert opts.model_dir == str(run_dir / "winner")
-    url = deploy(build_embed_app(opts), name="text-embed", port=free_port(), route_prefix="/")
+    opts = options_for_run(run_dir, name="minilm", num_cpus_per_replica=0.5, max_batch_examples=8, max_text_chars=300,
+                           batch_wait_timeout_s=0.02)
+    assert opts.model_dir == str(run_dir / "winner") and opts.max_batch_size == 32  # the text recipe's batch size
+    url = deploy(build_app(opts), name="text-embed", port=free_port(), route_prefix="/")
     with httpx.Client(base_url=url, timeout=60) as client:
         yield client, run_dir
     serve.delete("text-embed")
@@ -173,3 +173,59 @@ def test_unparseable_body(served):
     r = client.post("/v1/embed", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]
     assert client.post("/v1/embed", content=b"").status_code == 400
+
+
+def test_kserve_v1_and_tritonclient_for_the_encoder(served):
+    """KServe v1 ``instances`` and tritonclient.http with its defaults (BYTES in the binary extension) get the
+    same embeddings as /v1/embed."""
+    import tritonclient.http as triton
+
+    client, _ = served
+    texts = ["One sentence here.", "And another one, a bit longer."]
+    native = np.array(client.post("/v1/embed", json={"texts": texts}).json()["embeddings"])
+    r = client.post("/v1/models/minilm:predict", json={"instances": texts})
+    assert r.status_code == 200, r.text
+    assert np.allclose(np.array(r.json()["predictions"]), native, atol=1e-5)
+    assert client.get("/v1/models/minilm").json()["ready"] is True
+    assert client.post("/v1/models/minilm:predict", json={"instances": [3]}).status_code == 422
+    c = triton.InferenceServerClient(url=f"{client.base_url.host}:{client.base_url.port}")
+    inp = triton.InferInput("text", [len(texts)], "BYTES")
+    inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+    emb = c.infer("minilm", [inp]).as_numpy("embedding")
+    assert emb.shape == native.shape and np.allclose(emb, native, atol=1e-5)
+    c.close()
+
+
+def test_encoder_tokenises_once_and_answers_nan_as_null(text_run, monkeypatch):
+    """In-process: one tokeniser call per request, and a NaN embedding is JSON null (valid JSON), not NaN."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from slimray.serving.model import ModelServer
+    from slimray.serving.options import options_for_run
+    from slimray.serving.protocols import build_api
+
+    run_dir, _, _ = text_run
+    server = ModelServer(options_for_run(run_dir, name="minilm"))
+    calls = []
+    real = server.codec.tokenizer
+
+    class Counting:
+        def encode_batch(self, texts):
+            calls.append(len(texts))
+            return real.encode_batch(texts)
+
+    server.codec.tokenizer = Counting()
+    client = TestClient(build_api(server, api_key=None))
+    assert client.post("/v1/embed", json={"texts": ["a", "b c", "d e f"]}).status_code == 200
+    assert calls == [3]
+    r = client.post("/v1/embed", content=b"\0" * 8, headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 415 and "JSON" in r.json()["error"]
+    monkeypatch.setattr("slimray.text.models.encode_batch", lambda model, ids, mask: torch.full((len(ids), 4), float("nan")))
+    r = client.post("/v1/embed", json={"texts": ["nan please"]})
+    assert r.status_code == 200
+    body = json.loads(r.content, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert body["embeddings"] == [[None] * 4]
+    v2 = json.loads(client.post("/v2/models/minilm/infer", json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}).content,
+                    parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))
+    assert v2["outputs"][0]["data"] == [None] * 4

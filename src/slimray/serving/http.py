@@ -1,15 +1,20 @@
-"""Request plumbing the Serve apps share (``slimray.serving.app`` and ``slimray.serving.embed``).
+"""Request plumbing every protocol shares: JSON errors, the API key, the streaming body limit, JSON answers.
 
 Every error is JSON ``{"error": message}`` with a 4xx/5xx status: ``RequestError`` carries one out of a route,
 ``install_error_handlers`` turns FastAPI's own 404/405/422 and unexpected exceptions into the same shape.
-``api_key_denied`` checks ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` in constant time;
-``read_json_body`` enforces the body-size limit before parsing.
+``api_key_denied`` checks ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` in constant time; ``read_api_key``
+reads the key inside the replica, from its own environment or a file (it is never passed through Ray).
+``read_body`` counts bytes as they arrive and stops at the limit with a 413 (a chunked body is never read whole);
+``json_response`` writes NaN/Inf as ``null`` so every answer is valid JSON.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import math
+import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,13 +36,47 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def json_response(payload: Any) -> Response:
-    """Compact JSON without response-model validation (the payload is built by the route; NaN already null)."""
-    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN/Inf float (at any depth of lists and dicts) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    return value
+
+
+def json_bytes(payload: Any) -> bytes:
+    """Compact JSON; non-finite floats become ``null`` (plain ``json.dumps`` would write invalid ``NaN``)."""
+    try:
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        return json.dumps(finite_or_none(payload), separators=(",", ":"), allow_nan=False).encode()
+
+
+def json_response(payload: Any, *, headers: dict[str, str] | None = None) -> Response:
+    """Compact JSON without response-model validation (the route builds the payload)."""
+    return Response(json_bytes(payload), media_type="application/json", headers=headers)
 
 
 def validation_message(err: ValidationError | RequestValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
+
+
+def read_api_key(*, env: str, file: str | None) -> str | None:
+    """The API key as this process sees it: the file ``file`` (e.g. a mounted Kubernetes Secret) when given,
+    else the environment variable ``env``; None when neither holds one. Raises if ``file`` is unreadable or
+    empty, so a missing Secret never leaves the endpoint open."""
+    if file:
+        try:
+            key = Path(file).read_text().strip()
+        except OSError as err:
+            raise RuntimeError(f"api_key_file {file!r} is not readable: {err.strerror}") from None
+        if not key:
+            raise RuntimeError(f"api_key_file {file!r} is empty")
+        return key
+    return os.environ.get(env) or None
 
 
 def api_key_denied(request: Request, api_key: str | None) -> JSONResponse | None:
@@ -53,20 +92,34 @@ def api_key_denied(request: Request, api_key: str | None) -> JSONResponse | None
     return error_response(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
 
 
-async def read_json_body(request: Request, *, limit: int, hint: str) -> Any:
-    """The parsed JSON body; ``RequestError`` 413 over ``limit`` bytes (declared or actual), 400 empty or not JSON."""
+async def read_body(request: Request, *, limit: int) -> bytes:
+    """The request body, read chunk by chunk: ``RequestError`` 413 as soon as more than ``limit`` bytes are
+    declared or have arrived (the rest is never read)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit}")
-    body = await request.body()
-    if len(body) > limit:
-        raise RequestError(413, f"request body of {len(body)} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes, *, hint: str) -> Any:
+    """The parsed JSON ``body``; ``RequestError`` 400 when empty or not JSON."""
     if not body:
         raise RequestError(400, f"empty request body: send JSON {hint}")
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise RequestError(400, f"request body is not valid JSON: {err}") from None
+
+
+async def read_json_body(request: Request, *, limit: int, hint: str) -> Any:
+    """``read_body`` then ``parse_json``."""
+    return parse_json(await read_body(request, limit=limit), hint=hint)
 
 
 def unknown_model(name: str, served: str) -> JSONResponse | None:

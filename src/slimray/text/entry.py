@@ -34,11 +34,12 @@ def is_text_run(run_dir: str | Path) -> bool:
 
 
 def serve_text_run(run_dir: str | Path, *, host: str | None = None, port: int | None = None, num_replicas: int | None = None) -> str:
-    """Deploy the winner of a finished text run on Ray Serve (Ray must be initialised); returns the URL."""
-    from slimray.serving.app import deploy
-    from slimray.serving.embed import build_embed_app, embed_options_for_run
+    """Deploy the winner of a finished text run on Ray Serve (Ray must be initialised); returns the URL.
+    Arguments left None keep the run's config."""
+    from slimray.serving.app import build_app, deploy
+    from slimray.serving.options import options_for_run
 
     run_dir = Path(run_dir).resolve()
     cfg = TextPipelineConfig.from_file(run_dir / "config.json")
-    opts = embed_options_for_run(run_dir, serve_config=cfg.serve, name=cfg.name, num_replicas=num_replicas)
-    return deploy(build_embed_app(opts), name=cfg.name, host=host or cfg.serve.host, port=port or cfg.serve.port, route_prefix="/")
+    opts = options_for_run(run_dir, serve_config=cfg.serve, name=cfg.name, num_replicas=num_replicas)
+    return deploy(build_app(opts), name=cfg.name, host=host or cfg.serve.host, port=port or cfg.serve.port, route_prefix="/")

@@ -1,0 +1,439 @@
+"""Model kinds: what a served model takes and gives, one small codec per kind, in a registry keyed by the kind.
+
+A codec loads the artifact, runs one forward pass on a batch, and translates between that batch and the
+protocols' shapes of data. The protocols (``slimray.serving.protocols``) call only these methods, so a new
+model kind is one new class here and a new protocol is one new module there:
+
+* ``parse_v1(payload)`` (the native ``/v1/<verb>`` JSON body), ``parse_array(arr)`` (a binary body),
+  ``parse_instances(list)`` (KServe v1 ``instances``), ``parse_v2(tensor, raw)`` (one Open Inference Protocol
+  input tensor, JSON ``data`` or binary ``raw`` bytes) -> the request's *items*;
+* ``forward(items)`` -> a dict of named numpy arrays, one row per item (runs off the event loop, batched);
+* ``v1_answer(out)``, ``predictions(out)`` (KServe v1), ``v2_outputs`` / ``v2_metadata()`` -> answers.
+
+Every bad input raises ``RequestError`` (4xx with a message).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from slimray.serving.http import RequestError
+
+# Open Inference Protocol datatypes as little-endian numpy types (the binary extension's wire format)
+FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+INT_TYPES = {
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+}
+V2_DATATYPES = {**FLOAT_TYPES, **INT_TYPES, "BOOL": np.bool_}
+
+
+def v2_datatype(arr: np.ndarray) -> str:
+    for name, t in V2_DATATYPES.items():
+        if arr.dtype == np.dtype(t):
+            return name
+    raise TypeError(f"no V2 datatype for {arr.dtype}")
+
+
+def decode_bytes_tensor(raw: bytes) -> list[bytes]:
+    """The binary extension's BYTES layout: each element a 4-byte little-endian length, then its bytes."""
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise RequestError(400, "binary BYTES tensor is truncated (length prefix cut off)")
+        n = int.from_bytes(raw[i : i + 4], "little")
+        if i + 4 + n > len(raw):
+            raise RequestError(400, "binary BYTES tensor is truncated (element shorter than its length)")
+        out.append(raw[i + 4 : i + 4 + n])
+        i += 4 + n
+    return out
+
+
+class Codec:
+    """Base class: one served model of one kind. Subclasses set ``kind``, ``v1_verb`` and the methods below."""
+
+    kind: ClassVar[str]
+    v1_verb: ClassVar[str]  # the native route is POST /v1/<verb>
+    v1_hint: ClassVar[str]  # what the native body looks like, for error messages
+    input_name: ClassVar[str]
+    output_names: ClassVar[tuple[str, ...]]  # the V2 outputs, in their default order
+    binary_bodies: ClassVar[bool] = False  # whether the native route takes raw float32 / .npy bodies (parse_array)
+
+    def __init__(self, options: Any, loader: Any = None):
+        self.options = options
+
+    # items are np.ndarray (N, ...) or list[str]: both have len() and slice
+    def concat(self, parts: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def forward(self, items: Any) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def probe(self) -> Any:
+        raise NotImplementedError
+
+    def healthy(self, out: dict[str, np.ndarray]) -> bool:
+        return all(np.isfinite(v).all() for v in out.values() if v.dtype.kind == "f")
+
+    def parse_v1(self, payload: Any) -> Any:
+        raise NotImplementedError
+
+    def parse_array(self, arr: np.ndarray) -> Any:
+        raise RequestError(415, f"a {self.kind} takes JSON bodies only: send {self.v1_hint}")
+
+    def parse_instances(self, instances: list[Any]) -> Any:
+        raise NotImplementedError
+
+    def parse_v2(self, tensor: Any, raw: bytes | None) -> Any:
+        raise NotImplementedError
+
+    def v1_answer(self, out: dict[str, np.ndarray]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def predictions(self, out: dict[str, np.ndarray]) -> list[Any]:
+        raise NotImplementedError
+
+    def v2_metadata(self) -> dict[str, list[dict[str, Any]]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _check_count(self, n: int, what: str = "examples") -> None:
+        if n == 0:
+            raise RequestError(422, f"inputs is empty: send at least one of the {what}")
+        if n > self.options.max_batch_examples:
+            raise RequestError(413, f"batch of {n} {what} is larger than the allowed {self.options.max_batch_examples}")
+
+
+# ----------------------------------------------------------------------------------------- classifier
+
+
+def _accepted_example_shapes(shape: list[int]) -> set[tuple[int, ...]]:
+    squeezed = tuple(d for d in shape if d != 1) if len(shape) > 1 else tuple(shape)
+    return {tuple(shape), squeezed, (math.prod(shape),)}
+
+
+def _shape_message(shape: list[int], got: Any) -> str:
+    allowed = " or ".join(str(list(s)) for s in sorted(_accepted_example_shapes(shape), key=len, reverse=True))
+    return f"each example must have shape {allowed}; got {list(got)}"
+
+
+def _check_values(arr: np.ndarray, *, shape: list[int], min_value: float, max_value: float) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise RequestError(422, "inputs contain NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < min_value or hi > max_value:
+        raise RequestError(422, f"input values must lie in [{min_value:g}, {max_value:g}] (raw units); got [{lo:g}, {hi:g}]")
+    return arr.reshape(len(arr), *shape)
+
+
+def parse_inputs(raw: Any, *, shape: list[int], min_value: float, max_value: float, max_examples: int) -> np.ndarray:
+    """Validate ``inputs`` (nested lists) and return a float32 array of shape (N, *shape); raises ``RequestError``."""
+    if not isinstance(raw, list):
+        raise RequestError(422, "inputs must be a list of examples")
+    if len(raw) == 0:
+        raise RequestError(422, "inputs is empty: send at least one example")
+    if len(raw) > max_examples:
+        raise RequestError(413, f"batch of {len(raw)} examples is larger than the allowed {max_examples}")
+    try:
+        arr = np.asarray(raw)
+    except (ValueError, OverflowError):
+        raise RequestError(422, "inputs must be a rectangular nested list of numbers (rows of unequal length)") from None
+    if arr.dtype.kind not in "iuf":
+        raise RequestError(422, f"inputs must hold only numbers (got {arr.dtype.kind!r} values: strings, booleans, nulls or ragged rows)")
+    return parse_array(arr, shape=shape, min_value=min_value, max_value=max_value, max_examples=max_examples)
+
+
+def parse_array(arr: np.ndarray, *, shape: list[int], min_value: float, max_value: float, max_examples: int) -> np.ndarray:
+    """Validate a numeric array (N, *example) from any protocol; float32 (N, *shape) or ``RequestError``."""
+    if arr.ndim == 0 or len(arr) == 0:
+        raise RequestError(422, "inputs is empty: send at least one example")
+    if len(arr) > max_examples:
+        raise RequestError(413, f"batch of {len(arr)} examples is larger than the allowed {max_examples}")
+    if arr.dtype.kind not in "iuf":
+        raise RequestError(422, "inputs must hold only numbers")
+    with np.errstate(over="ignore"):
+        arr = arr.astype(np.float32)
+    if tuple(arr.shape[1:]) not in _accepted_example_shapes(shape):
+        raise RequestError(422, _shape_message(shape, arr.shape[1:]))
+    return _check_values(arr, shape=shape, min_value=min_value, max_value=max_value)
+
+
+def parse_v2_tensor(t: Any, *, shape: list[int], min_value: float, max_value: float, max_examples: int,
+                    raw: bytes | None = None) -> np.ndarray:
+    """Validate one Open Inference Protocol input tensor (JSON ``data``, or ``raw`` little-endian bytes from the
+    binary extension); returns float32 (N, *shape) or raises ``RequestError``."""
+    dtype_name = t.datatype.upper()
+    if dtype_name not in FLOAT_TYPES and dtype_name not in INT_TYPES:
+        raise RequestError(422, f"datatype {t.datatype!r} is not supported; use FP32 (or FP16/FP64/INT*/UINT*)")
+    if t.name != ClassifierCodec.input_name:
+        raise RequestError(422, f"unknown input {t.name!r}: this model has one input named {ClassifierCodec.input_name!r}")
+    dims = t.shape
+    if not dims:
+        raise RequestError(422, "shape must list the batch size first, e.g. [N, *example_shape]")
+    if any(d < 0 for d in dims):
+        raise RequestError(422, f"shape {dims} has negative dimensions")
+    if dims[0] == 0:
+        raise RequestError(422, "shape has a batch of 0 examples: send at least one")
+    if dims[0] > max_examples:
+        raise RequestError(413, f"batch of {dims[0]} examples is larger than the allowed {max_examples}")
+    if tuple(dims[1:]) not in _accepted_example_shapes(shape):
+        raise RequestError(422, _shape_message(shape, dims[1:]))
+    expected = math.prod(dims)
+    if raw is not None:
+        item = np.dtype(V2_DATATYPES[dtype_name]).newbyteorder("<")
+        if len(raw) != expected * item.itemsize:
+            raise RequestError(422, f"binary data has {len(raw)} bytes but shape {dims} of {dtype_name} needs {expected * item.itemsize}")
+        arr = np.frombuffer(raw, dtype=item).astype(np.float64).reshape(dims[0], -1)
+    else:
+        if t.data is None:
+            raise RequestError(422, "input tensor has no data (send data, or binary_data_size with the binary extension)")
+        try:
+            arr = np.asarray(t.data)
+        except (ValueError, OverflowError):
+            raise RequestError(422, "data must be a flat or rectangular nested list of numbers") from None
+        if arr.dtype.kind not in "iuf":
+            raise RequestError(422, "data must hold only numbers (no strings, booleans, nulls or ragged rows)")
+        if arr.size != expected:
+            raise RequestError(422, f"data has {arr.size} values but shape {dims} needs {expected}")
+        if dtype_name in INT_TYPES:
+            if arr.dtype.kind == "f":
+                raise RequestError(422, f"datatype {dtype_name} needs integer data; got floating-point values")
+            info = np.iinfo(INT_TYPES[dtype_name])
+            if arr.min() < info.min or arr.max() > info.max:
+                raise RequestError(422, f"data values do not fit datatype {dtype_name}")
+        arr = arr.astype(np.float64).reshape(dims[0], -1)
+        if dtype_name in FLOAT_TYPES:  # FP16/FP32 values beyond the type's range are rejected, not clipped
+            finite = np.isfinite(arr).all()
+            with np.errstate(over="ignore"):
+                arr = arr.astype(FLOAT_TYPES[dtype_name])
+            if finite and not np.isfinite(arr).all():
+                raise RequestError(422, f"data values overflow datatype {dtype_name}")
+    return _check_values(arr.astype(np.float32), shape=shape, min_value=min_value, max_value=max_value)
+
+
+class ClassifierCodec(Codec):
+    """Tensors in (the dataset's raw units; normalisation happens here), class probabilities and labels out."""
+
+    kind = "classifier"
+    v1_verb = "predict"
+    v1_hint = '{"inputs": [...]}'
+    input_name = "input"
+    output_names = ("probabilities", "predictions")
+    binary_bodies = True
+
+    def __init__(self, options: Any, loader: Any = None):
+        super().__init__(options)
+        from slimray.artifacts import load_runnable, load_spec
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if loader is None:
+            # the artifact's runtime: ONNX Runtime session (threads from the replica's options; CUDA provider
+            # on a GPU replica), compiled module, or torch. CPU-only int8 kernels stay on the CPU.
+            spec = load_spec(options.model_dir)
+            cpu_only = spec.quantization.method in ("dynamic_int8", "static_int8") or spec.runtime.name == "onnxruntime"
+            device = "cpu" if cpu_only else self.device.type
+            self.model, self.spec = load_runnable(options.model_dir, num_threads=options.num_threads, device=device)
+            if spec.runtime.name == "onnxruntime" or device == "cpu":
+                self.device = torch.device("cpu")  # ONNX Runtime takes CPU tensors and moves them itself
+        else:
+            self.model, self.spec = loader(options.model_dir)
+            if self.device.type == "cuda" and self.spec.quantization.method in ("none", "bf16", "fp16"):
+                self.model = self.model.to(self.device)
+            else:
+                self.device = torch.device("cpu")
+        self.model.eval()
+        inp = self.spec.input
+        self._mean, self._std = float(inp.mean), float(inp.std)
+        self.num_classes = int(self.forward(self.probe())["probabilities"].shape[1])
+
+    def concat(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def probe(self) -> np.ndarray:
+        return np.full((1, *self.spec.input.shape), self.spec.input.min_value, dtype=np.float32)
+
+    def forward(self, items: np.ndarray) -> dict[str, np.ndarray]:
+        """One forward pass on raw-unit examples: probabilities float32 (N, C), predictions int64 (N,), -1 if non-finite."""
+        x = ((torch.from_numpy(items) - self._mean) / self._std).to(self.device)
+        with torch.inference_mode():
+            logits = self.model(x).float().cpu()
+        probs = torch.softmax(logits, dim=1).numpy()
+        preds = probs.argmax(1).astype(np.int64)
+        preds[~np.isfinite(probs).all(1)] = -1
+        return {"probabilities": probs, "predictions": preds}
+
+    def _limits(self) -> dict[str, Any]:
+        inp = self.spec.input
+        return dict(shape=inp.shape, min_value=inp.min_value, max_value=inp.max_value, max_examples=self.options.max_batch_examples)
+
+    def parse_v1(self, payload: Any) -> np.ndarray:
+        if not isinstance(payload, dict) or set(payload) != {"inputs"}:
+            extra = sorted(set(payload) - {"inputs"}) if isinstance(payload, dict) else []
+            where = f"extra fields {extra} not allowed" if extra else "send an object with one field"
+            raise RequestError(422, f"body: {where}: {self.v1_hint} (inputs)")
+        return parse_inputs(payload["inputs"], **self._limits())
+
+    def parse_array(self, arr: np.ndarray) -> np.ndarray:
+        return parse_array(arr, **self._limits())
+
+    def parse_instances(self, instances: list[Any]) -> np.ndarray:
+        return parse_inputs(instances, **self._limits())
+
+    def parse_v2(self, tensor: Any, raw: bytes | None) -> np.ndarray:
+        return parse_v2_tensor(tensor, raw=raw, **self._limits())
+
+    def v1_answer(self, out: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {"predictions": out["predictions"].tolist(), "probabilities": out["probabilities"].tolist()}
+
+    def predictions(self, out: dict[str, np.ndarray]) -> list[Any]:
+        return out["predictions"].tolist()
+
+    def v2_metadata(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "inputs": [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.spec.input.shape]}],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, self.num_classes]},
+                {"name": "predictions", "datatype": "INT64", "shape": [-1]},
+            ],
+        }
+
+    def describe(self) -> dict[str, Any]:
+        runtime = getattr(getattr(self.spec, "runtime", None), "name", "torch")
+        return {"kind": self.kind, "input_shape": self.spec.input.shape, "quantization": self.spec.quantization.method, "runtime": runtime}
+
+
+# ----------------------------------------------------------------------------------------- sentence encoder
+
+
+def check_texts(texts: Any, *, max_texts: int, max_chars: int, where: str = "texts") -> list[str]:
+    """Validate a request's texts; raises ``RequestError`` (422 / 413) naming the first bad item."""
+    if not isinstance(texts, list):
+        raise RequestError(422, f"{where} must be a list of strings")
+    if len(texts) == 0:
+        raise RequestError(422, f"{where} is empty: send at least one text")
+    if len(texts) > max_texts:
+        raise RequestError(413, f"{len(texts)} texts is more than the allowed {max_texts} per request")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise RequestError(422, f"{where}[{i}] must be a string, got {type(t).__name__}")
+        if not t.strip():
+            raise RequestError(422, f"{where}[{i}] is empty or whitespace")
+        if len(t) > max_chars:
+            raise RequestError(422, f"{where}[{i}] has {len(t)} characters, more than the allowed {max_chars}")
+    return list(texts)
+
+
+class SentenceEncoderCodec(Codec):
+    """Texts in (tokenised once per request, in the replica), normalised mean-pooled embeddings out."""
+
+    kind = "sentence_encoder"
+    v1_verb = "embed"
+    v1_hint = '{"texts": ["...", ...]}'
+    input_name = "text"
+    output_names = ("embedding",)
+
+    def __init__(self, options: Any, loader: Any = None):
+        super().__init__(options)
+        from slimray.text.models import load_text_artifact, load_tokenizer
+
+        self.model, self.spec = (loader or load_text_artifact)(options.model_dir)
+        self.model.eval()
+        self.max_seq_len = int(self.spec.max_seq_len)
+        self.tokenizer = load_tokenizer(Path(options.model_dir), max_seq_len=self.max_seq_len)
+        self.forward(["warm-up batch of two", "texts of different lengths"])  # compiled models build their graphs now
+        self.dim = int(self.forward(self.probe())["embedding"].shape[1])
+
+    def concat(self, parts: list[list[str]]) -> list[str]:
+        return [t for p in parts for t in p]
+
+    def probe(self) -> list[str]:
+        return ["ready"]
+
+    def forward(self, items: list[str]) -> dict[str, np.ndarray]:
+        """Tokenise once (truncated at ``max_seq_len``, padded to the longest), embed: embedding float32 (N, dim),
+        truncated bool (N,)."""
+        from slimray.text.models import encode_batch
+
+        encs = self.tokenizer.encode_batch(items)
+        width = max(1, min(self.max_seq_len, max(len(e.ids) for e in encs)))
+        ids = np.zeros((len(encs), width), dtype=np.int64)
+        mask = np.zeros((len(encs), width), dtype=np.int64)
+        for i, e in enumerate(encs):
+            n = min(len(e.ids), width)
+            ids[i, :n] = e.ids[:n]
+            mask[i, :n] = 1
+        emb = encode_batch(self.model, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        return {"embedding": emb, "truncated": np.array([len(e.overflowing) > 0 for e in encs], dtype=bool)}
+
+    def _texts(self, texts: Any, where: str) -> list[str]:
+        return check_texts(texts, max_texts=self.options.max_batch_examples, max_chars=self.options.max_text_chars, where=where)
+
+    def parse_v1(self, payload: Any) -> list[str]:
+        if not isinstance(payload, dict) or set(payload) != {"texts"}:
+            extra = sorted(set(payload) - {"texts"}) if isinstance(payload, dict) else []
+            where = f"extra fields {extra} not allowed" if extra else "send an object with one field"
+            raise RequestError(422, f"body: {where}: {self.v1_hint} (texts)")
+        return self._texts(payload["texts"], "texts")
+
+    def parse_instances(self, instances: list[Any]) -> list[str]:
+        return self._texts(instances, "instances")
+
+    def parse_v2(self, tensor: Any, raw: bytes | None) -> list[str]:
+        if tensor.name != self.input_name:
+            raise RequestError(422, f"unknown input {tensor.name!r}: this model has one input named {self.input_name!r}")
+        if tensor.datatype.upper() != "BYTES":
+            raise RequestError(422, f"datatype {tensor.datatype!r} is not supported: send BYTES (UTF-8 strings)")
+        if raw is not None:
+            try:
+                data: Any = [b.decode("utf-8") for b in decode_bytes_tensor(raw)]
+            except UnicodeDecodeError:
+                raise RequestError(422, "BYTES elements must be UTF-8 text") from None
+        elif tensor.data is None:
+            raise RequestError(422, "input tensor has no data (send data, or binary_data_size with the binary extension)")
+        else:
+            data = tensor.data
+            if len(data) and all(isinstance(d, list) and len(d) == 1 for d in data):
+                data = [d[0] for d in data]  # [N, 1] sent nested
+        if tensor.shape not in ([len(data)], [len(data), 1]):
+            raise RequestError(422, f"shape {tensor.shape} does not match {len(data)} data items; use [N] or [N, 1]")
+        return self._texts(data, "data")
+
+    def v1_answer(self, out: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {"dim": self.dim, "embeddings": out["embedding"].tolist(), "truncated": out["truncated"].tolist()}
+
+    def predictions(self, out: dict[str, np.ndarray]) -> list[Any]:
+        return out["embedding"].tolist()
+
+    def v2_metadata(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            "inputs": [{"name": self.input_name, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, self.dim]}],
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dim": self.dim, "max_seq_len": self.max_seq_len, "quantization": self.spec.quantization,
+                "max_texts": self.options.max_batch_examples}
+
+
+CODECS: dict[str, type[Codec]] = {c.kind: c for c in (ClassifierCodec, SentenceEncoderCodec)}
+
+
+def artifact_kind(model_dir: str | Path) -> str:
+    """The kind of the artifact in ``model_dir``: ``sentence_encoder`` for a text artifact, else ``classifier``."""
+    from slimray.text.models import is_text_artifact
+
+    return SentenceEncoderCodec.kind if is_text_artifact(model_dir) else ClassifierCodec.kind
+
+
+def make_codec(options: Any, loader: Any = None) -> Codec:
+    kind = options.kind or artifact_kind(options.model_dir)
+    if kind not in CODECS:
+        raise ValueError(f"unknown model kind {kind!r}; known: {sorted(CODECS)}")
+    return CODECS[kind](options, loader)

@@ -1,0 +1,119 @@
+"""The one options schema of a served model (any kind), and what it turns into on Ray Serve.
+
+``ServeOptions`` is validated strictly (unknown keys refused); ``deployment_options`` maps it onto
+``serve.deployment`` keyword arguments. Secrets never pass through here: ``api_key_env`` and ``api_key_file``
+only *name* where the replica finds the key (its own environment, or a file such as a mounted Kubernetes Secret).
+``options_for_run`` fills the options from a finished run folder (image or text run), with overrides that win
+only when given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from slimray.schema import StrictModel
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class ServeOptions(StrictModel):
+    model_dir: str = Field(description="artifact folder (model.safetensors + spec.json) to serve")
+    name: str = Field("slimray", pattern=NAME_PATTERN, description="model and application name (the V2 model name)")
+    kind: str | None = Field(None, description="model kind (a codec in slimray.serving.codecs); default: the artifact's")
+    # placement and scaling
+    num_replicas: PositiveInt = Field(1, description="fixed replica count (ignored when max_replicas is set)")
+    min_replicas: NonNegativeInt | None = Field(None, description="autoscaling lower bound (needs max_replicas)")
+    max_replicas: PositiveInt | None = Field(None, description="turns autoscaling on: replicas between min and max")
+    target_ongoing_requests: PositiveFloat = Field(2.0, description="autoscaling target of requests per replica")
+    num_cpus_per_replica: float = Field(1.0, ge=0)
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica; fractions below 1 share a GPU")
+    max_replicas_per_node: PositiveInt | None = Field(None, description="1 = one replica per node (e.g. per GPU node)")
+    num_threads: PositiveInt = 1
+    # batching
+    max_batch_size: PositiveInt = Field(16, description="most examples one batched forward pass takes")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10, description="how long a batch waits to fill up")
+    forward_in_thread: bool = Field(True, description="run the forward pass off the replica's event loop")
+    # limits
+    max_batch_examples: PositiveInt = Field(1024, description="most examples (or texts) one request may send (413 above)")
+    max_text_chars: PositiveInt = Field(4096, description="longest text accepted, in characters (422 above)")
+    max_body_bytes: PositiveInt = 16 * 1024 * 1024
+    max_ongoing_requests: PositiveInt = 16
+    max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica before 503; -1: no limit")
+    request_timeout_s: PositiveFloat | None = Field(None, description="HTTP timeout (408); set on the proxy by deploy()")
+    health_check_period_s: PositiveFloat = 5.0
+    health_check_timeout_s: PositiveFloat = 30.0
+    # the API key: the replica reads it itself (never copied into the deployment)
+    api_key_env: str = Field("SLIMRAY_API_KEY", description="environment variable (of the replica) holding an optional API key")
+    api_key_file: str | None = Field(None, description="file holding the API key (e.g. a mounted Secret); wins over api_key_env")
+    access_log: bool = Field(False, description="log every request in the replica (costs CPU under load)")
+
+    @field_validator("gpus_per_replica")
+    @classmethod
+    def _gpus(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError("gpus_per_replica above 1 must be a whole number (fractions only below 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _autoscaling(self) -> ServeOptions:
+        if self.min_replicas is not None and self.max_replicas is None:
+            raise ValueError("min_replicas needs max_replicas (autoscaling); for a fixed count use num_replicas")
+        if self.max_replicas is not None and (self.min_replicas or 0) > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+def deployment_options(options: ServeOptions) -> dict[str, Any]:
+    """``serve.deployment`` keyword arguments for ``options`` (placement, scaling, limits, health checks).
+    No runtime_env: in particular the API key is never copied into the deployment."""
+    actor_options: dict[str, Any] = {"num_cpus": options.num_cpus_per_replica}
+    if options.gpus_per_replica:
+        actor_options["num_gpus"] = options.gpus_per_replica
+    kwargs: dict[str, Any] = {
+        "name": options.name,
+        "ray_actor_options": actor_options,
+        "max_ongoing_requests": options.max_ongoing_requests,
+        "max_queued_requests": options.max_queued_requests,
+        "health_check_period_s": options.health_check_period_s,
+        "health_check_timeout_s": options.health_check_timeout_s,
+        "logging_config": {"enable_access_log": options.access_log},
+    }
+    if options.max_replicas is not None:
+        kwargs["autoscaling_config"] = {
+            "min_replicas": options.min_replicas if options.min_replicas is not None else 1,
+            "max_replicas": options.max_replicas,
+            "target_ongoing_requests": options.target_ongoing_requests,
+        }
+    else:
+        kwargs["num_replicas"] = options.num_replicas
+    if options.max_replicas_per_node is not None:
+        kwargs["max_replicas_per_node"] = options.max_replicas_per_node
+    return kwargs
+
+
+def options_for_run(run_dir: str | Path, *, serve_config: Any = None, name: str | None = None, **overrides: Any) -> ServeOptions:
+    """Options serving the winner of a finished run (image or text): ``serve_config`` is the run's serve section
+    (None: read from ``run_dir/config.json``); ``overrides`` that are not None win over it."""
+    run_dir = Path(run_dir)
+    if serve_config is None:
+        from slimray.text.entry import is_text_run
+
+        if is_text_run(run_dir):
+            from slimray.text.config import TextPipelineConfig
+
+            cfg: Any = TextPipelineConfig.from_file(run_dir / "config.json")
+        else:
+            from slimray.config import PipelineConfig
+
+            cfg = PipelineConfig.from_file(run_dir / "config.json")
+        serve_config, name = cfg.serve, name or cfg.name
+    data = serve_config.model_dump()
+    if "max_texts" in data:  # the text recipe's name for the per-request limit
+        data["max_batch_examples"] = data.pop("max_texts")
+    opts = {k: v for k, v in data.items() if k in ServeOptions.model_fields}
+    opts.update(model_dir=str(run_dir / "winner"), name=name or run_dir.name)
+    opts.update({k: v for k, v in overrides.items() if v is not None})
+    return ServeOptions.model_validate(opts)
