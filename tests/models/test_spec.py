@@ -49,3 +49,20 @@ def test_ccexam_architecture_matches_teacher_size():
 def test_build_model_runs(spec):
     shape = (2, spec.in_channels, spec.image_size, spec.image_size) if isinstance(spec, CNNSpec) else (2, spec.in_features)
     assert build_model(spec)(torch.randn(*shape)).shape == (2, spec.num_classes)
+
+
+def test_per_channel_normalisation_and_its_checks():
+    import pytest
+    import torch
+
+    from slimray.models.spec import InputSpec
+
+    spec = InputSpec(shape=[3, 2, 2], mean=[0.0, 1.0, 2.0], std=[1.0, 2.0, 4.0], min_value=0, max_value=10)
+    x = torch.full((5, 3, 2, 2), 2.0)
+    out = spec.normalize(x)
+    assert out[:, 0].eq(2.0).all() and out[:, 1].eq(0.5).all() and out[:, 2].eq(0.0).all()
+    assert InputSpec(shape=[4], mean=1.0, std=2.0, min_value=0, max_value=1).normalize(torch.ones(2, 4)).eq(0).all()
+    with pytest.raises(ValueError, match="one per channel"):
+        InputSpec(shape=[3, 2, 2], mean=[0.0, 1.0], min_value=0, max_value=1)
+    with pytest.raises(ValueError, match="std must be > 0"):
+        InputSpec(shape=[2, 2], std=[1.0, 0.0], min_value=0, max_value=1)

@@ -250,7 +250,9 @@ class ClassifierCodec(Codec):
                 self.device = torch.device("cpu")
         self.model.eval()
         inp = self.spec.input
-        self._mean, self._std = float(inp.mean), float(inp.std)
+        # one number, or one per channel broadcast over the rest of an example (InputSpec.normalize, precomputed)
+        per_channel = lambda v: torch.tensor(v, dtype=torch.float32).reshape(-1, *[1] * (len(inp.shape) - 1)) if isinstance(v, list) else float(v)  # noqa: E731
+        self._mean, self._std = per_channel(inp.mean), per_channel(inp.std)
         self.num_classes = int(self.forward(self.probe())["probabilities"].shape[1])
 
     def concat(self, parts: list[np.ndarray]) -> np.ndarray:
