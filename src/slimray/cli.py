@@ -17,6 +17,7 @@ started in this process.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-name", "--name", dest="name", help="run name (default: the config's name)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--fresh", action="store_true", help="discard an earlier run of the same name")
+    p.add_argument("--verbose", action="store_true", help="Ray worker output and Tune's tables on the console too")
 
 
 def _load(args) -> PipelineConfig:
@@ -129,9 +131,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _post_json(url: str, body: dict, *, timeout: float = 30.0) -> dict:
+def _post_json(url: str, body: dict, *, timeout: float = 30.0, api_key_env: str = "SLIMRAY_API_KEY") -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    key = os.environ.get("SLIMRAY_API_KEY")
+    key = os.environ.get(api_key_env)
     if key:
         req.add_header("Authorization", f"Bearer {key}")
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -146,7 +148,7 @@ def _serve_run_dir(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> str:
     return deploy(build_app(options), name=name, host=serve_cfg.host, port=serve_cfg.port, route_prefix=serve_cfg.route_prefix)
 
 
-def _check_and_wait(url: str, run_dir: Path) -> None:
+def _check_and_wait(url: str, run_dir: Path, *, api_key_env: str = "SLIMRAY_API_KEY") -> None:
     """Answer one real request, compare with the model in-process, then serve until Ctrl-C."""
     import torch
 
@@ -163,7 +165,7 @@ def _check_and_wait(url: str, run_dir: Path) -> None:
     deadline = time.monotonic() + 60
     while True:
         try:
-            answer = _post_json(f"{url}/v1/predict", body)
+            answer = _post_json(f"{url}/v1/predict", body, api_key_env=api_key_env)
             break
         except (urllib.error.URLError, ConnectionError):
             if time.monotonic() > deadline:
@@ -182,8 +184,11 @@ def _check_and_wait(url: str, run_dir: Path) -> None:
 
 def _serve_until_interrupted(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> int:
     try:
+        from slimray.exposure import warn_if_exposed
+
+        warn_if_exposed(host=serve_cfg.host, api_key_env=serve_cfg.api_key_env)
         url = _serve_run_dir(run_dir, serve_cfg, name=name)
-        _check_and_wait(url, run_dir)
+        _check_and_wait(url, run_dir, api_key_env=serve_cfg.api_key_env)
     except KeyboardInterrupt:
         print("\nstopping the server", file=sys.stderr)
         from ray import serve
@@ -299,7 +304,14 @@ def _cluster(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from slimray import console
+    from slimray.artifacts import DiskFullError
+    from slimray.runlock import RunLockedError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    console.set_verbose(getattr(args, "verbose", False) or console.verbose())
+    console.install_signal_handlers()
     try:
         if args.command == "recipes":
             print("\n".join(recipe_names()))
@@ -368,9 +380,15 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = args.run_dir.resolve()
             if not (run_dir / "winner" / "spec.json").exists():
                 raise ConfigError(f"{run_dir} holds no finished run (no winner/spec.json)")
+            from slimray.artifacts import check_winner
+
+            check_winner(run_dir / "winner")  # a damaged spec.json or weights file: one line naming it
             from slimray.text.entry import is_text_run, serve_text_run
 
             if is_text_run(run_dir):
+                from slimray.exposure import warn_if_exposed
+
+                warn_if_exposed(host=args.host)
                 init_ray(args.address)
                 url = serve_text_run(run_dir, host=args.host, port=args.port, num_replicas=args.replicas)
                 return _wait_text(url)
@@ -392,12 +410,18 @@ def main(argv: list[str] | None = None) -> int:
             return _jobs(args)
         if args.command == "cluster":
             return _cluster(args)
-    except (ConfigError, AuthError, ConnectionError, ValueError, ClusterTooSmallError, FileExistsError) as err:
+    except (ConfigError, AuthError, ConnectionError, ValueError, ClusterTooSmallError, FileExistsError, RunLockedError) as err:
         print(f"slimray: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        # one line naming the path (DiskFullError names the artifact; its previous version is intact)
+        what = err.strerror if isinstance(err, DiskFullError) or not err.filename else f"no space left on device writing {err.filename}"
+        print(f"slimray: {what}; free space, then resume with: {console.resume_command(argv)}", file=sys.stderr)
+        return 28
+    except KeyboardInterrupt as err:
+        return console.interrupted(argv, getattr(err, "signame", None))
     return 1
 
 

@@ -19,7 +19,7 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimray.artifacts import ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, save_artifact
+from slimray.artifacts import ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, reusable, save_artifact
 from slimray.compress.runtime import OrtModel, compile_model, onnx_for
 from slimray.compress.measure import accuracy, compare_latency, predict_logits, torch_threads
 from slimray.config import PipelineConfig
@@ -27,16 +27,17 @@ from slimray.data import Dataset, load_dataset
 from slimray.models import build_model, load_ccexam_mnist_teacher
 from slimray.models.spec import count_params
 from slimray.report import results_table, write_report
+from slimray.console import link_ray_logs
 from slimray.runtime import init_ray
 from slimray.runs import log, prepare_run_dir
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
-from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest
+from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest, sweep_failure
 from slimray.training.distill import TrainData, TrainJob, check_teacher_layer, run_training
 
 
 def _teacher(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path) -> tuple[torch.nn.Module, ArtifactSpec]:
     path = run_dir / "teacher"
-    if (path / "spec.json").exists():
+    if reusable(path, log=log):  # verified against its sha256s; a damaged one is rebuilt
         log("teacher: reusing the saved teacher")
         return load_artifact(path)
     if cfg.teacher.source == "ccexam_mnist":
@@ -74,7 +75,7 @@ def _teacher_logits(teacher: torch.nn.Module, x_train: torch.Tensor, run_dir: Pa
 def _student(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path, *, distilled: bool) -> tuple[torch.nn.Module, ArtifactSpec]:
     name = "student" if distilled else "student_labels_only"
     path = run_dir / name
-    if (path / "spec.json").exists():
+    if reusable(path, log=log):
         log(f"{name}: reusing the saved model")
         return load_artifact(path)
     d = cfg.distill
@@ -118,6 +119,7 @@ def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str 
     run_dir = prepare_run_dir(cfg, Path(out_dir), fresh=fresh)
     log(f"run folder {run_dir}")
     init_ray(address)
+    link_ray_logs(run_dir)
     log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
     if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:  # fail before training anything
         from slimray.sweep.engine import plan_train_trials
@@ -203,7 +205,7 @@ def distill_sweep_stage(run: Run, d: Distilled, *, resume: bool = True) -> dict[
     cfg, run_dir = run.cfg, run.run_dir
     space = cfg.distill_sweep
     summary_path = run_dir / "distill_sweep.json"
-    if summary_path.exists() and (run_dir / BEST_STUDENT / "spec.json").exists():
+    if summary_path.exists() and reusable(run_dir / BEST_STUDENT, log=log):
         log("distillation sweep: reusing the finished sweep")
         return json.loads(summary_path.read_text())
     s = space.search
@@ -309,7 +311,7 @@ def sweep_stage(
     if not finalists:
         w, _ = pick_winner(trials, teacher_accuracy=teacher_ref, max_drop=s.max_accuracy_drop, latency_key=lat_key)
         if w is None:
-            raise RuntimeError("every sweep trial failed; see the trial errors in the Ray Tune output")
+            raise sweep_failure(trials)
         finalists = [w]
 
     # Re-time teacher, students and finalists side by side: these figures go into the report.

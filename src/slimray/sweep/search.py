@@ -254,6 +254,7 @@ def run_sweep(ctx: SweepContext, *, run_name: str, storage_path: str, max_concur
             trainable, param_space=_param_space(search),
             tune_config=_tune_config(search, max_concurrent_trials=max_concurrent_trials, lat_key=lat_key),
             run_name=run_name, storage_path=storage_path, resume=resume,
+            describe=lambda c: trial_key(float(c["prune_ratio"]), *parse_setting(str(c["setting"]))),
         )
     except FileExistsError:
         ray.kill(lock)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file as load_np, save_file as save_np
 
-from slimray.artifacts import write_json_atomic
+from slimray.artifacts import reusable, write_json_atomic
 from slimray.runs import log, prepare_run_dir
 from slimray.sweep.select import pareto_front, pick_winner
 from slimray.text.compress import bf16_slow_reason, count_params, cpu_has_native_bf16, sentences_per_s, timing_batches
@@ -29,6 +29,7 @@ from slimray.text.data import split_by_article, topic_names
 from slimray.text.evaluate import quality
 from slimray.text.kd import KDData, target_layers, teacher_targets
 from slimray.text.models import (
+    TextArtifactSpec,
     artifact_bytes,
     copy_text_artifact,
     embed_texts,
@@ -80,7 +81,7 @@ class torch_threads:
 
 
 def _save_if_missing(path: Path, model, spec) -> None:
-    if not (path / "spec.json").exists():
+    if not reusable(path, spec_cls=TextArtifactSpec, log=log):  # missing, or damaged (rebuilt with one line)
         save_text_artifact(path, model, spec, tokenizer_dir=teacher_dir())
 
 
@@ -132,6 +133,9 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
     probe_texts, probe_labels = train.texts[:probe_n], train.labels[:probe_n]
     log(f"data: {len(train.texts)} train sentences, {len(held.texts)} held-out sentences (split by article), topics {topic_names()}")
     init_ray(address)
+    from slimray.console import link_ray_logs
+
+    link_ray_logs(run_dir)
 
     teacher = load_teacher()
     seq = cfg.model.max_seq_len
@@ -148,7 +152,7 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
     # distillation on Ray Train
     student_dir = run_dir / "student"
     amp = cfg.distill.mixed_precision == "bf16" or (cfg.distill.mixed_precision == "auto" and cpu_has_native_bf16())
-    if (student_dir / "spec.json").exists():
+    if reusable(student_dir, spec_cls=TextArtifactSpec, log=log):
         log("student: reusing the distilled student")
     else:
         d = cfg.distill
