@@ -296,7 +296,7 @@ def _cluster(args) -> int:
         if c is None:
             print("no local cluster")
             return 1
-        print(json.dumps({**c.__dict__, "alive": [p for p in c.pids if cluster_local._alive(p)]}, indent=2))
+        print(json.dumps({**c.__dict__, "alive": [r["pid"] for r in c.procs if cluster_local.is_ours(r)]}, indent=2))
         return 0
     pids = cluster_local.down(state_dir=state_dir)
     print(f"stopped {len(pids)} ray process groups {pids}" if pids else "no local cluster to stop")
