@@ -47,7 +47,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
         ray.init(address=address, log_to_driver=True)
         console.install_signal_handlers()  # ray.init replaced the SIGTERM handler
         return False
-    os.environ.update(AUTH_ENV)  # explicit, whatever the environment or Ray's default says
+    _require_token_auth()
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count() or 1,
@@ -59,4 +59,23 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
         logging_level="WARNING",
     )
     console.install_signal_handlers()  # ray.init replaced the SIGTERM handler
+    if not token_auth_enabled():
+        ray.shutdown()
+        raise RuntimeError("the embedded Ray started without token authentication; refusing to run it open")
     return True
+
+
+def _require_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process (and the Ray processes it starts), whatever the environment said.
+    Ray caches its config when it is imported: refresh it, as Ray's own ``_enable_token_auth`` does."""
+    os.environ.update(AUTH_ENV)
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def token_auth_enabled() -> bool:
+    """Whether this process's Ray has token authentication on."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    return is_token_auth_enabled()
