@@ -107,23 +107,27 @@ def _is_temp(entry: Path) -> bool:
     return entry.is_dir() and name.count(".") >= 2  # mkdtemp(prefix=".NAME.")
 
 
-def remove_temp_files(run_dir: str | Path) -> list[Path]:
-    """Remove the temporary files and folders left in ``run_dir`` (Ray's own ``ray/`` folder is left alone);
-    returns what was removed. Only call it while no writer runs (the run lock is held, Ray is shut down)."""
+def find_temp_files(run_dir: str | Path) -> list[Path]:
+    """The temporary files and folders the atomic writers left in ``run_dir`` (Ray's own ``ray/`` folder aside)."""
     run_dir = Path(run_dir)
-    removed: list[Path] = []
-    if not run_dir.is_dir():
-        return removed
-    stack = [run_dir]
+    found: list[Path] = []
+    stack = [run_dir] if run_dir.is_dir() else []
     while stack:
         folder = stack.pop()
         for entry in folder.iterdir():
             if _is_temp(entry):
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
-                removed.append(entry)
-            elif entry.is_dir() and not entry.is_symlink() and entry.name not in ("ray", "logs") and folder == run_dir:
-                stack.append(entry)  # one level down: trials/, pruned/, cache/
-    return removed
+                found.append(entry)
+            elif entry.is_dir() and not entry.is_symlink() and not (folder == run_dir and entry.name in ("ray", "logs")):
+                stack.append(entry)  # trials/, pruned/, cache/, distill_trials/<id>/ ...; Ray's own folder is Ray's
+    return sorted(found)
+
+
+def remove_temp_files(run_dir: str | Path) -> list[Path]:
+    """Remove what ``find_temp_files`` finds; returns it. Only while no writer runs (run lock held, Ray shut down)."""
+    found = find_temp_files(run_dir)
+    for entry in found:
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+    return found
 
 
 def interrupted(argv: list[str], signame: str | None = None) -> int:
