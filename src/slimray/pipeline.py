@@ -119,8 +119,9 @@ def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str 
     run_dir = prepare_run_dir(cfg, Path(out_dir), fresh=fresh)
     log(f"run folder {run_dir}")
     init_ray(address)
-    link_ray_logs(run_dir)
-    log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+    logs = link_ray_logs(run_dir)  # Ray's worker output stays there unless --verbose
+    log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs"
+        + (f"; worker logs: {logs}" if logs else ""))
     if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:  # fail before training anything
         from slimray.sweep.engine import plan_train_trials
 
