@@ -12,6 +12,7 @@ with ``--verbose``. A stop signal during ``fit`` lets Tune save the experiment, 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -233,6 +234,11 @@ def run_tuner(
     experiment is an error rather than silently reused. ``describe(config)`` names a trial on the console."""
     path = os.path.join(storage_path, run_name)
     callbacks = [*(callbacks or []), TrialLines(describe)]
+    if not console.verbose():
+        # Tune's new console output prints its experiment table whatever `verbose` says: use the classic one,
+        # which verbose=0 silences; and no "operation took 0.5 s" warnings on a busy 2-core machine
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
     if tune.Tuner.can_restore(path):
         if not resume:
             raise FileExistsError(f"a sweep already exists at {path}: pass --resume to continue it, or use another run name")
