@@ -167,7 +167,7 @@ class TrialLines(tune.Callback):
         parts = []
         if isinstance(r.get("accuracy"), (int, float)):
             parts.append(f"{r['accuracy']:.2f}% val")
-        for k in sorted(k for k in r if k.startswith("latency_ms_b")):
+        for k in sorted((k for k in r if k.startswith("latency_ms_b")), key=lambda k: int(k.removeprefix("latency_ms_b"))):
             parts.append(f"{r[k]:.3g} ms at batch {k.removeprefix('latency_ms_b')}")
         _log(f"{self._what} {self._name(trial)}: done" + (f" ({', '.join(parts)})" if parts else ""))
 
