@@ -172,3 +172,22 @@ def test_a_full_disk_inside_the_sweep_is_reported_as_the_cause():
     assert "every sweep trial failed: the disk is full" in err.strerror and "/r/trials/prune0.50-none" in err.strerror
     other = sweep_failure([{"status": "error", "error": "ValueError: bad\ntraceback"}] * 2)
     assert isinstance(other, RuntimeError) and str(other) == "every sweep trial failed: ValueError: bad (2 trials)"
+
+
+def test_text_artifacts_carry_hashes_and_a_damaged_one_is_not_reused(tmp_path):
+    from slimray.artifacts import write_state_artifact
+    from slimray.text.models import TextArtifactSpec
+
+    path = tmp_path / "student"
+    spec = TextArtifactSpec(name="student", bert_config={}, heads_per_layer=[2], ffn_per_layer=[8])
+
+    def tokenizer(tmp: Path) -> None:
+        (tmp / "tokenizer.json").write_text('{"model": {}}')
+
+    written = write_state_artifact(path, {"w": torch.arange(6.0)}, spec, extra=tokenizer)
+    assert set(written.files) == {"model.safetensors", "tokenizer.json"}
+    assert reusable(path, spec_cls=TextArtifactSpec)
+    (path / "tokenizer.json").write_text('{"model": {"changed": 1}}')
+    said: list[str] = []
+    assert not reusable(path, spec_cls=TextArtifactSpec, log=said.append)
+    assert len(said) == 1 and str(path / "tokenizer.json") in said[0] and not path.exists()
