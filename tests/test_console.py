@@ -83,6 +83,7 @@ def test_sigterm_mid_sweep_then_rerun_keeps_finished_trials(tmp_path):
         except ProcessLookupError:
             pass
         p.wait(timeout=60)
+    (tmp_path / "interrupted.out").write_text(stdout + "\n--- stderr ---\n" + stderr)  # what a person saw
     assert p.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     m = re.search(r"interrupted \(SIGTERM\).*Resume with:\n  (.+)", stderr, re.S)
     assert m, stderr[-3000:]
@@ -101,3 +102,16 @@ def test_sigterm_mid_sweep_then_rerun_keeps_finished_trials(tmp_path):
     assert not (set(new_starts) & finished), f"finished trials ran again: {new_starts}"
     assert {k for e, k in read_trial_log(run_dir) if e == "end"} == {"prune0.00-none", "prune0.00-dynamic_int8",
                                                                       "prune0.50-none", "prune0.50-dynamic_int8"}
+
+
+def test_diverted_logger_writes_to_the_run_logs_not_the_console(tmp_path, capsys):
+    import logging
+
+    from slimray.console import divert_logger
+
+    name = "slimray-test.diverted"
+    divert_logger(name, tmp_path / "logs" / "tune.log")
+    divert_logger(name, tmp_path / "logs" / "tune.log")  # idempotent
+    logging.getLogger(name).warning("Experiment has been interrupted")
+    assert "interrupted" not in capsys.readouterr().err
+    assert (tmp_path / "logs" / "tune.log").read_text().count("Experiment has been interrupted") == 1

@@ -153,6 +153,21 @@ def interrupted(argv: list[str], signame: str | None = None) -> int:
     return 128 + int(getattr(signal, signame, signal.SIGINT))
 
 
+def divert_logger(name: str, log_file: str | Path) -> None:
+    """Send logger ``name`` (e.g. ``ray.tune``) to ``log_file`` instead of the console (once per file)."""
+    import logging
+
+    log_file = Path(log_file)
+    logger = logging.getLogger(name)
+    if any(getattr(h, "baseFilename", None) == str(log_file.resolve()) for h in logger.handlers):
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
 def link_ray_logs(run_dir: str | Path) -> Path | None:
     """``RUN/logs/ray-session`` -> the embedded Ray's session folder (worker logs, Tune and Train output)."""
     try:

@@ -239,6 +239,9 @@ def run_tuner(
         # which verbose=0 silences; and no "operation took 0.5 s" warnings on a busy 2-core machine
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
+        # Tune's own warnings (its Python-API resume hint on a stop signal, metrics of trials it stopped) go to
+        # RUN/logs/tune.log: the console gets TrialLines and slimray's resume command
+        console.divert_logger("ray.tune", Path(storage_path).parent / "logs" / "tune.log")
     if tune.Tuner.can_restore(path):
         if not resume:
             raise FileExistsError(f"a sweep already exists at {path}: pass --resume to continue it, or use another run name")
