@@ -191,3 +191,17 @@ def test_text_artifacts_carry_hashes_and_a_damaged_one_is_not_reused(tmp_path):
     said: list[str] = []
     assert not reusable(path, spec_cls=TextArtifactSpec, log=said.append)
     assert len(said) == 1 and str(path / "tokenizer.json") in said[0] and not path.exists()
+
+
+def test_truncated_teacher_logits_cache_is_recomputed_with_one_line(tmp_path, capsys):
+    from slimray import pipeline
+
+    torch.manual_seed(0)
+    teacher, x = build_model(DIGITS_CNN).eval(), torch.randn(20, 1, 8, 8)
+    first = pipeline._teacher_logits(teacher, x, tmp_path)
+    _truncate(tmp_path / "teacher_logits.safetensors")
+    capsys.readouterr()
+    again = pipeline._teacher_logits(teacher, x, tmp_path)
+    damaged = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
+    assert len(damaged) == 1 and "teacher_logits.safetensors" in damaged[0]
+    assert (again == first).all()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slimray.artifacts import ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, reusable, save_artifact
@@ -62,7 +63,10 @@ def _teacher(cfg: PipelineConfig, ds: Dataset, data: TrainData, run_dir: Path) -
 def _teacher_logits(teacher: torch.nn.Module, x_train: torch.Tensor, run_dir: Path) -> np.ndarray:
     path = run_dir / "teacher_logits.safetensors"
     if path.exists():
-        return load_file(str(path))["logits"].numpy()
+        try:
+            return load_file(str(path))["logits"].numpy()
+        except (SafetensorError, KeyError, OSError) as err:  # truncated or damaged: recompute it alone
+            log(f"teacher: {path} is damaged ({type(err).__name__}): recomputing it")
     log(f"teacher: computing logits for {len(x_train)} training examples once (shared with every worker)")
     with torch_threads(os.cpu_count() or 1):
         logits = predict_logits(teacher, x_train, batch_size=512).contiguous()

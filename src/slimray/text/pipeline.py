@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_np, save_file as save_np
 
 from slimray.artifacts import reusable, write_json_atomic
@@ -50,11 +51,14 @@ def _teacher_cache(cfg: TextPipelineConfig, teacher, tokenizer, train, held, run
     path = run_dir / "cache" / "teacher.safetensors"
     layers = target_layers(cfg.model.student_layers) if cfg.distill.hidden_weight > 0 else []
     if path.exists():
-        log("teacher: reusing cached outputs")
-        t = load_np(str(path))
-        kd = KDData(ids=t["ids"], lengths=t["lengths"], embeddings=t["embeddings"], offsets=t["offsets"],
-                    hidden=[t[f"hidden{i}"] for i in range(len(layers))])
-        return kd, t["heldout_embeddings"]
+        try:
+            t = load_np(str(path))
+            kd = KDData(ids=t["ids"], lengths=t["lengths"], embeddings=t["embeddings"], offsets=t["offsets"],
+                        hidden=[t[f"hidden{i}"] for i in range(len(layers))])
+            log("teacher: reusing cached outputs")
+            return kd, t["heldout_embeddings"]
+        except (SafetensorError, KeyError, OSError) as err:  # truncated or damaged: recompute it alone
+            log(f"teacher: {path} is damaged ({type(err).__name__}): recomputing it")
     log(f"teacher: embedding {len(train.texts)} train sentences once (+ hidden states of layers {layers}) and {len(held.texts)} held-out")
     with torch_threads(os.cpu_count() or 1):
         kd = teacher_targets(teacher, tokenizer, train.texts, max_seq_len=cfg.model.max_seq_len, hidden_layers=layers)
