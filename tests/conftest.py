@@ -41,7 +41,7 @@ def ray_session():
     from slimray.runtime import init_ray
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=2, dashboard=True)  # some tests read the State API (ray.util.state.list_actors)
     yield ray
     try:
         from ray import serve

@@ -324,3 +324,11 @@ def test_rayservice_serves_what_the_rayjob_writes():
     assert len(mounts) == 1, mounts
     ((_, mount_path),) = mounts
     assert Path(app["args"]["model_dir"]).is_relative_to(mount_path)
+
+
+@pytest.mark.parametrize("file", sorted(MANIFESTS))
+def test_kuberay_manifest_leaves_no_endpoint_open(file):
+    """A non-loopback Serve bind needs the API key from a required Secret (slimray.exposure.manifest_problems)."""
+    from slimray.exposure import manifest_problems
+
+    assert manifest_problems(_manifest(file)) == []

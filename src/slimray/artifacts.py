@@ -10,10 +10,17 @@ The spec also names the runtime (``RuntimeSpec``). An ``onnxruntime`` artifact h
 weights it was exported from plus ``model.onnx`` (the graph the runtime runs, int8 QDQ when quantized);
 ``load_runnable`` returns what serving and timing call: the ONNX Runtime session, the compiled module, or
 the torch model.
+
+Integrity: ``spec.json`` records the sha256 of every other file of the folder (``files``), written in the
+same atomic step. ``verify_artifact`` checks them (and that the spec parses) and raises ``DamagedArtifactError``
+naming the file; artifacts written before hashes existed (no ``files``) still load. A full disk during a write
+raises ``DiskFullError`` naming the artifact; the temporary folder is removed and the previous version stays.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -31,7 +38,7 @@ from slimray.compress.prune import PruneSpec
 from slimray.compress.quantize import QUANTIZE_AT_LOAD, QuantSpec, quantize
 from slimray.compress.runtime import ONNX_FILE, OrtModel, RuntimeSpec, compile_model
 from slimray.models.spec import InputSpec, ModelSpec, build_model
-from slimray.schema import StrictModel
+from slimray.schema import ConfigError, StrictModel
 
 FORMAT = "slimray.model/1"
 WEIGHTS = "model.safetensors"
@@ -51,6 +58,108 @@ class ArtifactSpec(StrictModel):
         default_factory=dict, description="state-dict metadata (module versions) quantized modules need to load"
     )
     metadata: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict, description="sha256 of every other file in the folder")
+
+
+class DamagedArtifactError(ValueError):
+    """An artifact folder whose spec does not parse or whose files do not match their recorded sha256."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+
+
+class DiskFullError(OSError):
+    """No space left while writing an artifact; the message names it, the previous version is intact."""
+
+    def __init__(self, path: Path, filename: str | None = None):
+        super().__init__(errno.ENOSPC, f"no space left on device while writing {path} (the previous version, if any, is kept)")
+        self.filename = filename or str(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every regular file in ``folder`` except the spec itself."""
+    return {f.name: sha256_file(f) for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name != SPEC}
+
+
+def write_spec_with_hashes(folder: Path, spec: Any) -> Any:
+    """Write ``spec.json`` into ``folder`` (a temporary artifact folder) with the sha256 of the files already there.
+    ``spec`` is any spec model with a ``files`` field; returns the spec as written."""
+    spec = spec.model_copy(update={"files": file_hashes(folder)})
+    (Path(folder) / SPEC).write_text(spec.model_dump_json(indent=2))
+    return spec
+
+
+def verify_artifact(path: str | Path, spec_cls: type[StrictModel] | None = None) -> None:
+    """Raise ``DamagedArtifactError`` naming the file when the spec does not parse or a file is missing, truncated
+    or changed. Without recorded hashes (older artifacts) only the spec and the presence of the weights are checked."""
+    path = Path(path)
+    spec_file = path / SPEC
+    if not spec_file.is_file():
+        raise DamagedArtifactError(spec_file, "missing")
+    try:
+        data = json.loads(spec_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedArtifactError(spec_file, f"unreadable ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise DamagedArtifactError(spec_file, "not a JSON object")
+    if spec_cls is not None:
+        try:
+            spec_cls.from_dict(data, source=str(spec_file))
+        except ConfigError:
+            raise DamagedArtifactError(spec_file, f"does not match the {spec_cls.__name__} schema") from None
+    files = data.get("files") or {}
+    if not files and not (path / WEIGHTS).is_file():
+        raise DamagedArtifactError(path / WEIGHTS, "missing")
+    for name, digest in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            raise DamagedArtifactError(f, "missing")
+        if sha256_file(f) != digest:
+            raise DamagedArtifactError(f, "does not match its sha256 in spec.json (truncated or changed)")
+
+
+def check_winner(path: str | Path) -> None:
+    """Verify a model folder before serving it, image or text model alike (``DamagedArtifactError`` names the file)."""
+    path = Path(path)
+    verify_artifact(path)  # the spec parses as JSON and every recorded sha256 matches
+    fmt = json.loads((path / SPEC).read_text()).get("format")
+    if fmt == FORMAT:
+        verify_artifact(path, ArtifactSpec)
+    else:
+        from slimray.text.models import FORMAT as TEXT_FORMAT, TextArtifactSpec
+
+        if fmt != TEXT_FORMAT:
+            raise DamagedArtifactError(path / SPEC, f"unknown format {fmt!r} (expected {FORMAT!r} or {TEXT_FORMAT!r})")
+        verify_artifact(path, TextArtifactSpec)
+
+
+def reusable(path: str | Path, *, spec_cls: type[StrictModel] | None = None, log=None) -> bool:
+    """True when ``path`` holds an intact artifact a rerun may reuse. A damaged one is moved aside (so it is rebuilt)
+    with one line through ``log`` naming the file; False also when there is nothing there."""
+    path = Path(path)
+    if not (path / SPEC).exists():
+        return False
+    try:
+        verify_artifact(path, spec_cls or ArtifactSpec)
+        return True
+    except DamagedArtifactError as err:
+        if log is not None:
+            log(f"{path.name}: {err.path} is damaged ({err.why}): rebuilding this stage")
+        aside = path.with_name(f".{path.name}.old.{os.getpid()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        return False
 
 
 _QDTYPES = {"torch.qint8": torch.qint8, "torch.quint8": torch.quint8, "torch.qint32": torch.qint32}
@@ -117,18 +226,27 @@ def _atomic_dir_write(path: Path, write) -> None:
     """Write into a temporary sibling folder, then swap it in: readers never see half an artifact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         write(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old.{os.getpid()}")
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:  # put the previous version back
+                os.replace(old, path)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC and not isinstance(err, DiskFullError):
+            raise DiskFullError(path, getattr(err, "filename", None)) from None
         raise
 
 
@@ -164,16 +282,25 @@ def write_state_artifact(path: str | Path, state: dict[str, Any], spec: Any, *, 
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": spec.format})
-        (tmp / SPEC).write_text(spec.model_dump_json(indent=2))
         if extra is not None:
             extra(tmp)
+        written["spec"] = write_spec_with_hashes(tmp, spec)  # last: hashes of every file above
 
+    written: dict[str, Any] = {}
     _atomic_dir_write(Path(path), write)
-    return spec
+    return written["spec"]
 
 
 def load_spec(path: str | Path) -> ArtifactSpec:
+    """The spec in folder ``path``; a damaged file raises ``DamagedArtifactError`` naming it (a ``ConfigError``
+    for a spec of another kind, e.g. a text model, names the file too)."""
     path = Path(path)
+    try:
+        json.loads((path / SPEC).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path / SPEC}: not found (expected a slimray model folder)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedArtifactError(path / SPEC, f"unreadable ({type(err).__name__}); rerun the stage that wrote it") from None
     return ArtifactSpec.from_file(path / SPEC)
 
 
@@ -225,8 +352,14 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC and not isinstance(err, DiskFullError):
+            raise DiskFullError(path) from None
+        raise
 
 
 def copy_artifact(src: str | Path, dst: str | Path, *, update: dict[str, Any] | None = None) -> ArtifactSpec:
@@ -238,10 +371,11 @@ def copy_artifact(src: str | Path, dst: str | Path, *, update: dict[str, Any] | 
         for f in src.iterdir():
             if f.is_file() and f.name != SPEC and not f.name.startswith("."):
                 shutil.copyfile(f, tmp / f.name)
-        (tmp / SPEC).write_text(spec.model_dump_json(indent=2))
+        written["spec"] = write_spec_with_hashes(tmp, spec)
 
+    written: dict[str, Any] = {}
     _atomic_dir_write(Path(dst), write)
-    return spec
+    return written["spec"]
 
 
 def artifact_files(path: str | Path) -> dict[str, bytes]:

@@ -18,6 +18,7 @@ started in this process.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -41,6 +42,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-name", "--name", dest="name", help="run name (default: the config's name)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--fresh", action="store_true", help="discard an earlier run of the same name")
+    p.add_argument("--verbose", action="store_true", help="Ray worker output and Tune's tables on the console too")
 
 
 def _load(args) -> PipelineConfig:
@@ -243,6 +245,9 @@ def _check_and_wait(url: str, run_dir: Path, serve_cfg: ServeConfig) -> None:
 
 
 def _serve_until_interrupted(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> int:
+    from slimray.exposure import warn_if_exposed
+
+    warn_if_exposed(host=serve_cfg.host, api_key_env=serve_cfg.api_key_env, api_key_file=serve_cfg.api_key_file)
     return _serving(name, lambda: _check_and_wait(_serve_run_dir(run_dir, serve_cfg, name=name), run_dir, serve_cfg))
 
 
@@ -358,7 +363,7 @@ def _cluster(args) -> int:
         if c is None:
             print("no local cluster")
             return 1
-        print(json.dumps({**c.__dict__, "alive": [p for p in c.pids if cluster_local._alive(p)]}, indent=2))
+        print(json.dumps({**c.__dict__, "alive": [r["pid"] for r in c.procs if cluster_local.is_ours(r)]}, indent=2))
         return 0
     pids = cluster_local.down(state_dir=state_dir)
     print(f"stopped {len(pids)} ray process groups {pids}" if pids else "no local cluster to stop")
@@ -366,7 +371,14 @@ def _cluster(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from slimray import console
+    from slimray.artifacts import DiskFullError
+    from slimray.runlock import RunLockedError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    console.set_verbose(getattr(args, "verbose", False) or console.verbose())
+    console.install_signal_handlers()
     try:
         if args.command == "recipes":
             print("\n".join(recipe_names()))
@@ -435,12 +447,18 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = args.run_dir.resolve()
             if not (run_dir / "winner" / "spec.json").exists():
                 raise ConfigError(f"{run_dir} holds no finished run (no winner/spec.json)")
+            from slimray.artifacts import check_winner
+
+            check_winner(run_dir / "winner")  # a damaged spec.json or weights file: one line naming it
             from slimray.text.entry import is_text_run, serve_text_run
 
             if is_text_run(run_dir):
+                from slimray.exposure import warn_if_exposed
                 from slimray.text.config import TextPipelineConfig
 
-                name = TextPipelineConfig.from_file(run_dir / "config.json").name
+                tcfg = TextPipelineConfig.from_file(run_dir / "config.json")
+                name = tcfg.name
+                warn_if_exposed(host=args.host or tcfg.serve.host)
                 init_ray(args.address)
                 return _serving(name, lambda: _wait_text(serve_text_run(run_dir, host=args.host, port=args.port, num_replicas=args.replicas)))
             cfg = PipelineConfig.from_file(run_dir / "config.json")
@@ -463,12 +481,18 @@ def main(argv: list[str] | None = None) -> int:
             return _jobs(args)
         if args.command == "cluster":
             return _cluster(args)
-    except (ConfigError, AuthError, ConnectionError, ValueError, ClusterTooSmallError, FileExistsError) as err:
+    except (ConfigError, AuthError, ConnectionError, ValueError, ClusterTooSmallError, FileExistsError, RunLockedError) as err:
         print(f"slimray: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        # one line naming the path (DiskFullError names the artifact; its previous version is intact)
+        what = err.strerror if isinstance(err, DiskFullError) or not err.filename else f"no space left on device writing {err.filename}"
+        print(f"slimray: {what}; free space, then resume with: {console.resume_command(argv)}", file=sys.stderr)
+        return 28
+    except KeyboardInterrupt as err:
+        return console.interrupted(argv, getattr(err, "signame", None))
     return 1
 
 

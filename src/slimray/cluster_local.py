@@ -2,8 +2,10 @@
 
 ``slimray cluster up --local`` starts a head (``ray start --head --block``) and N worker raylets, each a
 separate process group on loopback, with token authentication on (a fresh token in the state folder)
-and the dashboard bound to 127.0.0.1. The PIDs go to ``state.json``; ``slimray cluster down`` stops
-exactly those process groups and nothing else (never a global ``ray stop``).
+and the dashboard bound to 127.0.0.1. The PIDs go to ``state.json`` with each process's start time (from
+``/proc/<pid>/stat``) and the arguments it was started with; ``slimray cluster down`` signals a process group
+only while its leader is still that process (same start time, same arguments), so a PID reused by another
+program after a crash or reboot is reported as stale and left alone. Never a global ``ray stop``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from slimray.runlock import proc_cmdline, proc_start_time
 
 DEFAULT_STATE_DIR = Path.home() / ".slimray" / "local-cluster"
 
@@ -33,6 +37,7 @@ class LocalCluster:
     token_file: str
     pids: list[int]
     num_workers: int
+    procs: list[dict] = field(default_factory=list)  # per pid: {"pid", "start_ticks", "args"} recorded at `up`
 
     @property
     def token(self) -> str:
@@ -90,7 +95,7 @@ def up(
     """Start the head and ``num_workers`` worker raylets; returns once all nodes are alive."""
     state_dir = Path(state_dir)
     existing = load_state(state_dir)
-    if existing and any(_alive(p) for p in existing.pids):
+    if existing and any(is_ours(r) for r in existing.procs):
         raise RuntimeError(f"a local cluster is already running (state in {state_dir}); run `slimray cluster down` first")
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
@@ -126,6 +131,7 @@ def up(
         log = open(state_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         pids.append(proc.pid)
+        cluster.procs.append(record(proc.pid, cmd))
         (state_dir / "state.json").write_text(json.dumps(asdict(cluster), indent=2))
 
     launch(head_cmd, "head")
@@ -159,26 +165,68 @@ def _wait(check, deadline: float, pids: list[int], state_dir: Path, what: str) -
         time.sleep(0.5)
 
 
-def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 30) -> list[int]:
-    """Stop the process groups this module started (workers first, then the head); returns their PIDs."""
+def record(pid: int, cmd: list[str]) -> dict:
+    """What identifies a process we started: its pid, its start time (clock ticks since boot; fixed at fork, so
+    readable before the child has exec'd) and the arguments we gave it."""
+    return {"pid": pid, "start_ticks": proc_start_time(pid), "args": list(cmd)}
+
+
+def is_ours(rec: dict) -> bool:
+    """True while ``rec['pid']`` is still the process ``up`` started: same start time, and its command line ends
+    with the arguments we started it with (``ray`` runs as ``python .../ray start ...``)."""
+    pid, ticks, args = rec.get("pid"), rec.get("start_ticks"), rec.get("args") or []
+    if not isinstance(pid, int) or ticks is None or not args:
+        return False
+    if proc_start_time(pid) != ticks:
+        return False
+    cmdline = proc_cmdline(pid) or []
+    tail = args[1:]
+    return len(cmdline) >= len(tail) and cmdline[len(cmdline) - len(tail):] == tail
+
+
+def _verified(state: LocalCluster, report) -> list[int]:
+    """The recorded pids that are still ours; stale ones (gone, or reused by another process) are reported."""
+    recs = {r.get("pid"): r for r in state.procs}
+    ours = []
+    for pid in state.pids:
+        rec = recs.get(pid)
+        if rec is not None and is_ours(rec):
+            ours.append(pid)
+        elif _alive(pid) and proc_start_time(pid) is not None:
+            why = "no start time recorded (state.json from an older slimray)" if rec is None else "now another process"
+            report(f"pid {pid}: {why}; left alone")
+        else:
+            report(f"pid {pid}: already gone")
+    return ours
+
+
+def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 30, report=None) -> list[int]:
+    """Stop the process groups this module started (workers first, then the head); returns the PIDs it stopped.
+
+    Each recorded pid is checked first (``is_ours``): one that is gone or belongs to another process now is
+    reported through ``report`` (default: stderr) and never signalled."""
+    report = report or (lambda msg: print(f"slimray cluster down: {msg}", file=sys.stderr))
     state = load_state(state_dir)
     if state is None:
         return []
+    ours = _verified(state, report)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in reversed(state.pids):
+        for pid in reversed(ours):
+            if sig == signal.SIGKILL and not any(is_ours(r) for r in state.procs if r.get("pid") == pid):
+                continue  # exited after SIGTERM: its pid may already be someone else's
             try:
                 os.killpg(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 5)
-        while time.monotonic() < deadline and any(_alive(p) for p in state.pids):
+        while time.monotonic() < deadline and any(_alive(p) for p in ours):
             time.sleep(0.3)
-            for p in state.pids:  # reap our own children
+            for p in ours:  # reap our own children
                 try:
                     os.waitpid(p, os.WNOHANG)
                 except ChildProcessError:
                     pass
-        if not any(_alive(p) for p in state.pids):
+        if not any(_alive(p) for p in ours):
             break
     (Path(state_dir) / "state.json").unlink(missing_ok=True)
-    return state.pids
+    return ours

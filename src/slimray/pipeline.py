@@ -18,9 +18,12 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slimray.artifacts import ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, load_spec, save_artifact
+from slimray.artifacts import (
+    ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, load_spec, reusable, save_artifact,
+)
 from slimray.compress.prune import prune_to_fraction
 from slimray.compress.runtime import OrtModel, compile_model, onnx_for
 from slimray.compress.measure import accuracy, compare_latency, predict_logits, torch_threads
@@ -31,18 +34,19 @@ from slimray.models import load_ccexam_mnist_teacher
 from slimray.models.spec import InputSpec, ModuleSpec, count_params, spec_from_model
 from slimray.models.usermodule import block_importance, build_from_factory, drop_modules, load_weights, repeated_blocks
 from slimray.report import results_table, write_report
+from slimray.console import link_ray_logs
 from slimray.runtime import init_ray
 from slimray.runs import log, prepare_run_dir
 from slimray.schema import ConfigError
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
-from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest
+from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest, sweep_failure
 from slimray.training.distill import TrainData, TrainJob, check_teacher_layer, run_training
 
 
 def _teacher(run: Run, data: TrainData) -> tuple[torch.nn.Module, ArtifactSpec]:
     cfg, run_dir = run.cfg, run.run_dir
     path = run_dir / "teacher"
-    if (path / "spec.json").exists():
+    if reusable(path, log=log):  # verified against its sha256s; a damaged one is rebuilt
         log("teacher: reusing the saved teacher")
         return load_artifact(path)
     if cfg.teacher.source == "module":
@@ -93,7 +97,10 @@ def load_user_teacher(cfg: PipelineConfig, *, input_shape: list[int] | None = No
 def _teacher_logits(teacher: torch.nn.Module, x_train: torch.Tensor, run_dir: Path) -> np.ndarray:
     path = run_dir / "teacher_logits.safetensors"
     if path.exists():
-        return load_file(str(path))["logits"].numpy()
+        try:
+            return load_file(str(path))["logits"].numpy()
+        except (SafetensorError, KeyError, OSError) as err:  # truncated or damaged: recompute it alone
+            log(f"teacher: {path} is damaged ({type(err).__name__}): recomputing it")
     log(f"teacher: computing logits for {len(x_train)} training examples once (shared with every worker)")
     with torch_threads(os.cpu_count() or 1):
         logits = predict_logits(teacher, x_train, batch_size=512).contiguous()
@@ -121,7 +128,7 @@ def derive_student(run: Run, teacher: torch.nn.Module, teacher_spec: ArtifactSpe
     """The student derived from the teacher by structured pruning to ``distill.derive.keep`` of its size
     (saved once as ``RUN/student_init``: the distillation runs start from these weights)."""
     path = run.run_dir / "student_init"
-    if (path / "spec.json").exists():
+    if reusable(path, log=log):
         return load_artifact(path)
     dv = run.cfg.distill.derive
     assert dv is not None
@@ -157,7 +164,7 @@ def _student(run: Run, data: TrainData, *, distilled: bool, init: tuple[torch.nn
     cfg, run_dir = run.cfg, run.run_dir
     name = "student" if distilled else "student_labels_only"
     path = run_dir / name
-    if (path / "spec.json").exists():
+    if reusable(path, log=log):
         log(f"{name}: reusing the saved model")
         return load_artifact(path)
     d = cfg.distill
@@ -230,7 +237,9 @@ def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str 
     run_dir = prepare_run_dir(cfg, Path(out_dir), fresh=fresh)
     log(f"run folder {run_dir}")
     init_ray(address)
-    log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+    logs = link_ray_logs(run_dir)  # Ray's worker output stays there unless --verbose
+    log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs"
+        + (f"; worker logs: {logs}" if logs else ""))
     if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:  # fail before training anything
         from slimray.sweep.engine import plan_train_trials
 
@@ -351,7 +360,7 @@ def distill_sweep_stage(run: Run, d: Distilled, *, resume: bool = True) -> dict[
     cfg, run_dir = run.cfg, run.run_dir
     space = cfg.distill_sweep
     summary_path = run_dir / "distill_sweep.json"
-    if summary_path.exists() and (run_dir / BEST_STUDENT / "spec.json").exists():
+    if summary_path.exists() and reusable(run_dir / BEST_STUDENT, log=log):
         log("distillation sweep: reusing the finished sweep")
         return json.loads(summary_path.read_text())
     s = space.search
@@ -467,7 +476,7 @@ def sweep_stage(
     if not finalists:
         w, _ = pick_winner(trials, teacher_accuracy=teacher_ref, max_drop=drop, latency_key=lat_key)
         if w is None:
-            raise RuntimeError("every sweep trial failed; see the trial errors in the Ray Tune output")
+            raise sweep_failure(trials)
         finalists = [w]
 
     # Re-time teacher, students and finalists side by side: these figures go into the report.

@@ -1,7 +1,15 @@
 """Connecting to Ray: an embedded local Ray started in-process by default, or a real cluster.
 
 ``--address`` (or ``RAY_ADDRESS``) reaches an existing cluster; otherwise Ray starts in this process with
-the machine's CPUs, no dashboard and a fresh session (``address="local"`` ignores stale cluster files).
+the machine's CPUs and a fresh session (``address="local"`` ignores stale cluster files).
+
+The embedded Ray:
+* keeps token authentication on explicitly (``RAY_AUTH_MODE=token`` set here, not left to Ray's default);
+  its token is Ray's own (``~/.ray/auth_token``, created if missing);
+* starts the dashboard (and with it the Jobs and State APIs) only when asked, ``dashboard=True``, bound to
+  127.0.0.1: ``slimray run`` needs none of them;
+* keeps worker output out of the console (``log_to_driver=False``) unless ``--verbose``: it stays in Ray's
+  session folder, which ``slimray.console.link_ray_logs`` links from ``RUN/logs/``.
 Ray Train is told to fail fast: worker groups that cannot start give up after a bounded time.
 """
 
@@ -11,16 +19,22 @@ import os
 
 import ray
 
+from slimray import console
+
 # Defaults for the knobs that otherwise turn a resource shortage into an endless wait (see ray-2.60 notes).
 FAIL_FAST_ENV = {
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
 }
+AUTH_ENV = {"RAY_AUTH_MODE": "token"}  # the embedded Ray's Jobs/State APIs refuse requests without the token
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
-    """Start or connect to Ray; returns True when this call started an embedded Ray."""
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = False) -> bool:
+    """Start or connect to Ray; returns True when this call started an embedded Ray.
+
+    ``dashboard``: start the embedded Ray's dashboard (Jobs and State APIs), for commands and tests that use them.
+    """
     for key, value in FAIL_FAST_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
@@ -31,15 +45,37 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool
         # A job's driver keeps the runtime_env it was submitted with (slimray.jobs adds these env vars
         # there); passing another one here would replace it.
         ray.init(address=address, log_to_driver=True)
+        console.install_signal_handlers()  # ray.init replaced the SIGTERM handler
         return False
+    _require_token_auth()
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count() or 1,
-        include_dashboard=True,
+        include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env_vars},
-        log_to_driver=True,
+        log_to_driver=console.verbose(),
         configure_logging=True,
         logging_level="WARNING",
     )
+    console.install_signal_handlers()  # ray.init replaced the SIGTERM handler
+    if not token_auth_enabled():
+        ray.shutdown()
+        raise RuntimeError("the embedded Ray started without token authentication; refusing to run it open")
     return True
+
+
+def _require_token_auth() -> None:
+    """RAY_AUTH_MODE=token for this process (and the Ray processes it starts), whatever the environment said.
+    Ray caches its config when it is imported: refresh it, as Ray's own ``_enable_token_auth`` does."""
+    os.environ.update(AUTH_ENV)
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def token_auth_enabled() -> bool:
+    """Whether this process's Ray has token authentication on."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    return is_token_auth_enabled()

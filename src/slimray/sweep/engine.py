@@ -4,12 +4,15 @@ planning, and clean-up of Ray Train placement groups left by trials that Tune st
 The compression sweep (``search.py``: one trial per prune ratio x quantization x runtime) and the
 distillation sweep (``distill_search.py``: one trial = one Ray Train run) differ only in their trainable,
 their parameter space and their metric; ``run_tuner`` runs either, and resumes it when its experiment
-folder exists.
+folder exists. The console gets one line per trial start and end (``TrialLines``); Tune's own tables only
+with ``--verbose``. A stop signal during ``fit`` lets Tune save the experiment, then raises
+``slimray.console.Interrupted`` (see ``slimray.console``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -20,6 +23,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from slimray import console
 from slimray.schema import ClusterTooSmallError
 
 DRIVER_MEMORY_BYTES = 256 * 2**20  # what a Train-driver trial reserves: it holds no CPU (its workers do)
@@ -139,6 +143,44 @@ class PlacementGroupReaper(tune.Callback):
             pass
 
 
+class TrialLines(tune.Callback):
+    """One console line when a trial starts and when it ends (its key, status and headline metric)."""
+
+    def __init__(self, describe: Callable[[dict[str, Any]], str] | None = None, *, what: str = "trial") -> None:
+        self._describe = describe or (lambda config: " ".join(f"{k}={v}" for k, v in sorted(config.items())))
+        self._what = what
+
+    def _name(self, trial) -> str:
+        try:
+            return self._describe(trial.config)
+        except Exception:  # noqa: BLE001 - a progress line must never fail the sweep
+            return trial.trial_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        _log(f"{self._what} {self._name(trial)}: started")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        if r.get("status") == "error":
+            _log(f"{self._what} {self._name(trial)}: failed: {str(r.get('error', '')).splitlines()[0][:200]}")
+            return
+        parts = []
+        if isinstance(r.get("accuracy"), (int, float)):
+            parts.append(f"{r['accuracy']:.2f}% val")
+        for k in sorted((k for k in r if k.startswith("latency_ms_b")), key=lambda k: int(k.removeprefix("latency_ms_b"))):
+            parts.append(f"{r[k]:.3g} ms at batch {k.removeprefix('latency_ms_b')}")
+        _log(f"{self._what} {self._name(trial)}: done" + (f" ({', '.join(parts)})" if parts else ""))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        _log(f"{self._what} {self._name(trial)}: failed (see the trial's error in the report and RUN/logs/)")
+
+
+def _log(msg: str) -> None:
+    from slimray.runs import log
+
+    log(msg)
+
+
 def plan_train_trials(
     *, num_trials: int, num_workers: int, cpus_per_worker: float, use_gpu: bool, max_concurrent_trials: int | None, what: str
 ) -> int:
@@ -185,21 +227,38 @@ def run_tuner(
     storage_path: str,
     resume: bool,
     callbacks: list[tune.Callback] | None = None,
+    describe: Callable[[dict[str, Any]], str] | None = None,
 ) -> tune.ResultGrid:
     """Run the experiment ``storage_path/run_name``, or continue it if it exists and ``resume`` is set
     (finished trials are kept; unfinished and errored ones run again). Without ``resume`` an existing
-    experiment is an error rather than silently reused."""
+    experiment is an error rather than silently reused. ``describe(config)`` names a trial on the console."""
     path = os.path.join(storage_path, run_name)
+    callbacks = [*(callbacks or []), TrialLines(describe)]
+    if not console.verbose():
+        # Tune's new console output prints its experiment table whatever `verbose` says: use the classic one,
+        # which verbose=0 silences; and no "operation took 0.5 s" warnings on a busy 2-core machine
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
+        # Tune's own warnings (its Python-API resume hint on a stop signal, metrics of trials it stopped) go to
+        # RUN/logs/tune.log: the console gets TrialLines and slimray's resume command
+        console.divert_logger("ray.tune", Path(storage_path).parent / "logs" / "tune.log")
     if tune.Tuner.can_restore(path):
         if not resume:
             raise FileExistsError(f"a sweep already exists at {path}: pass --resume to continue it, or use another run name")
-        print(f"[sweep] resuming {path}: finished trials are kept", flush=True)
+        _log(f"sweep: resuming {path}: finished trials are kept")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # a restored experiment keeps the RunConfig it was created with: give it this process's callbacks
+        local = getattr(tuner, "_local_tuner", None)  # noqa: SLF001 - Ray 2.60 has no public setter
+        if local is not None:
+            local._run_config.callbacks = callbacks
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune_config,
-            run_config=tune.RunConfig(name=run_name, storage_path=storage_path, verbose=1, callbacks=callbacks),
+            run_config=tune.RunConfig(
+                name=run_name, storage_path=storage_path, verbose=1 if console.verbose() else 0, callbacks=callbacks,
+            ),
         )
-    return tuner.fit()
+    with console.tune_running():  # a stop signal: Tune saves the experiment, then Interrupted is raised
+        return tuner.fit()

@@ -34,7 +34,7 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from slimray.artifacts import artifact_bytes, load_artifact, load_runnable, save_artifact
+from slimray.artifacts import artifact_bytes, load_artifact, load_runnable, reusable, save_artifact
 from slimray.compress import memprobe
 from slimray.compress.export import check_outputs
 from slimray.compress.measure import latency_ms, peak_memory_bytes
@@ -121,9 +121,9 @@ def _pruned(ctx: SweepContext, search: SearchConfig, ratio: float, *, epochs: in
 
     with open(root / f".{name}.lock", "w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)
-        if (cached(epochs) / "spec.json").exists():
+        if reusable(cached(epochs), log=print):  # verified; a damaged cache entry is recomputed
             return load_artifact(cached(epochs))
-        done = max((k for k in range(epochs + 1) if (cached(k) / "spec.json").exists()), default=None)
+        done = max((k for k in range(epochs + 1) if reusable(cached(k), log=print)), default=None)
         x = torch.from_numpy(ray.get(ctx.x_train))
         y = torch.from_numpy(ray.get(ctx.y_train))
         logits = torch.from_numpy(ray.get(ctx.teacher_logits)) if ctx.teacher_logits is not None else None
@@ -259,6 +259,7 @@ def run_sweep(ctx: SweepContext, *, run_name: str, storage_path: str, max_concur
             trainable, param_space=_param_space(search),
             tune_config=_tune_config(search, max_concurrent_trials=max_concurrent_trials, lat_key=lat_key),
             run_name=run_name, storage_path=storage_path, resume=resume,
+            describe=lambda c: trial_key(float(c["prune_ratio"]), *parse_setting(str(c["setting"]))),
         )
     except FileExistsError:
         ray.kill(lock)

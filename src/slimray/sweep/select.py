@@ -44,3 +44,25 @@ def pareto_front(trials: list[dict[str, Any]], *, latency_key: str) -> list[dict
         if not dominated:
             front.append(t)
     return sorted(front, key=lambda t: t[latency_key])
+
+
+def failure_summary(trials: list[dict[str, Any]]) -> str:
+    """The distinct first lines of the failed trials' errors, most frequent first (a full disk named first)."""
+    from collections import Counter
+
+    errors = Counter(str(t.get("error") or "unknown error").splitlines()[0][:300] for t in trials if t.get("status") != "ok")
+    disk = [e for e in errors if "Errno 28" in e or "no space left" in e.lower()]
+    if disk:
+        return f"the disk is full: {disk[0]}"
+    return "; ".join(f"{e} ({n} trial{'s' if n > 1 else ''})" for e, n in errors.most_common(3)) or "no trial ran"
+
+
+def sweep_failure(trials: list[dict[str, Any]]) -> Exception:
+    """What to raise when no trial finished: an ENOSPC ``OSError`` when the disk filled up (so the CLI prints one
+    line and the resume command), else a ``RuntimeError``, both naming the real cause."""
+    import errno
+
+    why = failure_summary(trials)
+    if why.startswith("the disk is full"):
+        return OSError(errno.ENOSPC, f"every sweep trial failed: {why}")
+    return RuntimeError(f"every sweep trial failed: {why}")

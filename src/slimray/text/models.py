@@ -57,6 +57,7 @@ class TextArtifactSpec(StrictModel):
     state: dict[str, dict[str, Any]] = Field(default_factory=dict)
     module_versions: dict[str, dict[str, Any]] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict, description="sha256 of every other file in the folder")
 
 
 # ----------------------------------------------------------------------------------------- teacher
@@ -317,7 +318,7 @@ def save_text_artifact(path: str | Path, model: nn.Module, spec: TextArtifactSpe
 
 def copy_text_artifact(src: str | Path, dst: str | Path, **update: Any) -> TextArtifactSpec:
     """Copy the artifact in ``src`` to ``dst`` atomically, with spec fields replaced by ``update``."""
-    from slimray.artifacts import _atomic_dir_write
+    from slimray.artifacts import _atomic_dir_write, write_spec_with_hashes
 
     spec = load_text_spec(src).model_copy(update=update)
     TextArtifactSpec.model_validate(spec.model_dump())  # the updated spec must still be valid
@@ -326,10 +327,11 @@ def copy_text_artifact(src: str | Path, dst: str | Path, **update: Any) -> TextA
         for f in Path(src).iterdir():
             if f.is_file() and f.name != SPEC:
                 shutil.copyfile(f, tmp / f.name)
-        (tmp / SPEC).write_text(spec.model_dump_json(indent=2))
+        written["spec"] = write_spec_with_hashes(tmp, spec)
 
+    written: dict[str, Any] = {}
     _atomic_dir_write(Path(dst), write)
-    return spec
+    return written["spec"]
 
 
 def load_text_spec(path: str | Path) -> TextArtifactSpec:

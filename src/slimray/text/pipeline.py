@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_np, save_file as save_np
 
-from slimray.artifacts import write_json_atomic
+from slimray.artifacts import reusable, write_json_atomic
 from slimray.schema import ConfigError
 from slimray.runs import log, prepare_run_dir
 from slimray.sweep.select import pareto_front, pick_winner
@@ -30,6 +31,7 @@ from slimray.text.data import split_by_article, split_jsonl, topic_names
 from slimray.text.evaluate import quality
 from slimray.text.kd import KDData, target_layers, teacher_targets
 from slimray.text.models import (
+    TextArtifactSpec,
     artifact_bytes,
     copy_text_artifact,
     embed_texts,
@@ -50,11 +52,14 @@ def _teacher_cache(cfg: TextPipelineConfig, teacher, tokenizer, train, held, run
     path = run_dir / "cache" / "teacher.safetensors"
     layers = target_layers(cfg.model.student_layers) if cfg.distill.hidden_weight > 0 else []
     if path.exists():
-        log("teacher: reusing cached outputs")
-        t = load_np(str(path))
-        kd = KDData(ids=t["ids"], lengths=t["lengths"], embeddings=t["embeddings"], offsets=t["offsets"],
-                    hidden=[t[f"hidden{i}"] for i in range(len(layers))])
-        return kd, t["heldout_embeddings"]
+        try:
+            t = load_np(str(path))
+            kd = KDData(ids=t["ids"], lengths=t["lengths"], embeddings=t["embeddings"], offsets=t["offsets"],
+                        hidden=[t[f"hidden{i}"] for i in range(len(layers))])
+            log("teacher: reusing cached outputs")
+            return kd, t["heldout_embeddings"]
+        except (SafetensorError, KeyError, OSError) as err:  # truncated or damaged: recompute it alone
+            log(f"teacher: {path} is damaged ({type(err).__name__}): recomputing it")
     log(f"teacher: embedding {len(train.texts)} train sentences once (+ hidden states of layers {layers}) and {len(held.texts)} held-out")
     with torch_threads(os.cpu_count() or 1):
         kd = teacher_targets(teacher, tokenizer, train.texts, max_seq_len=cfg.model.max_seq_len, hidden_layers=layers)
@@ -81,7 +86,7 @@ class torch_threads:
 
 
 def _save_if_missing(path: Path, model, spec, *, tokenizer_dir: Path) -> None:
-    if not (path / "spec.json").exists():
+    if not reusable(path, spec_cls=TextArtifactSpec, log=log):  # missing, or damaged (rebuilt with one line)
         save_text_artifact(path, model, spec, tokenizer_dir=tokenizer_dir)
 
 
@@ -149,6 +154,9 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
     probe_texts, probe_labels = train.texts[:probe_n], train.labels[:probe_n]
     log(f"data: {len(train.texts)} train sentences, {len(held.texts)} held-out sentences (split {split_by}), labels {topics}")
     init_ray(address)
+    from slimray.console import link_ray_logs
+
+    link_ray_logs(run_dir)
 
     tdir = teacher_dir(cfg.model)
     teacher = load_teacher(tdir)
@@ -168,7 +176,7 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
     # distillation on Ray Train
     student_dir = run_dir / "student"
     amp = cfg.distill.mixed_precision == "bf16" or (cfg.distill.mixed_precision == "auto" and cpu_has_native_bf16())
-    if (student_dir / "spec.json").exists():
+    if reusable(student_dir, spec_cls=TextArtifactSpec, log=log):
         log("student: reusing the distilled student")
     else:
         d = cfg.distill

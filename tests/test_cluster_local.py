@@ -1,0 +1,70 @@
+"""``slimray cluster down`` signals only the processes ``cluster up`` started (``slimray.cluster_local``).
+
+No Ray: ``sleep`` processes in their own sessions stand in for the ``ray start --block`` process groups, and a
+state.json is written the way ``up`` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import asdict
+
+from slimray import cluster_local
+from slimray.cluster_local import LocalCluster, record
+
+
+def _start(seconds: str = "120") -> subprocess.Popen:
+    return subprocess.Popen(["sleep", seconds], start_new_session=True)
+
+
+def _write_state(tmp_path, procs: list[dict]) -> None:
+    state = LocalCluster(state_dir=str(tmp_path), gcs_address="127.0.0.1:1", dashboard_url="http://127.0.0.1:2",
+                         token_file=str(tmp_path / "auth_token"), pids=[r["pid"] for r in procs], num_workers=len(procs) - 1,
+                         procs=procs)
+    (tmp_path / "state.json").write_text(json.dumps(asdict(state)))
+
+
+def test_down_leaves_alone_a_process_that_reuses_a_recorded_pid(tmp_path):
+    ours, stranger = _start(), _start()
+    try:
+        reused_start = record(stranger.pid, ["sleep", "120"])
+        reused_start["start_ticks"] -= 5  # the recorded process started earlier: this pid is someone else's now
+        reused_args = record(stranger.pid, ["ray", "start", "--head", "--block"])  # same start time, other program
+        for stale in (reused_start, reused_args):
+            _write_state(tmp_path, [record(ours.pid, ["sleep", "120"]), stale] if stale is reused_start else [stale])
+            said: list[str] = []
+            stopped = cluster_local.down(state_dir=tmp_path, report=said.append, timeout_s=10)
+            assert stranger.poll() is None, "a process that reuses a recorded pid was signalled"
+            assert said == [f"pid {stranger.pid}: now another process; left alone"]
+            if stale is reused_start:
+                assert stopped == [ours.pid]
+                assert ours.wait(timeout=10) is not None  # the verified one was stopped
+            else:
+                assert stopped == []
+            assert not (tmp_path / "state.json").exists()
+    finally:
+        for p in (ours, stranger):
+            p.kill()
+            p.wait()
+
+
+def test_down_reports_gone_pids_and_unverifiable_old_state(tmp_path):
+    gone = _start("0")
+    gone.wait()
+    alive = _start()
+    try:
+        _write_state(tmp_path, [record(alive.pid, ["sleep", "120"])])
+        state = json.loads((tmp_path / "state.json").read_text())
+        state["pids"] = [gone.pid, alive.pid]
+        state["procs"] = []  # a state.json from before start times were recorded
+        (tmp_path / "state.json").write_text(json.dumps(state))
+        said: list[str] = []
+        assert cluster_local.down(state_dir=tmp_path, report=said.append) == []
+        time.sleep(0.2)
+        assert alive.poll() is None
+        assert said == [f"pid {gone.pid}: already gone", f"pid {alive.pid}: no start time recorded (state.json from an older slimray); left alone"]
+    finally:
+        alive.kill()
+        alive.wait()
