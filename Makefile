@@ -31,7 +31,8 @@ test: install
 	$(PY) -m pytest -q --durations=25
 
 # the multi-minute tests `make test` leaves out: multi-node training placement, 1 vs 2 workers, FSDP, Optuna + ASHA
-# (compression and distillation sweeps), sweep resume (both kinds), SIGTERM mid-sweep + CLI resume, the 30-epoch worker-kill test
+# (compression and distillation sweeps), sweep resume (both kinds), SIGTERM mid-sweep + CLI resume, the 30-epoch worker-kill test,
+# the user MLP on Parquet end to end
 test-long: install
 	$(PY) -m pytest -q -m long
 

@@ -58,13 +58,15 @@ def _student_stage(tmp_path, digits, monkeypatch, calls: list):
 
     cfg = tiny_digits_config()
 
-    def fake_training(job, data):  # what Ray Train would return: a model of the configured student architecture
+    def fake_training(job, data, **kw):  # what Ray Train would return: a model of the configured student architecture
         calls.append(job.label)
         torch.manual_seed(len(calls))
         return build_model(cfg.distill.student).eval(), {}
 
     monkeypatch.setattr(pipeline, "run_training", fake_training)
-    return lambda: pipeline._student(cfg, digits, None, tmp_path, distilled=True)
+    run = pipeline.Run(cfg, tmp_path, "digits", digits.input, 10, {}, {}, 0.0)
+    data = pipeline.TrainData(None, None, None, None)
+    return lambda: pipeline._student(run, data, distilled=True, init=None)
 
 
 @pytest.mark.parametrize("damage", ["truncated safetensors", "garbage spec.json"])

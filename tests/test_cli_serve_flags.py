@@ -14,9 +14,14 @@ def run_dir(tmp_path, monkeypatch):
     cfg["serve"].update(num_replicas=4, port=8123, host="127.0.0.1")
     from slimray.config import PipelineConfig
 
+    from slimray.artifacts import ArtifactSpec, save_artifact
+    from slimray.models import build_model
+    from slimray.models.spec import InputSpec
+
     folder = tmp_path / "flags"
-    (folder / "winner").mkdir(parents=True)
-    (folder / "winner" / "spec.json").write_text("{}")
+    student = PipelineConfig.model_validate(cfg).distill.student
+    save_artifact(folder / "winner", build_model(student), ArtifactSpec(
+        name="flags", model=student, input=InputSpec(shape=[1, 8, 8], min_value=0, max_value=16)))  # a real (checked) winner
     (folder / "config.json").write_text(PipelineConfig.model_validate(cfg).model_dump_json())
     seen = {}
     monkeypatch.setattr("slimray.runtime.init_ray", lambda *a, **k: True)

@@ -103,7 +103,10 @@ def test_self_check_sends_the_key_named_by_api_key_env(monkeypatch):
         monkeypatch.setenv("SLIMRAY_API_KEY", "not-this-one")
         monkeypatch.setenv("TEAM_KEY", "this-one")
         url = f"http://127.0.0.1:{server.server_address[1]}/v1/predict"
-        assert _post_json(url, {"inputs": [[0.0]]}, api_key_env="TEAM_KEY", timeout=5) == {"predictions": [1]}
+        from slimray.serving.http import read_api_key
+
+        key = read_api_key(env="TEAM_KEY", file=None)  # what _check_and_wait reads for serve.api_key_env: TEAM_KEY
+        assert _post_json(url, {"inputs": [[0.0]]}, key=key, timeout=5) == {"predictions": [1]}
     finally:
         server.shutdown()
         server.server_close()

@@ -126,7 +126,9 @@ def test_killed_driver_resumes_on_rerun(tmp_path, ray_session):
     done_before = max(_epochs(metrics))
     assert done_before < 40
     time.sleep(2)
-    again = subprocess.run([sys.executable, str(script), str(tmp_path), "40"], env=env, capture_output=True, text=True, timeout=600)
+    # verbose: the workers' own lines (the resume message among them) reach this driver's output
+    again = subprocess.run([sys.executable, str(script), str(tmp_path), "40"], env={**env, "SLIMRAY_VERBOSE": "1"},
+                           capture_output=True, text=True, timeout=600)
     assert "DONE" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
     assert "resumed from checkpoint" in again.stdout + again.stderr
     epochs = _epochs(metrics)
