@@ -495,6 +495,60 @@ def check_teacher_layer(cfg: Any) -> None:
     build_projection(build_model(cfg.distill.student), teacher, fk, _example_input(cfg.distill.student))
 
 
+class EpochLines:
+    """One console line per finished epoch while a Train run fits, read from the metrics file rank 0 appends to:
+    the workers' own prints stay out of a quiet console (``log_to_driver=False``), so without this a long
+    distillation would show nothing between its stage lines. Off with ``--verbose`` (the workers' lines show)."""
+
+    def __init__(self, job: TrainJob, *, poll_s: float = 1.0):
+        import threading
+
+        from slimray import console
+
+        self.job, self.poll_s = job, poll_s
+        self.path = Path(job.metrics_path) if job.metrics_path and not console.verbose() else None
+        self.offset = self.path.stat().st_size if self.path is not None and self.path.exists() else 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"epoch-lines-{job.label}")
+
+    def __enter__(self) -> EpochLines:
+        if self.path is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None:
+            self.done.set()
+            self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            stop = self.done.wait(self.poll_s)
+            self._flush()
+            if stop:
+                return
+
+    def _flush(self) -> None:
+        from slimray.runs import log
+
+        try:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            resumed = f", resumed after epoch {m['resumed_after_epoch']}" if m.get("resumed_after_epoch") else ""
+            log(f"{self.job.label}: epoch {m['epoch']}/{self.job.epochs}  loss {m['loss']:.4f}  val acc {m.get('val_accuracy', float('nan')):.2f}%  "
+                f"{m.get('samples_per_s', 0):.0f} samples/s{resumed}")
+
+
 def stream_cpus_per_worker(job: TrainJob) -> float:
     """CPUs each worker reserves when it reads a Ray Data stream. Ray Data's read tasks need a CPU that the
     workers do not hold, or they never run (seen on 2 CPUs with 2 workers: the dataset waited forever); on a
@@ -546,7 +600,8 @@ def run_training(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    with EpochLines(job):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{job.label}: training produced no checkpoint")
     model = build_model(parse_spec(job.spec))
