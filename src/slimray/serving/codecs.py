@@ -361,17 +361,11 @@ class SentenceEncoderCodec(Codec):
     def forward(self, items: list[str]) -> dict[str, np.ndarray]:
         """Tokenise once (truncated at ``max_seq_len``, padded to the longest), embed: embedding float32 (N, dim),
         truncated bool (N,)."""
-        from slimray.text.models import encode_batch
+        from slimray.text.models import encode_batch, pad_encodings
 
         encs = self.tokenizer.encode_batch(items)
-        width = max(1, min(self.max_seq_len, max(len(e.ids) for e in encs)))
-        ids = np.zeros((len(encs), width), dtype=np.int64)
-        mask = np.zeros((len(encs), width), dtype=np.int64)
-        for i, e in enumerate(encs):
-            n = min(len(e.ids), width)
-            ids[i, :n] = e.ids[:n]
-            mask[i, :n] = 1
-        emb = encode_batch(self.model, torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        ids, mask = pad_encodings(encs, max_seq_len=self.max_seq_len)
+        emb = encode_batch(self.model, ids, mask).numpy()
         return {"embedding": emb, "truncated": np.array([len(e.overflowing) > 0 for e in encs], dtype=bool)}
 
     def _texts(self, texts: Any, where: str) -> list[str]:

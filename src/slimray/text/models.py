@@ -84,7 +84,11 @@ def load_tokenizer(directory: str | Path, *, max_seq_len: int):
 
 def tokenize(tokenizer, texts: Sequence[str], *, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) int64, padded to the longest text of the batch (at most ``max_seq_len``)."""
-    encs = tokenizer.encode_batch(list(texts))
+    return pad_encodings(tokenizer.encode_batch(list(texts)), max_seq_len=max_seq_len)
+
+
+def pad_encodings(encs: Sequence[Any], *, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of ``tokenizers`` encodings, padded to the longest (at most ``max_seq_len``)."""
     width = max(1, min(max_seq_len, max(len(e.ids) for e in encs)))
     ids = np.zeros((len(encs), width), dtype=np.int64)
     mask = np.zeros((len(encs), width), dtype=np.int64)
