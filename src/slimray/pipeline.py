@@ -217,7 +217,7 @@ NUM_TEST_SAMPLE = 1024
 def write_test_sample(run_dir: Path, x: np.ndarray, y: np.ndarray) -> None:
     """Up to NUM_TEST_SAMPLE held-out examples in raw units (a seeded pick): what ``slimray serve`` checks the endpoint with, and what
     export checks against, without reading the user's data again."""
-    pick = np.sort(np.random.default_rng(0).permutation(len(y))[:NUM_TEST_SAMPLE])  # files may be sorted by class
+    pick = np.random.default_rng(0).permutation(len(y))[:NUM_TEST_SAMPLE]  # shuffled: files may be sorted by class
     tmp = run_dir / f".{TEST_SAMPLE}.tmp"
     save_file({"x": torch.from_numpy(np.ascontiguousarray(x[pick])), "y": torch.from_numpy(np.ascontiguousarray(y[pick]))}, str(tmp))
     tmp.replace(run_dir / TEST_SAMPLE)
