@@ -52,7 +52,7 @@ def _teacher(run: Run, data: TrainData) -> tuple[torch.nn.Module, ArtifactSpec]:
     if cfg.teacher.source == "module":
         spec = cfg.teacher.module_spec()
         log(f"teacher: {spec.factory} with weights {cfg.teacher.weights}")
-        model = load_user_teacher(cfg)
+        model = run.user_teacher if run.user_teacher is not None else load_user_teacher(cfg)
     elif cfg.teacher.source == "ccexam_mnist":
         log("teacher: the pretrained ccexam MNIST CNN")
         model, spec = load_ccexam_mnist_teacher()
@@ -72,26 +72,28 @@ def _teacher(run: Run, data: TrainData) -> tuple[torch.nn.Module, ArtifactSpec]:
     return load_artifact(path)
 
 
-def load_user_teacher(cfg: PipelineConfig, *, input_shape: list[int] | None = None) -> torch.nn.Module:
-    """The user's teacher: ``factory(**kwargs)`` with its safetensors weights (mismatches listed), in eval mode.
-    With ``input_shape``, one forward pass on zeros checks that the module takes the data's examples."""
+def load_user_teacher(cfg: PipelineConfig) -> torch.nn.Module:
+    """The user's teacher: ``factory(**kwargs)`` with its safetensors weights (mismatches listed), in eval mode."""
     t = cfg.teacher
     model = build_from_factory(t.factory, t.kwargs, code_dir=t.code_dir)
     load_weights(model, t.weights)
-    model.eval()
-    if input_shape is not None:
-        try:
-            with torch.inference_mode():
-                out = model(torch.zeros(2, *input_shape))
-        except Exception as err:
-            raise ConfigError(
-                f"teacher.factory {t.factory!r}: the module fails on a batch of examples shaped {input_shape} "
-                f"(from the data): {type(err).__name__}: {err}"
-            ) from None
-        if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            raise ConfigError(f"teacher.factory {t.factory!r}: a classifier must return logits shaped (batch, classes), got "
-                              f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else list(out.shape)}")
-    return model
+    return model.eval()
+
+
+def check_takes_examples(model: torch.nn.Module, cfg: PipelineConfig, input_shape: list[int]) -> None:
+    """One forward pass on zeros: the user's module must take the data's examples and return (batch, classes) logits."""
+    factory = cfg.teacher.factory
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as err:
+        raise ConfigError(
+            f"teacher.factory {factory!r}: the module fails on a batch of examples shaped {input_shape} "
+            f"(from the data): {type(err).__name__}: {err}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ConfigError(f"teacher.factory {factory!r}: a classifier must return logits shaped (batch, classes), got "
+                          f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else list(out.shape)}")
 
 
 def _teacher_logits(teacher: torch.nn.Module, x_train: torch.Tensor, run_dir: Path) -> np.ndarray:
@@ -204,6 +206,7 @@ class Run:
     refs: dict[str, Any]
     t_start: float
     stream: Any = None  # ray.data.Dataset of raw (x, y) for data on disk
+    user_teacher: torch.nn.Module | None = None  # the user's teacher as loaded (and checked) when the run opened
 
     @property
     def labels_data(self) -> TrainData:
@@ -232,8 +235,8 @@ def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str 
     """Prepare the run folder, start or reach Ray, open the data (built-in: loaded once and shared through the
     object store; files: checked in one streaming pass, val/test read, train kept as a Ray Dataset)."""
     t_start = time.perf_counter()
-    if cfg.teacher.source == "module":  # the user's code and weights fail here, before Ray starts
-        load_user_teacher(cfg)
+    # the user's code and weights fail here, before Ray starts; the loaded teacher is kept for the teacher stage
+    user_teacher = load_user_teacher(cfg) if cfg.teacher.source == "module" else None
     run_dir = prepare_run_dir(cfg, Path(out_dir), fresh=fresh)
     log(f"run folder {run_dir}")
     init_ray(address)
@@ -253,8 +256,8 @@ def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str 
 
         log(f"data: reading {cfg.data.train} with Ray Data (one checking pass over the training split)")
         fd = load_files_data(cfg.data)
-        if cfg.teacher.source == "module":
-            load_user_teacher(cfg, input_shape=fd.input.shape)
+        if user_teacher is not None:
+            check_takes_examples(user_teacher, cfg, fd.input.shape)
         norm = lambda s: (fd.input.normalize(torch.from_numpy(s.x)), torch.from_numpy(s.y))  # noqa: E731
         split = {"train": None, "val": norm(fd.val), "test": norm(fd.test)}
         name, input_spec, num_classes, stream, n_train = fd.name, fd.input, fd.num_classes, fd.train, fd.num_train
@@ -262,8 +265,8 @@ def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str 
         refs = dict(x_train=None, y_train=None)
     else:
         ds = load_dataset(cfg.data.name, seed=cfg.data.seed)
-        if cfg.teacher.source == "module":
-            load_user_teacher(cfg, input_shape=ds.input.shape)
+        if user_teacher is not None:
+            check_takes_examples(user_teacher, cfg, ds.input.shape)
         split = {k: ds.normalized(k) for k in ("train", "val", "test")}
         name, input_spec, num_classes, stream, n_train = ds.name, ds.input, ds.num_classes, None, len(ds.train)
         write_test_sample(run_dir, ds.test.x, ds.test.y)
@@ -272,7 +275,7 @@ def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str 
         f"{num_classes} classes, examples {input_spec.shape}")
     (x_va, y_va) = split["val"]
     refs.update(x_val=ray.put(x_va.numpy()), y_val=ray.put(y_va.numpy()))
-    return Run(cfg, run_dir, name, input_spec, num_classes, split, refs, t_start, stream=stream)
+    return Run(cfg, run_dir, name, input_spec, num_classes, split, refs, t_start, stream=stream, user_teacher=user_teacher)
 
 
 @dataclass
