@@ -32,8 +32,8 @@ from slimray.artifacts import ArtifactSpec, save_artifact
 from slimray.compress.measure import predict_logits
 from slimray.config import load_config
 from slimray.data import load_dataset
-from slimray.models import build_model, load_ccexam_mnist_teacher
-from slimray.training.loop import finetune, train_epoch
+from slimray.families.classifier import build_model, load_ccexam_mnist_teacher
+from slimray.families.classifier.kd import finetune, train_epoch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("data_s", "teacher_s", "forward_s", "backward_s", "step_s")

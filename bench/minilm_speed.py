@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
 
-    from slimray.text.compress import bf16_slow_reason, sentences_per_s, timing_batches
-    from slimray.text.config import TextPipelineConfig
-    from slimray.text.data import split_by_article
-    from slimray.text.models import embed_texts, load_text_artifact, load_tokenizer, quantize_text
+    from slimray.families.sentence_encoder.compress import bf16_slow_reason, sentences_per_s, timing_batches
+    from slimray.families.sentence_encoder.config import TextPipelineConfig
+    from slimray.families.sentence_encoder.data import split_by_article
+    from slimray.families.sentence_encoder.models import embed_texts, load_text_artifact, load_tokenizer, quantize_text
 
     run_dir = args.run_dir
     cfg = TextPipelineConfig.from_file(run_dir / "config.json")

@@ -11,9 +11,9 @@ import torch
 
 from slimray.config import PipelineConfig, load_config
 from slimray.data import load_digits
-from slimray.models import build_model
-from slimray.models.spec import CNNSpec
-from slimray.training.loop import finetune
+from slimray.families.classifier import build_model
+from slimray.families.classifier.spec import CNNSpec
+from slimray.families.classifier.kd import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CNN = CNNSpec(in_channels=1, image_size=8, conv_channels=[16, 32], fc_hidden=[64], num_classes=10)

@@ -16,7 +16,7 @@ from slimray.artifacts import (
     ArtifactSpec, DamagedArtifactError, DiskFullError, load_artifact, reusable, save_artifact, sha256_file, verify_artifact,
     write_json_atomic,
 )
-from slimray.models import build_model
+from slimray.families.classifier import build_model
 
 from .conftest import DIGITS_CNN, tiny_digits_config
 
@@ -178,7 +178,7 @@ def test_a_full_disk_inside_the_sweep_is_reported_as_the_cause():
 
 def test_text_artifacts_carry_hashes_and_a_damaged_one_is_not_reused(tmp_path):
     from slimray.artifacts import write_state_artifact
-    from slimray.text.models import TextArtifactSpec
+    from slimray.families.sentence_encoder.models import TextArtifactSpec
 
     path = tmp_path / "student"
     spec = TextArtifactSpec(name="student", bert_config={}, heads_per_layer=[2], ffn_per_layer=[8])

@@ -15,8 +15,8 @@ def run_dir(tmp_path, monkeypatch):
     from slimray.config import PipelineConfig
 
     from slimray.artifacts import ArtifactSpec, save_artifact
-    from slimray.models import build_model
-    from slimray.models.spec import InputSpec
+    from slimray.families.classifier import build_model
+    from slimray.families.classifier.spec import InputSpec
 
     folder = tmp_path / "flags"
     student = PipelineConfig.model_validate(cfg).distill.student
@@ -25,8 +25,8 @@ def run_dir(tmp_path, monkeypatch):
     (folder / "config.json").write_text(PipelineConfig.model_validate(cfg).model_dump_json())
     seen = {}
     monkeypatch.setattr("slimray.runtime.init_ray", lambda *a, **k: True)
-    monkeypatch.setattr("slimray.text.entry.is_text_run", lambda path: False)
-    monkeypatch.setattr(cli, "_serve_until_interrupted", lambda run, serve_cfg, name: seen.update(cfg=serve_cfg, name=name) or 0)
+    monkeypatch.setattr(cli, "_serve_until_interrupted",
+                        lambda run, serve_cfg, name, family: seen.update(cfg=serve_cfg, name=name, family=family.name) or 0)
     return folder, seen
 
 
@@ -41,13 +41,14 @@ def test_flags_win_when_given(run_dir):
     assert cli.main(["serve", str(folder), "--replicas", "2", "--port", "9001"]) == 0
     assert (seen["cfg"].num_replicas, seen["cfg"].port) == (2, 9001)
     assert seen["cfg"].max_batch_size == 16 and seen["name"] == "flags"  # the rest still from the config
+    assert seen["family"] == "classifier"
 
 
 def test_text_runs_pass_only_given_flags(monkeypatch, tmp_path):
     from slimray.serving.options import ServeOptions, options_for_run
-    from slimray.text.config import TextServeConfig
+    from slimray.families.sentence_encoder.config import TextServeConfig
 
-    cfg = TextServeConfig(num_replicas=3, max_texts=9)
+    cfg = TextServeConfig(num_replicas=3, max_batch_examples=9)
     opts = options_for_run(tmp_path, serve_config=cfg, name="t", num_replicas=None)
     assert isinstance(opts, ServeOptions) and opts.num_replicas == 3 and opts.max_batch_examples == 9
     assert options_for_run(tmp_path, serve_config=cfg, name="t", num_replicas=2).num_replicas == 2

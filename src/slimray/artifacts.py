@@ -37,7 +37,7 @@ from torch import nn
 from slimray.compress.prune import PruneSpec
 from slimray.compress.quantize import QUANTIZE_AT_LOAD, QuantSpec, quantize
 from slimray.compress.runtime import ONNX_FILE, OrtModel, RuntimeSpec, compile_model
-from slimray.models.spec import InputSpec, ModelSpec, build_model
+from slimray.families.classifier.spec import InputSpec, ModelSpec, build_model
 from slimray.schema import ConfigError, StrictModel
 
 FORMAT = "slimray.model/1"
@@ -136,7 +136,7 @@ def check_winner(path: str | Path) -> None:
     if fmt == FORMAT:
         verify_artifact(path, ArtifactSpec)
     else:
-        from slimray.text.models import FORMAT as TEXT_FORMAT, TextArtifactSpec
+        from slimray.families.sentence_encoder.models import FORMAT as TEXT_FORMAT, TextArtifactSpec
 
         if fmt != TEXT_FORMAT:
             raise DamagedArtifactError(path / SPEC, f"unknown format {fmt!r} (expected {FORMAT!r} or {TEXT_FORMAT!r})")

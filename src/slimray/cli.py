@@ -45,12 +45,28 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="Ray worker output and Tune's tables on the console too")
 
 
-def _load(args) -> PipelineConfig:
-    """The config named on the command line, with its overrides applied; fails before Ray starts."""
+def _load_any(args):
+    """(family, config) named on the command line, any model family, with --name/--port applied; fails before Ray starts."""
+    from slimray.runconfig import config_from_json, load_run_config, with_overrides
+
     if args.config_env:
-        cfg = PipelineConfig.from_json(os.environ.get(args.config_env, ""), source=f"${args.config_env}")
+        family, cfg = config_from_json(os.environ.get(args.config_env, ""), source=f"${args.config_env}")
     else:
-        cfg = load_config(recipe=args.recipe, config=args.config)
+        family, cfg = load_run_config(recipe=args.recipe, config=args.config)
+    if family.name != "classifier":
+        if getattr(args, "space", None) or getattr(args, "space_env", None):
+            raise ConfigError(f"--space: sweep-space files apply to the classifier family; {family.name} runs take their search from the config")
+        return family, with_overrides(family, cfg, name=args.name, port=getattr(args, "port", None))
+    return family, _load(args, cfg)
+
+
+def _load(args, cfg: PipelineConfig | None = None) -> PipelineConfig:
+    """The classifier config named on the command line, with its overrides applied; fails before Ray starts."""
+    if cfg is None:
+        family, cfg = _load_any(args)
+        if family.name != "classifier":
+            raise ConfigError(f"slimray {args.command} runs classifier configs; for a {family.name} config use `slimray run`")
+        return cfg
     data = cfg.model_dump()
     if args.name:
         data["name"] = args.name
@@ -143,14 +159,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _post_json(url: str, body: dict, *, key: str | None, timeout: float = 30.0) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 def _serve_flags(args) -> dict:
     """The `slimray serve` flags the user gave (None = keep the run's config)."""
     given = {"port": args.port, "host": args.host, "num_replicas": args.replicas}
@@ -208,67 +216,20 @@ def _serving(name: str, start) -> int:
     return code
 
 
-def _check_and_wait(url: str, run_dir: Path, serve_cfg: ServeConfig) -> None:
-    """Answer one real request, compare with the model in-process, then serve until Ctrl-C."""
-    import torch
-
-    from slimray.artifacts import load_runnable
-    from slimray.data import normalize
-    from slimray.pipeline import read_test_sample
-    from slimray.serving.http import read_api_key
-
-    model, spec = load_runnable(run_dir / "winner")
-    x, labels = read_test_sample(run_dir)
-    x, labels = x[:8], labels[:8]
-    body = {"inputs": x.tolist()}
-    sample = run_dir / "sample_request.json"
-    sample.write_text(json.dumps(body))
-    key = read_api_key(env=serve_cfg.api_key_env, file=serve_cfg.api_key_file)  # the key the server checks
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            answer = _post_json(f"{url}/v1/predict", body, key=key)
-            break
-        except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-    with torch.inference_mode():
-        local = model(normalize(torch.from_numpy(x), spec.input)).argmax(1).tolist()
-    same = answer["predictions"] == local
-    print(f"served predictions {answer['predictions']} (labels {labels.tolist()}); in-process {local}: {'same' if same else 'DIFFERENT'}")
-    print(f"\nServing {url}/v1/predict  (OpenAPI: {url}/docs, health: {url}/healthz)")
-    print(f"  curl -s -X POST {url}/v1/predict -H 'Content-Type: application/json' -d @{sample}")
+def _check_and_wait(url: str, run_dir: Path, serve_cfg, family) -> None:
+    """The family's check (one real request compared with the model in-process), then serve until Ctrl-C."""
+    family.load("serve_check")(url, run_dir, serve_cfg)
     print("Ctrl-C stops the server.", flush=True)
     while True:
         time.sleep(3600)
 
 
-def _serve_until_interrupted(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> int:
+def _serve_until_interrupted(run_dir: Path, serve_cfg, *, name: str, family) -> int:
     from slimray.exposure import warn_if_exposed
 
-    warn_if_exposed(host=serve_cfg.host, api_key_env=serve_cfg.api_key_env, api_key_file=serve_cfg.api_key_file)
-    return _serving(name, lambda: _check_and_wait(_serve_run_dir(run_dir, serve_cfg, name=name), run_dir, serve_cfg))
-
-
-def _run_text(tcfg, args) -> int:
-    from slimray.runtime import init_ray
-    from slimray.text.entry import serve_text_run
-    from slimray.text.pipeline import run_text_pipeline
-
-    run_text_pipeline(tcfg, out_dir=args.out, address=args.address, fresh=args.fresh)
-    if args.no_serve:
-        return 0
-    init_ray(args.address)
-    return _serving(tcfg.name, lambda: _wait_text(serve_text_run((args.out / tcfg.name).resolve())))
-
-
-def _wait_text(url: str) -> None:
-    print(f"\nServing {url}/v1/embed  (V2: {url}/v2/models/<name>/infer, health: {url}/healthz)")
-    print(f"  curl -s -X POST {url}/v1/embed -H 'Content-Type: application/json' -d '{{\"texts\": [\"hello world\"]}}'")
-    print("Ctrl-C stops the server.", flush=True)
-    while True:
-        time.sleep(3600)
+    warn_if_exposed(host=serve_cfg.host, api_key_env=getattr(serve_cfg, "api_key_env", "SLIMRAY_API_KEY"),
+                    api_key_file=getattr(serve_cfg, "api_key_file", None))
+    return _serving(name, lambda: _check_and_wait(_serve_run_dir(run_dir, serve_cfg, name=name), run_dir, serve_cfg, family))
 
 
 def _init(args) -> int:
@@ -384,18 +345,14 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(recipe_names()))
             return 0
         if args.command == "run":
-            from slimray.text.entry import maybe_text_config
-
-            tcfg = None if args.config_env else maybe_text_config(recipe=args.recipe, config=args.config, name=args.name, port=args.port)
-            if tcfg is not None:  # a `kind: text` recipe or config (the minilm sentence-encoder recipe)
-                return _run_text(tcfg, args)
-            cfg = _load(args)
-            from slimray.pipeline import run_pipeline
-
-            run_pipeline(cfg, out_dir=args.out, address=args.address, fresh=args.fresh)
+            family, cfg = _load_any(args)
+            family.load("pipeline")(cfg, out_dir=args.out, address=args.address, fresh=args.fresh)
             if args.no_serve:
                 return 0
-            return _serve_until_interrupted((args.out / cfg.name).resolve(), cfg.serve, name=cfg.name)
+            from slimray.runtime import init_ray
+
+            init_ray(args.address)
+            return _serve_until_interrupted((args.out / cfg.name).resolve(), cfg.serve, name=cfg.name, family=family)
         if args.command == "distill":
             from slimray import pipeline
 
@@ -450,21 +407,13 @@ def main(argv: list[str] | None = None) -> int:
             from slimray.artifacts import check_winner
 
             check_winner(run_dir / "winner")  # a damaged spec.json or weights file: one line naming it
-            from slimray.text.entry import is_text_run, serve_text_run
+            from slimray import families
 
-            if is_text_run(run_dir):
-                from slimray.exposure import warn_if_exposed
-                from slimray.text.config import TextPipelineConfig
-
-                tcfg = TextPipelineConfig.from_file(run_dir / "config.json")
-                name = tcfg.name
-                warn_if_exposed(host=args.host or tcfg.serve.host)
-                init_ray(args.address)
-                return _serving(name, lambda: _wait_text(serve_text_run(run_dir, host=args.host, port=args.port, num_replicas=args.replicas)))
-            cfg = PipelineConfig.from_file(run_dir / "config.json")
+            family = families.for_artifact(run_dir / "winner")
+            cfg = family.load("config").from_file(run_dir / "config.json")
             serve_cfg = cfg.serve.model_copy(update=_serve_flags(args))
             init_ray(args.address)
-            return _serve_until_interrupted(run_dir, serve_cfg, name=cfg.name)
+            return _serve_until_interrupted(run_dir, serve_cfg, name=cfg.name, family=family)
         if args.command == "export":
             from slimray.exports import export_run
 

@@ -18,11 +18,11 @@ from slimray.compress.quantize import QuantMethod, QuantSpec
 from slimray.compress.runtime import DEVICE_METHODS, Device, RuntimeName, RuntimeSpec, unsupported_reason
 from slimray.data.files_config import FilesDataConfig
 from slimray.evaluation import EvalConfig
-from slimray.models.spec import ModelSpec, ModuleSpec, build_model, scale_spec
-from slimray.models.usermodule import check_factory_path
+from slimray.families.classifier.spec import ModelSpec, ModuleSpec, build_model, scale_spec
+from slimray.families.classifier.usermodule import check_factory_path
 from slimray.schema import UNION_TAGS, ConfigError, StrictModel
 from slimray.sweep.space import DistillSpace, RandInt, SweepSpaceFile, domain_ends, domain_values
-from slimray.training.features import FeatureKDSpec, layer_names
+from slimray.families.classifier.features import FeatureKDSpec, layer_names
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -299,7 +299,8 @@ class ServeConfig(StrictModel):
     num_replicas: PositiveInt = 1
     num_cpus_per_replica: float = Field(1.0, gt=0)
     num_threads: PositiveInt = 1
-    max_batch_examples: PositiveInt = Field(1024, description="largest batch one request may send")
+    max_batch_examples: PositiveInt = Field(1024, description="largest batch (examples or texts) one request may send")
+    max_text_chars: PositiveInt = Field(4096, description="text models: longest text accepted, in characters (422 above)")
     max_body_bytes: PositiveInt = Field(16 * 1024 * 1024)
     max_ongoing_requests: PositiveInt = Field(16, description="requests one replica works on at once")
     api_key_env: str = Field("SLIMRAY_API_KEY", description="environment variable (of the replica) holding an optional API key")
@@ -324,6 +325,7 @@ class ServeConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
+    family: Literal["classifier"] = Field("classifier", description="the model family (slimray.families)")
     name: str = Field(description="run name: output goes to OUT/<name>/; a rerun reuses finished stages")
     recipe: str | None = None
     data: DataConfig

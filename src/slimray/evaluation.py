@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, model_validator
 
 from slimray.compress.measure import predict_logits
-from slimray.models.usermodule import check_factory_path, import_factory
+from slimray.families.classifier.usermodule import check_factory_path, import_factory
 from slimray.schema import StrictModel
 
 

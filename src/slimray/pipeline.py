@@ -30,9 +30,9 @@ from slimray.compress.measure import accuracy, compare_latency, predict_logits, 
 from slimray.config import PipelineConfig
 from slimray.data import load_dataset
 from slimray.evaluation import load_metric
-from slimray.models import load_ccexam_mnist_teacher
-from slimray.models.spec import InputSpec, ModuleSpec, count_params, spec_from_model
-from slimray.models.usermodule import block_importance, build_from_factory, drop_modules, load_weights, repeated_blocks
+from slimray.families.classifier import load_ccexam_mnist_teacher
+from slimray.families.classifier.spec import InputSpec, ModuleSpec, count_params, spec_from_model
+from slimray.families.classifier.usermodule import block_importance, build_from_factory, drop_modules, load_weights, repeated_blocks
 from slimray.report import results_table, write_report
 from slimray.console import link_ray_logs
 from slimray.runtime import init_ray

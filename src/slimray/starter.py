@@ -16,7 +16,7 @@ import yaml
 
 from slimray.config import PipelineConfig, check_name, resolve_paths
 from slimray.data.files_config import infer_format
-from slimray.models.usermodule import build_from_factory, load_weights
+from slimray.families.classifier.usermodule import build_from_factory, load_weights
 from slimray.schema import ConfigError
 
 HEADER = """\

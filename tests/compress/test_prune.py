@@ -10,8 +10,8 @@ from torch import nn
 
 from slimray.artifacts import ArtifactSpec, load_artifact, save_artifact
 from slimray.compress.prune import PruneSpec, prunable_channels, prune
-from slimray.models import build_model, spec_from_model
-from slimray.models.spec import count_params
+from slimray.families.classifier import build_model, spec_from_model
+from slimray.families.classifier.spec import count_params
 
 from ..conftest import DIGITS_CNN
 from ..models.test_spec import SPECS

@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from slimray.config import ServeConfig
-from slimray.models.spec import InputSpec
+from slimray.families.classifier.spec import InputSpec
 from slimray.serving import app as serving
 from slimray.serving.app import RequestError, ServeOptions, V2Tensor, deployment_options, parse_v2_tensor
 from slimray.serving.model import ModelServer

@@ -13,7 +13,7 @@ import pytest
 
 from slimray.artifacts import ArtifactSpec, load_artifact, save_artifact
 from slimray.config import DistillConfig, check_distill_space
-from slimray.models.spec import CNNSpec, MLPSpec, count_params, scale_spec
+from slimray.families.classifier.spec import CNNSpec, MLPSpec, count_params, scale_spec
 from slimray.schema import ClusterTooSmallError, ConfigError
 from slimray.sweep.distill_search import _id_from_path, pick_best, read_history
 from slimray.sweep.space import SweepSpaceFile, load_space_file

@@ -10,7 +10,7 @@ import torch
 
 from slimray.compress.measure import accuracy, predict_logits
 from slimray.training.distill import ClusterTooSmallError, TrainData, TrainJob, run_training
-from slimray.training.loop import kd_loss
+from slimray.families.classifier.kd import kd_loss
 
 from ..conftest import DIGITS_CNN
 

@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimray.config import DistillConfig
-from slimray.models import build_model
-from slimray.models.spec import MLPSpec
+from slimray.families.classifier import build_model
+from slimray.families.classifier.spec import MLPSpec
 from slimray.schema import ConfigError
 from slimray.training.distill import TrainData, TrainJob, run_training
-from slimray.training.features import FeatureKDSpec, KDStudent, TeacherInLoop, build_projection, layer_names
-from slimray.training.loop import train_epoch
+from slimray.families.classifier.features import FeatureKDSpec, KDStudent, TeacherInLoop, build_projection, layer_names
+from slimray.families.classifier.kd import train_epoch
 
-from ..conftest import DIGITS_CNN
+from tests.conftest import DIGITS_CNN
 
 STUDENT = DIGITS_CNN.model_copy(update={"conv_channels": [8, 16], "fc_hidden": [32]})
 EXAMPLE = torch.zeros(2, 1, 8, 8)

@@ -2,7 +2,7 @@
 
 Whole conv channels and hidden neurons are removed (the next layer's inputs with them, the flatten
 between conv and linear included), so the pruned model is a smaller dense model that runs faster, and
-``slimray.models.spec_from_model`` reads its new widths back into a spec.
+``slimray.families.classifier.spec_from_model`` reads its new widths back into a spec.
 
 Importance: ``l1`` / ``l2`` rank channels by weight magnitude; ``taylor`` ranks them by the first-order
 Taylor estimate of the loss change |w * dL/dw| (Molchanov et al.), accumulated over a few labelled

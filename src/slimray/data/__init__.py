@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from slimray.models.spec import InputSpec
+from slimray.families.classifier.spec import InputSpec
 
 DatasetName = Literal["mnist", "digits"]
 

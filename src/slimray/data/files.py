@@ -23,7 +23,7 @@ import numpy as np
 
 from slimray.data import Split
 from slimray.data.files_config import FilesDataConfig
-from slimray.models.spec import InputSpec
+from slimray.families.classifier.spec import InputSpec
 from slimray.schema import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

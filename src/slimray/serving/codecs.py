@@ -1,8 +1,9 @@
-"""Model kinds: what a served model takes and gives, one small codec per kind, in a registry keyed by the kind.
+"""Model kinds: what a served model takes and gives, one small codec per model family (the family registry,
+``slimray.families``, names each family's codec; ``make_codec`` picks it from the artifact).
 
 A codec loads the artifact, runs one forward pass on a batch, and translates between that batch and the
 protocols' shapes of data. The protocols (``slimray.serving.protocols``) call only these methods, so a new
-model kind is one new class here and a new protocol is one new module there:
+model family brings one codec class and a new protocol is one new module there:
 
 * ``parse_v1(payload)`` (the native ``/v1/<verb>`` JSON body), ``parse_array(arr)`` (a binary body),
   ``parse_instances(list)`` (KServe v1 ``instances``), ``parse_v2(tensor, raw)`` (one Open Inference Protocol
@@ -343,7 +344,7 @@ class SentenceEncoderCodec(Codec):
 
     def __init__(self, options: Any, loader: Any = None):
         super().__init__(options)
-        from slimray.text.models import load_text_artifact, load_tokenizer
+        from slimray.families.sentence_encoder.models import load_text_artifact, load_tokenizer
 
         self.model, self.spec = (loader or load_text_artifact)(options.model_dir)
         self.model.eval()
@@ -361,7 +362,7 @@ class SentenceEncoderCodec(Codec):
     def forward(self, items: list[str]) -> dict[str, np.ndarray]:
         """Tokenise once (truncated at ``max_seq_len``, padded to the longest), embed: embedding float32 (N, dim),
         truncated bool (N,)."""
-        from slimray.text.models import encode_batch, pad_encodings
+        from slimray.families.sentence_encoder.models import encode_batch, pad_encodings
 
         encs = self.tokenizer.encode_batch(items)
         ids, mask = pad_encodings(encs, max_seq_len=self.max_seq_len)
@@ -418,18 +419,18 @@ class SentenceEncoderCodec(Codec):
                 "max_texts": self.options.max_batch_examples}
 
 
-CODECS: dict[str, type[Codec]] = {c.kind: c for c in (ClassifierCodec, SentenceEncoderCodec)}
-
-
 def artifact_kind(model_dir: str | Path) -> str:
-    """The kind of the artifact in ``model_dir``: ``sentence_encoder`` for a text artifact, else ``classifier``."""
-    from slimray.text.models import is_text_artifact
+    """The model family of the artifact in ``model_dir`` (its spec.json format; see ``slimray.families``)."""
+    from slimray import families
 
-    return SentenceEncoderCodec.kind if is_text_artifact(model_dir) else ClassifierCodec.kind
+    return families.for_artifact(model_dir).name
 
 
 def make_codec(options: Any, loader: Any = None) -> Codec:
+    """The codec of the artifact's model family (``options.kind`` names the family when given)."""
+    from slimray import families
+
     kind = options.kind or artifact_kind(options.model_dir)
-    if kind not in CODECS:
-        raise ValueError(f"unknown model kind {kind!r}; known: {sorted(CODECS)}")
-    return CODECS[kind](options, loader)
+    if kind not in families.names():
+        raise ValueError(f"unknown model kind {kind!r}; known: {families.names()}")
+    return families.get(kind).load("codec")(options, loader)

@@ -99,20 +99,11 @@ def options_for_run(run_dir: str | Path, *, serve_config: Any = None, name: str 
     (None: read from ``run_dir/config.json``); ``overrides`` that are not None win over it."""
     run_dir = Path(run_dir)
     if serve_config is None:
-        from slimray.text.entry import is_text_run
+        from slimray import families
 
-        if is_text_run(run_dir):
-            from slimray.text.config import TextPipelineConfig
-
-            cfg: Any = TextPipelineConfig.from_file(run_dir / "config.json")
-        else:
-            from slimray.config import PipelineConfig
-
-            cfg = PipelineConfig.from_file(run_dir / "config.json")
+        cfg: Any = families.for_artifact(run_dir / "winner").load("config").from_file(run_dir / "config.json")
         serve_config, name = cfg.serve, name or cfg.name
     data = serve_config.model_dump()
-    if "max_texts" in data:  # the text recipe's name for the per-request limit
-        data["max_batch_examples"] = data.pop("max_texts")
     opts = {k: v for k, v in data.items() if k in ServeOptions.model_fields}
     opts.update(model_dir=str(run_dir / "winner"), name=name or run_dir.name)
     opts.update({k: v for k, v in overrides.items() if v is not None})

@@ -29,7 +29,7 @@ from ray import tune
 
 from slimray.artifacts import load_artifact, load_spec
 from slimray.config import DistillConfig
-from slimray.models.spec import scale_spec
+from slimray.families.classifier.spec import scale_spec
 from slimray.schema import ConfigError
 from slimray.sweep.engine import (
     DRIVER_MEMORY_BYTES, ExplainedASHA, PlacementGroupReaper, make_tune_config, read_stops, run_tuner,

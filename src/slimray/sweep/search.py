@@ -43,10 +43,10 @@ from slimray.compress.quantize import QUANTIZE_AT_LOAD, quantize
 from slimray.compress.runtime import ONNX_FILE, onnx_for
 from slimray.config import SearchConfig
 from slimray.evaluation import EvalConfig, load_metric
-from slimray.models.spec import count_params, spec_from_model
+from slimray.families.classifier.spec import count_params, spec_from_model
 from slimray.sweep.engine import make_tune_config, run_tuner
 from slimray.sweep.lock import TimingLock, hold
-from slimray.training.loop import finetune
+from slimray.families.classifier.kd import finetune
 
 PENALTY_PER_POINT = 1000.0  # objective units (ms) lost per accuracy point below the floor
 NUM_GRADIENT_BATCHES = 8  # labelled batches the taylor criterion accumulates gradients over

@@ -1,4 +1,10 @@
-"""Distillation on Ray Train: ``num_workers`` data-parallel workers (gloo on CPU, nccl on GPU).
+"""Distillation on Ray Train, one loop for every model family: ``num_workers`` data-parallel workers (gloo on
+CPU, nccl on GPU) each run the family's ``TrainTask`` (``slimray.families.base``; the job's ``family`` picks
+it): the task builds the module, yields this worker's batches, computes the loss and validates; this loop owns
+the rest (DDP or FSDP2, the optimizer's state, the lr at every step, checkpoints, resume, fault recovery,
+metrics, console lines). What follows describes the classifier family's task (``families/classifier/train.py``);
+the sentence encoder's (``families/sentence_encoder/train.py``) trains on cached teacher embeddings and hidden
+states.
 
 Teacher outputs (``teacher_outputs``):
 
@@ -43,7 +49,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,15 +61,16 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution import context as _ctx_module
 from safetensors.torch import load_file, save_file
 
-from slimray.artifacts import ArtifactSpec, artifact_files, load_artifact, load_artifact_bytes, save_artifact
-from slimray.models.spec import CNNSpec, InputSpec, MLPSpec, build_model, parse_spec
+from slimray.artifacts import artifact_files, load_artifact
+from slimray.families.base import TrainTask, describe_val
+from slimray.families.classifier.features import FeatureKDSpec, build_projection, find_layer
+from slimray.families.classifier.spec import build_model, parse_spec
+from slimray.families.classifier.train import example_input
 from slimray.schema import ClusterTooSmallError, ConfigError, StrictModel
-from slimray.training.features import FeatureKDSpec, KDStudent, build_projection, find_layer
-from slimray.training.loop import TeacherInLoop, train_epoch
 
-MODEL_FILE = "model.safetensors"
-PROJECTION_FILE = "projection.safetensors"
+MODEL_FILE = "model.safetensors"  # a checkpoint holds one safetensors file per TrainTask part (model, projection, ...)
 STATE_FILE = "train_state.pt"
+LOG_EVERY_S = 30.0  # rank 0 prints a progress line this often within a long epoch (to its worker log)
 
 
 @dataclass(frozen=True)
@@ -94,10 +101,17 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, use_gpu: bool, what:
         )
 
 
-def lr_at(base: float, epoch: int, epochs: int, schedule: str) -> float:
-    if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    return base
+@dataclass
+class EpochStats:
+    loss: float
+    num_samples: int
+    seconds: float
+    breakdown: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.num_samples / max(self.seconds, 1e-9)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -112,78 +126,15 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class CountingSampler(torch.utils.data.Sampler[int]):
-    """Passes a sampler's indices through and counts how often each index was drawn this epoch."""
-
-    def __init__(self, inner: torch.utils.data.DistributedSampler, num_samples: int):
-        self.inner = inner
-        self.counts = torch.zeros(num_samples, dtype=torch.int64)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.inner.set_epoch(epoch)
-        self.counts.zero_()
-
-    def __iter__(self):
-        for i in self.inner:
-            self.counts[i] += 1
-            yield i
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-
-class StreamLoader:
-    """One epoch of a Ray Data shard as (x, y[, teacher logits]) batches, shuffled within a buffer by (seed,
-    epoch); raw inputs are normalised here with the artifact's input spec."""
-
-    def __init__(self, shard: Any, *, batch_size: int, seed: int, input_spec: InputSpec, with_logits: bool):
-        self.shard, self.batch_size, self.seed, self.input, self.with_logits = shard, batch_size, seed, input_spec, with_logits
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        for b in self.shard.iter_torch_batches(
-            batch_size=self.batch_size, local_shuffle_buffer_size=max(4 * self.batch_size, 2048),
-            local_shuffle_seed=self.seed * 100_003 + self.epoch, drop_last=False,
-        ):
-            out = [self.input.normalize(b["x"]), b["y"].long()]
-            if self.with_logits:
-                out.append(b["logits"].float())
-            yield out
-
-
-def _epoch_counts(sampler: Any, num_samples: int, world: int) -> dict[str, int]:
-    """How often each training sample was drawn this epoch, over all workers (a streamed shard: the total only)."""
-    if isinstance(sampler, StreamLoader):
-        seen = torch.tensor([num_samples])
-        if _distributed() and world > 1:
-            torch.distributed.all_reduce(seen)
-        return {"samples_seen": int(seen.item())}
-    counts = sampler.counts.clone()
-    if _distributed() and world > 1:
-        torch.distributed.all_reduce(counts)
-    return {"samples_seen": int(counts.sum()), "distinct_samples": int((counts > 0).sum()), "max_seen_per_sample": int(counts.max())}
-
-
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _example_input(spec: Any, input_shape: list[int] | None = None) -> torch.Tensor:
-    if input_shape is not None:
-        return torch.zeros(2, *input_shape)
-    if isinstance(spec, CNNSpec):
-        return torch.zeros(2, spec.in_channels, spec.image_size, spec.image_size)
-    return torch.zeros(2, spec.in_features)
-
-
-def _shard(net: torch.nn.Module) -> torch.nn.Module:
+def _shard(net: torch.nn.Module, task: TrainTask) -> torch.nn.Module:
     """FSDP2: each parameterised block of the student its own shard group, the rest (projection) with the root."""
     from torch.distributed.fsdp import fully_shard
 
-    student = net.student if isinstance(net, KDStudent) else net
+    student = task.student(net)
     for child in student.children():
         if any(True for _ in child.parameters()):
             fully_shard(child)
@@ -202,21 +153,12 @@ def _full_state(model: torch.nn.Module, opt: torch.optim.Optimizer, strategy: st
     return net.state_dict(), opt.state_dict()
 
 
-def _split_state(state: dict[str, torch.Tensor], feature: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(student weights, projection weights) from the trained module's full state dict, on CPU."""
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    if not feature:
-        return state, {}
-    part = lambda prefix: {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
-    return part("student."), part("projection.")
-
-
 def _placement_group_id() -> str | None:
     pg = ray.util.get_current_placement_group()
     return pg.id.hex() if pg is not None else None
 
 
-def _comm_costs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, steps: int = 20) -> dict[str, float]:
+def _comm_costs(model: torch.nn.Module, task: TrainTask, *, steps: int = 20) -> dict[str, float]:
     """Per-step cost of DDP's gradient all-reduce, measured two ways before training (weights untouched):
     the bare collective on a gradient-sized buffer, and a synchronised backward minus a ``no_sync`` one."""
     if not (_distributed() and hasattr(model, "no_sync")):
@@ -231,14 +173,14 @@ def _comm_costs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, bat
     for _ in range(steps):
         torch.distributed.all_reduce(buf)
     bare = (time.perf_counter() - t0) / steps
-    xb, yb = x[:batch_size].to(buf.device), y[:batch_size].to(buf.device)
+    task.set_epoch(0)
+    batch = next(iter(task.batches(0)))
 
     def timed(sync: bool) -> float:
         t0 = time.perf_counter()
         for _ in range(steps):
             with contextlib.nullcontext() if sync else model.no_sync():
-                out = model(xb)
-                torch.nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, yb).backward()
+                task.loss(model, batch)[0].backward()
         return (time.perf_counter() - t0) / steps
 
     timed(True), timed(False)  # warm-up (DDP rebuilds its buckets on the first synchronised step)
@@ -247,8 +189,69 @@ def _comm_costs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, bat
     return {"allreduce_s_per_step": bare, "sync_overhead_s_per_step": max(overhead, 0.0)}
 
 
+def _fetch(value: Any) -> Any:
+    """Shared data as the worker sees it: object references fetched (also inside lists), the rest as given."""
+    if isinstance(value, ray.ObjectRef):
+        return ray.get(value)
+    if isinstance(value, list):
+        return [_fetch(v) for v in value]
+    return value
+
+
+def _run_epoch(model: torch.nn.Module, task: TrainTask, opt: torch.optim.Optimizer, *, epoch: int, base_lr: float, profile: bool,
+               label: str, rank: int) -> EpochStats:
+    """One pass over the task's batches: lr per step, loss, backward, step. With ``profile`` the wall time is
+    split into ``data_s`` (waiting for the batch), ``teacher_s`` (a teacher in the loop), ``forward_s`` (student
+    forward + loss), ``backward_s`` (with DDP this includes the gradient all-reduce it does not overlap) and
+    ``step_s`` (optimizer)."""
+    model.train()
+    total, n, sums = 0.0, 0, {}
+    times = dict.fromkeys(("data_s", "teacher_s", "forward_s", "backward_s", "step_s"), 0.0)
+    clock = time.perf_counter
+    start = mark = last_log = clock()
+    num_steps = task.steps_per_epoch()
+    for step, batch in enumerate(task.batches(epoch)):
+        if profile:
+            now = clock()
+            times["data_s"] += now - mark
+            mark = now
+        for group in opt.param_groups:  # a function of the position alone, so a resumed run gets the same lr
+            group["lr"] = base_lr * task.lr_factor(epoch=epoch, step=step)
+        loss, num, parts = task.loss(model, batch)
+        if profile:
+            now = clock()
+            teacher_s = parts.get("teacher_s", 0.0)
+            times["teacher_s"] += teacher_s
+            times["forward_s"] += now - mark - teacher_s
+            mark = now
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if profile:
+            now = clock()
+            times["backward_s"] += now - mark
+            mark = now
+        opt.step()
+        total += loss.item() * num
+        n += num
+        for k, v in parts.items():
+            if k != "teacher_s":
+                sums[k] = sums.get(k, 0.0) + v * num
+        if profile:
+            now = clock()
+            times["step_s"] += now - mark
+            mark = now
+        if rank == 0 and clock() - last_log > LOG_EVERY_S:  # long epochs: a line now and then (in the worker's log)
+            last_log = clock()
+            of = f"/{num_steps}" if num_steps else ""
+            print(f"[{label}] epoch {epoch + 1}  step {step + 1}{of}  loss {total / max(n, 1):.4f}", flush=True)
+    return EpochStats(loss=total / max(n, 1), num_samples=n, seconds=clock() - start, breakdown=times if profile else {},
+                      parts={f"loss_{k}": v / max(n, 1) for k, v in sums.items()})
+
+
 def _worker_loop(cfg: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker, for any model family: the family's TrainTask says what trains and how."""
+    from slimray import families
+
     torch.set_num_threads(1)
     for name in ("ray.train", _ctx_module.__file__):  # Ray Train logs every report at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -256,34 +259,23 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    use_cuda = device.type == "cuda"
     strategy = cfg["strategy"]
     _seed_all(cfg["seed"])
 
-    spec = parse_spec(cfg["spec"])
-    input_shape = cfg["input_spec"]["shape"] if cfg.get("input_spec") else None
-    student = build_model(spec)
-    if cfg.get("init_state") is not None:
-        student.load_state_dict(ray.get(cfg["init_state"]))
-    feature = FeatureKDSpec.model_validate(cfg["feature_kd"]) if cfg.get("feature_kd") else None
-    teacher = None
-    if cfg.get("teacher_files") is not None:
-        teacher_model = load_artifact_bytes(ray.get(cfg["teacher_files"]))[0]
-        projection = build_projection(student, teacher_model, feature, _example_input(spec, input_shape)) if feature else None
-        half = use_cuda and cfg["teacher_half_precision"]
-        teacher = TeacherInLoop(
-            teacher_model.to(device), feature_layer=feature.teacher_layer if feature else None,
-            dtype=torch.float16 if half else torch.float32,
-        )
-    net = KDStudent(student, projection, feature.student_layer) if feature else student
+    data = {k: _fetch(v) for k, v in cfg["data"].items()}
+    shard = ray.train.get_dataset_shard("train") if cfg["stream"] else None
+    task_cls = families.get(cfg["family"]).load("train_task")
+    task: TrainTask = task_cls(cfg, data, shard=shard, rank=rank, world=world, device=device)
+    net = task.build()
+    if data.get("init_state") is not None:
+        task.student(net).load_state_dict(data["init_state"])
 
     optimizer_state, start_epoch = None, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            student.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
-            if feature:
-                net.projection.load_state_dict(load_file(os.path.join(d, PROJECTION_FILE)))
+            parts = {f[: -len(".safetensors")]: load_file(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors")}
+            task.load_parts(net, parts)
             state = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
         if state.get("strategy", "ddp") != strategy:
             raise RuntimeError(f"checkpoint was written with strategy {state.get('strategy', 'ddp')!r}, this run uses {strategy!r}")
@@ -295,10 +287,10 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     if strategy == "fsdp":
         model = ray.train.torch.prepare_model(net, parallel_strategy=None)  # moves it to the device
         if world > 1:
-            model = _shard(model)
+            model = _shard(model, task)
     else:
         model = ray.train.torch.prepare_model(net, parallel_strategy="ddp")
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = task.optimizer(task.parameters(model))
     if optimizer_state is not None:
         if strategy == "fsdp" and _distributed():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -307,52 +299,26 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
         else:
             opt.load_state_dict(optimizer_state)
 
-    use_logits = teacher is None and cfg["alpha"] > 0
-    if cfg["stream"]:  # Ray Data: this worker's shard of the training files (raw units, normalised here)
-        loader = StreamLoader(
-            ray.train.get_dataset_shard("train"), batch_size=cfg["batch_size"], seed=cfg["seed"],
-            input_spec=InputSpec.model_validate(cfg["input_spec"]), with_logits=use_logits,
-        )
-        sampler, x, y = loader, None, None
-    else:
-        x = torch.from_numpy(ray.get(cfg["x_train"]))
-        y = torch.from_numpy(ray.get(cfg["y_train"]))
-        tensors = [x, y]
-        if use_logits and cfg["teacher_logits"] is not None:
-            tensors.append(torch.from_numpy(ray.get(cfg["teacher_logits"])))
-        dataset = torch.utils.data.TensorDataset(*tensors)
-        sampler = CountingSampler(
-            torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"]), len(dataset)
-        )
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler)
-    x_val = torch.from_numpy(ray.get(cfg["x_val"]))
-    y_val = torch.from_numpy(ray.get(cfg["y_val"]))
-
     node = ray.get_runtime_context().get_node_id()
     nodes = [node]
     if _distributed() and world > 1:
         nodes = [None] * world
         torch.distributed.all_gather_object(nodes, node)
-    comm = _comm_costs(model, x, y, batch_size=cfg["batch_size"]) if cfg["profile"] and strategy == "ddp" and x is not None else {}
-    steps_per_epoch = len(loader) if x is not None else 0
+    steps_per_epoch = task.steps_per_epoch()
+    comm = _comm_costs(model, task) if cfg["profile"] and strategy == "ddp" and steps_per_epoch else {}
 
     epochs = cfg["epochs"]
     run_start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        for group in opt.param_groups:  # a function of the epoch alone, so a resumed run gets the same lr
-            group["lr"] = lr_at(cfg["lr"], epoch, epochs, cfg["lr_schedule"])
-        stats = train_epoch(
-            model, loader, opt, temperature=cfg["temperature"], alpha=cfg["alpha"],
-            device=device if use_cuda else None, autocast_dtype=torch.bfloat16 if use_cuda else None,
-            teacher=teacher, feature_weight=feature.weight if feature else 0.0, profile=cfg["profile"],
-        )
+        task.set_epoch(epoch)
+        stats = _run_epoch(model, task, opt, epoch=epoch, base_lr=cfg["lr"], profile=cfg["profile"], label=cfg["label"], rank=rank)
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": stats.loss,
+            **stats.parts,
             "samples_per_s": stats.samples_per_s * world,
             "epoch_s": stats.seconds,
-            **_epoch_counts(sampler, stats.num_samples, world),
+            **task.epoch_counts(stats.num_samples),
             "worker_nodes": nodes,
             "resumed_after_epoch": start_epoch,  # 0: this worker group started fresh
             "placement_group": _placement_group_id(),
@@ -364,18 +330,14 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
                 metrics["sync_overhead_est_s"] = comm["sync_overhead_s_per_step"] * steps_per_epoch
         model_state, opt_state = _full_state(model, opt, strategy)  # every rank: a collective under FSDP
         if rank == 0:
-            student_state, proj_state = _split_state(model_state, feature is not None)
-            evaluator = build_model(spec)
-            evaluator.load_state_dict(student_state)
-            evaluator.to(device).eval()
-            with torch.inference_mode():
-                pred = torch.cat([evaluator(x_val[i : i + 2048].to(device)).argmax(1).cpu() for i in range(0, len(x_val), 2048)])
-            metrics["val_accuracy"] = 100.0 * (pred == y_val).float().mean().item()
+            parts = task.split_state({k: v.detach().cpu().contiguous() for k, v in model_state.items()})
+            evaluator = task_cls.rebuild(cfg, parts["model"])
+            metrics.update(task.validate(evaluator))
             done = epoch + 1 - start_epoch
             eta = (time.perf_counter() - run_start) / done * (epochs - epoch - 1)
             print(
-                f"[{cfg['label']}] epoch {epoch + 1}/{epochs}  loss {stats.loss:.4f}  "
-                f"val acc {metrics['val_accuracy']:.2f}%  {metrics['samples_per_s']:.0f} samples/s  ETA {eta:.0f}s",
+                f"[{cfg['label']}] epoch {epoch + 1}/{epochs}  loss {stats.loss:.4f}  {describe_val(metrics)}  "
+                f"{metrics['samples_per_s']:.0f} samples/s  ETA {eta:.0f}s",
                 flush=True,
             )
             if cfg.get("metrics_path"):
@@ -383,15 +345,10 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
                 with open(cfg["metrics_path"], "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             if cfg.get("final_dir") and epoch + 1 == epochs:  # before reporting: a scheduler may end the run at this report
-                save_artifact(
-                    cfg["final_dir"], evaluator.cpu(),
-                    ArtifactSpec(name=Path(cfg["final_dir"]).name, model=spec, input=InputSpec.model_validate(cfg["input_spec"]),
-                                 metadata={"val_accuracy": metrics["val_accuracy"], "epochs": epochs}),
-                )
+                task.save_artifact(cfg["final_dir"], evaluator.cpu(), metrics)
             with tempfile.TemporaryDirectory() as d:
-                save_file(student_state, os.path.join(d, MODEL_FILE))
-                if feature:
-                    save_file(proj_state, os.path.join(d, PROJECTION_FILE))
+                for stem, tensors in parts.items():
+                    save_file(tensors, os.path.join(d, f"{stem}.safetensors"))
                 torch.save(
                     {"optimizer": opt_state, "epoch": epoch, "rng": _rng_state(), "strategy": strategy}, os.path.join(d, STATE_FILE)
                 )
@@ -409,6 +366,8 @@ class TrainJob(StrictModel):
     label: str
     run_name: str
     storage_path: str
+    family: str = "classifier"  # whose TrainTask runs on the workers (slimray.families)
+    task: dict[str, Any] = {}  # the family's own training options (TrainTask reads config["task"])
     spec: dict[str, Any]
     epochs: int
     batch_size: int
@@ -470,7 +429,7 @@ def check_feature_layers(job: TrainJob) -> None:
     spec = parse_spec(job.spec)
     teacher, _ = load_artifact(job.teacher_dir)
     shape = job.input_spec["shape"] if job.input_spec else None
-    build_projection(build_model(spec), teacher, job.feature_kd, _example_input(spec, shape))
+    build_projection(build_model(spec), teacher, job.feature_kd, example_input(spec, shape))
 
 
 def check_teacher_layer(cfg: Any) -> None:
@@ -479,7 +438,7 @@ def check_teacher_layer(cfg: Any) -> None:
     fk = cfg.distill.feature_kd
     if fk is None:
         return
-    from slimray.models.teachers import CCEXAM_MNIST_SPEC
+    from slimray.families.classifier.teachers import CCEXAM_MNIST_SPEC
 
     if cfg.teacher.source == "module":
         spec = cfg.teacher.module_spec()
@@ -492,7 +451,7 @@ def check_teacher_layer(cfg: Any) -> None:
         return
     if cfg.teacher.source == "module":  # the projection needs the data's input shape: checked before training
         return
-    build_projection(build_model(cfg.distill.student), teacher, fk, _example_input(cfg.distill.student))
+    build_projection(build_model(cfg.distill.student), teacher, fk, example_input(cfg.distill.student))
 
 
 class EpochLines:
@@ -545,7 +504,7 @@ class EpochLines:
             except json.JSONDecodeError:
                 continue
             resumed = f", resumed after epoch {m['resumed_after_epoch']}" if m.get("resumed_after_epoch") else ""
-            log(f"{self.job.label}: epoch {m['epoch']}/{self.job.epochs}  loss {m['loss']:.4f}  val acc {m.get('val_accuracy', float('nan')):.2f}%  "
+            log(f"{self.job.label}: epoch {m['epoch']}/{self.job.epochs}  loss {m['loss']:.4f}  {describe_val(m)}  "
                 f"{m.get('samples_per_s', 0):.0f} samples/s{resumed}")
 
 
@@ -560,34 +519,58 @@ def stream_cpus_per_worker(job: TrainJob) -> float:
     return max(0.1, (total - 1.0) / job.num_workers)
 
 
-def run_training(
-    job: TrainJob, data: TrainData, *, init_state: dict[str, torch.Tensor] | None = None, callbacks: list[Any] | None = None
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Fit ``job`` on Ray Train; returns the trained model (eval mode, CPU) and the last metrics.
-    ``callbacks`` go to the Train run (a Tune trial passes ``TuneReportCallback`` to report every epoch)."""
+def _classifier_data(job: TrainJob, data: TrainData, init_state: Any) -> dict[str, Any]:
+    """The classifier family's shared data, checked on the driver (feature layers, a teacher in the loop)."""
     if job.final_dir is not None and job.input_spec is None:
         raise ConfigError(f"{job.label}: final_dir needs input_spec (the artifact records its input)")
-    check_fits(num_workers=job.num_workers, cpus_per_worker=job.cpus_per_worker, use_gpu=job.use_gpu, what=job.label)
-    check_placement(num_workers=job.num_workers, strategy=job.placement_strategy, use_gpu=job.use_gpu, what=job.label)
     check_feature_layers(job)
     in_loop = job.teacher_outputs == "in_loop" and (job.alpha > 0 or job.feature_kd is not None)
     if job.teacher_outputs == "in_loop" and job.teacher_dir is None and in_loop:
         raise ConfigError(f"{job.label}: teacher_outputs: in_loop needs teacher_dir (the teacher artifact)")
-    stream = data.train_stream is not None
-    if stream and job.input_spec is None:
+    if data.train_stream is not None and job.input_spec is None:
         raise ConfigError(f"{job.label}: streamed training data needs input_spec (inputs are normalised in the workers)")
+    return {
+        "x_train": data.x_train, "y_train": data.y_train, "x_val": data.x_val, "y_val": data.y_val,
+        "teacher_logits": data.teacher_logits if job.alpha > 0 and not in_loop else None,
+        "teacher_files": ray.put(_teacher_files(job.teacher_dir)) if in_loop else None,
+        "init_state": init_state,
+    }
+
+
+def _shared(value: Any) -> Any:
+    """Large values go to the object store once (workers fetch them); references and small values stay as they are."""
+    if value is None or isinstance(value, (ray.ObjectRef, str, int, float, bool)):
+        return value
+    if isinstance(value, list):
+        return [_shared(v) for v in value]
+    return ray.put(value)
+
+
+def run_training(
+    job: TrainJob, data: TrainData | dict[str, Any], *, init_state: dict[str, torch.Tensor] | None = None,
+    callbacks: list[Any] | None = None, stream: Any = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Fit ``job`` on Ray Train with its family's TrainTask; returns the trained student (eval mode, CPU) and
+    the last metrics. ``data``: the classifier's ``TrainData``, or any family's dict of shared objects (arrays
+    or object references); ``stream``: a Ray Dataset the workers read in shards (the classifier's comes with
+    its TrainData). ``callbacks`` go to the Train run (a Tune trial passes ``TuneReportCallback``)."""
+    from slimray import families
+
+    task_cls = families.get(job.family).load("train_task")
+    check_fits(num_workers=job.num_workers, cpus_per_worker=job.cpus_per_worker, use_gpu=job.use_gpu, what=job.label)
+    check_placement(num_workers=job.num_workers, strategy=job.placement_strategy, use_gpu=job.use_gpu, what=job.label)
+    if isinstance(data, TrainData):
+        stream = data.train_stream
+        shared = _classifier_data(job, data, init_state)
+    else:
+        shared = {**data, "init_state": init_state}
     cfg = job.model_dump()
-    cfg.update(
-        x_train=data.x_train, y_train=data.y_train, x_val=data.x_val, y_val=data.y_val, stream=stream,
-        teacher_logits=data.teacher_logits if job.alpha > 0 and not in_loop else None,
-        teacher_files=ray.put(_teacher_files(job.teacher_dir)) if in_loop else None,
-        init_state=ray.put(init_state) if init_state is not None else None,
-    )
-    cpus_per_worker = stream_cpus_per_worker(job) if stream else job.cpus_per_worker
+    cfg.update(data={k: _shared(v) for k, v in shared.items()}, stream=stream is not None)
+    cpus_per_worker = stream_cpus_per_worker(job) if stream is not None else job.cpus_per_worker
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=cfg,
-        datasets={"train": data.train_stream} if stream else None,
+        datasets={"train": stream} if stream is not None else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": cpus_per_worker},
             placement_strategy=job.placement_strategy,
@@ -604,7 +587,6 @@ def run_training(
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"{job.label}: training produced no checkpoint")
-    model = build_model(parse_spec(job.spec))
     with result.checkpoint.as_directory() as d:
-        model.load_state_dict(load_file(str(Path(d) / MODEL_FILE)))
+        model = task_cls.rebuild(cfg, load_file(str(Path(d) / MODEL_FILE)))
     return model.eval(), dict(result.metrics or {})

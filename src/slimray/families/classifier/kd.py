@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimray.training.features import TeacherInLoop, feature_loss
+from slimray.families.classifier.features import TeacherInLoop, feature_loss
 
 
 def kd_loss(

@@ -1,4 +1,4 @@
-"""The text (sentence-embedding) pipeline's config: one strict document, ``kind: text``.
+"""The text (sentence-embedding) pipeline's config: one strict document, ``family: sentence_encoder``.
 
 ``load_text_config(recipe=... | config=...)`` reads a recipe shipped in ``slimray/recipes/`` or a file;
 a bad document fails with ``ConfigError`` naming the field before Ray starts.
@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from slimray.config import ServeConfig
 from slimray.schema import ConfigError, StrictModel
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -176,20 +177,17 @@ class TextEvalConfig(StrictModel):
     batch_sizes: list[PositiveInt] = Field([1, 32], min_length=1)
 
 
-class TextServeConfig(StrictModel):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    num_replicas: PositiveInt = 1
-    num_cpus_per_replica: float = Field(1.0, ge=0)
-    num_threads: PositiveInt = 1
+class TextServeConfig(ServeConfig):
+    """The one serve schema (``slimray.config.ServeConfig``) with an encoder's defaults: bigger batches, at most
+    256 texts a request."""
+
     max_batch_size: PositiveInt = 32
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
-    max_texts: PositiveInt = 256
-    max_text_chars: PositiveInt = 4096
+    max_batch_examples: PositiveInt = Field(256, description="most texts one request may send (413 above)")
 
 
 class TextPipelineConfig(StrictModel):
-    kind: Literal["text"]
+    family: Literal["sentence_encoder"] = Field(description="the model family (slimray.families); required for this one")
     name: str = "minilm"
     recipe: str | None = None
     data: TextDataConfig = Field(default_factory=TextDataConfig)
@@ -215,17 +213,6 @@ class TextPipelineConfig(StrictModel):
 
 def text_recipe_path(name: str) -> Path:
     return Path(str(resources.files("slimray.recipes") / f"{name}.yaml"))
-
-
-def is_text_document(path: str | Path) -> bool:
-    """True when the YAML/JSON document at ``path`` declares ``kind: text``."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except Exception:
-        return False
-    return isinstance(data, dict) and data.get("kind") == "text"
 
 
 def load_text_config(*, recipe: str | None = None, config: str | Path | None = None) -> TextPipelineConfig:

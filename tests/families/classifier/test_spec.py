@@ -7,8 +7,8 @@ import torch
 
 from slimray.artifacts import ArtifactSpec
 from slimray.compress import PruneSpec, QuantSpec
-from slimray.models import CNNSpec, InputSpec, MLPSpec, build_model, spec_from_model
-from slimray.models.spec import count_params
+from slimray.families.classifier import CNNSpec, InputSpec, MLPSpec, build_model, spec_from_model
+from slimray.families.classifier.spec import count_params
 from slimray.schema import ConfigError
 
 SPECS = [
@@ -55,7 +55,7 @@ def test_per_channel_normalisation_and_its_checks():
     import pytest
     import torch
 
-    from slimray.models.spec import InputSpec
+    from slimray.families.classifier.spec import InputSpec
 
     spec = InputSpec(shape=[3, 2, 2], mean=[0.0, 1.0, 2.0], std=[1.0, 2.0, 4.0], min_value=0, max_value=10)
     x = torch.full((5, 3, 2, 2), 2.0)

@@ -14,24 +14,24 @@ import pytest
 import torch
 
 from slimray.schema import ConfigError
-from slimray.text.config import TextPipelineConfig, load_text_config
-from slimray.text.evaluate import cosine_to_teacher, neighbour_recall, probe_accuracy
+from slimray.families.sentence_encoder.config import TextPipelineConfig, load_text_config
+from slimray.families.sentence_encoder.evaluate import cosine_to_teacher, neighbour_recall, probe_accuracy
 
 PURE = ("data", "models", "compress", "evaluate", "kd", "config")
-TEXT_PKG = Path(__file__).resolve().parents[2] / "src" / "slimray" / "text"
+TEXT_PKG = Path(__file__).resolve().parents[3] / "src" / "slimray" / "families" / "sentence_encoder"
 
 
 def test_recipes_load():
     cfg = load_text_config(recipe="minilm")
-    assert cfg.kind == "text" and cfg.name == "minilm"
+    assert cfg.family == "sentence_encoder" and cfg.name == "minilm"
     assert max(cfg.search.seq_lens) <= cfg.model.max_seq_len
-    assert load_text_config(recipe="minilm-tiny").kind == "text"
+    assert load_text_config(recipe="minilm-tiny").family == "sentence_encoder"
 
 
 @pytest.mark.parametrize(
     "patch, field",
     [
-        ({"kind": "image"}, "kind"),
+        ({"family": "image"}, "family"),
         ({"distill": {"epochs": 0}}, "distill.epochs"),
         ({"search": {"quantizations": ["int4"]}}, "search.quantizations.0"),
         ({"model": {"student_layers": [3, 1]}}, "model.student_layers"),
@@ -39,7 +39,7 @@ def test_recipes_load():
     ],
 )
 def test_bad_config_names_the_field(patch, field):
-    data = {"kind": "text", **patch}
+    data = {"family": "sentence_encoder", **patch}
     with pytest.raises(ConfigError) as err:
         TextPipelineConfig.from_dict(data, source="t.yaml")
     assert field in str(err.value)
@@ -47,11 +47,11 @@ def test_bad_config_names_the_field(patch, field):
 
 def test_seq_lens_cannot_exceed_max_seq_len():
     with pytest.raises(ConfigError, match="seq_lens"):
-        TextPipelineConfig.from_dict({"kind": "text", "model": {"max_seq_len": 32}, "search": {"seq_lens": [64]}})
+        TextPipelineConfig.from_dict({"family": "sentence_encoder", "model": {"max_seq_len": 32}, "search": {"seq_lens": [64]}})
 
 
 def test_split_is_by_article():
-    from slimray.text.data import split_by_article, topic_names
+    from slimray.families.sentence_encoder.data import split_by_article, topic_names
 
     train, held = split_by_article(heldout_fraction=0.2, seed=0, max_train=None, max_heldout=None)
     assert not set(train.articles) & set(held.articles)
@@ -79,14 +79,14 @@ def test_pure_text_modules_do_not_import_ray():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             offenders += [f"{name}: {n}" for n in names if n == "ray" or n.startswith("ray.")]
     assert offenders == []
-    code = "import sys, " + ", ".join(f"slimray.text.{n}" for n in PURE) + "; print('ray' in sys.modules)"
+    code = "import sys, " + ", ".join(f"slimray.families.sentence_encoder.{n}" for n in PURE) + "; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 @pytest.fixture(scope="module")
 def small_student():
-    from slimray.text.models import load_teacher, load_tokenizer, teacher_dir, truncated
+    from slimray.families.sentence_encoder.models import load_teacher, load_tokenizer, teacher_dir, truncated
 
     teacher = load_teacher()
     return truncated(teacher, [0, 5]), load_tokenizer(teacher_dir(), max_seq_len=32)
@@ -99,8 +99,8 @@ SENTENCES = ["Shares in the firm rose sharply after the results.", "The striker 
 def test_pruning_really_removes_heads_and_neurons(small_student):
     import copy
 
-    from slimray.text.compress import count_params, prune_heads_ffn
-    from slimray.text.models import encode_batch, layer_widths, tokenize
+    from slimray.families.sentence_encoder.compress import count_params, prune_heads_ffn
+    from slimray.families.sentence_encoder.models import encode_batch, layer_widths, tokenize
 
     model, tok = small_student
     heads, ffn = layer_widths(model)
@@ -120,8 +120,8 @@ def test_artifact_round_trip(small_student, tmp_path, quant, storage):
     import copy
     import json
 
-    from slimray.text.compress import prune_heads_ffn
-    from slimray.text.models import (artifact_bytes, encode_batch, load_text_artifact, quantize_text, save_text_artifact,
+    from slimray.families.sentence_encoder.compress import prune_heads_ffn
+    from slimray.families.sentence_encoder.models import (artifact_bytes, encode_batch, load_text_artifact, quantize_text, save_text_artifact,
                                      spec_for, teacher_config, teacher_dir, tokenize)
 
     model, tok = small_student
@@ -157,7 +157,7 @@ def test_torchao_artifact_stores_int8_weights_and_reloads_deterministically(smal
     """torchao int8 is applied at load (its tensor subclasses cannot go into safetensors): the artifact holds int8
     Linear weights + per-channel scales, so it is smaller than the fp32 one, and two loads give the same outputs,
     close to the float model's."""
-    from slimray.text.models import (artifact_bytes, encode_batch, load_text_artifact, save_text_artifact, spec_for,
+    from slimray.families.sentence_encoder.models import (artifact_bytes, encode_batch, load_text_artifact, save_text_artifact, spec_for,
                                      teacher_config, teacher_dir, tokenize)
 
     model, tok = small_student
@@ -184,7 +184,7 @@ def test_torchao_artifact_stores_int8_weights_and_reloads_deterministically(smal
 @pytest.mark.slow
 def test_compiled_torchao_model_answers_like_the_eager_one(small_student, tmp_path):
     """The path the winner runs in: torchao int8 under torch.compile (dynamic shapes: batch sizes and lengths vary)."""
-    from slimray.text.models import encode_batch, load_text_artifact, save_text_artifact, spec_for, teacher_config, teacher_dir, tokenize
+    from slimray.families.sentence_encoder.models import encode_batch, load_text_artifact, save_text_artifact, spec_for, teacher_config, teacher_dir, tokenize
 
     model, tok = small_student
     spec = spec_for(model, name="t", base_config=teacher_config(), max_seq_len=32, quantization="torchao_int8_dynamic")
@@ -198,7 +198,7 @@ def test_compiled_torchao_model_answers_like_the_eager_one(small_student, tmp_pa
 
 
 def test_copy_text_artifact_updates_only_the_spec(small_student, tmp_path):
-    from slimray.text.models import copy_text_artifact, load_text_spec, save_text_artifact, spec_for, teacher_config, teacher_dir
+    from slimray.families.sentence_encoder.models import copy_text_artifact, load_text_spec, save_text_artifact, spec_for, teacher_config, teacher_dir
 
     model, _ = small_student
     save_text_artifact(tmp_path / "a", model, spec_for(model, name="a", base_config=teacher_config(), max_seq_len=32),
@@ -212,7 +212,7 @@ def test_copy_text_artifact_updates_only_the_spec(small_student, tmp_path):
 
 
 def test_epoch_batches_cover_every_sentence_once_with_little_padding():
-    from slimray.text.kd import epoch_batches
+    from slimray.families.sentence_encoder.kd import epoch_batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 65, size=1000)
@@ -233,7 +233,7 @@ def test_epoch_batches_cover_every_sentence_once_with_little_padding():
 def test_frozen_word_embeddings_are_not_trained(small_student):
     import copy
 
-    from slimray.text.kd import KDData, finetune_kd
+    from slimray.families.sentence_encoder.kd import KDData, finetune_kd
 
     model, tok = small_student
     student = copy.deepcopy(model)
@@ -255,7 +255,7 @@ def test_frozen_word_embeddings_are_not_trained(small_student):
 
 
 def test_bf16_is_left_out_on_cpus_without_native_bf16():
-    from slimray.text.compress import bf16_slow_reason, cpu_has_native_bf16
+    from slimray.families.sentence_encoder.compress import bf16_slow_reason, cpu_has_native_bf16
 
     avx2 = "processor: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
     amx = "processor: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n"
@@ -266,15 +266,20 @@ def test_bf16_is_left_out_on_cpus_without_native_bf16():
 def test_torchao_without_a_compiler_fails_at_load(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-slimray")
     with pytest.raises(ConfigError, match="search.quantizations.*C\\+\\+ compiler"):
-        TextPipelineConfig.from_dict({"kind": "text", "search": {"quantizations": ["none", "torchao_int8_dynamic"]}})
+        TextPipelineConfig.from_dict({"family": "sentence_encoder", "search": {"quantizations": ["none", "torchao_int8_dynamic"]}})
 
 
-def test_cli_entry_recognises_text_documents(tmp_path):
-    from slimray.text.entry import maybe_text_config
+def test_run_config_picks_the_family_of_the_document(tmp_path):
+    from slimray.runconfig import load_run_config, with_overrides
 
-    cfg = maybe_text_config(recipe="minilm", name="other", port=8123)
-    assert cfg is not None and cfg.name == "other" and cfg.serve.port == 8123
-    assert maybe_text_config(recipe="digits") is None
+    family, cfg = load_run_config(recipe="minilm")
+    assert family.name == "sentence_encoder" and isinstance(cfg, TextPipelineConfig)
+    cfg = with_overrides(family, cfg, name="other", port=8123)
+    assert cfg.name == "other" and cfg.serve.port == 8123
+    assert load_run_config(recipe="digits")[0].name == "classifier"
     other = tmp_path / "x.yaml"
-    other.write_text("name: x\ndata: {name: digits}\n")
-    assert maybe_text_config(config=other) is None
+    other.write_text("family: sentence_encoder\nname: x\nmodel: {max_seq_len: 64}\nsearch: {seq_lens: [64]}\n")
+    assert load_run_config(config=other)[0].name == "sentence_encoder"
+    other.write_text("family: speech\nname: x\n")
+    with pytest.raises(ConfigError, match="family.*speech.*known: .*classifier.*sentence_encoder"):
+        load_run_config(config=other)

@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from slimray.schema import ConfigError
-from slimray.text.config import load_text_config
-from slimray.text.data import split_jsonl
-from slimray.text.models import teacher_dir
+from slimray.families.sentence_encoder.config import load_text_config
+from slimray.families.sentence_encoder.data import split_jsonl
+from slimray.families.sentence_encoder.models import teacher_dir
 
 
 def _write(tmp_path, model: dict, data: dict | None = None):
-    doc = {"kind": "text", "name": "enc", "model": model}
+    doc = {"family": "sentence_encoder", "name": "enc", "model": model}
     if data is not None:
         doc["data"] = data
     path = tmp_path / "enc.yaml"

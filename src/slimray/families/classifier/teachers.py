@@ -6,7 +6,7 @@ from importlib import resources
 
 import torch
 
-from slimray.models.spec import CNNSpec, build_model
+from slimray.families.classifier.spec import CNNSpec, build_model
 
 # ccexam's MNISTNet: conv 32 -> conv 64 -> fc 128 -> 10 on 28x28, 421,642 parameters, 99.05% on MNIST test.
 CCEXAM_MNIST_SPEC = CNNSpec(in_channels=1, image_size=28, conv_channels=[32, 64], fc_hidden=[128], num_classes=10)

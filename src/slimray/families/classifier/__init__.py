@@ -1,7 +1,7 @@
 """Model architectures described by JSON-serialisable specs (pure torch, no ray)."""
 
-from slimray.models.spec import CNNSpec, InputSpec, MLPSpec, ModelSpec, ModuleSpec, build_model, parse_spec, spec_from_model
-from slimray.models.teachers import load_ccexam_mnist_teacher
+from slimray.families.classifier.spec import CNNSpec, InputSpec, MLPSpec, ModelSpec, ModuleSpec, build_model, parse_spec, spec_from_model
+from slimray.families.classifier.teachers import load_ccexam_mnist_teacher
 
 __all__ = [
     "CNNSpec",

@@ -25,12 +25,12 @@ from slimray.artifacts import reusable, write_json_atomic
 from slimray.schema import ConfigError
 from slimray.runs import log, prepare_run_dir
 from slimray.sweep.select import pareto_front, pick_winner
-from slimray.text.compress import bf16_slow_reason, count_params, cpu_has_native_bf16, sentences_per_s, timing_batches
-from slimray.text.config import TextPipelineConfig
-from slimray.text.data import split_by_article, split_jsonl, topic_names
-from slimray.text.evaluate import quality
-from slimray.text.kd import KDData, target_layers, teacher_targets
-from slimray.text.models import (
+from slimray.families.sentence_encoder.compress import bf16_slow_reason, count_params, cpu_has_native_bf16, sentences_per_s, timing_batches
+from slimray.families.sentence_encoder.config import TextPipelineConfig
+from slimray.families.sentence_encoder.data import split_by_article, split_jsonl, topic_names
+from slimray.families.sentence_encoder.evaluate import quality
+from slimray.families.sentence_encoder.kd import KDData, target_layers, teacher_targets
+from slimray.families.sentence_encoder.models import (
     TextArtifactSpec,
     artifact_bytes,
     copy_text_artifact,
@@ -142,8 +142,8 @@ def load_sentences(data) -> tuple[Any, Any, list[str], str]:
 def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: str | None = None, fresh: bool = False) -> dict[str, Any]:
     """Run every stage (reusing finished ones) and return the report (also written to report.json)."""
     from slimray.runtime import init_ray
-    from slimray.text.distill import distill_student
-    from slimray.text.search import run_search
+    from slimray.training.distill import TrainJob, run_training
+    from slimray.sweep.encoder_search import run_search
 
     t_start = time.perf_counter()
     run_dir = prepare_run_dir(cfg, Path(out_dir), fresh=fresh)
@@ -190,15 +190,17 @@ def run_text_pipeline(cfg: TextPipelineConfig, *, out_dir: str | Path, address: 
         v_ids = np.zeros((nval, seq), dtype=np.int32)
         for i, e in enumerate(enc):
             v_ids[i, : v_len[i]] = e.ids[: v_len[i]]
-        student, metrics = distill_student(
-            spec=spec, init_state={k_: v.clone() for k_, v in baseline.state_dict().items()}, data=kd,
-            val={"ids": v_ids, "lengths": v_len, "embeddings": teacher_held[:nval]},
-            epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, lr_schedule=d.lr_schedule, warmup_steps=d.warmup_steps,
-            weight_decay=d.weight_decay, embed_loss=d.embed_loss, hidden_weight=d.hidden_weight, num_workers=d.num_workers,
-            max_failures=d.max_failures, seed=d.seed, run_name=f"{cfg.name}-distill", storage_path=str(run_dir / "ray"),
+        job = TrainJob(
+            label="distill", family="sentence_encoder", run_name=f"{cfg.name}-distill", storage_path=str(run_dir / "ray"),
+            spec=spec.model_dump(), epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, lr_schedule=d.lr_schedule,
+            weight_decay=d.weight_decay, num_workers=d.num_workers, max_failures=d.max_failures, seed=d.seed,
             metrics_path=str(run_dir / "distill_metrics.jsonl"),
-            freeze_word_embeddings=d.freeze_word_embeddings, bucket_by_length=d.bucket_by_length, bf16_autocast=amp,
+            task={"warmup_steps": d.warmup_steps, "embed_loss": d.embed_loss, "hidden_weight": d.hidden_weight,
+                  "freeze_word_embeddings": d.freeze_word_embeddings, "bucket_by_length": d.bucket_by_length, "bf16_autocast": amp},
         )
+        shared = {"ids": kd.ids, "lengths": kd.lengths, "embeddings": kd.embeddings, "hidden": list(kd.hidden), "offsets": kd.offsets,
+                  "val_ids": v_ids, "val_lengths": v_len, "val_embeddings": teacher_held[:nval]}
+        student, metrics = run_training(job, shared, init_state={k_: v.clone() for k_, v in baseline.state_dict().items()})
         save_text_artifact(student_dir, student, spec, tokenizer_dir=tdir)
     t_distilled = time.perf_counter()
 

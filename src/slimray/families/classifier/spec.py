@@ -100,7 +100,7 @@ class ModuleSpec(StrictModel):
     @field_validator("factory")
     @classmethod
     def _factory(cls, v: str) -> str:
-        from slimray.models.usermodule import check_factory_path
+        from slimray.families.classifier.usermodule import check_factory_path
 
         return check_factory_path(v)
 
@@ -155,7 +155,7 @@ def build_model(spec: CNNSpec | MLPSpec | ModuleSpec) -> nn.Module:
     if isinstance(spec, MLPSpec):
         return MLPNet(spec)
     if isinstance(spec, ModuleSpec):
-        from slimray.models.usermodule import apply_structure, build_from_factory, drop_modules
+        from slimray.families.classifier.usermodule import apply_structure, build_from_factory, drop_modules
 
         model = build_from_factory(spec.factory, spec.kwargs, code_dir=spec.code_dir)
         drop_modules(model, spec.removed_modules)
@@ -170,7 +170,7 @@ def _linears(seq: nn.Sequential) -> list[nn.Linear]:
 def spec_from_model(model: nn.Module, like: CNNSpec | MLPSpec | ModuleSpec) -> CNNSpec | MLPSpec | ModuleSpec:
     """Read the layer widths of ``model`` (for instance after structured pruning) into a new spec."""
     if isinstance(like, ModuleSpec):
-        from slimray.models.usermodule import build_from_factory, drop_modules, removed_modules, structure_changes
+        from slimray.families.classifier.usermodule import build_from_factory, drop_modules, removed_modules, structure_changes
 
         original = build_from_factory(like.factory, like.kwargs, code_dir=like.code_dir)
         removed = removed_modules(original, model)

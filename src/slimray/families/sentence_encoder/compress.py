@@ -19,7 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from slimray.text.models import layer_widths, mean_pool, tokenize
+from slimray.families.sentence_encoder.models import layer_widths, mean_pool, tokenize
 
 
 def _head_scores(layer: nn.Module) -> torch.Tensor:

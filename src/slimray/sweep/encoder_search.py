@@ -5,7 +5,7 @@ A trial loads the distilled student, prunes ``ratio`` of every layer's heads and
 for every quantization (none, dynamic int8, bf16) and every inference sequence length measures quality
 on the held-out sentences (cosine to the teacher, neighbour recall, probe accuracy) and bytes on disk.
 Trials do not time anything: on a 2-core machine concurrent timings disturb each other, so the driver
-times every candidate afterwards, one at a time (``slimray.text.pipeline``). A trial whose result file
+times every candidate afterwards, one at a time (``slimray.pipeline_encoder``). A trial whose result file
 already exists is not rerun.
 """
 
@@ -23,10 +23,10 @@ import torch
 from ray import tune
 
 from slimray.artifacts import write_json_atomic
-from slimray.text.compress import count_params, prune_heads_ffn
-from slimray.text.evaluate import quality
-from slimray.text.kd import KDData, finetune_kd
-from slimray.text.models import (
+from slimray.families.sentence_encoder.compress import count_params, prune_heads_ffn
+from slimray.families.sentence_encoder.evaluate import quality
+from slimray.families.sentence_encoder.kd import KDData, finetune_kd
+from slimray.families.sentence_encoder.models import (
     QUANTIZE_AT_LOAD,
     artifact_bytes,
     embed_texts,

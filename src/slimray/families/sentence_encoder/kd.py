@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimray.text.models import forward_hidden, mean_pool, tokenize
+from slimray.families.sentence_encoder.models import forward_hidden, mean_pool, tokenize
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""Model families: the plug-in point. A family is one kind of model (a classifier, a sentence encoder, ...) and
+says, in its own folder, how to load a teacher, derive a student, compute the KD loss on a Ray Train worker,
+prune, quantize, evaluate, encode requests and store artifacts. Everything else is shared: one Ray Train loop
+(``slimray.training.distill``) runs any family's ``TrainTask``, one Tune engine (``slimray.sweep.engine``) runs
+every sweep, one Serve builder (``slimray.serving.app``) serves every artifact through the family's codec.
+
+A family is registered here by name, with its hooks given as import paths (``"module:attribute"``), so that
+importing the registry loads neither ray nor a family's heavy dependencies (transformers). A new family is a
+folder under ``slimray/families/`` plus one ``register(Family(...))`` line below.
+
+Config documents name their family with ``family:`` (default ``classifier``); artifacts name theirs through
+their ``spec.json`` format.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimray.schema import ConfigError
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family and where its parts live (``"module:attribute"`` import paths, resolved on use)."""
+
+    name: str
+    description: str
+    config: str  # the strict pydantic config of a run of this family (a StrictModel with from_file)
+    loader: str  # load(recipe=..., config=...) -> config, relative paths resolved against the file's folder
+    pipeline: str  # run(cfg, *, out_dir, address, fresh) -> report: distil, search, report (Ray side)
+    train_task: str  # a TrainTask subclass, built on every Ray Train worker (pure torch)
+    serve_check: str  # check(url, run_dir, serve_cfg): one request compared with the in-process model, usage printed
+    codec: str  # the serving codec (request decoding, answer encoding) of its artifacts
+    artifact_format: str  # the ``format`` field of its artifacts' spec.json
+    recipes: tuple[str, ...] = ()
+
+    def load(self, hook: str) -> Any:
+        """The object a hook names, e.g. ``family.load("config")``."""
+        return resolve(getattr(self, hook))
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def resolve(path: str) -> Any:
+    module, _, attr = path.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def register(family: Family) -> Family:
+    if family.name in _REGISTRY and _REGISTRY[family.name] != family:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Family:
+    if name not in _REGISTRY:
+        raise ConfigError(f"family: unknown model family {name!r}; known: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def for_document(data: Any, *, source: str = "the config") -> Family:
+    """The family a config document declares (``family:``; absent means ``classifier``)."""
+    name = data.get("family", "classifier") if isinstance(data, dict) else "classifier"
+    if not isinstance(name, str):
+        raise ConfigError(f"{source}: family must be a string naming a model family ({', '.join(names())})")
+    try:
+        return get(name)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def for_recipe(name: str) -> Family | None:
+    return next((f for f in _REGISTRY.values() if name in f.recipes), None)
+
+
+def for_artifact(model_dir: str | Path) -> Family:
+    """The family whose artifact format ``model_dir/spec.json`` declares (unreadable specs: classifier, whose
+    loader then reports the damage)."""
+    try:
+        fmt = json.loads((Path(model_dir) / "spec.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return get("classifier")
+    return next((f for f in _REGISTRY.values() if f.artifact_format == fmt), get("classifier"))
+
+
+register(Family(
+    name="classifier",
+    description="any nn.Module from a tensor (image, feature vector) to class logits",
+    config="slimray.config:PipelineConfig",
+    loader="slimray.config:load_config",
+    pipeline="slimray.pipeline:run_pipeline",
+    train_task="slimray.families.classifier.train:ClassifierTask",
+    serve_check="slimray.serving.checks:check_classifier",
+    codec="slimray.serving.codecs:ClassifierCodec",
+    artifact_format="slimray.model/1",
+    recipes=("mnist", "digits"),
+))
+register(Family(
+    name="sentence_encoder",
+    description="a BERT-class encoder from sentences to embeddings (mean-pooled), e.g. all-MiniLM-L6-v2",
+    config="slimray.families.sentence_encoder.config:TextPipelineConfig",
+    loader="slimray.families.sentence_encoder.config:load_text_config",
+    pipeline="slimray.pipeline_encoder:run_text_pipeline",
+    train_task="slimray.families.sentence_encoder.train:EncoderTask",
+    serve_check="slimray.serving.checks:check_encoder",
+    codec="slimray.serving.codecs:SentenceEncoderCodec",
+    artifact_format="slimray.text-model/1",
+    recipes=("minilm", "minilm-tiny"),
+))

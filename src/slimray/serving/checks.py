@@ -1,0 +1,72 @@
+"""What ``slimray run`` / ``slimray serve`` do right after deploying a finished run's winner, per model family:
+send one real request, compare the answer with the model run in-process, and print how to call the endpoint.
+A family names its check in the registry (``slimray.families``)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def post_json(url: str, body: dict, *, key: str | None, timeout: float = 30.0, wait_s: float = 60.0) -> dict:
+    """POST ``body``; while the endpoint is still coming up (connection refused) retry for ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _key(serve_cfg: Any) -> str | None:
+    from slimray.serving.http import read_api_key
+
+    return read_api_key(env=getattr(serve_cfg, "api_key_env", "SLIMRAY_API_KEY"), file=getattr(serve_cfg, "api_key_file", None))  # the key the server checks
+
+
+def check_classifier(url: str, run_dir: Path, serve_cfg: Any) -> None:
+    import torch
+
+    from slimray.artifacts import load_runnable
+    from slimray.data import normalize
+    from slimray.pipeline import read_test_sample
+
+    model, spec = load_runnable(run_dir / "winner")
+    x, labels = read_test_sample(run_dir)
+    x, labels = x[:8], labels[:8]
+    body = {"inputs": x.tolist()}
+    sample = run_dir / "sample_request.json"
+    sample.write_text(json.dumps(body))
+    answer = post_json(f"{url}/v1/predict", body, key=_key(serve_cfg))
+    with torch.inference_mode():
+        local = model(normalize(torch.from_numpy(x), spec.input)).argmax(1).tolist()
+    same = answer["predictions"] == local
+    print(f"served predictions {answer['predictions']} (labels {labels.tolist()}); in-process {local}: {'same' if same else 'DIFFERENT'}")
+    print(f"\nServing {url}/v1/predict  (OpenAPI: {url}/docs, health: {url}/healthz)")
+    print(f"  curl -s -X POST {url}/v1/predict -H 'Content-Type: application/json' -d @{sample}")
+
+
+def check_encoder(url: str, run_dir: Path, serve_cfg: Any) -> None:
+    import numpy as np
+
+    from slimray.families.sentence_encoder.models import embed_texts, load_text_artifact, load_tokenizer
+
+    texts = ["slimray serves the distilled encoder.", "A second sentence, to check the batch."]
+    answer = post_json(f"{url}/v1/embed", {"texts": texts}, key=_key(serve_cfg))
+    model, spec = load_text_artifact(run_dir / "winner")
+    local = embed_texts(model, load_tokenizer(run_dir / "winner", max_seq_len=spec.max_seq_len), texts, max_seq_len=spec.max_seq_len)
+    served = np.asarray(answer["embeddings"], dtype=np.float32)
+    cos = float(np.min(np.sum(served * local, 1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(local, axis=1))))
+    print(f"served embeddings {served.shape}; cosine to the in-process model's >= {cos:.4f}: {'same' if cos > 0.999 else 'DIFFERENT'}")
+    print(f"\nServing {url}/v1/embed  (V2: {url}/v2/models/<name>/infer, OpenAPI: {url}/docs, health: {url}/healthz)")
+    print(f"  curl -s -X POST {url}/v1/embed -H 'Content-Type: application/json' -d '{{\"texts\": [\"hello world\"]}}'")
