@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from slimray import pipeline
+from slimray.pipelines import classifier as pipeline
 from slimray.artifacts import load_runnable, write_json_atomic
 from slimray.compress.measure import accuracy, compare_latency
 from slimray.config import load_config

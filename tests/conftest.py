@@ -68,7 +68,7 @@ def tiny_digits_config(name: str = "digits-test") -> PipelineConfig:
 @pytest.fixture(scope="session")
 def digits_run(ray_session, tmp_path_factory):
     """One tiny end-to-end digits run (teacher, 2-worker distillation, sweep); returns (run_dir, report)."""
-    from slimray.pipeline import run_pipeline
+    from slimray.pipelines import run_pipeline
 
     out = tmp_path_factory.mktemp("runs")
     cfg = tiny_digits_config()

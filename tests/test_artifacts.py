@@ -54,7 +54,7 @@ def test_artifact_without_hashes_still_loads(saved, digits):
 
 
 def _student_stage(tmp_path, digits, monkeypatch, calls: list):
-    from slimray import pipeline
+    from slimray.pipelines import classifier as pipeline
 
     cfg = tiny_digits_config()
 
@@ -148,13 +148,13 @@ def test_disk_full_in_a_json_write_leaves_no_temp_file(tmp_path, monkeypatch):
 
 
 def test_cli_prints_one_line_with_the_resume_command_on_a_full_disk(tmp_path, monkeypatch, capsys):
-    from slimray import pipeline
+    from slimray import pipelines
     from slimray.cli import main
 
     def run_pipeline(cfg, **kw):
         raise DiskFullError(tmp_path / "runs" / "digits" / "student")
 
-    monkeypatch.setattr(pipeline, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(pipelines, "run_pipeline", run_pipeline)
     assert main(["run", "--recipe", "digits", "--no-serve", "--out", str(tmp_path / "runs"), "--fresh"]) == 28
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -196,7 +196,7 @@ def test_text_artifacts_carry_hashes_and_a_damaged_one_is_not_reused(tmp_path):
 
 
 def test_truncated_teacher_logits_cache_is_recomputed_with_one_line(tmp_path, capsys):
-    from slimray import pipeline
+    from slimray.pipelines import classifier as pipeline
 
     torch.manual_seed(0)
     teacher, x = build_model(DIGITS_CNN).eval(), torch.randn(20, 1, 8, 8)

@@ -10,7 +10,7 @@ import torch
 from slimray.artifacts import load_runnable
 from slimray.compress.measure import accuracy
 from slimray.config import PipelineConfig
-from slimray.pipeline import prepare_run_dir
+from slimray.runs import prepare_run_dir
 from slimray.schema import ConfigError
 
 from .conftest import tiny_digits_config

@@ -23,12 +23,10 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from slimray.auth import AuthError
-from slimray.config import PipelineConfig, ServeConfig, load_config, recipe_names
+from slimray.config import PipelineConfig, ServeConfig, recipe_names
 from slimray.jobs import DEFAULT_DASHBOARD
 from slimray.schema import ClusterTooSmallError, ConfigError
 
@@ -346,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             family, cfg = _load_any(args)
-            family.load("pipeline")(cfg, out_dir=args.out, address=args.address, fresh=args.fresh)
+            from slimray.pipelines import run_pipeline
+
+            run_pipeline(cfg, out_dir=args.out, address=args.address, fresh=args.fresh)
             if args.no_serve:
                 return 0
             from slimray.runtime import init_ray
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             init_ray(args.address)
             return _serve_until_interrupted((args.out / cfg.name).resolve(), cfg.serve, name=cfg.name, family=family)
         if args.command == "distill":
-            from slimray import pipeline
+            from slimray.pipelines import classifier as pipeline
 
             run = pipeline.open_run(_load(args), out_dir=args.out, address=args.address, fresh=args.fresh)
             d = pipeline.distill_stage(run)
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"student: {run.run_dir / 'student'}  metrics: {run.run_dir / 'student_metrics.jsonl'}")
             return 0
         if args.command == "sweep":
-            from slimray import pipeline
+            from slimray.pipelines import classifier as pipeline
             from slimray.artifacts import load_artifact
 
             cfg = _load(args)

@@ -46,7 +46,7 @@ def model_dir(run_dir: Path, trial: str | None) -> Path:
 def held_out_inputs(run_dir: Path):
     """The run's held-out examples (raw units): its saved test sample, or, for runs made before it existed,
     the built-in dataset's test split."""
-    from slimray.pipeline import TEST_SAMPLE, read_test_sample
+    from slimray.pipelines.classifier import TEST_SAMPLE, read_test_sample
 
     if (run_dir / TEST_SAMPLE).exists():
         return read_test_sample(run_dir)[0]

@@ -270,7 +270,7 @@ def write_distill_sweep_png(summary: dict[str, Any], path: Path) -> None:
     if summary.get("default"):
         ax.axhline(summary["default"]["val_accuracy"], color="grey", lw=0.8, ls=":", label="default student")
     ax.set_xlabel("epoch")
-    m = report.get("metric") or {}
+    m = summary.get("metric") or {}
     name = m.get("name", "accuracy")
     ax.set_ylabel("validation accuracy (%)" if name == "accuracy" else f"validation {name}" + ("" if m.get("higher_is_better", True) else " (negated)"))
     ax.set_title(f"distillation sweep ({len(summary['trials'])} trials; dashed: stopped early)")

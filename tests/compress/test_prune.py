@@ -14,7 +14,7 @@ from slimray.families.classifier import build_model, spec_from_model
 from slimray.families.classifier.spec import count_params
 
 from ..conftest import DIGITS_CNN
-from ..models.test_spec import SPECS
+from tests.families.classifier.test_spec import SPECS
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])

@@ -31,7 +31,7 @@ class Family:
     description: str
     config: str  # the strict pydantic config of a run of this family (a StrictModel with from_file)
     loader: str  # load(recipe=..., config=...) -> config, relative paths resolved against the file's folder
-    pipeline: str  # run(cfg, *, out_dir, address, fresh) -> report: distil, search, report (Ray side)
+    stages: str  # its Stages on the one pipeline (slimray.pipelines): distil, search, report (Ray side)
     train_task: str  # a TrainTask subclass, built on every Ray Train worker (pure torch)
     serve_check: str  # check(url, run_dir, serve_cfg): one request compared with the in-process model, usage printed
     codec: str  # the serving codec (request decoding, answer encoding) of its artifacts
@@ -101,7 +101,7 @@ register(Family(
     description="any nn.Module from a tensor (image, feature vector) to class logits",
     config="slimray.config:PipelineConfig",
     loader="slimray.config:load_config",
-    pipeline="slimray.pipeline:run_pipeline",
+    stages="slimray.pipelines.classifier:ClassifierStages",
     train_task="slimray.families.classifier.train:ClassifierTask",
     serve_check="slimray.serving.checks:check_classifier",
     codec="slimray.serving.codecs:ClassifierCodec",
@@ -113,7 +113,7 @@ register(Family(
     description="a BERT-class encoder from sentences to embeddings (mean-pooled), e.g. all-MiniLM-L6-v2",
     config="slimray.families.sentence_encoder.config:TextPipelineConfig",
     loader="slimray.families.sentence_encoder.config:load_text_config",
-    pipeline="slimray.pipeline_encoder:run_text_pipeline",
+    stages="slimray.pipelines.sentence_encoder:EncoderStages",
     train_task="slimray.families.sentence_encoder.train:EncoderTask",
     serve_check="slimray.serving.checks:check_encoder",
     codec="slimray.serving.codecs:SentenceEncoderCodec",

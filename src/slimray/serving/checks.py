@@ -39,7 +39,7 @@ def check_classifier(url: str, run_dir: Path, serve_cfg: Any) -> None:
 
     from slimray.artifacts import load_runnable
     from slimray.data import normalize
-    from slimray.pipeline import read_test_sample
+    from slimray.pipelines.classifier import read_test_sample
 
     model, spec = load_runnable(run_dir / "winner")
     x, labels = read_test_sample(run_dir)

@@ -1,11 +1,12 @@
-"""The compression search for sentence encoders: one Ray Tune trial per head/FFN prune ratio.
+"""The compression search for sentence encoders: one Ray Tune trial per head/FFN prune ratio, on the shared
+Tune engine (``slimray.sweep.engine``).
 
 A trial loads the distilled student, prunes ``ratio`` of every layer's heads and FFN neurons
 (torch-pruning), fine-tunes it with KD from the cached teacher outputs, saves the pruned float model, then
 for every quantization (none, dynamic int8, bf16) and every inference sequence length measures quality
 on the held-out sentences (cosine to the teacher, neighbour recall, probe accuracy) and bytes on disk.
 Trials do not time anything: on a 2-core machine concurrent timings disturb each other, so the driver
-times every candidate afterwards, one at a time (``slimray.pipeline_encoder``). A trial whose result file
+times every candidate afterwards, one at a time (``slimray.pipelines.sentence_encoder``). A trial whose result file
 already exists is not rerun.
 """
 
@@ -126,8 +127,11 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         raise
 
 
-def run_search(*, ctx: dict[str, Any], kd_data: KDData, evalset: dict[str, Any], use_tune: bool) -> list[dict[str, Any]]:
-    """All candidates (one row per ratio x quantization x seq len); failed ratios give a row with status 'error'."""
+def run_search(*, ctx: dict[str, Any], kd_data: KDData, evalset: dict[str, Any], use_tune: bool,
+               max_concurrent_trials: int = 2) -> list[dict[str, Any]]:
+    """All candidates (one row per ratio x quantization x seq len); failed ratios give a row with status 'error'.
+    With ``use_tune`` each ratio is a trial of the shared Tune engine (``slimray.sweep.engine.run_tuner``: an
+    interrupted sweep resumes, finished trials are kept); without, the ratios run in the driver."""
     ratios = ctx["search"]["prune_ratios"]
     run_dir = Path(ctx["run_dir"])
     if use_tune:
@@ -135,14 +139,16 @@ def run_search(*, ctx: dict[str, Any], kd_data: KDData, evalset: dict[str, Any],
         ctx["kd_refs"] = {"ids": ray.put(kd_data.ids), "lengths": ray.put(kd_data.lengths), "embeddings": ray.put(kd_data.embeddings),
                           "hidden": [ray.put(h) for h in kd_data.hidden], "offsets": ray.put(kd_data.offsets)}
         ctx["eval_ref"] = ray.put(evalset)
-        tuner = tune.Tuner(
+        from slimray.sweep.engine import make_tune_config, run_tuner
+
+        run_tuner(
             tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 1}),
             param_space={"prune_ratio": tune.grid_search(ratios)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=False),
-            run_config=tune.RunConfig(name="text-search", storage_path=str((run_dir / "ray").resolve()),
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=0),
+            tune_config=make_tune_config(algorithm="grid", num_samples=None, max_concurrent_trials=max_concurrent_trials,
+                                         metric="best_cosine", mode="max"),
+            run_name="text-search", storage_path=str((run_dir / "ray").resolve()), resume=True,
+            describe=lambda c: ratio_key(float(c["prune_ratio"])),
         )
-        tuner.fit()
     rows: list[dict[str, Any]] = []
     for ratio in ratios:
         f = run_dir / "trials" / f"{ratio_key(ratio)}.json"

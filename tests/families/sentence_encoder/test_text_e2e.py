@@ -56,7 +56,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def text_run(ray_session, tmp_path_factory):
-    from slimray.pipeline_encoder import run_text_pipeline
+    from slimray.pipelines import run_pipeline as run_text_pipeline
 
     out = tmp_path_factory.mktemp("text-runs")
     cfg = tiny_config(out)

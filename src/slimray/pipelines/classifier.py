@@ -34,9 +34,8 @@ from slimray.families.classifier import load_ccexam_mnist_teacher
 from slimray.families.classifier.spec import InputSpec, ModuleSpec, count_params, spec_from_model
 from slimray.families.classifier.usermodule import block_importance, build_from_factory, drop_modules, load_weights, repeated_blocks
 from slimray.report import results_table, write_report
-from slimray.console import link_ray_logs
-from slimray.runtime import init_ray
-from slimray.runs import log, prepare_run_dir
+from slimray.pipelines import Stages
+from slimray.runs import log
 from slimray.schema import ConfigError
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
 from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest, sweep_failure
@@ -231,18 +230,24 @@ def read_test_sample(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return t["x"].numpy(), t["y"].numpy()
 
 
+def check_config(cfg: PipelineConfig) -> torch.nn.Module | None:
+    """Before the run folder and Ray: the user's code and weights (the loaded teacher is returned, and kept for
+    the teacher stage)."""
+    return load_user_teacher(cfg) if cfg.teacher.source == "module" else None
+
+
 def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False) -> Run:
-    """Prepare the run folder, start or reach Ray, open the data (built-in: loaded once and shared through the
-    object store; files: checked in one streaming pass, val/test read, train kept as a Ray Dataset)."""
-    t_start = time.perf_counter()
-    # the user's code and weights fail here, before Ray starts; the loaded teacher is kept for the teacher stage
-    user_teacher = load_user_teacher(cfg) if cfg.teacher.source == "module" else None
-    run_dir = prepare_run_dir(cfg, Path(out_dir), fresh=fresh)
-    log(f"run folder {run_dir}")
-    init_ray(address)
-    logs = link_ray_logs(run_dir)  # Ray's worker output stays there unless --verbose
-    log(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs"
-        + (f"; worker logs: {logs}" if logs else ""))
+    """Check the config, prepare the run folder, start or reach Ray, open the data (``open_data``)."""
+    from slimray.pipelines import start_run
+
+    user_teacher = check_config(cfg)
+    run_dir, t_start = start_run(cfg, out_dir=out_dir, address=address, fresh=fresh)
+    return open_data(cfg, run_dir, t_start, user_teacher=user_teacher)
+
+
+def open_data(cfg: PipelineConfig, run_dir: Path, t_start: float, *, user_teacher: torch.nn.Module | None) -> Run:
+    """Open the data (built-in: loaded once and shared through the object store; files: checked in one
+    streaming pass, val/test read, train kept as a Ray Dataset)."""
     if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:  # fail before training anything
         from slimray.sweep.engine import plan_train_trials
 
@@ -321,16 +326,31 @@ def distill_stage(run: Run) -> Distilled:
     return d
 
 
-def run_pipeline(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False) -> dict[str, Any]:
-    """Run every stage; returns the report (also written to ``OUT/<name>/report.json``). With a distillation
-    space (``distill_sweep``) the sweep's best student, not the recipe-settings one, goes on to compression."""
-    run = open_run(cfg, out_dir=out_dir, address=address, fresh=fresh)
-    d = distill_stage(run)
-    if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:
-        summary = distill_sweep_stage(run, d)
-        d.default_student, d.student = d.student, load_artifact(run.run_dir / BEST_STUDENT)[0]
-        return sweep_stage(run, d, base_dir=run.run_dir / BEST_STUDENT, distill_sweep=summary)
-    return sweep_stage(run, d, base_dir=run.run_dir / "student")
+class ClassifierStages(Stages):
+    """The classifier family on the one pipeline (``slimray.pipelines.run_pipeline``): ``distil`` (teacher,
+    derived or configured student on Ray Train, labels-only baseline; with a distillation space, the sweep's
+    best student goes on) then ``search`` (compression sweep on Ray Tune, finalists re-timed side by side,
+    winner, report)."""
+
+    names = ("distil", "search")
+
+    def check(self) -> None:
+        self.user_teacher = check_config(self.cfg)
+
+    def open(self, run_dir: Path, t_start: float) -> None:
+        self.run = open_data(self.cfg, run_dir, t_start, user_teacher=self.user_teacher)
+
+    def distil(self) -> None:
+        cfg, run = self.cfg, self.run
+        self.d = distill_stage(run)
+        self.base_dir, self.summary = run.run_dir / "student", None
+        if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:
+            self.summary = distill_sweep_stage(run, self.d)
+            self.d.default_student, self.d.student = self.d.student, load_artifact(run.run_dir / BEST_STUDENT)[0]
+            self.base_dir = run.run_dir / BEST_STUDENT
+
+    def search(self) -> dict[str, Any]:
+        return sweep_stage(self.run, self.d, base_dir=self.base_dir, distill_sweep=self.summary)
 
 
 BEST_STUDENT = "student_best"
