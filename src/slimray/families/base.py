@@ -11,7 +11,9 @@ driver shared (numpy arrays fetched from Ray's object store, or a Ray Data shard
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -109,3 +111,69 @@ def describe_val(metrics: dict[str, Any]) -> str:
         else:
             parts.append(f"val {k[4:].replace('_', ' ')} {v:.4f}")
     return "  ".join(parts)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    num_samples: int
+    seconds: float
+    breakdown: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.num_samples / max(self.seconds, 1e-9)
+
+
+LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, int, dict[str, float]]"]
+
+
+def run_epoch(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, optimizer: torch.optim.Optimizer, *,
+              lr_at: Callable[[int], float] | None = None, profile: bool = False,
+              on_step: Callable[[int, float, int], None] | None = None) -> EpochStats:
+    """One pass: for each batch, ``lr_at(step)`` (if given) sets the lr, ``loss_fn(model, batch)`` gives (loss,
+    examples, named parts), then backward and step. With ``profile`` the wall time is split into ``data_s``
+    (waiting for the batch), ``teacher_s`` (a part the loss reports for a teacher run in the loop),
+    ``forward_s`` (student forward + loss), ``backward_s`` (with DDP this includes the gradient all-reduce it
+    does not overlap) and ``step_s`` (optimizer). ``on_step(step, mean loss so far, examples)`` after each step."""
+    model.train()
+    total, n, sums = 0.0, 0, {}
+    times = dict.fromkeys(("data_s", "teacher_s", "forward_s", "backward_s", "step_s"), 0.0)
+    clock = time.perf_counter
+    start = mark = clock()
+    for step, batch in enumerate(batches):
+        if profile:
+            now = clock()
+            times["data_s"] += now - mark
+            mark = now
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+        loss, num, parts = loss_fn(model, batch)
+        if profile:
+            now = clock()
+            teacher_s = parts.get("teacher_s", 0.0)
+            times["teacher_s"] += teacher_s
+            times["forward_s"] += now - mark - teacher_s
+            mark = now
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if profile:
+            now = clock()
+            times["backward_s"] += now - mark
+            mark = now
+        optimizer.step()
+        total += loss.item() * num
+        n += num
+        for k, v in parts.items():
+            if k != "teacher_s":
+                sums[k] = sums.get(k, 0.0) + v * num
+        if profile:
+            now = clock()
+            times["step_s"] += now - mark
+            mark = now
+        if on_step is not None:
+            on_step(step, total / max(n, 1), n)
+    return EpochStats(loss=total / max(n, 1), num_samples=n, seconds=clock() - start, breakdown=times if profile else {},
+                      parts={f"loss_{k}": v / max(n, 1) for k, v in sums.items()})

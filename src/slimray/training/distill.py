@@ -48,7 +48,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +61,7 @@ from ray.train.v2._internal.execution import context as _ctx_module
 from safetensors.torch import load_file, save_file
 
 from slimray.artifacts import artifact_files, load_artifact
-from slimray.families.base import TrainTask, describe_val
+from slimray.families.base import EpochStats, TrainTask, describe_val, run_epoch
 from slimray.families.classifier.features import FeatureKDSpec, build_projection, find_layer
 from slimray.families.classifier.spec import build_model, parse_spec
 from slimray.families.classifier.train import example_input
@@ -98,19 +98,6 @@ def check_fits(*, num_workers: int, cpus_per_worker: float, use_gpu: bool, what:
         raise ClusterTooSmallError(
             f"{what} needs {num_workers} GPUs (use_gpu with {num_workers} workers), the cluster has {gpus:g}"
         )
-
-
-@dataclass
-class EpochStats:
-    loss: float
-    num_samples: int
-    seconds: float
-    breakdown: dict[str, float] = field(default_factory=dict)
-    parts: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.num_samples / max(self.seconds, 1e-9)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -199,52 +186,19 @@ def _fetch(value: Any) -> Any:
 
 def _run_epoch(model: torch.nn.Module, task: TrainTask, opt: torch.optim.Optimizer, *, epoch: int, base_lr: float, profile: bool,
                label: str, rank: int) -> EpochStats:
-    """One pass over the task's batches: lr per step, loss, backward, step. With ``profile`` the wall time is
-    split into ``data_s`` (waiting for the batch), ``teacher_s`` (a teacher in the loop), ``forward_s`` (student
-    forward + loss), ``backward_s`` (with DDP this includes the gradient all-reduce it does not overlap) and
-    ``step_s`` (optimizer)."""
-    model.train()
-    total, n, sums = 0.0, 0, {}
-    times = dict.fromkeys(("data_s", "teacher_s", "forward_s", "backward_s", "step_s"), 0.0)
-    clock = time.perf_counter
-    start = mark = last_log = clock()
+    """One epoch of the task's batches (``run_epoch``), the lr a function of (epoch, step) alone so a resumed
+    run gets the same; rank 0 prints a progress line now and then within a long epoch (its worker log)."""
     num_steps = task.steps_per_epoch()
-    for step, batch in enumerate(task.batches(epoch)):
-        if profile:
-            now = clock()
-            times["data_s"] += now - mark
-            mark = now
-        for group in opt.param_groups:  # a function of the position alone, so a resumed run gets the same lr
-            group["lr"] = base_lr * task.lr_factor(epoch=epoch, step=step)
-        loss, num, parts = task.loss(model, batch)
-        if profile:
-            now = clock()
-            teacher_s = parts.get("teacher_s", 0.0)
-            times["teacher_s"] += teacher_s
-            times["forward_s"] += now - mark - teacher_s
-            mark = now
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if profile:
-            now = clock()
-            times["backward_s"] += now - mark
-            mark = now
-        opt.step()
-        total += loss.item() * num
-        n += num
-        for k, v in parts.items():
-            if k != "teacher_s":
-                sums[k] = sums.get(k, 0.0) + v * num
-        if profile:
-            now = clock()
-            times["step_s"] += now - mark
-            mark = now
-        if rank == 0 and clock() - last_log > LOG_EVERY_S:  # long epochs: a line now and then (in the worker's log)
-            last_log = clock()
+    last = [time.perf_counter()]
+
+    def progress(step: int, loss: float, n: int) -> None:
+        if rank == 0 and time.perf_counter() - last[0] > LOG_EVERY_S:
+            last[0] = time.perf_counter()
             of = f"/{num_steps}" if num_steps else ""
-            print(f"[{label}] epoch {epoch + 1}  step {step + 1}{of}  loss {total / max(n, 1):.4f}", flush=True)
-    return EpochStats(loss=total / max(n, 1), num_samples=n, seconds=clock() - start, breakdown=times if profile else {},
-                      parts={f"loss_{k}": v / max(n, 1) for k, v in sums.items()})
+            print(f"[{label}] epoch {epoch + 1}  step {step + 1}{of}  loss {loss:.4f}", flush=True)
+
+    return run_epoch(model, task.batches(epoch), task.loss, opt, lr_at=lambda step: base_lr * task.lr_factor(epoch=epoch, step=step),
+                     profile=profile, on_step=progress)
 
 
 def _worker_loop(cfg: dict[str, Any]) -> None:

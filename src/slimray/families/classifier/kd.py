@@ -10,12 +10,12 @@ feature for feature KD (``+ weight * MSE(projection(student feature), teacher fe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimray.families.base import EpochStats, run_epoch
 from slimray.families.classifier.features import TeacherInLoop, feature_loss
 
 
@@ -37,22 +37,9 @@ def kd_loss(
     return alpha * kd + (1.0 - alpha) * ce
 
 
-@dataclass
-class EpochStats:
-    loss: float
-    num_samples: int
-    seconds: float
-    breakdown: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.num_samples / max(self.seconds, 1e-9)
-
-
-def train_epoch(
+def batch_loss(
     model: nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
+    batch,
     *,
     temperature: float,
     alpha: float,
@@ -60,63 +47,36 @@ def train_epoch(
     autocast_dtype: torch.dtype | None = None,
     teacher: TeacherInLoop | None = None,
     feature_weight: float = 0.0,
-    profile: bool = False,
-) -> EpochStats:
-    """One pass over ``loader`` yielding (x, y) or (x, y, teacher_logits) batches.
+) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """The KD loss of one (x, y) or (x, y, teacher_logits) batch: (loss, examples, parts).
 
     ``teacher`` (in-loop teacher) supplies the teacher's logits, and its tapped feature when ``model`` is a
     ``KDStudent`` returning ``(logits, projected feature)``; the feature term ``feature_weight * MSE`` is
-    then added to the logit/label loss. With ``profile`` the epoch's wall time is split into ``data_s``
-    (waiting for the loader), ``teacher_s``, ``forward_s`` (student forward + loss), ``backward_s`` (with
-    DDP this includes the gradient all-reduce it does not overlap) and ``step_s`` (optimizer).
+    then added to the logit/label loss. The teacher's time is the ``teacher_s`` part.
     """
-    model.train()
-    total, n = 0.0, 0
-    times = dict.fromkeys(("data_s", "teacher_s", "forward_s", "backward_s", "step_s"), 0.0)
-    clock = time.perf_counter
-    start = mark = clock()
-    for batch in loader:
-        if device is not None:
-            batch = [b.to(device, non_blocking=True) for b in batch]
-        x, y = batch[0], batch[1]
-        t_logits = batch[2] if len(batch) > 2 else None
-        t_feat = None
-        if profile:
-            now = clock()
-            times["data_s"] += now - mark
-            mark = now
-        if teacher is not None:
-            t_logits, t_feat = teacher(x)
-            if profile:
-                now = clock()
-                times["teacher_s"] += now - mark
-                mark = now
-        with torch.autocast(device_type=device.type if device else "cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(x)
-        logits, s_feat = out if isinstance(out, tuple) else (out, None)
-        loss = kd_loss(logits.float(), y, t_logits, temperature=temperature, alpha=alpha)
-        if s_feat is not None:
-            if t_feat is None:
-                raise ValueError("feature KD needs the teacher in the loop (teacher_outputs: in_loop)")
-            loss = loss + feature_weight * feature_loss(s_feat, t_feat)
-        if profile:
-            now = clock()
-            times["forward_s"] += now - mark
-            mark = now
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if profile:
-            now = clock()
-            times["backward_s"] += now - mark
-            mark = now
-        optimizer.step()
-        total += loss.item() * len(y)
-        n += len(y)
-        if profile:
-            now = clock()
-            times["step_s"] += now - mark
-            mark = now
-    return EpochStats(loss=total / max(n, 1), num_samples=n, seconds=clock() - start, breakdown=times if profile else {})
+    if device is not None:
+        batch = [b.to(device, non_blocking=True) for b in batch]
+    x, y = batch[0], batch[1]
+    t_logits = batch[2] if len(batch) > 2 else None
+    t_feat, parts = None, {}
+    if teacher is not None:
+        t0 = time.perf_counter()
+        t_logits, t_feat = teacher(x)
+        parts["teacher_s"] = time.perf_counter() - t0
+    with torch.autocast(device_type=device.type if device else "cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(x)
+    logits, s_feat = out if isinstance(out, tuple) else (out, None)
+    loss = kd_loss(logits.float(), y, t_logits, temperature=temperature, alpha=alpha)
+    if s_feat is not None:
+        if t_feat is None:
+            raise ValueError("feature KD needs the teacher in the loop (teacher_outputs: in_loop)")
+        loss = loss + feature_weight * feature_loss(s_feat, t_feat)
+    return loss, len(y), parts
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, profile: bool = False, **loss_kwargs) -> EpochStats:
+    """One single-process pass over ``loader`` (``run_epoch`` with ``batch_loss(**loss_kwargs)``)."""
+    return run_epoch(model, loader, lambda m, b: batch_loss(m, b, **loss_kwargs), optimizer, profile=profile)
 
 
 def finetune(

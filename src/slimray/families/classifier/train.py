@@ -10,7 +10,6 @@ projection (``KDStudent``); with ``alpha == 0`` it trains on labels alone. Valid
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,8 +17,8 @@ import torch
 from torch import nn
 
 from slimray.families.base import TrainTask
-from slimray.families.classifier.features import FeatureKDSpec, KDStudent, TeacherInLoop, build_projection, feature_loss
-from slimray.families.classifier.kd import kd_loss
+from slimray.families.classifier.features import FeatureKDSpec, KDStudent, TeacherInLoop, build_projection
+from slimray.families.classifier.kd import batch_loss
 from slimray.families.classifier.spec import CNNSpec, InputSpec, build_model, parse_spec
 
 
@@ -155,26 +154,14 @@ class ClassifierTask(TrainTask):
         self.sampler.set_epoch(epoch)
 
     def batches(self, epoch: int) -> Iterator[Any]:
-        for batch in self.loader:
-            yield [b.to(self.device, non_blocking=True) for b in batch] if self.use_cuda else batch
+        return iter(self.loader)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
-        x, y = batch[0], batch[1]
-        t_logits = batch[2] if len(batch) > 2 else None
-        t_feat, parts = None, {}
-        if self.teacher is not None:
-            t0 = time.perf_counter()
-            t_logits, t_feat = self.teacher(x)
-            parts["teacher_s"] = time.perf_counter() - t0
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_cuda):
-            out = model(x)
-        logits, s_feat = out if isinstance(out, tuple) else (out, None)
-        loss = kd_loss(logits.float(), y, t_logits, temperature=self.config["temperature"], alpha=self.config["alpha"])
-        if s_feat is not None:
-            if t_feat is None:
-                raise ValueError("feature KD needs the teacher in the loop (teacher_outputs: in_loop)")
-            loss = loss + self.feature.weight * feature_loss(s_feat, t_feat)
-        return loss, len(y), parts
+        return batch_loss(
+            model, batch, temperature=self.config["temperature"], alpha=self.config["alpha"], teacher=self.teacher,
+            feature_weight=self.feature.weight if self.feature else 0.0,
+            device=self.device if self.use_cuda else None, autocast_dtype=torch.bfloat16 if self.use_cuda else None,
+        )
 
     def epoch_counts(self, num_examples: int) -> dict[str, int]:
         """How often each training sample was drawn this epoch, over all workers (a streamed shard: the total)."""
