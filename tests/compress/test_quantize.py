@@ -66,3 +66,33 @@ def test_latency_helpers_return_positive_medians(digits, trained_digits_cnn):
     assert latency_ms(trained_digits_cnn, x[:8], batch_size=64, num_repeats=3) > 0
     out = compare_latency({"a": trained_digits_cnn}, x[:8], batch_sizes=[1, 64], num_rounds=2, runs_per_round=2)
     assert set(out["a"]) == {1, 64} and all(v > 0 for v in out["a"].values())
+
+
+def test_a_new_quantization_is_one_registered_function():
+    """The registry is the one place: a method registered here is accepted by QuantSpec (JSON round trip) and
+    applied by quantize(); an unknown one is refused naming the known ones; families keep their own handlers."""
+    from pydantic import ValidationError
+
+    from slimray.compress.quantize import QuantSpec, _QUANTIZERS, quant_methods, quantize, register_quantizer
+
+    with pytest.raises(ValidationError, match="unknown quantization 'halved'.*known: none"):
+        QuantSpec(method="halved")
+
+    @register_quantizer("halved")
+    def _halved(model, spec, calibration):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)
+        return model
+
+    try:
+        spec = QuantSpec.model_validate_json(QuantSpec(method="halved").model_dump_json())
+        model = torch.nn.Linear(3, 2)
+        out = quantize(model, spec)
+        assert torch.allclose(out.weight, model.weight * 0.5) and "halved" in quant_methods()
+        assert "halved" not in quant_methods("sentence_encoder")
+    finally:
+        _QUANTIZERS.pop(("halved", "classifier"))
+    import slimray.families.sentence_encoder.quantize  # noqa: F401  (registers the encoder's handlers)
+
+    assert set(quant_methods("sentence_encoder")) == {"none", "bf16", "dynamic_int8", "torchao_int8_dynamic"}

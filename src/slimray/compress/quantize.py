@@ -14,26 +14,70 @@
 
 ``torch.ao.quantization`` warns it is deprecated in favour of torchao; torchao's int8 paths only pay off
 under ``torch.compile`` on this CPU (see the project notes), so the eager FX path stays the default.
+
+A quantization is a config object (``QuantSpec``: the method and its options, JSON round trip) and a handler
+in one registry keyed by (method, model family), torchao's ``quantize_(model, Config)`` style: a new method is
+one ``@register_quantizer("name")`` function here (or in a family's module, with ``family=``); configs,
+artifacts and sweeps accept exactly the registered methods and refuse others at load, naming the field.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from torch import nn
 
 from slimray.schema import StrictModel
 
-QuantMethod = Literal[
-    "none", "dynamic_int8", "static_int8", "bf16", "fp16", "torchao_int8_dynamic", "torchao_int8_weight_only", "fp8"
-]
-# methods whose artifacts keep float weights and re-quantize at load
-QUANTIZE_AT_LOAD = frozenset({"torchao_int8_dynamic", "torchao_int8_weight_only", "fp8"})
+
+@dataclass(frozen=True)
+class Quantizer:
+    """One registered quantization: ``fn(model, spec, calibration, **options)`` returns the quantized model (it
+    may change ``model``, which ``quantize`` has already copied). ``at_load``: its artifacts keep float weights
+    and are quantized again when loaded (tensor subclasses that safetensors cannot hold)."""
+
+    method: str
+    family: str
+    fn: Callable[..., nn.Module]
+    at_load: bool = False
+
+
+_QUANTIZERS: dict[tuple[str, str], Quantizer] = {}
+
+
+def register_quantizer(method: str, *, family: str = "classifier", at_load: bool = False):
+    """Decorator: ``fn`` quantizes ``family``'s models with ``method``."""
+
+    def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _QUANTIZERS[(method, family)] = Quantizer(method, family, fn, at_load)
+        return fn
+
+    return add
+
+
+def quant_methods(family: str = "classifier") -> list[str]:
+    return [m for (m, f) in _QUANTIZERS if f == family]
+
+
+def quantizer(method: str, family: str = "classifier") -> Quantizer:
+    try:
+        return _QUANTIZERS[(method, family)]
+    except KeyError:
+        raise ValueError(f"unknown quantization {method!r} for {family} models; known: {', '.join(quant_methods(family))}") from None
+
+
+def check_method(method: str, family: str = "classifier") -> str:
+    quantizer(method, family)
+    return method
+
+
+QuantMethod = Annotated[str, AfterValidator(check_method)]
 
 
 class QuantSpec(StrictModel):
@@ -57,60 +101,84 @@ class HalfModel(nn.Module):
 Bf16Model = HalfModel  # the name earlier artifacts' code used
 
 
-def _torchao(model: nn.Module, method: str) -> nn.Module:
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Int8DynamicActivationInt8WeightConfig,
-        Int8WeightOnlyConfig,
-        quantize_,
-    )
-
-    if method == "fp8":
-        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
-            raise ValueError("fp8 needs a CUDA GPU with compute capability 8.9 or newer")
-        config = Float8DynamicActivationFloat8WeightConfig()
-    elif method == "torchao_int8_weight_only":
-        config = Int8WeightOnlyConfig()
-    else:
-        config = Int8DynamicActivationInt8WeightConfig()
-    quantize_(model, config)
-    return model
-
-
-def quantize(model: nn.Module, spec: QuantSpec, *, calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
+def quantize(model: nn.Module, spec: QuantSpec, *, calibration: Iterable[torch.Tensor] | None = None,
+             family: str = "classifier", **options: Any) -> nn.Module:
     """Return a quantized copy of ``model`` (in eval mode); ``model`` itself is left as it was.
 
     ``calibration`` yields input batches (already normalised); required for ``static_int8``.
     """
-    model = copy.deepcopy(model).eval()
-    if spec.method == "none":
-        return model
-    if spec.method in ("bf16", "fp16"):
-        return HalfModel(model, torch.bfloat16 if spec.method == "bf16" else torch.float16).eval()
-    if spec.method in QUANTIZE_AT_LOAD:
-        return _torchao(model, spec.method).eval()
+    q = quantizer(spec.method, family)
+    return q.fn(copy.deepcopy(model).eval(), spec, calibration, **options).eval()
+
+
+@register_quantizer("none")
+def _none(model: nn.Module, spec: QuantSpec, calibration: Any) -> nn.Module:
+    return model
+
+
+@register_quantizer("bf16")
+def _bf16(model: nn.Module, spec: QuantSpec, calibration: Any) -> nn.Module:
+    return HalfModel(model, torch.bfloat16)
+
+
+@register_quantizer("fp16")
+def _fp16(model: nn.Module, spec: QuantSpec, calibration: Any) -> nn.Module:
+    return HalfModel(model, torch.float16)
+
+
+def _torchao_config(method: str):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    if method == "fp8":
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+            raise ValueError("fp8 needs a CUDA GPU with compute capability 8.9 or newer")
+        return Float8DynamicActivationFloat8WeightConfig()
+    return Int8WeightOnlyConfig() if method == "torchao_int8_weight_only" else Int8DynamicActivationInt8WeightConfig()
+
+
+@register_quantizer("torchao_int8_dynamic", at_load=True)
+@register_quantizer("torchao_int8_weight_only", at_load=True)
+@register_quantizer("fp8", at_load=True)
+def _torchao(model: nn.Module, spec: QuantSpec, calibration: Any) -> nn.Module:
+    from torchao.quantization import quantize_
+
+    quantize_(model, _torchao_config(spec.method))
+    return model
+
+
+@register_quantizer("dynamic_int8")
+def _dynamic_int8(model: nn.Module, spec: QuantSpec, calibration: Any) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         torch.backends.quantized.engine = "x86" if spec.backend == "x86" else spec.backend
-        if spec.method == "dynamic_int8":
-            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-        if spec.method == "static_int8":
-            from torch.ao.quantization import get_default_qconfig_mapping
-            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
-            if calibration is None:
-                raise ValueError("static_int8 needs calibration batches")
-            batches = iter(calibration)
-            first = next(batches, None)
-            if first is None:
-                raise ValueError("static_int8 needs at least one calibration batch")
-            prepared = prepare_fx(model, get_default_qconfig_mapping(spec.backend), example_inputs=(first,))
-            with torch.inference_mode():
-                prepared(first)
-                for i, batch in enumerate(batches, start=1):
-                    if i >= spec.num_calibration_batches:
-                        break
-                    prepared(batch)
-            return convert_fx(prepared).eval()
-    raise AssertionError(f"unhandled quantization method {spec.method}")
+
+@register_quantizer("static_int8")
+def _static_int8(model: nn.Module, spec: QuantSpec, calibration: Iterable[torch.Tensor] | None) -> nn.Module:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    if calibration is None:
+        raise ValueError("static_int8 needs calibration batches")
+    batches = iter(calibration)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("static_int8 needs at least one calibration batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.backends.quantized.engine = "x86" if spec.backend == "x86" else spec.backend
+        prepared = prepare_fx(model, get_default_qconfig_mapping(spec.backend), example_inputs=(first,))
+        with torch.inference_mode():
+            prepared(first)
+            for i, batch in enumerate(batches, start=1):
+                if i >= spec.num_calibration_batches:
+                    break
+                prepared(batch)
+        return convert_fx(prepared)
+
+
+# methods whose (classifier) artifacts keep float weights and re-quantize at load
+QUANTIZE_AT_LOAD = frozenset(m for (m, f), q in _QUANTIZERS.items() if f == "classifier" and q.at_load)

@@ -14,10 +14,10 @@ from typing import Literal
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from slimray.config import ServeConfig
+from slimray.families.sentence_encoder.quantize import EncoderQuantMethod
 from slimray.schema import ConfigError, StrictModel
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-QuantName = Literal["none", "dynamic_int8", "bf16", "torchao_int8_dynamic"]
 
 
 class TextDataConfig(StrictModel):
@@ -127,7 +127,7 @@ class TextDistillConfig(StrictModel):
 class TextSearchConfig(StrictModel):
     use_tune: bool = Field(True, description="run the pruning trials on Ray Tune (False: in the driver)")
     prune_ratios: list[float] = Field([0.0], min_length=1, description="fraction of heads and FFN neurons removed per layer")
-    quantizations: list[QuantName] = Field(
+    quantizations: list[EncoderQuantMethod] = Field(
         ["none", "dynamic_int8"], min_length=1,
         description="none, dynamic_int8 (torch.ao), bf16 (fast only with AVX512-BF16/AMX; ~20x slower than fp32 on "
         "AVX2-only CPUs), torchao_int8_dynamic (torchao int8 under torch.compile; needs a C++ compiler)",

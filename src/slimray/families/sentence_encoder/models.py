@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimray.artifacts import decode_state, write_state_artifact
+from slimray.compress.quantize import QuantSpec, quant_methods, quantize, quantizer
+from slimray.families.sentence_encoder.quantize import FAMILY, EncoderQuantMethod
 from slimray.schema import StrictModel
 
 FORMAT = "slimray.text-model/1"
@@ -31,11 +32,10 @@ WEIGHTS = "model.safetensors"
 SPEC = "spec.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
-QuantMethod = Literal["none", "dynamic_int8", "bf16", "torchao_int8_dynamic"]
 EmbeddingStorage = Literal["float32", "float16", "int8"]
 # quantizations whose artifact holds float (or int8-stored, dequantized at load) weights and re-quantizes at load:
 # torchao's tensor subclasses cannot go into safetensors
-QUANTIZE_AT_LOAD = frozenset({"torchao_int8_dynamic"})
+QUANTIZE_AT_LOAD = frozenset(m for m in quant_methods(FAMILY) if quantizer(m, FAMILY).at_load)
 
 
 class TextArtifactSpec(StrictModel):
@@ -44,7 +44,7 @@ class TextArtifactSpec(StrictModel):
     bert_config: dict[str, Any] = Field(description="transformers BertConfig.to_dict() of the unpruned architecture")
     heads_per_layer: list[int] = Field(description="attention heads kept in each layer (head size unchanged)")
     ffn_per_layer: list[int] = Field(description="FFN (intermediate) neurons kept in each layer")
-    quantization: QuantMethod = "none"
+    quantization: EncoderQuantMethod = "none"
     max_seq_len: int = Field(64, ge=8, le=512)
     pooling: Literal["mean"] = "mean"
     normalize: bool = True
@@ -232,34 +232,9 @@ class Bf16Encoder(nn.Module):
         return self.inner(**kwargs)
 
 
-def quantize_text(model: nn.Module, method: QuantMethod, *, compile: bool = True) -> nn.Module:
-    """A quantized copy of a float BERT.
-
-    ``dynamic_int8``: Linear layers through torch.ao (per-channel int8 weights, activations quantized on the fly);
-    ``bf16``: the whole encoder in bfloat16; ``torchao_int8_dynamic``: torchao int8 weights + int8 dynamic
-    activations on every Linear, run under ``torch.compile`` (inductor, frozen weights, dynamic shapes: one
-    graph for every batch size and sequence length), the path where torchao pays off on CPU. Compilation happens
-    at the first call (tens of seconds); ``compile=False`` gives the eager torchao model (same numbers, slower).
-    """
-    model = copy.deepcopy(model).eval()
-    if method == "none":
-        return model
-    if method == "bf16":
-        return Bf16Encoder(model).eval()
-    if method == "dynamic_int8":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.quantized.engine = "x86"
-            qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # per-channel weights: closer to fp32 on BERT
-            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8)
-    if method == "torchao_int8_dynamic":
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_(model, Int8DynamicActivationInt8WeightConfig())
-        return compile_encoder(model) if compile else model
-    raise ValueError(f"unknown quantization {method!r}")
+def quantize_text(model: nn.Module, method: str, *, compile: bool = True) -> nn.Module:
+    """A quantized copy of a float BERT (the family's handlers in ``quantize.py``; ``compile``: see there)."""
+    return quantize(model, QuantSpec(method=method), family=FAMILY, compile=compile)
 
 
 def compile_encoder(model: nn.Module) -> nn.Module:
@@ -374,7 +349,7 @@ def artifact_bytes(path: str | Path) -> int:
     return (Path(path) / WEIGHTS).stat().st_size
 
 
-def spec_for(model: nn.Module, *, name: str, base_config: dict[str, Any], quantization: QuantMethod = "none",
+def spec_for(model: nn.Module, *, name: str, base_config: dict[str, Any], quantization: str = "none",
              max_seq_len: int = 64, metadata: dict[str, Any] | None = None,
              embedding_storage: EmbeddingStorage = "float32") -> TextArtifactSpec:
     """The spec of a float BERT ``model`` (widths read from the model)."""
