@@ -56,10 +56,12 @@ DataConfig = Annotated[
 
 
 class TeacherConfig(StrictModel):
-    """Where the teacher comes from: the user's module + safetensors weights (``module``), a pretrained
-    teacher from a package (``ccexam_mnist``), or one trained on labels in the pipeline (``train``)."""
+    """Where the teacher comes from: the user's module + safetensors weights (``module``), a local Hugging Face
+    image-classifier folder (``huggingface``), a pretrained teacher from a package (``ccexam_mnist``), or one
+    trained on labels in the pipeline (``train``)."""
 
-    source: Literal["module", "ccexam_mnist", "train"]
+    source: Literal["module", "huggingface", "ccexam_mnist", "train"]
+    path: str | None = Field(None, description="source huggingface: a local folder written by save_pretrained (config.json + model.safetensors)")
     model: ModelSpec | None = Field(None, description="architecture to train (source: train)")
     factory: str | None = Field(None, description="source module: 'package.module:function' returning the nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="source module: keyword arguments for the factory")
@@ -86,10 +88,38 @@ class TeacherConfig(StrictModel):
                 raise ValueError(f"teacher.source 'module' needs {' and '.join('teacher.' + m for m in missing)}")
         elif module_fields:
             raise ValueError(f"teacher.{module_fields[0]} is only for source: module (this teacher's source is {self.source!r})")
+        if self.source == "huggingface":
+            if self.path is None:
+                raise ValueError("teacher.source 'huggingface' needs teacher.path (a local folder saved with save_pretrained)")
+        elif self.path is not None:
+            raise ValueError(f"teacher.path is only for source: huggingface (this teacher's source is {self.source!r})")
         return self
 
+    @property
+    def is_users(self) -> bool:
+        """The user's own model (by factory or a HF folder): checked before Ray, derived students by pruning."""
+        return self.source in ("module", "huggingface")
+
+    def _hf_config(self) -> dict[str, Any]:
+        """The folder's config.json, checked (read when the run opens, after relative paths are resolved)."""
+        from slimray.families.classifier.hf import image_classifier_types
+        from slimray.families.hf import read_hf_folder
+
+        try:
+            return read_hf_folder(self.path, field="teacher.path", model_types=image_classifier_types(),
+                                  what="the classifier family (AutoModelForImageClassification)")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def weights_file(self) -> str:
+        return self.weights if self.source == "module" else str(Path(self.path) / "model.safetensors")
+
     def module_spec(self) -> ModuleSpec:
-        assert self.source == "module" and self.factory is not None
+        assert self.is_users
+        if self.source == "huggingface":
+            from slimray.families.classifier.hf import FACTORY
+
+            return ModuleSpec(factory=FACTORY, kwargs={"config": self._hf_config()})
         return ModuleSpec(factory=self.factory, kwargs=self.kwargs, code_dir=self.code_dir)
 
 
@@ -350,8 +380,9 @@ class PipelineConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
         dv = self.distill.derive
-        if dv is not None and dv.drop_blocks and self.teacher.source != "module":
-            raise ValueError("distill.derive.drop_blocks needs a teacher of your own (teacher.source: module); built-in specs have no repeated blocks")
+        if dv is not None and dv.drop_blocks and not self.teacher.is_users:
+            raise ValueError("distill.derive.drop_blocks needs a teacher of your own (teacher.source: module or huggingface); "
+                             "built-in specs have no repeated blocks")
         if dv is not None and dv.keep == 1.0 and not dv.drop_blocks:
             raise ValueError("distill.derive with keep 1 and no drop_blocks derives nothing smaller; lower keep or set drop_blocks")
         if self.teacher.source == "ccexam_mnist" and getattr(self.data, "name", None) != "mnist":
@@ -422,7 +453,7 @@ def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     data = cfg.model_dump()
     if cfg.data.source == "files":
         data["data"] = cfg.data.resolve_paths(base).model_dump()
-    for key in ("weights", "code_dir"):
+    for key in ("weights", "code_dir", "path"):
         v = data["teacher"].get(key)
         if v is not None and not Path(v).is_absolute():
             data["teacher"][key] = str((base / v).resolve())

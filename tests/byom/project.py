@@ -118,3 +118,33 @@ def mlp_project(root: Path, *, name: str = "user-mlp", code_dir: Path = CODE_DIR
     path = root / "slimray.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def hf_resnet_project(root: Path, *, name: str = "user-hf-resnet") -> Path:
+    """A Hugging Face ResNet image classifier (the user's, trained briefly) saved with save_pretrained, on digits as
+    an image folder of PNGs; returns the config path."""
+    import transformers
+
+    from slimray.families.classifier.hf import HFImageClassifier
+
+    x, y = digits_arrays(seed=2)
+    n_test = 300
+    write_image_folder(root / "data" / "train", x[n_test:], y[n_test:])
+    write_image_folder(root / "data" / "test", x[:n_test], y[:n_test])
+    config = transformers.ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[24, 48], depths=[2, 2], layer_type="basic",
+                                       num_labels=10, downsample_in_first_stage=False, embedding_kernel_size=3)
+    torch.manual_seed(0)
+    hf = transformers.ResNetForImageClassification(config)
+    train_teacher(HFImageClassifier(hf), ((x[n_test:] - 0.3) / 0.4)[:, None], y[n_test:], epochs=10)
+    hf.save_pretrained(root / "hf-teacher")
+    cfg = {
+        "name": name,
+        "data": {"source": "files", "train": "data/train", "test": "data/test", "val_fraction": 0.15, "mean": [0.3], "std": [0.4]},
+        "teacher": {"source": "huggingface", "path": "hf-teacher"},
+        "distill": {"derive": {"keep": 0.5}, "epochs": 5, "batch_size": 64, "lr": 3e-3, "num_workers": 2, "labels_only_baseline": False},
+        "search": {"space": {"prune_ratios": [0.0, 0.3], "quantizations": ["none"], "runtimes": ["torch"]},
+                   "finetune_epochs": 1, "num_timing_repeats": 5, "max_accuracy_drop": 5.0, "serving_batch_size": 32},
+    }
+    path = root / "slimray.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

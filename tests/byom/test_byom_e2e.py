@@ -57,26 +57,9 @@ def _check_run(run_dir: Path, *, factory: str) -> dict:
     return report
 
 
-def test_residual_cnn_on_an_image_folder_is_derived_distilled_searched_and_served(tmp_path):
-    cfg = project.resnet_project(tmp_path)
-    out = _cli(["run", "--config", str(cfg), "--no-serve", "--out", str(tmp_path / "runs")], cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "user-resnet"
-    report = _check_run(run_dir, factory="user_models:resnet")
-    assert report["dataset"] == "files"
-    # depth: one of the two repeated residual blocks of stage1 dropped (the one that mattered least), then width
-    student = load_spec(run_dir / "student")
-    assert len(student.model.removed_modules) == 1 and student.model.removed_modules[0] in ("stage1.0", "stage1.1")
-    derived = student.metadata["derived"]
-    assert derived["dropped_blocks"] == student.model.removed_modules and len(derived["kept_blocks"]) == 1
-    # the winner was chosen on the user's metric (macro F1), within its budget of the teacher's value
-    m = report["metric"]
-    assert m["name"] == "user_metrics:macro_f1" and m["budget"] == 0.03 and 0.5 < m["teacher_reference"] <= 1.0
-    assert all("metric_value" in t for t in report["trials"])
-    assert 0.0 <= report["winner"]["metric"]["val"] <= 1.0
-    if report["constraint_met"]:
-        assert report["winner"]["metric"]["val"] >= m["teacher_reference"] - m["budget"] - 1e-9
-
+def _served_like_in_process(run_dir: Path, *, cwd: Path) -> None:
+    """`slimray serve` in a subprocess answers like the winner in-process; a bad request gets a 422."""
+    tmp_path = cwd
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     server = subprocess.Popen([sys.executable, "-m", "slimray.cli", "serve", str(run_dir), "--port", str(port)], cwd=tmp_path, env=env,
@@ -110,6 +93,29 @@ def test_residual_cnn_on_an_image_folder_is_derived_distilled_searched_and_serve
             os.killpg(server.pid, signal.SIGKILL)
 
 
+def test_residual_cnn_on_an_image_folder_is_derived_distilled_searched_and_served(tmp_path):
+    cfg = project.resnet_project(tmp_path)
+    out = _cli(["run", "--config", str(cfg), "--no-serve", "--out", str(tmp_path / "runs")], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "user-resnet"
+    report = _check_run(run_dir, factory="user_models:resnet")
+    assert report["dataset"] == "files"
+    # depth: one of the two repeated residual blocks of stage1 dropped (the one that mattered least), then width
+    student = load_spec(run_dir / "student")
+    assert len(student.model.removed_modules) == 1 and student.model.removed_modules[0] in ("stage1.0", "stage1.1")
+    derived = student.metadata["derived"]
+    assert derived["dropped_blocks"] == student.model.removed_modules and len(derived["kept_blocks"]) == 1
+    # the winner was chosen on the user's metric (macro F1), within its budget of the teacher's value
+    m = report["metric"]
+    assert m["name"] == "user_metrics:macro_f1" and m["budget"] == 0.03 and 0.5 < m["teacher_reference"] <= 1.0
+    assert all("metric_value" in t for t in report["trials"])
+    assert 0.0 <= report["winner"]["metric"]["val"] <= 1.0
+    if report["constraint_met"]:
+        assert report["winner"]["metric"]["val"] >= m["teacher_reference"] - m["budget"] - 1e-9
+
+    _served_like_in_process(run_dir, cwd=tmp_path)
+
+
 @pytest.mark.long
 def test_mlp_on_parquet_runs_end_to_end(tmp_path):
     cfg = project.mlp_project(tmp_path)
@@ -122,3 +128,16 @@ def test_mlp_on_parquet_runs_end_to_end(tmp_path):
     with torch.inference_mode():
         acc = (model(normalize(torch.from_numpy(x), spec.input)).argmax(1).numpy() == y).mean()
     assert acc > 0.85
+
+
+@pytest.mark.long
+def test_hugging_face_image_classifier_folder_runs_end_to_end_and_is_served(tmp_path):
+    """teacher.source: huggingface: the user's HF ResNet folder (save_pretrained), a student derived from it by
+    pruning, distilled on 2 Ray Train workers, searched, reported and served like in-process."""
+    cfg = project.hf_resnet_project(tmp_path)
+    out = _cli(["run", "--config", str(cfg), "--no-serve", "--out", str(tmp_path / "runs")], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "user-hf-resnet"
+    _check_run(run_dir, factory="slimray.families.classifier.hf:from_config")
+    assert load_spec(run_dir / "winner").model.kwargs["config"]["model_type"] == "resnet"
+    _served_like_in_process(run_dir, cwd=tmp_path)

@@ -48,9 +48,9 @@ def _teacher(run: Run, data: TrainData) -> tuple[torch.nn.Module, ArtifactSpec]:
     if reusable(path, log=log):  # verified against its sha256s; a damaged one is rebuilt
         log("teacher: reusing the saved teacher")
         return load_artifact(path)
-    if cfg.teacher.source == "module":
+    if cfg.teacher.is_users:
         spec = cfg.teacher.module_spec()
-        log(f"teacher: {spec.factory} with weights {cfg.teacher.weights}")
+        log(f"teacher: {spec.factory if cfg.teacher.source == 'module' else cfg.teacher.path} with weights {cfg.teacher.weights_file()}")
         model = run.user_teacher if run.user_teacher is not None else load_user_teacher(cfg)
     elif cfg.teacher.source == "ccexam_mnist":
         log("teacher: the pretrained ccexam MNIST CNN")
@@ -72,26 +72,33 @@ def _teacher(run: Run, data: TrainData) -> tuple[torch.nn.Module, ArtifactSpec]:
 
 
 def load_user_teacher(cfg: PipelineConfig) -> torch.nn.Module:
-    """The user's teacher: ``factory(**kwargs)`` with its safetensors weights (mismatches listed), in eval mode."""
+    """The user's teacher: ``factory(**kwargs)`` (or the HF folder's architecture) with its safetensors weights
+    (mismatches listed), in eval mode."""
+    from slimray.families.classifier.hf import HFImageClassifier
+
     t = cfg.teacher
-    model = build_from_factory(t.factory, t.kwargs, code_dir=t.code_dir)
-    load_weights(model, t.weights)
+    spec = t.module_spec()
+    field = "teacher.factory" if t.source == "module" else "teacher.path"
+    model = build_from_factory(spec.factory, spec.kwargs, code_dir=spec.code_dir, field=field)
+    field = "teacher.weights" if t.source == "module" else "teacher.path"
+    load_weights(model.model if isinstance(model, HFImageClassifier) else model, t.weights_file(), field=field)
     return model.eval()
 
 
 def check_takes_examples(model: torch.nn.Module, cfg: PipelineConfig, input_shape: list[int]) -> None:
     """One forward pass on zeros: the user's module must take the data's examples and return (batch, classes) logits."""
-    factory = cfg.teacher.factory
+    label = "teacher.factory" if cfg.teacher.source == "module" else "teacher.path"
+    factory = cfg.teacher.factory or cfg.teacher.path
     try:
         with torch.inference_mode():
             out = model(torch.zeros(2, *input_shape))
     except Exception as err:
         raise ConfigError(
-            f"teacher.factory {factory!r}: the module fails on a batch of examples shaped {input_shape} "
+            f"{label} {factory!r}: the module fails on a batch of examples shaped {input_shape} "
             f"(from the data): {type(err).__name__}: {err}"
         ) from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise ConfigError(f"teacher.factory {factory!r}: a classifier must return logits shaped (batch, classes), got "
+        raise ConfigError(f"{label} {factory!r}: a classifier must return logits shaped (batch, classes), got "
                           f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else list(out.shape)}")
 
 
@@ -233,7 +240,7 @@ def read_test_sample(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 def check_config(cfg: PipelineConfig) -> torch.nn.Module | None:
     """Before the run folder and Ray: the user's code and weights (the loaded teacher is returned, and kept for
     the teacher stage)."""
-    return load_user_teacher(cfg) if cfg.teacher.source == "module" else None
+    return load_user_teacher(cfg) if cfg.teacher.is_users else None
 
 
 def open_run(cfg: PipelineConfig, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False) -> Run:

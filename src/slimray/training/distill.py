@@ -393,7 +393,7 @@ def check_teacher_layer(cfg: Any) -> None:
         return
     from slimray.families.classifier.teachers import CCEXAM_MNIST_SPEC
 
-    if cfg.teacher.source == "module":
+    if cfg.teacher.is_users:
         spec = cfg.teacher.module_spec()
     else:
         spec = cfg.teacher.model if cfg.teacher.source == "train" else CCEXAM_MNIST_SPEC
@@ -402,7 +402,7 @@ def check_teacher_layer(cfg: Any) -> None:
     if cfg.distill.student is None:  # a derived student has the teacher's module names
         find_layer(teacher, fk.student_layer, role="student")
         return
-    if cfg.teacher.source == "module":  # the projection needs the data's input shape: checked before training
+    if cfg.teacher.is_users:  # the projection needs the data's input shape: checked before training
         return
     build_projection(build_model(cfg.distill.student), teacher, fk, example_input(cfg.distill.student))
 

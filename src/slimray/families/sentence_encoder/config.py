@@ -77,29 +77,10 @@ class TextModelConfig(StrictModel):
 
 def check_hf_folder(path: str) -> int:
     """A local Hugging Face encoder folder slimray can load without remote code; returns its number of layers."""
-    import json
+    from slimray.families.hf import read_hf_folder
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(
-            f"model.path {path!r} is not a folder; slimray loads no model from a hub: save it with "
-            "save_pretrained(folder) where the hub is reachable and give that folder"
-        )
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"model.path {path!r} has no config.json (expected a folder written by save_pretrained)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"model.path {path!r}: config.json is not JSON: {err}") from None
-    if cfg.get("auto_map"):
-        raise ValueError(f"model.path {path!r}: config.json asks for remote code (auto_map); slimray never runs it")
-    if cfg.get("model_type") != "bert":
-        raise ValueError(f"model.path {path!r}: model_type {cfg.get('model_type')!r}; the sentence-encoder path takes BERT-architecture encoders")
-    missing = [f for f in ("tokenizer.json", "model.safetensors") if not (folder / f).is_file()]
-    if missing:
-        hint = " (pytorch_model.bin is a pickle and is not loaded: save with safe_serialization=True)" if "model.safetensors" in missing else ""
-        raise ValueError(f"model.path {path!r} lacks {', '.join(missing)}{hint}")
+    cfg = read_hf_folder(path, field="model.path", model_types={"bert"}, what="the sentence-encoder family",
+                         files=("tokenizer.json", "model.safetensors"))
     return int(cfg.get("num_hidden_layers", 0))
 
 
