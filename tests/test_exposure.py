@@ -79,7 +79,7 @@ def test_non_loopback_host_without_a_key_warns_once(monkeypatch):
 
 
 def test_self_check_sends_the_key_named_by_api_key_env(monkeypatch):
-    from slimray.cli import _post_json
+    from slimray.serving.checks import post_json as _post_json
 
     seen: list[str | None] = []
 
