@@ -40,6 +40,10 @@ class BuiltinDataConfig(StrictModel):
     source: Literal["builtin"] = "builtin"
     name: Literal["mnist", "digits"]
     seed: int = Field(0, description="split seed (digits only; MNIST has fixed splits)")
+    stream: bool = Field(
+        False, description="read it through Ray Data like files (written once as Parquet under RUN/data/; Train workers read "
+        "shards, the teacher's outputs are a batch-inference job); default: loaded once and shared through the object store",
+    )
 
 
 def _data_kind(value: Any) -> str:

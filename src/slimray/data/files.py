@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,34 @@ def load_files_data(cfg: FilesDataConfig) -> FilesData:
     except ValueError as err:
         raise ConfigError(f"data.mean/std: {err}") from None
     return FilesData(name=cfg.name, input=spec, num_classes=num_classes, train=train, num_train=stats["n"], val=val, test=test, classes=classes)
+
+
+# --- built-in datasets as files: the same source, read the same way -------------------------------------
+
+def builtin_as_files(ds: Any, out_dir: Path) -> FilesDataConfig:
+    """A built-in dataset (``slimray.data.Dataset``) written once as Parquet (one file per split, a fixed-size
+    list column ``x`` and ``y``) into ``out_dir`` (temporary folder + rename; reused when present), and the files
+    config that reads it back: the built-in data then goes through Ray Data like the user's files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not (out_dir / "train.parquet").exists():
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for split in ("train", "val", "test"):
+            sp = getattr(ds, split)
+            flat = np.ascontiguousarray(sp.x.reshape(len(sp.y), -1), dtype=np.float32)
+            col = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+            pq.write_table(pa.table({"x": col, "y": pa.array(sp.y.astype(np.int64))}), tmp / f"{split}.parquet")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    spec = ds.input
+    return FilesDataConfig(
+        source="files", name=ds.name, format="parquet", train=str(out_dir / "train.parquet"), val=str(out_dir / "val.parquet"),
+        test=str(out_dir / "test.parquet"), input_shape=list(spec.shape), num_classes=ds.num_classes, mean=spec.mean, std=spec.std,
+        min_value=spec.min_value, max_value=spec.max_value, max_eval_examples=max(len(ds.val), len(ds.test)),
+    )
 
 
 # --- teacher outputs: a Ray Data batch-inference job ----------------------------------------------------

@@ -263,11 +263,15 @@ def open_data(cfg: PipelineConfig, run_dir: Path, t_start: float, *, user_teache
             num_trials=cfg.distill_sweep.num_trials, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker,
             use_gpu=s.use_gpu, max_concurrent_trials=s.max_concurrent_trials, what="distillation sweep",
         )
-    if cfg.data.source == "files":
-        from slimray.data.files import load_files_data
+    streamed = cfg.data.source == "files" or cfg.data.stream
+    if streamed:
+        from slimray.data.files import builtin_as_files, load_files_data
 
-        log(f"data: reading {cfg.data.train} with Ray Data (one checking pass over the training split)")
-        fd = load_files_data(cfg.data)
+        files_cfg = cfg.data
+        if cfg.data.source == "builtin":  # the built-in dataset as a files source (Parquet in the run folder)
+            files_cfg = builtin_as_files(load_dataset(cfg.data.name, seed=cfg.data.seed), run_dir / "data")
+        log(f"data: reading {files_cfg.train} with Ray Data (one checking pass over the training split)")
+        fd = load_files_data(files_cfg)
         if user_teacher is not None:
             check_takes_examples(user_teacher, cfg, fd.input.shape)
         norm = lambda s: (fd.input.normalize(torch.from_numpy(s.x)), torch.from_numpy(s.y))  # noqa: E731
