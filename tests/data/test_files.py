@@ -175,8 +175,6 @@ def test_a_builtin_dataset_streams_through_ray_data_like_files(ray_session, tmp_
 
     cfg = tiny_digits_config("digits-stream").model_dump()
     cfg["data"]["stream"] = True
-    cfg["teacher"]["epochs"] = 6
-    cfg["distill"]["epochs"] = 4
     cfg["search"]["space"] = {"prune_ratios": [0.0], "quantizations": ["none"], "runtimes": ["torch"]}
     report = run_pipeline(PipelineConfig.model_validate(cfg), out_dir=tmp_path)
     run_dir = tmp_path / "digits-stream"
