@@ -8,7 +8,12 @@ request per session (batching requests of different lengths per decode step is t
 
 ``RUNTIMES``: ``hf_eager`` (``model.generate``'s own path: DynamicCache, eager), ``static`` (StaticCache, eager),
 ``static_compiled`` (StaticCache, the one-token step compiled with static shapes; the compile costs seconds
-per batch size at the first step). Measured numbers: ``bench/llm_notes.md``.
+per batch size at the first step: 9-13 s warm, 78 s cold on the 30-layer teacher).
+
+Measured (``bench/llm_notes.md``; SmolLM2 teacher, batch-1 decode, 1 thread, loaded shared 2-core box, fastest of
+7 interleaved rounds): fp32 ``hf_eager`` 19.2 tok/s vs ``static_compiled`` 19.5; token_int8 ``hf_eager`` 44.2 vs
+``static_compiled`` 28.4. The compiled loop did not win here, so ``hf_eager`` stays the default; ``static`` (eager)
+is what the OpenAI generator uses for one request at a time (preallocated cache, no per-step allocation).
 """
 
 from __future__ import annotations
