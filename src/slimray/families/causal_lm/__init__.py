@@ -1,0 +1,27 @@
+"""The ``causal_lm`` family (issue #17): decoder language models such as SmolLM2-135M (Llama architecture).
+
+Pure torch/transformers modules, none of which imports ray:
+``teacher`` (packaged GGUF -> HF folder, loading a local folder), ``data`` (Wikipedia summaries split by article,
+JSONL text, packed windows), ``evaluate`` (perplexity, agreement, prefill/decode speed, size, memory), ``prune``
+(depth by measured layer importance, width by KV groups and MLP neurons), ``kd`` (token-level KL, cached top-k),
+``runtime`` (HF generate and a compiled static-cache decode loop), ``quantize`` (int8 variants, bf16) and
+``openai`` (OpenAI-compatible request models, sampling generator, response and SSE shapes).
+
+Entry points the family plug-in wires (all keyword arguments beyond the first one or two):
+- teacher: ``ensure_smollm2_teacher(out_dir) -> Path``, ``convert_gguf(gguf_path, out_dir)``,
+  ``check_causal_lm_folder(path) -> dict``, ``load_causal_lm(path, *, dtype) -> (model, tokenizer)``
+- data: ``load_wiki_summaries()``, ``load_jsonl_texts(path, *, text_field, group_field)``,
+  ``split_documents(docs, *, seed, val_fraction, test_fraction) -> {"train","val","test"}``,
+  ``pack_windows(docs, tokenizer, *, window_len, num_windows) -> LongTensor [N, L]``
+- prune: ``prune_depth(model, windows, *, num_layers_to_drop, iterative) -> DepthPruneReport``,
+  ``prune_width(model, *, num_kv_heads, intermediate_size, calibration) -> WidthPruneReport``
+- kd: ``distill(student, windows, *, config: KDConfig, teacher= | topk=, layer_map, on_step) -> list[KDStep]``,
+  ``kl_loss``, ``topk_kl_loss``, ``hidden_loss``, ``cache_teacher_topk``
+- quantize: ``quantize_lm(model, *, method, keep_float) -> model``
+- runtime: ``make_session(model, runtime, *, max_cache_len, batch_size)`` (``prefill``/``step``), ``greedy_decode``,
+  ``hf_generate``
+- evaluate: ``evaluate_lm(model, windows, *, teacher, runtime, folder, ...) -> LMEvaluation`` and its parts
+- artifacts: ``save_lm(model, tokenizer, out_dir, *, meta)``, ``load_lm(path) -> (model, tokenizer, meta)``
+- openai: ``parse_request(kind, body)``, ``prepare(request, tokenizer, *, limits)``, ``complete(...)``,
+  ``stream(...)``, ``models_body(ids)``, ``RequestError.status/.body()``
+"""

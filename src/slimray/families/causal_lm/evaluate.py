@@ -1,0 +1,153 @@
+"""Held-out quality and speed of causal LMs (pure torch, no ray; call with 1 torch thread for stable numbers).
+
+Quality, on windows from ``data.pack_windows`` (non-overlapping, so stride = window length): perplexity is
+``exp`` of the mean next-token negative log-likelihood over every predicted token (each window predicts its
+tokens 1..L-1 from the ones before it; the first token of a window is not scored). Top-1 agreement is the
+fraction of those positions where the model's argmax equals the teacher's.
+
+Speed, on fixed random prompts (seeded; content does not change the cost): prefill tokens/s is
+``prompt_len / median(forward time)`` for one ``[1, prompt_len]`` forward; decode tokens/s at batch B is
+``B * (N - 1) / median(t_N - t_1)``, where ``t_k`` is the time to prefill a short prompt and produce k tokens,
+so the prefill is subtracted and only the one-token steps are counted. Decoding goes through a ``runtime``
+session (``hf_eager`` is the teacher as given). Size on disk is the sum of a folder's files; peak memory is the
+resident-set growth of a call (``slimray.compress.measure.peak_memory_bytes``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slimray.compress.measure import peak_memory_bytes, torch_threads
+from slimray.families.causal_lm.runtime import RuntimeName, greedy_decode, hf_generate, make_session
+from slimray.schema import StrictModel
+
+__all__ = ["LMEvaluation", "perplexity", "top1_agreement", "prefill_tokens_per_s", "decode_tokens_per_s",
+           "dir_size_bytes", "peak_memory_bytes", "evaluate_lm"]
+
+
+@torch.inference_mode()
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, use_cache=False).logits.float()
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 4) -> float:
+    """Token-level perplexity over ``windows [N, L]`` (N*(L-1) predicted tokens)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i:i + batch_size]
+        logits = _logits(model, ids)[:, :-1]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total += nll.item()
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.inference_mode()
+def top1_agreement(model: torch.nn.Module, teacher: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 4) -> float:
+    """Fraction of predicted positions where ``model``'s next-token argmax equals ``teacher``'s."""
+    model.eval()
+    teacher.eval()
+    same, count = 0, 0
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i:i + batch_size]
+        a = _logits(model, ids)[:, :-1].argmax(-1)
+        b = _logits(teacher, ids)[:, :-1].argmax(-1)
+        same += (a == b).sum().item()
+        count += a.numel()
+    return same / count
+
+
+def _prompt(model: torch.nn.Module, *, batch_size: int, length: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (batch_size, length), generator=g)
+
+
+@torch.inference_mode()
+def prefill_tokens_per_s(model: torch.nn.Module, *, prompt_len: int = 256, num_repeats: int = 3, seed: int = 0) -> float:
+    """Tokens/s of one forward over a ``[1, prompt_len]`` prompt (median of ``num_repeats`` after a warm-up)."""
+    ids = _prompt(model, batch_size=1, length=prompt_len, seed=seed)
+    model(ids, use_cache=False, logits_to_keep=1)
+    times = []
+    for _ in range(num_repeats):
+        t0 = time.perf_counter()
+        model(ids, use_cache=True, logits_to_keep=1)
+        times.append(time.perf_counter() - t0)
+    return prompt_len / statistics.median(times)
+
+
+def decode_tokens_per_s(model: torch.nn.Module, *, runtime: RuntimeName = "hf_eager", batch_size: int = 1,
+                        num_new_tokens: int = 32, prompt_len: int = 16, num_repeats: int = 3, seed: int = 0) -> float:
+    """Generated tokens/s (all rows together) of the one-token decode steps, prefill subtracted (see module doc)."""
+    if num_new_tokens < 2:
+        raise ValueError("num_new_tokens must be at least 2")
+    ids = _prompt(model, batch_size=batch_size, length=prompt_len, seed=seed)
+    if runtime == "hf_eager":
+        def run(n: int) -> None:
+            hf_generate(model, ids, num_new_tokens=n)
+    else:
+        session = make_session(model, runtime, max_cache_len=prompt_len + num_new_tokens, batch_size=batch_size)
+
+        def run(n: int) -> None:
+            greedy_decode(session, ids, num_new_tokens=n)
+    run(num_new_tokens)  # warm-up (and compile)
+    t1, tn = [], []
+    for _ in range(num_repeats):
+        for n, acc in ((1, t1), (num_new_tokens, tn)):
+            t0 = time.perf_counter()
+            run(n)
+            acc.append(time.perf_counter() - t0)
+    step_time = max(statistics.median(tn) - statistics.median(t1), 1e-9)
+    return batch_size * (num_new_tokens - 1) / step_time
+
+
+def dir_size_bytes(path: str | Path) -> int:
+    """Bytes of all files under ``path`` (a model folder as saved)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class LMEvaluation(StrictModel):
+    """One model's figures; speeds in tokens/s, ``None`` where not measured."""
+
+    perplexity: float
+    num_windows: int
+    window_len: int
+    top1_agreement: float | None = None
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s_b1: float | None = None
+    decode_tokens_per_s_b8: float | None = None
+    runtime: str = "hf_eager"
+    size_bytes: int | None = None
+    peak_memory_bytes: int | None = None
+
+
+def evaluate_lm(model: torch.nn.Module, windows: torch.Tensor, *, teacher: torch.nn.Module | None = None,
+                runtime: RuntimeName = "hf_eager", folder: str | Path | None = None, speed: bool = True,
+                prefill_len: int = 256, num_new_tokens: int = 32, num_threads: int = 1,
+                decode_batch_sizes: tuple[int, ...] = (1, 8)) -> LMEvaluation:
+    """Perplexity (+ agreement with ``teacher``), prefill/decode speed in ``runtime``, size of ``folder``, and the
+    peak memory of one batch-1 decode; deterministic given the inputs (random prompts are seeded)."""
+    with torch_threads(num_threads):
+        result = {"perplexity": perplexity(model, windows), "num_windows": len(windows), "window_len": windows.shape[1],
+                  "runtime": runtime}
+        if teacher is not None:
+            result["top1_agreement"] = top1_agreement(model, teacher, windows)
+        if speed:
+            result["prefill_tokens_per_s"] = prefill_tokens_per_s(model, prompt_len=prefill_len)
+            for b in decode_batch_sizes:
+                if b in (1, 8):
+                    result[f"decode_tokens_per_s_b{b}"] = decode_tokens_per_s(
+                        model, runtime=runtime, batch_size=b, num_new_tokens=num_new_tokens)
+            ids = _prompt(model, batch_size=1, length=16, seed=1)
+            result["peak_memory_bytes"], _ = peak_memory_bytes(lambda: hf_generate(model, ids, num_new_tokens=8))
+        if folder is not None:
+            result["size_bytes"] = dir_size_bytes(folder)
+    return LMEvaluation(**result)

@@ -1,0 +1,161 @@
+"""Knowledge distillation for causal LMs (pure torch, no ray): token-level KL to the teacher (full logits with
+the teacher in the loop, or its top-k logits cached per token), optional next-token cross-entropy and
+hidden-state losses, and a plain training loop the Ray Train worker can call.
+
+- ``kl_loss``: KL(teacher_T || student_T) per token, mean over tokens, times T^2 (Hinton's scaling).
+- ``topk_kl_loss``: the teacher's distribution restricted to its top-k tokens and renormalised; the student's
+  full-vocabulary log-probabilities at those k ids. k=32 holds most of the teacher's mass on SmolLM2.
+- ``hidden_loss``: MSE between student and teacher hidden states at mapped layers (student layer i <- teacher
+  layer ``layer_map[i]``; after depth pruning, the kept teacher layers' own outputs).
+
+Teacher in the loop vs cached top-k logits (measured, ``bench/llm_prune_kd.py``: SmolLM2 30-layer teacher,
+20-layer student, batch 2x128, 1 thread, on a 2-core machine shared with other jobs, so absolute times are slow):
+teacher in the loop 3.9 s/step; cached top-32 3.3 s/step plus 0.56 s per 128-token window to build the cache
+once (1.1 s per step's worth of data); the cache holds 192 bytes/token (fp16 values + int32 ids; ~190 MB per
+million tokens). The student's backward dominates the step, so the teacher forward is only ~15% of it.
+Choice (``CHOICE``): teacher in the loop for one distillation run over fresh data (no cache to build or store,
+exact full-vocabulary KL); cached top-k when the same windows are used again (several epochs, or several Tune
+trials distilling students from one teacher on the same data): it pays back from the second use.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from slimray.schema import StrictModel
+
+CHOICE = "teacher_in_loop"  # for a single run; "topk_cache" when several runs/epochs reuse the same windows
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) at ``temperature`` (times T^2); logits ``[..., V]``."""
+    t = temperature
+    s = F.log_softmax(student_logits.float() / t, -1).reshape(-1, student_logits.shape[-1])
+    p = F.log_softmax(teacher_logits.float() / t, -1).reshape(-1, teacher_logits.shape[-1])
+    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+
+
+def topk_kl_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor, *,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """KL from the teacher's renormalised top-k distribution (values/indices ``[..., k]``) to the student."""
+    t = temperature
+    s = F.log_softmax(student_logits.float() / t, -1).gather(-1, topk_indices.long())
+    p_log = F.log_softmax(topk_values.float() / t, -1)
+    return (p_log.exp() * (p_log - s)).sum(-1).mean() * t * t
+
+
+def hidden_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], *,
+                layer_map: Sequence[int]) -> torch.Tensor:
+    """Mean MSE between student hidden state i+1 and teacher hidden state ``layer_map[i]``+1 (0 = embeddings)."""
+    losses = [F.mse_loss(student_hidden[i + 1].float(), teacher_hidden[j + 1].float()) for i, j in enumerate(layer_map)]
+    return torch.stack(losses).mean()
+
+
+@torch.inference_mode()
+def cache_teacher_topk(teacher: torch.nn.Module, windows: torch.Tensor, *, k: int = 32,
+                       batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k logits per token: values float16 ``[N, L, k]``, indices int32 ``[N, L, k]``."""
+    teacher.eval()
+    vals, idx = [], []
+    for i in range(0, len(windows), batch_size):
+        v, j = teacher(windows[i:i + batch_size], use_cache=False).logits.float().topk(k, dim=-1)
+        vals.append(v.half())
+        idx.append(j.int())
+    return torch.cat(vals), torch.cat(idx)
+
+
+def save_topk(path: str | Path, windows: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
+    save_file({"windows": windows.contiguous(), "values": values.contiguous(), "indices": indices.contiguous()}, str(path))
+
+
+def load_topk(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = load_file(str(path))
+    return t["windows"], t["values"], t["indices"]
+
+
+class KDConfig(StrictModel):
+    """One distillation run's settings."""
+
+    num_steps: int = 100
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    temperature: float = 1.0
+    ce_weight: float = 0.0  # next-token cross-entropy on the data, added to the KL
+    hidden_weight: float = 0.0  # hidden-state MSE (needs a layer map and the teacher in the loop)
+    bf16_autocast: bool = False
+    seed: int = 0
+    max_grad_norm: float = 1.0
+
+
+class KDStep(StrictModel):
+    step: int
+    loss: float
+    seconds: float
+
+
+def distill(student: torch.nn.Module, windows: torch.Tensor, *, config: KDConfig, teacher: torch.nn.Module | None = None,
+            topk: tuple[torch.Tensor, torch.Tensor] | None = None, layer_map: Sequence[int] | None = None,
+            on_step=None) -> list[KDStep]:
+    """Train ``student`` in place for ``config.num_steps`` steps on seeded random batches of ``windows``.
+
+    Exactly one of ``teacher`` (in the loop: full-vocabulary KL) or ``topk`` (values, indices aligned with
+    ``windows``) supplies the targets. ``on_step(KDStep)`` is called after each step (for reporting and
+    checkpoints). AdamW, linear warm-up then cosine decay.
+    """
+    if (teacher is None) == (topk is None):
+        raise ValueError("give exactly one of teacher= (in the loop) or topk= (cached top-k logits)")
+    if config.hidden_weight > 0 and (teacher is None or layer_map is None):
+        raise ValueError("hidden_weight > 0 needs teacher= and layer_map=")
+    g = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
+                            weight_decay=config.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        frac = (step - config.warmup_steps) / max(1, config.num_steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    student.train()
+    if teacher is not None:
+        teacher.eval()
+    history = []
+    want_hidden = config.hidden_weight > 0
+    for step in range(config.num_steps):
+        t0 = time.perf_counter()
+        rows = torch.randint(0, len(windows), (config.batch_size,), generator=g)
+        ids = windows[rows]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
+            out = student(ids, use_cache=False, output_hidden_states=want_hidden)
+            if teacher is not None:
+                with torch.no_grad():
+                    tout = teacher(ids, use_cache=False, output_hidden_states=want_hidden)
+                loss = kl_loss(out.logits, tout.logits, temperature=config.temperature)
+                if want_hidden:
+                    loss = loss + config.hidden_weight * hidden_loss(out.hidden_states, tout.hidden_states, layer_map=layer_map)
+            else:
+                loss = topk_kl_loss(out.logits, topk[0][rows], topk[1][rows], temperature=config.temperature)
+            if config.ce_weight > 0:
+                logits = out.logits[:, :-1].float()
+                loss = loss + config.ce_weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+        opt.step()
+        sched.step()
+        rec = KDStep(step=step, loss=loss.item(), seconds=time.perf_counter() - t0)
+        history.append(rec)
+        if on_step is not None:
+            on_step(rec)
+    student.eval()
+    return history
