@@ -62,5 +62,5 @@ def load_lm(path: str | Path):
     meta = load_meta(path)
     model, tok = load_causal_lm(path)
     if meta.quant_method != "none":
-        model = quantize_lm(model, method=meta.quant_method, keep_float=meta.keep_float)
+        model = quantize_lm(model, method=meta.quant_method, keep_float=meta.keep_float, inplace=True)
     return model, tok, meta

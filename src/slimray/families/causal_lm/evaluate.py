@@ -9,14 +9,19 @@ Speed, on fixed random prompts (seeded; content does not change the cost): prefi
 ``prompt_len / median(forward time)`` for one ``[1, prompt_len]`` forward; decode tokens/s at batch B is
 ``B * (N - 1) / median(t_N - t_1)``, where ``t_k`` is the time to prefill a short prompt and produce k tokens,
 so the prefill is subtracted and only the one-token steps are counted. Decoding goes through a ``runtime``
-session (``hf_eager`` is the teacher as given). Size on disk is the sum of a folder's files; peak memory is the
-resident-set growth of a call (``slimray.compress.measure.peak_memory_bytes``).
+session (``hf_eager`` is the teacher as given). Size on disk is the sum of a folder's files. Peak memory
+(``probe_peak_memory``) is measured in a fresh process: the growth of its peak resident set (``VmHWM``) while it
+loads the folder (quantizing it as asked) and generates 16 tokens; in the calling process the allocator keeps what
+earlier work freed, so the growth there reads ~0 (it did, here).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,12 +29,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from slimray.compress.measure import peak_memory_bytes, torch_threads
+from slimray.compress.measure import torch_threads
 from slimray.families.causal_lm.runtime import RuntimeName, greedy_decode, hf_generate, make_session
 from slimray.schema import StrictModel
 
 __all__ = ["LMEvaluation", "perplexity", "top1_agreement", "prefill_tokens_per_s", "decode_tokens_per_s",
-           "dir_size_bytes", "peak_memory_bytes", "evaluate_lm"]
+           "dir_size_bytes", "probe_peak_memory", "evaluate_lm"]
 
 
 @torch.inference_mode()
@@ -114,6 +119,39 @@ def dir_size_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+_PROBE = """
+import json, sys, torch
+from slimray.compress.measure import peak_memory_bytes
+torch.set_num_threads(1)
+path, method, keep = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+def run():
+    from slimray.families.causal_lm.quantize import quantize_lm
+    from slimray.families.causal_lm.runtime import hf_generate
+    from slimray.families.causal_lm.teacher import load_causal_lm
+
+    model, _ = load_causal_lm(path, with_tokenizer=False)
+    if method != "none":
+        model = quantize_lm(model, method=method, keep_float=keep, inplace=True)
+    ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    hf_generate(model, ids, num_new_tokens=16)
+
+import transformers, slimray.families.causal_lm.quantize  # noqa: imported before the baseline
+print(json.dumps({"peak_memory_bytes": peak_memory_bytes(run)[0]}))
+"""
+
+
+def probe_peak_memory(folder: str | Path, *, quant_method: str = "none", keep_float: tuple[str, ...] = (),
+                      timeout_s: float = 600.0) -> int | None:
+    """Peak resident-set growth (bytes) of loading ``folder`` (+ quantizing) and generating 16 tokens, measured in a
+    fresh process; ``None`` where the platform cannot measure it."""
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(folder), quant_method, json.dumps(list(keep_float))],
+                         capture_output=True, text=True, timeout=timeout_s, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"memory probe failed ({out.returncode}): {out.stderr[-1000:]}")
+    return json.loads(lines[-1])["peak_memory_bytes"]
+
+
 class LMEvaluation(StrictModel):
     """One model's figures; speeds in tokens/s, ``None`` where not measured."""
 
@@ -131,10 +169,12 @@ class LMEvaluation(StrictModel):
 
 def evaluate_lm(model: torch.nn.Module, windows: torch.Tensor, *, teacher: torch.nn.Module | None = None,
                 runtime: RuntimeName = "hf_eager", folder: str | Path | None = None, speed: bool = True,
+                quant_method: str = "none", keep_float: tuple[str, ...] = (),
                 prefill_len: int = 256, num_new_tokens: int = 32, num_threads: int = 1,
                 decode_batch_sizes: tuple[int, ...] = (1, 8)) -> LMEvaluation:
-    """Perplexity (+ agreement with ``teacher``), prefill/decode speed in ``runtime``, size of ``folder``, and the
-    peak memory of one batch-1 decode; deterministic given the inputs (random prompts are seeded)."""
+    """Perplexity (+ agreement with ``teacher``), prefill/decode speed in ``runtime``, and for a ``folder`` its size
+    and the peak memory of serving it (fresh process, ``quant_method`` / ``keep_float`` applied at load);
+    deterministic given the inputs (random prompts are seeded)."""
     with torch_threads(num_threads):
         result = {"perplexity": perplexity(model, windows), "num_windows": len(windows), "window_len": windows.shape[1],
                   "runtime": runtime}
@@ -146,8 +186,7 @@ def evaluate_lm(model: torch.nn.Module, windows: torch.Tensor, *, teacher: torch
                 if b in (1, 8):
                     result[f"decode_tokens_per_s_b{b}"] = decode_tokens_per_s(
                         model, runtime=runtime, batch_size=b, num_new_tokens=num_new_tokens)
-            ids = _prompt(model, batch_size=1, length=16, seed=1)
-            result["peak_memory_bytes"], _ = peak_memory_bytes(lambda: hf_generate(model, ids, num_new_tokens=8))
         if folder is not None:
             result["size_bytes"] = dir_size_bytes(folder)
+            result["peak_memory_bytes"] = probe_peak_memory(folder, quant_method=quant_method, keep_float=keep_float)
     return LMEvaluation(**result)

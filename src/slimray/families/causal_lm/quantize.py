@@ -102,12 +102,13 @@ def _replace(model: nn.Module, names: Sequence[str], make) -> None:
 
 
 def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[str] = (),
-                per_channel: bool = True) -> nn.Module:
-    """A quantized copy of ``model`` (eval mode; ``model`` itself untouched). Not saveable with safetensors
-    except ``none``/``bf16``: store the float folder plus the method and re-quantize at load."""
+                per_channel: bool = True, inplace: bool = False) -> nn.Module:
+    """A quantized copy of ``model`` (eval mode; ``model`` itself untouched unless ``inplace``: use that when
+    loading for serving, the copy doubles the float model's memory). Not saveable with safetensors except
+    ``none``/``bf16``: store the float folder plus the method and re-quantize at load."""
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; one of {QUANT_METHODS}")
-    model = copy.deepcopy(model).eval()
+    model = (model if inplace else copy.deepcopy(model)).eval()
     if method == "none":
         return model
     if method == "bf16":
@@ -125,7 +126,8 @@ def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _qengine()
-            return torch.ao.quantization.quantize_dynamic(model, {n: qconfig for n in names}, dtype=torch.qint8)
+            return torch.ao.quantization.quantize_dynamic(model, {n: qconfig for n in names}, dtype=torch.qint8,
+                                                          inplace=True)
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
 
     config = Int8WeightOnlyConfig() if method == "torchao_int8_weight_only" else Int8DynamicActivationInt8WeightConfig()
