@@ -1,9 +1,9 @@
 """The ``slimray`` command.
 
-    slimray run [--recipe NAME | --config FILE] [--space FILE] [--out DIR] [--address ADDR] [--no-serve] [--fresh]
+    slimray run [--recipe NAME | --config FILE] [--space FILE] [--out DIR] [--address ADDR] [--no-serve] [--fresh] [--port N] [--grpc-port N]
     slimray distill [--recipe NAME | --config FILE] [--num-workers N]
     slimray sweep [--recipe NAME | --config FILE] [--space FILE] [--student DIR] [--resume]
-    slimray serve RUN_DIR [--port N] [--replicas N] [--host HOST] [--address ADDR]
+    slimray serve RUN_DIR [--port N] [--replicas N] [--host HOST] [--grpc-port N] [--address ADDR]
     slimray export RUN_DIR --format onnx|torch-export [--trial KEY] --out FILE
     slimray recipes
     slimray init --model PKG.MODULE:FACTORY --weights W.safetensors --data PATH [--code-dir DIR] [--out slimray.yaml]
@@ -60,6 +60,8 @@ def _load(args) -> PipelineConfig:
         data["distill"]["use_gpu"] = True
     if getattr(args, "port", None):
         data["serve"]["port"] = args.port
+    if getattr(args, "grpc_port", None):
+        data["serve"]["grpc_port"] = args.grpc_port
     if getattr(args, "space", None):
         from slimray.sweep.space import load_space_file
 
@@ -81,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     _source_args(run)
     run.add_argument("--no-serve", action="store_true", help="stop after the report; do not deploy")
     run.add_argument("--port", type=int, help="HTTP port (default from the config, 8000)")
+    run.add_argument("--grpc-port", type=int, help="also serve OIP v2 over gRPC on this port (binds every interface; "
+                                                   "default from the config: off)")
     run.add_argument("--space", type=Path, help="a sweep space (tune/*.yaml): distil-sweep -> compress-sweep -> serve")
     run.add_argument("--space-env", help=argparse.SUPPRESS)
 
@@ -102,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="HTTP port (default: the run's config, 8000)")
     srv.add_argument("--host", help="bind address (default: the run's config, loopback)")
     srv.add_argument("--replicas", type=int, help="replica count (default: the run's config)")
+    srv.add_argument("--grpc-port", type=int, help="also serve OIP v2 over gRPC on this port (Serve's gRPC proxy binds "
+                                                   "every interface; default: the run's config, off)")
     srv.add_argument("--address", help="Ray cluster address")
 
     exp = sub.add_parser("export", help="export the winner (or a trial) to ONNX or a torch.export program, checked")
@@ -153,7 +159,7 @@ def _post_json(url: str, body: dict, *, key: str | None, timeout: float = 30.0) 
 
 def _serve_flags(args) -> dict:
     """The `slimray serve` flags the user gave (None = keep the run's config)."""
-    given = {"port": args.port, "host": args.host, "num_replicas": args.replicas}
+    given = {"port": args.port, "host": args.host, "num_replicas": args.replicas, "grpc_port": args.grpc_port}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -162,7 +168,8 @@ def _serve_run_dir(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> str:
     from slimray.serving.options import options_for_run
 
     options = options_for_run(run_dir, serve_config=serve_cfg, name=name)
-    return deploy(build_app(options), name=name, host=serve_cfg.host, port=serve_cfg.port, route_prefix=serve_cfg.route_prefix)
+    return deploy(build_app(options), name=name, host=serve_cfg.host, port=serve_cfg.port, route_prefix=serve_cfg.route_prefix,
+                  grpc_port=serve_cfg.grpc_port)
 
 
 class _Terminated(Exception):
@@ -239,16 +246,34 @@ def _check_and_wait(url: str, run_dir: Path, serve_cfg: ServeConfig) -> None:
     print(f"served predictions {answer['predictions']} (labels {labels.tolist()}); in-process {local}: {'same' if same else 'DIFFERENT'}")
     print(f"\nServing {url}/v1/predict  (OpenAPI: {url}/docs, health: {url}/healthz)")
     print(f"  curl -s -X POST {url}/v1/predict -H 'Content-Type: application/json' -d @{sample}")
+    if serve_cfg.grpc_port is not None:
+        print(f"OIP v2 over gRPC (inference.GRPCInferenceService, e.g. tritonclient.grpc): 127.0.0.1:{serve_cfg.grpc_port}")
     print("Ctrl-C stops the server.", flush=True)
     while True:
         time.sleep(3600)
+
+
+def _note_grpc_bind(serve_cfg: ServeConfig) -> None:
+    """One line: Serve's gRPC proxy (Ray 2.60) has no host option and binds every interface."""
+    keyed = bool(os.environ.get(serve_cfg.api_key_env) or serve_cfg.api_key_file)
+    print(f"slimray: {'note' if keyed else 'WARNING'}: Serve's gRPC proxy binds every interface ([::]:{serve_cfg.grpc_port}), "
+          f"not {serve_cfg.host}" + ("" if keyed else f", and no API key is set (${serve_cfg.api_key_env}): anyone who can reach "
+                                     "this host can call it; set the key or firewall the port"), file=sys.stderr, flush=True)
 
 
 def _serve_until_interrupted(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> int:
     from slimray.exposure import warn_if_exposed
 
     warn_if_exposed(host=serve_cfg.host, api_key_env=serve_cfg.api_key_env, api_key_file=serve_cfg.api_key_file)
+    if serve_cfg.grpc_port is not None:
+        _note_grpc_bind(serve_cfg)
     return _serving(name, lambda: _check_and_wait(_serve_run_dir(run_dir, serve_cfg, name=name), run_dir, serve_cfg))
+
+
+def _no_text_grpc(args) -> None:
+    if getattr(args, "grpc_port", None) is not None:
+        raise ConfigError("--grpc-port is not wired for text (sentence-encoder) runs yet; serve them over HTTP "
+                          "(or deploy with slimray.serving.app.deploy(..., grpc_port=N))")
 
 
 def _run_text(tcfg, args) -> int:
@@ -388,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 
             tcfg = None if args.config_env else maybe_text_config(recipe=args.recipe, config=args.config, name=args.name, port=args.port)
             if tcfg is not None:  # a `kind: text` recipe or config (the minilm sentence-encoder recipe)
+                _no_text_grpc(args)
                 return _run_text(tcfg, args)
             cfg = _load(args)
             from slimray.pipeline import run_pipeline
@@ -453,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             from slimray.text.entry import is_text_run, serve_text_run
 
             if is_text_run(run_dir):
+                _no_text_grpc(args)
                 from slimray.exposure import warn_if_exposed
                 from slimray.text.config import TextPipelineConfig
 
@@ -462,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                 init_ray(args.address)
                 return _serving(name, lambda: _wait_text(serve_text_run(run_dir, host=args.host, port=args.port, num_replicas=args.replicas)))
             cfg = PipelineConfig.from_file(run_dir / "config.json")
-            serve_cfg = cfg.serve.model_copy(update=_serve_flags(args))
+            serve_cfg = ServeConfig.from_dict({**cfg.serve.model_dump(), **_serve_flags(args)}, source="the command line")
             init_ray(args.address)
             return _serve_until_interrupted(run_dir, serve_cfg, name=cfg.name)
         if args.command == "export":
