@@ -81,8 +81,8 @@ def deploy(
 ) -> str:
     """Start Serve's HTTP proxy on ``host:port`` (loopback by default), run ``app``, return its URL.
 
-    ``request_timeout_s`` (default: the app's ``ServeOptions.request_timeout_s``) makes the proxy answer 408;
-    it is set when the proxy starts, so an already running Serve keeps its value. ``grpc_port`` also starts
+    ``request_timeout_s`` (default: the app's ``ServeOptions.request_timeout_s``) makes the proxy answer 408
+    (DEADLINE_EXCEEDED over gRPC); it is set when the proxies start, so an already running Serve keeps its value. ``grpc_port`` also starts
     Serve's gRPC proxy with the Open Inference Protocol service (off by default). Ray 2.60 has no host option for
     that proxy: it binds every interface (``[::]:grpc_port``, ``grpc_util.start_grpc_server``), not ``host``.
     gRPC options are fixed when Serve starts: if Serve already runs on this cluster without this service on
@@ -96,6 +96,8 @@ def deploy(
     grpc_options = None
     if grpc_port is not None:
         grpc_options = {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+        if request_timeout_s is not None:  # the same limit over gRPC (DEADLINE_EXCEEDED)
+            grpc_options["request_timeout_s"] = request_timeout_s
     serve.start(http_options=http_options, grpc_options=grpc_options)
     if grpc_port is not None:
         _check_grpc_proxy(grpc_port)
