@@ -1,7 +1,8 @@
 """The Open Inference Protocol over gRPC through Ray Serve's gRPC proxy (not a test server): ``tritonclient.grpc``
 with its defaults (``raw_input_contents`` in, ``raw_output_contents`` out) gets the in-process model's outputs, for
-a classifier and a sentence encoder; errors come back as gRPC status codes; with several applications on the
-cluster the ``application`` metadata routes; ``deploy`` refuses a gRPC port the running Serve does not serve.
+a classifier and a sentence encoder; errors come back as gRPC status codes (NOT_FOUND, UNAUTHENTICATED: the API key
+travels as metadata); with several applications on the cluster the ``application`` metadata routes; ``deploy``
+refuses a gRPC port the running Serve does not serve.
 
 The client runs in its own process: its copy of the ``inference`` messages would clash with slimray's in one
 protobuf descriptor pool. Only 127.0.0.1 is contacted (the proxy itself binds every interface in Ray 2.60).
@@ -57,6 +58,12 @@ try:
     out["unknown_model"] = None
 except InferenceServerException as err:
     out["unknown_model"] = [err.status(), err.message()]
+if "headers_without_key" in spec:
+    try:
+        c.infer(model, [inp], headers=spec["headers_without_key"])
+        out["without_key"] = None
+    except InferenceServerException as err:
+        out["without_key"] = [err.status(), err.message()]
 c.close()
 print(json.dumps(out))
 """
@@ -119,9 +126,10 @@ def test_deploy_refuses_a_grpc_port_the_running_serve_does_not_serve(classifier_
     assert "wrong-port" not in serve.status().applications  # refused before anything was deployed
 
 
-def test_tritonclient_grpc_through_serves_proxy(classifier_dir, encoder_dir, digits, serve_port, grpc_port):
-    """Classifier alone on the cluster: tritonclient.grpc's defaults; then an encoder next to it: each reached with
-    the ``application`` metadata; then the encoder alone: the defaults again."""
+def test_tritonclient_grpc_through_serves_proxy(classifier_dir, encoder_dir, digits, serve_port, grpc_port, tmp_path):
+    """Classifier alone on the cluster: tritonclient.grpc's defaults; then an encoder with an API key next to it:
+    each reached with the ``application`` metadata, the encoder only with its key; then the encoder alone: no
+    routing metadata needed again."""
     from ray import serve
 
     assert not serve.status().applications, "the defaults route only when one application runs"
@@ -142,17 +150,22 @@ def test_tritonclient_grpc_through_serves_proxy(classifier_dir, encoder_dir, dig
 
         texts = ["One sentence here.", "And another one, a bit longer than the first."]
         embeddings = in_process_embeddings(encoder_dir, texts)
-        deploy(build_app(ServeOptions(name="minilm", model_dir=str(encoder_dir), **opts)),
+        key_file = tmp_path / "api-key"
+        key_file.write_text("s3cret\n")
+        deploy(build_app(ServeOptions(name="minilm", model_dir=str(encoder_dir), api_key_file=str(key_file), **opts)),
                name="grpc-minilm", port=serve_port, route_prefix="/minilm", grpc_port=grpc_port)
-        enc = call(grpc_port, "minilm", name="text", datatype="BYTES", data=texts, headers={"application": "grpc-minilm"})
+        route = {"application": "grpc-minilm"}
+        enc = call(grpc_port, "minilm", name="text", datatype="BYTES", data=texts,
+                   headers={**route, "authorization": "Bearer s3cret"}, headers_without_key=route)
         assert enc["meta"]["inputs"] == [["text", "BYTES", [-1]]]
+        assert enc["without_key"][0] == "StatusCode.UNAUTHENTICATED" and "API key" in enc["without_key"][1]
         np.testing.assert_allclose(np.array(enc["outputs"]["embedding"]), embeddings, atol=1e-5)
         again = call(grpc_port, "digits", name="input", datatype="FP32", data=x.tolist(), headers={"application": "grpc-digits"})
         np.testing.assert_allclose(np.array(again["outputs"]["probabilities"]), expected, atol=1e-5)
     finally:
         serve.delete("grpc-digits")
     try:
-        alone = call(grpc_port, "minilm", name="text", datatype="BYTES", data=texts)
+        alone = call(grpc_port, "minilm", name="text", datatype="BYTES", data=texts, headers={"x-api-key": "s3cret"})
         np.testing.assert_allclose(np.array(alone["outputs"]["embedding"]), embeddings, atol=1e-5)
         assert set(alone["outputs"]) == {"embedding"} and alone["meta"]["name"] == "minilm"
     finally:
