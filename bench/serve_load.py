@@ -17,10 +17,10 @@ In one invocation it measures, for each run and each concurrency (default 1, 8, 
 * ``slimray``        ``slimray.serving`` on Ray Serve with exactly the options ``slimray serve RUN`` uses (the run's
                      config; local Ray, 2 CPUs), JSON bodies;
 * ``slimray-binary`` the same deployment with binary bodies (raw float32 + ``X-Shape``; classifiers only);
-* ``slimray-grpc``   the same deployment over the Open Inference Protocol's gRPC service through Serve's gRPC proxy
-                     (``ModelInfer`` with ``raw_input_contents``, tritonclient.grpc's encoding; raw ``grpc.aio``
-                     stubs on one channel, so the client costs little); the proxy binds every interface in Ray 2.60,
-                     the client contacts 127.0.0.1 only;
+* ``slimray-grpc``   the same deployment with ``serve.grpc_port`` set (a Ray of its own), over the Open Inference
+                     Protocol's gRPC service through Serve's gRPC proxy (``ModelInfer`` with ``raw_input_contents``,
+                     tritonclient.grpc's encoding; raw ``grpc.aio`` stubs on one channel, so the client costs little);
+                     the proxy binds every interface in Ray 2.60, the client contacts 127.0.0.1 only;
 * ``slimray-haproxy`` / ``slimray-throughput`` the same behind Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``)
                      or with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (each gets a Ray of its own), with ``--variants``.
 
@@ -333,14 +333,16 @@ def bench_plain(run_dir: Path, verb: str, bodies: list[bytes], levels: list[int]
 # ----------------------------------------------------------------------------------------- slimray on Serve
 
 
-ENV_VARIANTS = {"slimray": {}, "slimray-haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+ENV_VARIANTS = {"slimray": {}, "slimray-grpc": {}, "slimray-haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
                 "slimray-throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
 
 
 def bench_slimray(run_dir: Path, verb: str, bodies: list[bytes], binary: list | None, grpc_reqs: list, levels: list[int],
                   args) -> list[dict]:
     """Each variant on a fresh local Ray (Serve reads its ingress settings when it starts), deployed with the
-    options `slimray serve` uses; the default variant is also loaded with binary bodies and over gRPC."""
+    options `slimray serve` uses; the default variant is also loaded with binary bodies. ``slimray-grpc`` is the
+    same deployment with Serve's gRPC proxy on (``serve.grpc_port``), loaded over gRPC only: the HTTP rows run
+    exactly the user's defaults (no gRPC proxy)."""
     import ray
     from ray import serve
 
@@ -355,14 +357,15 @@ def bench_slimray(run_dir: Path, verb: str, bodies: list[bytes], binary: list | 
         init_ray(num_cpus=2)
         try:
             opts = user_options(run_dir, name="bench")
-            grpc_port = free_port() if name == "slimray" and "grpc" not in args.skip else None
+            grpc_port = free_port() if name == "slimray-grpc" else None
             url = deploy(build_app(opts), name="bench", port=free_port(), route_prefix="/", grpc_port=grpc_port)
             wait_ready(f"{url}/healthz", 120)
+            if grpc_port is not None:
+                rows += load_levels(name, f"{HOST}:{grpc_port}", grpc_reqs, levels, args, loop=grpc_closed_loop)
+                continue
             rows += load_levels(name, f"{url}/v1/{verb}", bodies, levels, args)
             if binary and name == "slimray":
                 rows += load_levels("slimray-binary", f"{url}/v1/{verb}", binary, levels, args)
-            if grpc_port is not None:
-                rows += load_levels("slimray-grpc", f"{HOST}:{grpc_port}", grpc_reqs, levels, args, loop=grpc_closed_loop)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -423,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=6.0, help="measured seconds per level (bound)")
     p.add_argument("--max-requests", type=int, default=20_000, help="requests per level (bound)")
     p.add_argument("--warmup-s", type=float, default=1.0)
-    p.add_argument("--variants", nargs="+", default=["slimray"], choices=list(ENV_VARIANTS))
-    p.add_argument("--skip", nargs="*", default=[], choices=["raw", "plain", "slimray", "grpc"])
+    p.add_argument("--variants", nargs="+", default=["slimray", "slimray-grpc"], choices=list(ENV_VARIANTS))
+    p.add_argument("--skip", nargs="*", default=[], choices=["raw", "plain", "slimray"])
     p.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
     # internal: the plain server's subprocess
     p.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
