@@ -2,12 +2,12 @@
 batched forward, on a classifier run (e.g. mnist: one image per request, JSON and binary bodies) or a sentence-encoder
 run (e.g. minilm: one sentence per request).
 
-Run from the repository root with the virtual environment active, on a finished run (one with ``winner/``)::
+Run from the repository root with the virtual environment active, on finished runs (ones with ``winner/``), one
+table per run::
 
-    python bench/serve_load.py --run-dir /tmp/runs/mnist
-    python bench/serve_load.py --run-dir /tmp/runs/minilm
+    python bench/serve_load.py --run-dir /tmp/runs/mnist /tmp/runs/minilm
 
-In one invocation it measures, for each concurrency (default 1, 8, 32):
+In one invocation it measures, for each run and each concurrency (default 1, 8, 32):
 
 * ``raw``            the codec's forward pass in-process on a batch of ``concurrency`` items: the compute limit;
 * ``in-process``     the request path without the network: parse ``concurrency`` JSON bodies, one batched forward,
@@ -17,10 +17,14 @@ In one invocation it measures, for each concurrency (default 1, 8, 32):
 * ``slimray``        ``slimray.serving`` on Ray Serve with exactly the options ``slimray serve RUN`` uses (the run's
                      config; local Ray, 2 CPUs), JSON bodies;
 * ``slimray-binary`` the same deployment with binary bodies (raw float32 + ``X-Shape``; classifiers only);
+* ``slimray-grpc``   the same deployment with ``serve.grpc_port`` set (a Ray of its own), over the Open Inference
+                     Protocol's gRPC service through Serve's gRPC proxy (``ModelInfer`` with ``raw_input_contents``,
+                     tritonclient.grpc's encoding; raw ``grpc.aio`` stubs on one channel, so the client costs little);
+                     the proxy binds every interface in Ray 2.60, the client contacts 127.0.0.1 only;
 * ``slimray-haproxy`` / ``slimray-throughput`` the same behind Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``)
                      or with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (each gets a Ray of its own), with ``--variants``.
 
-Each HTTP level is a closed loop of ``concurrency`` clients (aiohttp, in this process) sending one item per request,
+Each level is a closed loop of ``concurrency`` clients (aiohttp or grpc.aio, in this process) sending one item per request,
 bounded by ``--max-requests`` and ``--duration-s``; only 127.0.0.1 is ever contacted. The table gives throughput
 (items/s), p50/p99 latency and the ratios to plain and raw; ``--out`` gets the JSON with the machine's load average.
 Ray and the plain server are shut down before the script exits, also on errors. The client shares the CPUs with the
@@ -98,6 +102,27 @@ def binary_bodies(codec, items: list) -> list[tuple[bytes, dict]]:
     return [(np.asarray([it], dtype="<f4").tobytes(), {"Content-Type": "application/octet-stream", "X-Shape": shape}) for it in items]
 
 
+def grpc_requests(codec, items: list, *, model: str) -> list:
+    """One OIP ``ModelInferRequest`` per item, the tensor in ``raw_input_contents`` (tritonclient.grpc's default):
+    little-endian float32 for images, 4-byte-length-prefixed UTF-8 for texts (the BYTES encoding)."""
+    import struct
+
+    from slimray.serving.grpc import inference_pb2 as pb
+
+    reqs = []
+    for it in items:
+        req = pb.ModelInferRequest(model_name=model)
+        if codec.kind == "sentence_encoder":
+            req.inputs.add(name=codec.input_name, datatype="BYTES", shape=[1])
+            raw = it.encode()
+            req.raw_input_contents.append(struct.pack("<I", len(raw)) + raw)
+        else:
+            req.inputs.add(name=codec.input_name, datatype="FP32", shape=[1, *codec.spec.input.shape])
+            req.raw_input_contents.append(np.asarray([it], dtype="<f4").tobytes())
+        reqs.append(req)
+    return reqs
+
+
 def user_options(run_dir: Path, **overrides):
     """Exactly the options `slimray serve RUN_DIR` deploys with (the run's config), plus benchmark overrides."""
     from slimray.serving.options import options_for_run
@@ -142,13 +167,43 @@ def bench_raw(run_dir: Path, items: list, levels: list[int], seconds: float) -> 
 # ----------------------------------------------------------------------------------------- HTTP load
 
 
+async def drive(one, concurrency: int, *, max_requests: int, seconds: float, warmup_s: float) -> dict:
+    """Closed loop: ``concurrency`` workers each awaiting ``one(i)`` (-> ok, seconds) back to back; a warm-up first
+    (not recorded: fills the batch queues, opens the connections), then at most ``max_requests`` or ``seconds``."""
+    lat: list[float] = []
+    errors = 0
+    issued = 0
+    end = time.perf_counter() + warmup_s
+
+    async def warm(w: int) -> None:
+        i = w
+        while time.perf_counter() < end:
+            await one(i)
+            i += concurrency
+
+    await asyncio.gather(*(warm(w) for w in range(concurrency)))
+
+    start = time.perf_counter()
+    stop_at = start + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal errors, issued
+        while issued < max_requests and time.perf_counter() < stop_at:
+            issued += 1
+            ok, dt = await one(issued)
+            if ok:
+                lat.append(dt)
+            else:
+                errors += 1
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return {"latencies": lat, "elapsed": time.perf_counter() - start, "errors": errors}
+
+
 async def closed_loop(url: str, bodies: list, concurrency: int, *, max_requests: int, seconds: float, warmup_s: float) -> dict:
     import aiohttp
 
     assert url.startswith(f"http://{HOST}:"), "the benchmark only targets the loopback address"
-    lat: list[float] = []
-    errors = 0
-    issued = 0
     headers = {"Content-Type": "application/json"}
     conn = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=30)
@@ -166,39 +221,36 @@ async def closed_loop(url: str, bodies: list, concurrency: int, *, max_requests:
                 ok = False
             return ok, time.perf_counter() - t0
 
-        # warm-up (not recorded): fills the batch queues, JITs nothing, opens the connections
-        end = time.perf_counter() + warmup_s
-
-        async def warm(w: int) -> None:
-            i = w
-            while time.perf_counter() < end:
-                await one(i)
-                i += concurrency
-
-        await asyncio.gather(*(warm(w) for w in range(concurrency)))
-
-        start = time.perf_counter()
-        stop_at = start + seconds
-
-        async def worker(w: int) -> None:
-            nonlocal errors, issued
-            while issued < max_requests and time.perf_counter() < stop_at:
-                issued += 1
-                ok, dt = await one(issued)
-                if ok:
-                    lat.append(dt)
-                else:
-                    errors += 1
-
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return {"latencies": lat, "elapsed": elapsed, "errors": errors}
+        return await drive(one, concurrency, max_requests=max_requests, seconds=seconds, warmup_s=warmup_s)
 
 
-def load_levels(name: str, url: str, bodies: list[bytes], levels: list[int], args) -> list[dict]:
+async def grpc_closed_loop(target: str, requests: list, concurrency: int, *, max_requests: int, seconds: float,
+                           warmup_s: float) -> dict:
+    """The same closed loop over OIP gRPC ``ModelInfer`` (one channel, HTTP/2 streams), answers checked for outputs."""
+    import grpc
+
+    from slimray.serving.grpc import inference_pb2_grpc
+
+    assert target.startswith(f"{HOST}:"), "the benchmark only targets the loopback address"
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+        async def one(i: int) -> tuple[bool, float]:
+            t0 = time.perf_counter()
+            try:
+                answer = await stub.ModelInfer(requests[i % len(requests)], timeout=30)
+                ok = len(answer.raw_output_contents) > 0
+            except grpc.aio.AioRpcError:
+                ok = False
+            return ok, time.perf_counter() - t0
+
+        return await drive(one, concurrency, max_requests=max_requests, seconds=seconds, warmup_s=warmup_s)
+
+
+def load_levels(name: str, url: str, bodies: list, levels: list[int], args, *, loop=closed_loop) -> list[dict]:
     rows = []
     for c in levels:
-        res = asyncio.run(closed_loop(url, bodies, c, max_requests=args.max_requests, seconds=args.duration_s, warmup_s=args.warmup_s))
+        res = asyncio.run(loop(url, bodies, c, max_requests=args.max_requests, seconds=args.duration_s, warmup_s=args.warmup_s))
         row = summarise(name, c, res["latencies"], res["elapsed"], len(res["latencies"]), res["errors"])
         rows.append(row)
         print(f"  {name:15s} c={c:<3d} {row['examples_per_s']:8.0f}/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}", flush=True)
@@ -281,13 +333,16 @@ def bench_plain(run_dir: Path, verb: str, bodies: list[bytes], levels: list[int]
 # ----------------------------------------------------------------------------------------- slimray on Serve
 
 
-ENV_VARIANTS = {"slimray": {}, "slimray-haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+ENV_VARIANTS = {"slimray": {}, "slimray-grpc": {}, "slimray-haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
                 "slimray-throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
 
 
-def bench_slimray(run_dir: Path, verb: str, bodies: list[bytes], binary: list | None, levels: list[int], args) -> list[dict]:
+def bench_slimray(run_dir: Path, verb: str, bodies: list[bytes], binary: list | None, grpc_reqs: list, levels: list[int],
+                  args) -> list[dict]:
     """Each variant on a fresh local Ray (Serve reads its ingress settings when it starts), deployed with the
-    options `slimray serve` uses; the default variant is also loaded with binary bodies."""
+    options `slimray serve` uses; the default variant is also loaded with binary bodies. ``slimray-grpc`` is the
+    same deployment with Serve's gRPC proxy on (``serve.grpc_port``), loaded over gRPC only: the HTTP rows run
+    exactly the user's defaults (no gRPC proxy)."""
     import ray
     from ray import serve
 
@@ -302,8 +357,12 @@ def bench_slimray(run_dir: Path, verb: str, bodies: list[bytes], binary: list | 
         init_ray(num_cpus=2)
         try:
             opts = user_options(run_dir, name="bench")
-            url = deploy(build_app(opts), name="bench", port=free_port(), route_prefix="/")
+            grpc_port = free_port() if name == "slimray-grpc" else None
+            url = deploy(build_app(opts), name="bench", port=free_port(), route_prefix="/", grpc_port=grpc_port)
             wait_ready(f"{url}/healthz", 120)
+            if grpc_port is not None:
+                rows += load_levels(name, f"{HOST}:{grpc_port}", grpc_reqs, levels, args, loop=grpc_closed_loop)
+                continue
             rows += load_levels(name, f"{url}/v1/{verb}", bodies, levels, args)
             if binary and name == "slimray":
                 rows += load_levels("slimray-binary", f"{url}/v1/{verb}", binary, levels, args)
@@ -318,7 +377,7 @@ def bench_slimray(run_dir: Path, verb: str, bodies: list[bytes], binary: list | 
 
 def table(rows: list[dict], levels: list[int]) -> str:
     by = {(r["system"], r["concurrency"]): r for r in rows}
-    systems = [s for s in ("raw", "in-process", "plain", "slimray", "slimray-binary", "slimray-haproxy", "slimray-throughput") if any(k[0] == s for k in by)]
+    systems = [s for s in ("raw", "in-process", "plain", "slimray", "slimray-binary", "slimray-grpc", "slimray-haproxy", "slimray-throughput") if any(k[0] == s for k in by)]
     lines = ["| system | concurrency | items/s | p50 ms | p99 ms | errors | vs plain | vs raw |", "|---|---|---|---|---|---|---|---|"]
     for c in levels:
         plain, raw = by.get(("plain", c)), by.get(("raw", c))
@@ -334,14 +393,40 @@ def table(rows: list[dict], levels: list[int]) -> str:
     return "\n".join(lines)
 
 
+def bench_run(run_dir: Path, levels: list[int], args) -> dict:
+    """Every system on one run; returns its rows, table and what was sent."""
+    from slimray.serving.model import ModelServer
+
+    codec = ModelServer(user_options(run_dir)).codec
+    items = sample_items(run_dir, codec)
+    bodies = json_bodies(codec, items)
+    binary = binary_bodies(codec, items) if codec.kind == "classifier" else None
+    grpc_reqs = grpc_requests(codec, items, model="bench")
+    verb = codec.v1_verb
+    rows: list[dict] = []
+    print(f"== {run_dir} ({codec.kind})", flush=True)
+    if "raw" not in args.skip:
+        print("raw forward and in-process request path", flush=True)
+        rows += bench_raw(run_dir, items, levels, min(args.duration_s, 3.0))
+    if "plain" not in args.skip:
+        print("plain FastAPI + uvicorn", flush=True)
+        rows += bench_plain(run_dir, verb, bodies, levels, args)
+    if "slimray" not in args.skip:
+        print("slimray on Ray Serve", flush=True)
+        rows += bench_slimray(run_dir, verb, bodies, binary, grpc_reqs, levels, args)
+    return {"run_dir": str(run_dir), "kind": codec.kind, "request_bytes": [len(b) for b in bodies],
+            "grpc_request_bytes": [r.ByteSize() for r in grpc_reqs], "options": user_options(run_dir).model_dump(),
+            "rows": rows, "table": table(rows, levels)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run-dir", type=Path, help="finished run with winner/ (e.g. /tmp/runs2/mnist)")
+    p.add_argument("--run-dir", type=Path, nargs="+", help="finished runs with winner/ (e.g. /tmp/runs/mnist /tmp/runs/minilm)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--duration-s", type=float, default=6.0, help="measured seconds per level (bound)")
     p.add_argument("--max-requests", type=int, default=20_000, help="requests per level (bound)")
     p.add_argument("--warmup-s", type=float, default=1.0)
-    p.add_argument("--variants", nargs="+", default=["slimray"], choices=list(ENV_VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["slimray", "slimray-grpc"], choices=list(ENV_VARIANTS))
     p.add_argument("--skip", nargs="*", default=[], choices=["raw", "plain", "slimray"])
     p.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
     # internal: the plain server's subprocess
@@ -350,35 +435,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.plain_server:
-        plain_server_main(str(args.run_dir), args.port)
+        plain_server_main(str(args.run_dir[0]), args.port)
         return 0
-    if args.run_dir is None or not (args.run_dir / "winner" / "spec.json").is_file():
-        p.error("--run-dir must be a finished run with winner/spec.json")
+    if not args.run_dir or not all((d / "winner" / "spec.json").is_file() for d in args.run_dir):
+        p.error("--run-dir must name finished runs, each with winner/spec.json")
     if any(c < 1 or c > 256 for c in args.concurrency):
         p.error("concurrency must lie in 1..256")
 
-    from slimray.serving.model import ModelServer
-
-    codec = ModelServer(user_options(args.run_dir)).codec
-    items = sample_items(args.run_dir, codec)
-    bodies = json_bodies(codec, items)
-    binary = binary_bodies(codec, items) if codec.kind == "classifier" else None
-    verb = codec.v1_verb
     levels = sorted(set(args.concurrency))
-    rows: list[dict] = []
+    runs: list[dict] = []
     t0 = time.time()
     load_at_start = os.getloadavg()
     print(f"load average at start: {load_at_start}", flush=True)
     try:
-        if "raw" not in args.skip:
-            print("raw forward and in-process request path", flush=True)
-            rows += bench_raw(args.run_dir, items, levels, min(args.duration_s, 3.0))
-        if "plain" not in args.skip:
-            print("plain FastAPI + uvicorn", flush=True)
-            rows += bench_plain(args.run_dir, verb, bodies, levels, args)
-        if "slimray" not in args.skip:
-            print("slimray on Ray Serve", flush=True)
-            rows += bench_slimray(args.run_dir, verb, bodies, binary, levels, args)
+        for run_dir in args.run_dir:
+            runs.append(bench_run(run_dir, levels, args))
     finally:
         try:
             import ray
@@ -391,19 +462,20 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001 - report, still write what was measured
             print(f"shutdown: {err}", file=sys.stderr)
 
-    report = table(rows, levels)
-    print()
-    print(report)
+    load_at_end = os.getloadavg()
+    for run in runs:
+        print(f"\n{run['run_dir']} ({run['kind']})\n{run['table']}")
+    print(f"\nload average at start {load_at_start}, at end {load_at_end}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "run_dir": str(args.run_dir), "kind": codec.kind, "request_bytes": [len(b) for b in bodies],
-        "options": user_options(args.run_dir).model_dump(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("plain_server", "model_dir", "port")},
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "run_dir" else v)
+                     for k, v in vars(args).items() if k not in ("plain_server", "port")},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_at_start": load_at_start,
-                    "loadavg_at_end": os.getloadavg()},
+                    "loadavg_at_end": load_at_end},
         "wall_s": round(time.time() - t0, 1),
     }
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "table": report}, indent=2))
+    args.out.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
     print(f"\nwrote {args.out}")
     return 0
 

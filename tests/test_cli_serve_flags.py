@@ -52,3 +52,51 @@ def test_text_runs_pass_only_given_flags(monkeypatch, tmp_path):
     opts = options_for_run(tmp_path, serve_config=cfg, name="t", num_replicas=None)
     assert isinstance(opts, ServeOptions) and opts.num_replicas == 3 and opts.max_batch_examples == 9
     assert options_for_run(tmp_path, serve_config=cfg, name="t", num_replicas=2).num_replicas == 2
+
+
+def test_grpc_port_from_the_config_and_from_the_flag(run_dir):
+    """`serve.grpc_port` (default None: no gRPC) reaches the serve config; `--grpc-port` overrides it only when given."""
+    import json
+
+    folder, seen = run_dir
+    assert cli.main(["serve", str(folder)]) == 0
+    assert seen["cfg"].grpc_port is None
+    assert cli.main(["serve", str(folder), "--grpc-port", "9123"]) == 0
+    assert (seen["cfg"].grpc_port, seen["cfg"].port, seen["cfg"].num_replicas) == (9123, 8123, 4)
+    data = json.loads((folder / "config.json").read_text())
+    data["serve"]["grpc_port"] = 9555
+    (folder / "config.json").write_text(json.dumps(data))
+    assert cli.main(["serve", str(folder)]) == 0 and seen["cfg"].grpc_port == 9555
+    assert cli.main(["serve", str(folder), "--grpc-port", "9556"]) == 0 and seen["cfg"].grpc_port == 9556
+
+
+def test_grpc_port_is_strict_and_reaches_deploy(run_dir, monkeypatch, capsys):
+    from pydantic import ValidationError
+
+    from slimray.config import ServeConfig
+
+    for bad in (0, 70000, "9000x"):
+        with pytest.raises(ValidationError):
+            ServeConfig(grpc_port=bad)
+    with pytest.raises(ValidationError, match="differ"):
+        ServeConfig(port=9000, grpc_port=9000)
+    with pytest.raises(ValidationError):
+        ServeConfig(grpc_host="127.0.0.1")  # no such field: Serve's gRPC proxy takes no host
+    folder, seen = run_dir
+    assert cli.main(["serve", str(folder), "--grpc-port", "8123"]) == 2  # same as the run's HTTP port
+    assert "differ" in capsys.readouterr().err
+    calls = {}
+    monkeypatch.setattr("slimray.serving.app.deploy", lambda app, **kw: calls.update(kw) or "http://127.0.0.1:8123")
+    cli._serve_run_dir(folder, ServeConfig(port=8123, grpc_port=9124), name="flags")
+    assert calls["grpc_port"] == 9124 and calls["host"] == "127.0.0.1" and calls["port"] == 8123
+
+
+def test_run_takes_grpc_port(monkeypatch):
+    args = cli._parser().parse_args(["run", "--recipe", "digits", "--grpc-port", "9321"])
+    assert cli._load(args).serve.grpc_port == 9321
+    assert cli._load(cli._parser().parse_args(["run", "--recipe", "digits"])).serve.grpc_port is None
+
+
+def test_text_runs_refuse_grpc_port_instead_of_ignoring_it(capsys):
+    assert cli.main(["run", "--recipe", "minilm", "--grpc-port", "9321", "--out", "/nonexistent-slimray"]) == 2
+    assert "--grpc-port" in capsys.readouterr().err

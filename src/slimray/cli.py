@@ -1,9 +1,9 @@
 """The ``slimray`` command.
 
-    slimray run [--recipe NAME | --config FILE] [--space FILE] [--out DIR] [--address ADDR] [--no-serve] [--fresh]
+    slimray run [--recipe NAME | --config FILE] [--space FILE] [--out DIR] [--address ADDR] [--no-serve] [--fresh] [--port N] [--grpc-port N]
     slimray distill [--recipe NAME | --config FILE] [--num-workers N]
     slimray sweep [--recipe NAME | --config FILE] [--space FILE] [--student DIR] [--resume]
-    slimray serve RUN_DIR [--port N] [--replicas N] [--host HOST] [--address ADDR]
+    slimray serve RUN_DIR [--port N] [--replicas N] [--host HOST] [--grpc-port N] [--address ADDR]
     slimray export RUN_DIR --format onnx|torch-export [--trial KEY] --out FILE
     slimray recipes
     slimray init --model PKG.MODULE:FACTORY --weights W.safetensors --data PATH [--code-dir DIR] [--out slimray.yaml]
@@ -54,7 +54,8 @@ def _load_any(args):
     if family.name != "classifier":
         if getattr(args, "space", None) or getattr(args, "space_env", None):
             raise ConfigError(f"--space: sweep-space files apply to the classifier family; {family.name} runs take their search from the config")
-        return family, with_overrides(family, cfg, name=args.name, port=getattr(args, "port", None))
+        return family, with_overrides(family, cfg, name=args.name, port=getattr(args, "port", None),
+                                      grpc_port=getattr(args, "grpc_port", None))
     return family, _load(args, cfg)
 
 
@@ -74,6 +75,8 @@ def _load(args, cfg: PipelineConfig | None = None) -> PipelineConfig:
         data["distill"]["use_gpu"] = True
     if getattr(args, "port", None):
         data["serve"]["port"] = args.port
+    if getattr(args, "grpc_port", None):
+        data["serve"]["grpc_port"] = args.grpc_port
     if getattr(args, "space", None):
         from slimray.sweep.space import load_space_file
 
@@ -95,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     _source_args(run)
     run.add_argument("--no-serve", action="store_true", help="stop after the report; do not deploy")
     run.add_argument("--port", type=int, help="HTTP port (default from the config, 8000)")
+    run.add_argument("--grpc-port", type=int, help="also serve OIP v2 over gRPC on this port (binds every interface; "
+                                                   "default from the config: off)")
     run.add_argument("--space", type=Path, help="a sweep space (tune/*.yaml): distil-sweep -> compress-sweep -> serve")
     run.add_argument("--space-env", help=argparse.SUPPRESS)
 
@@ -116,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="HTTP port (default: the run's config, 8000)")
     srv.add_argument("--host", help="bind address (default: the run's config, loopback)")
     srv.add_argument("--replicas", type=int, help="replica count (default: the run's config)")
+    srv.add_argument("--grpc-port", type=int, help="also serve OIP v2 over gRPC on this port (Serve's gRPC proxy binds "
+                                                   "every interface; default: the run's config, off)")
     srv.add_argument("--address", help="Ray cluster address")
 
     exp = sub.add_parser("export", help="export the winner (or a trial) to ONNX or a torch.export program, checked")
@@ -159,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve_flags(args) -> dict:
     """The `slimray serve` flags the user gave (None = keep the run's config)."""
-    given = {"port": args.port, "host": args.host, "num_replicas": args.replicas}
+    given = {"port": args.port, "host": args.host, "num_replicas": args.replicas, "grpc_port": args.grpc_port}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -168,7 +175,8 @@ def _serve_run_dir(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> str:
     from slimray.serving.options import options_for_run
 
     options = options_for_run(run_dir, serve_config=serve_cfg, name=name)
-    return deploy(build_app(options), name=name, host=serve_cfg.host, port=serve_cfg.port, route_prefix=serve_cfg.route_prefix)
+    return deploy(build_app(options), name=name, host=serve_cfg.host, port=serve_cfg.port, route_prefix=serve_cfg.route_prefix,
+                  grpc_port=serve_cfg.grpc_port)
 
 
 class _Terminated(Exception):
@@ -217,16 +225,27 @@ def _serving(name: str, start) -> int:
 def _check_and_wait(url: str, run_dir: Path, serve_cfg, family) -> None:
     """The family's check (one real request compared with the model in-process), then serve until Ctrl-C."""
     family.load("serve_check")(url, run_dir, serve_cfg)
+    if getattr(serve_cfg, "grpc_port", None) is not None:
+        print(f"OIP v2 over gRPC (inference.GRPCInferenceService, e.g. tritonclient.grpc): 127.0.0.1:{serve_cfg.grpc_port}")
     print("Ctrl-C stops the server.", flush=True)
     while True:
         time.sleep(3600)
 
 
+def _note_grpc_bind(serve_cfg) -> None:
+    """One line: Serve's gRPC proxy (Ray 2.60) has no host option and binds every interface."""
+    keyed = bool(os.environ.get(serve_cfg.api_key_env) or serve_cfg.api_key_file)
+    print(f"slimray: {'note' if keyed else 'WARNING'}: Serve's gRPC proxy binds every interface ([::]:{serve_cfg.grpc_port}), "
+          f"not {serve_cfg.host}" + ("" if keyed else f", and no API key is set (${serve_cfg.api_key_env}): anyone who can reach "
+                                     "this host can call it; set the key or firewall the port"), file=sys.stderr, flush=True)
+
+
 def _serve_until_interrupted(run_dir: Path, serve_cfg, *, name: str, family) -> int:
     from slimray.exposure import warn_if_exposed
 
-    warn_if_exposed(host=serve_cfg.host, api_key_env=getattr(serve_cfg, "api_key_env", "SLIMRAY_API_KEY"),
-                    api_key_file=getattr(serve_cfg, "api_key_file", None))
+    warn_if_exposed(host=serve_cfg.host, api_key_env=serve_cfg.api_key_env, api_key_file=serve_cfg.api_key_file)
+    if serve_cfg.grpc_port is not None:
+        _note_grpc_bind(serve_cfg)
     return _serving(name, lambda: _check_and_wait(_serve_run_dir(run_dir, serve_cfg, name=name), run_dir, serve_cfg, family))
 
 
@@ -411,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
             family = families.for_artifact(run_dir / "winner")
             cfg = family.load("config").from_file(run_dir / "config.json")
-            serve_cfg = cfg.serve.model_copy(update=_serve_flags(args))
+            serve_cfg = type(cfg.serve).from_dict({**cfg.serve.model_dump(), **_serve_flags(args)}, source="the command line")
             init_ray(args.address)
             return _serve_until_interrupted(run_dir, serve_cfg, name=cfg.name, family=family)
         if args.command == "export":

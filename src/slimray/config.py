@@ -356,6 +356,18 @@ class ServeConfig(StrictModel):
     health_check_period_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     access_log: bool = Field(False, description="log every request in the replica (costs CPU under load)")
+    # the Open Inference Protocol over gRPC, through Serve's gRPC proxy
+    grpc_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="port of Serve's gRPC proxy (OIP v2 GRPCInferenceService); None: no gRPC. Ray 2.60's gRPC proxy "
+                    "binds every interface ([::]:PORT), whatever `host` says",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ServeConfig:
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port must differ from port (both {self.port})")
+        return self
 
 
 class PipelineConfig(StrictModel):

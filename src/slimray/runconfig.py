@@ -52,10 +52,12 @@ def config_from_json(text: str, *, source: str) -> tuple[families.Family, Any]:
 
 
 def with_overrides(family: families.Family, cfg: Any, **fields: Any) -> Any:
-    """``cfg`` with top-level command-line overrides (``name``, ``port``) applied and validated again."""
+    """``cfg`` with top-level command-line overrides (``name``, ``port``, ``grpc_port``) applied and validated again."""
     data = cfg.model_dump()
     if fields.get("name"):
         data["name"] = fields["name"]
     if fields.get("port"):
         data["serve"]["port"] = fields["port"]
+    if fields.get("grpc_port"):
+        data["serve"]["grpc_port"] = fields["grpc_port"]
     return family.load("config").from_dict(data, source="the command line")

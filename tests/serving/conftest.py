@@ -1,6 +1,7 @@
-"""Serving fixtures: one Serve instance (HTTP proxy on a free loopback port) for the whole tests/serving
-package, shut down when the package is done so later tests get the CPUs back. Modules deploy their own
-applications under their own route prefixes and delete them at module teardown."""
+"""Serving fixtures: one Serve instance for the whole tests/serving package (HTTP proxy on a free loopback port,
+and the gRPC proxy with the OIP service on another free port: gRPC options are fixed when Serve starts, and Ray
+2.60's gRPC proxy binds every interface), shut down when the package is done so later tests get the CPUs back.
+Modules deploy their own applications under their own route prefixes and delete them at module teardown."""
 
 from __future__ import annotations
 
@@ -17,13 +18,27 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="package")
-def serve_port(ray_session):
+def serve_ports(ray_session):
+    """(HTTP port, gRPC port) of the package's Serve."""
     from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
+    from slimray.serving.grpc_v2 import SERVICER_FUNCTION
+
+    port, grpc_port = free_port(), free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]})
+    yield port, grpc_port
     serve.shutdown()
+
+
+@pytest.fixture(scope="package")
+def serve_port(serve_ports):
+    return serve_ports[0]
+
+
+@pytest.fixture(scope="package")
+def grpc_port(serve_ports):
+    return serve_ports[1]
 
 
 @pytest.fixture(scope="module")

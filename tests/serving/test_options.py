@@ -55,9 +55,9 @@ def test_bad_options_are_refused(bad):
 
 def test_every_serve_config_field_reaches_the_options():
     """The CLI passes every ServeConfig field named like a ServeOptions field; only the bind address and route
-    prefix go to deploy() instead. Same defaults on both sides."""
+    prefix and the gRPC port go to deploy() instead. Same defaults on both sides."""
     cfg, options = set(ServeConfig.model_fields), set(ServeOptions.model_fields)
-    assert cfg - options == {"host", "port", "route_prefix"}
+    assert cfg - options == {"host", "port", "route_prefix", "grpc_port"}
     for field in cfg & options:
         assert ServeConfig.model_fields[field].default == ServeOptions.model_fields[field].default, field
     ServeOptions(model_dir="/x", name="m", **ServeConfig().model_dump(include=options))
@@ -193,8 +193,7 @@ def test_api_key_file_wins_and_a_missing_file_fails_closed(tmp_path, monkeypatch
 
 def test_grpc_model_infer_answers_like_the_model():
     """The OIP gRPC methods on an in-process server: raw_input_contents in (tritonclient's default encoding),
-    raw_output_contents out, errors as gRPC status codes. (Serve's gRPC proxy itself is not started here: it binds
-    every interface.)"""
+    raw_output_contents out, errors as gRPC status codes. (Through Serve's gRPC proxy: test_grpc_proxy.py.)"""
     import asyncio
 
     import grpc
@@ -253,6 +252,18 @@ def test_grpc_model_infer_answers_like_the_model():
     assert ctx.code == grpc.StatusCode.UNAUTHENTICATED
     ctx = Context([("authorization", "Bearer k")])
     assert asyncio.run(replica.ModelInfer(req, grpc_context=ctx)).outputs and ctx.code is None
+
+
+def test_grpc_messages_pickle_by_their_package_module():
+    """Serve's gRPC proxy hands the request message to the replica through Ray (pickle): the generated classes must
+    name an importable module (they named a top-level ``inference_pb2`` before, and every call failed)."""
+    import pickle
+
+    from slimray.serving.grpc import inference_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name="m", id="r1")
+    assert pb.ModelInferRequest.__module__ == "slimray.serving.grpc.inference_pb2"
+    assert pickle.loads(pickle.dumps(req)) == req
 
 
 TRITON_GRPC_CLIENT = """

@@ -1,5 +1,6 @@
 """Ctrl-C and SIGTERM stop `slimray serve` within seconds (exit 130 / 0, no traceback) and delete only slimray's
-own Serve application: another application on the same cluster keeps serving."""
+own Serve application: another application on the same cluster keeps serving. The SIGTERM case also serves gRPC
+(`--grpc-port`, the port the cluster's Serve was started with)."""
 
 from __future__ import annotations
 
@@ -32,14 +33,15 @@ def bystander(serve_port):
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["ctrl-c", "sigterm"])
-def test_signal_stops_serve_and_deletes_only_its_app(digits_run, serve_port, ray_session, bystander, sig, code):
+def test_signal_stops_serve_and_deletes_only_its_app(digits_run, serve_port, grpc_port, ray_session, bystander, sig, code):
     from ray import serve
 
     run_dir, _ = digits_run
     name = "digits-test"  # the run's name: slimray's application
     address = ray_session.get_runtime_context().gcs_address
     cli = Path(sys.executable).with_name("slimray")
-    proc = subprocess.Popen([str(cli), "serve", str(run_dir), "--port", str(serve_port), "--address", address],
+    grpc = ["--grpc-port", str(grpc_port)] if sig == signal.SIGTERM else []
+    proc = subprocess.Popen([str(cli), "serve", str(run_dir), "--port", str(serve_port), *grpc, "--address", address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     serving = threading.Event()
@@ -70,3 +72,6 @@ def test_signal_stops_serve_and_deletes_only_its_app(digits_run, serve_port, ray
     assert "Traceback" not in out and "core dumped" not in out and "Aborted" not in out, out[-3000:]
     assert name not in serve.status().applications
     assert httpx.get(bystander, timeout=10).text == "still here"
+    if grpc:
+        assert f"gRPC (inference.GRPCInferenceService, e.g. tritonclient.grpc): 127.0.0.1:{grpc_port}" in out, out[-3000:]
+        assert f"binds every interface ([::]:{grpc_port})" in out, out[-3000:]

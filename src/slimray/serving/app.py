@@ -9,9 +9,9 @@ gRPC proxy, ``slimray.serving.grpc_v2``) holds a ``ModelServer`` (``slimray.serv
 forward through the artifact's codec, ``slimray.serving.codecs``) and builds the HTTP ingress
 (``slimray.serving.protocols``) at replica start through Serve's ``__serve_build_asgi_app__`` hook, so the
 routes fit the model kind. The API key is read inside the replica (``api_key_file`` or its own ``api_key_env``
-environment variable), never passed through Ray. ``deploy`` starts the proxy on loopback and runs the app;
-``undeploy`` deletes only that application (never ``serve.shutdown()``, which would remove every app of a
-shared cluster).
+environment variable), never passed through Ray. ``deploy`` starts the HTTP proxy on loopback (and, when
+asked, the gRPC proxy, which in Ray 2.60 binds every interface) and runs the app; ``undeploy`` deletes only that
+application (never ``serve.shutdown()``, which would remove every app of a shared cluster).
 """
 
 from __future__ import annotations
@@ -81,10 +81,12 @@ def deploy(
 ) -> str:
     """Start Serve's HTTP proxy on ``host:port`` (loopback by default), run ``app``, return its URL.
 
-    ``request_timeout_s`` (default: the app's ``ServeOptions.request_timeout_s``) makes the proxy answer 408;
-    it is set when the proxy starts, so an already running Serve keeps its value. ``grpc_port`` also starts
-    Serve's gRPC proxy with the Open Inference Protocol service (off by default: Ray 2.60's gRPC proxy binds
-    every interface, ``[::]:port``, not the loopback address).
+    ``request_timeout_s`` (default: the app's ``ServeOptions.request_timeout_s``) makes the proxy answer 408
+    (DEADLINE_EXCEEDED over gRPC); it is set when the proxies start, so an already running Serve keeps its value. ``grpc_port`` also starts
+    Serve's gRPC proxy with the Open Inference Protocol service (off by default). Ray 2.60 has no host option for
+    that proxy: it binds every interface (``[::]:grpc_port``, ``grpc_util.start_grpc_server``), not ``host``.
+    gRPC options are fixed when Serve starts: if Serve already runs on this cluster without this service on
+    ``grpc_port``, ``deploy`` raises ``RuntimeError`` before deploying anything.
     """
     if request_timeout_s is None:
         request_timeout_s = getattr(app, "_slimray_http_options", {}).get("request_timeout_s")
@@ -94,10 +96,29 @@ def deploy(
     grpc_options = None
     if grpc_port is not None:
         grpc_options = {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+        if request_timeout_s is not None:  # the same limit over gRPC (DEADLINE_EXCEEDED)
+            grpc_options["request_timeout_s"] = request_timeout_s
     serve.start(http_options=http_options, grpc_options=grpc_options)
+    if grpc_port is not None:
+        _check_grpc_proxy(grpc_port)
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}{route_prefix.rstrip('/')}"
+
+
+def _check_grpc_proxy(grpc_port: int) -> None:
+    """Raise unless the running Serve's gRPC proxy serves the OIP service on ``grpc_port`` (``serve.start`` on a
+    running Serve keeps its first options and only logs that it did)."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client().get_serve_details().get("grpc_options") or {}
+    functions = running.get("grpc_servicer_functions") or []
+    if running.get("port") != grpc_port or SERVICER_FUNCTION not in functions:
+        served = f"port {running.get('port')} with {functions}" if functions else "no gRPC service"
+        raise RuntimeError(
+            f"Serve is already running on this cluster with {served}; its gRPC options are fixed when it starts, "
+            f"so gRPC on port {grpc_port} needs a cluster whose Serve was started with it (or no gRPC port)"
+        )
 
 
 def undeploy(name: str) -> None:

@@ -6,9 +6,12 @@ request message. Inputs come as typed ``contents`` or ``raw_input_contents`` (tr
 back as ``raw_output_contents`` (little-endian bytes), as standard clients expect. Bad input sets a gRPC status
 (INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED, RESOURCE_EXHAUSTED) with the message.
 
-Serve's proxy is started with ``grpc_options`` naming ``SERVICER_FUNCTION`` (``deploy(..., grpc_port=N)``). The
-generated message modules are imported lazily (inside the replica): a client process that loads another copy of
-the same ``inference`` package (e.g. tritonclient.grpc) never imports them.
+Serve's proxy is started with ``grpc_options`` naming ``SERVICER_FUNCTION`` (``deploy(..., grpc_port=N)``; from the
+command line ``serve.grpc_port`` / ``--grpc-port``). In Ray 2.60 that proxy binds every interface (``[::]:N``): its
+options have no host. The proxy pickles each request message to the replica, so the generated classes carry their
+package module name (``slimray.serving.grpc.inference_pb2``). The generated message modules are imported lazily
+(inside the proxy and the replica): a client process that loads another copy of the same ``inference`` package
+(e.g. tritonclient.grpc) never imports them.
 """
 
 from __future__ import annotations

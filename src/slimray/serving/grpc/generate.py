@@ -15,7 +15,12 @@ def main() -> int:
 
     here = Path(__file__).resolve().parent
     code = protoc.main(["grpc_tools.protoc", f"-I{here}", f"--python_out={here}", f"--grpc_python_out={here}", str(here / "inference.proto")])
-    if code == 0:  # the generated service module imports its sibling as a top-level module: make it package-relative
+    if code == 0:
+        # the generated modules name their messages' module as top-level ``inference_pb2``: make it the package's, so
+        # Ray can pickle a request (Serve's gRPC proxy sends the message object to the replica) and the service module
+        # imports its sibling package-relative
+        msgs = here / "inference_pb2.py"
+        msgs.write_text(msgs.read_text().replace("(DESCRIPTOR, 'inference_pb2', _globals)", f"(DESCRIPTOR, '{__package__}.inference_pb2', _globals)"))
         svc = here / "inference_pb2_grpc.py"
         svc.write_text(svc.read_text().replace("import inference_pb2 as inference__pb2", "from . import inference_pb2 as inference__pb2"))
     return code
