@@ -20,7 +20,7 @@ def test_load_local_folder(tiny_folder):
 
 
 def test_folder_errors(tmp_path, tiny_folder):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="is not a folder; slimray loads no model from a hub"):
         check_causal_lm_folder(tmp_path / "nope")
     with pytest.raises(ConfigError, match="no config.json"):
         check_causal_lm_folder(tmp_path)

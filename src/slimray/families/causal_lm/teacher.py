@@ -88,24 +88,20 @@ def ensure_smollm2_teacher(out_dir: str | Path) -> Path:
     return convert_gguf(smollm2_gguf_path(), out_dir)
 
 
-def check_causal_lm_folder(path: str | Path) -> dict:
-    """Validate a local HF folder holding a supported causal LM; returns its config.json as a dict."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"teacher folder not found: {path} (only local folders load; no hub ids)")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ConfigError(f"{path} has no config.json: not a Hugging Face model folder")
+def check_causal_lm_folder(path: str | Path, *, field: str = "teacher.path") -> dict:
+    """Validate a local HF folder holding a supported causal LM (the shared folder checks: a folder, not a hub
+    id; config.json; no remote code; safetensors weights); returns its config.json as a dict."""
+    from slimray.families.hf import read_hf_folder
+
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{cfg_file} is not valid JSON: {err}") from None
-    model_type = cfg.get("model_type")
+        cfg = read_hf_folder(str(path), field=field, model_types=SUPPORTED_MODEL_TYPES,
+                             what="the causal_lm family (Llama-style causal LMs)")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     archs = cfg.get("architectures") or []
-    if model_type not in SUPPORTED_MODEL_TYPES or not any(a.endswith("ForCausalLM") for a in archs):
-        raise ConfigError(
-            f"{path}: model_type={model_type!r}, architectures={archs}: the causal_lm family supports Llama-style "
-            f"causal LMs ({', '.join(SUPPORTED_MODEL_TYPES)} with a *ForCausalLM architecture)")
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        raise ConfigError(f"{field} {str(path)!r}: architectures={archs}: the causal_lm family supports Llama-style "
+                          f"causal LMs ({', '.join(SUPPORTED_MODEL_TYPES)} with a *ForCausalLM architecture)")
     return cfg
 
 
