@@ -97,6 +97,8 @@ def test_run_takes_grpc_port(monkeypatch):
     assert cli._load(cli._parser().parse_args(["run", "--recipe", "digits"])).serve.grpc_port is None
 
 
-def test_text_runs_refuse_grpc_port_instead_of_ignoring_it(capsys):
-    assert cli.main(["run", "--recipe", "minilm", "--grpc-port", "9321", "--out", "/nonexistent-slimray"]) == 2
-    assert "--grpc-port" in capsys.readouterr().err
+def test_text_runs_take_grpc_port_too():
+    """Every family goes through the one serve schema: the encoder recipe takes --grpc-port like the classifier."""
+    family, cfg = cli._load_any(cli._parser().parse_args(["run", "--recipe", "minilm", "--grpc-port", "9321"]))
+    assert family.name == "sentence_encoder" and cfg.serve.grpc_port == 9321
+    assert cli._load_any(cli._parser().parse_args(["run", "--recipe", "minilm"]))[1].serve.grpc_port is None
