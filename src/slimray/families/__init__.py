@@ -89,9 +89,14 @@ def for_recipe(name: str) -> Family | None:
 def for_artifact(model_dir: str | Path) -> Family:
     """The family whose artifact format ``model_dir/spec.json`` declares (unreadable specs: classifier, whose
     loader then reports the damage)."""
-    try:
-        fmt = json.loads((Path(model_dir) / "spec.json").read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
+    fmt = None
+    for meta in ("spec.json", "slimray_lm.json"):  # causal LMs are HF folders with slimray_lm.json beside
+        try:
+            fmt = json.loads((Path(model_dir) / meta).read_text()).get("format")
+            break
+        except (OSError, ValueError, AttributeError):
+            continue
+    if fmt is None:
         return get("classifier")
     return next((f for f in _REGISTRY.values() if f.artifact_format == fmt), get("classifier"))
 
@@ -119,4 +124,17 @@ register(Family(
     codec="slimray.serving.codecs:SentenceEncoderCodec",
     artifact_format="slimray.text-model/1",
     recipes=("minilm", "minilm-tiny"),
+))
+
+register(Family(
+    name="causal_lm",
+    description="decoder language models (GPT/Llama class) from a local HF folder or the packaged SmolLM2 GGUF",
+    config="slimray.families.causal_lm.config:LMPipelineConfig",
+    loader="slimray.families.causal_lm.config:load_lm_config",
+    stages="slimray.pipelines.causal_lm:CausalLMStages",
+    train_task="slimray.families.causal_lm.train:CausalLMTask",
+    serve_check="slimray.serving.checks:check_causal_lm",
+    codec="slimray.families.causal_lm.serving:CausalLMCodec",
+    artifact_format="slimray.causal_lm/1",
+    recipes=("smollm", "smollm-tiny"),
 ))

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -28,6 +29,7 @@ META_FILE = "slimray_lm.json"
 class LMArtifactMeta(StrictModel):
     """What ``slimray_lm.json`` holds."""
 
+    format: Literal["slimray.causal_lm/1"] = "slimray.causal_lm/1"
     quant_method: QuantMethod = "none"
     keep_float: list[str] = Field(default_factory=list)
     runtime: RuntimeName = "hf_eager"
