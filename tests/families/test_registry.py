@@ -83,3 +83,18 @@ def test_a_family_task_trains_in_one_process_through_the_shared_epoch_loop():
     student = ClassifierTask.rebuild(cfg, parts["model"])
     metrics = task.validate(student)
     assert metrics["val_accuracy"] > 80.0 and describe_val(metrics).startswith("val acc ")
+
+
+def test_registered_formats_are_the_ones_the_artifact_writers_write():
+    from slimray.artifacts import FORMAT as CLASSIFIER_FORMAT
+    from slimray.families.causal_lm.artifacts import LMArtifactMeta
+    from slimray.families.sentence_encoder.models import FORMAT as TEXT_FORMAT
+
+    assert families.get("classifier").artifact_format == CLASSIFIER_FORMAT
+    assert families.get("sentence_encoder").artifact_format == TEXT_FORMAT
+    assert families.get("causal_lm").artifact_format == LMArtifactMeta().format
+
+
+def test_a_causal_lm_folder_names_its_family(tmp_path):
+    (tmp_path / "slimray_lm.json").write_text('{"format": "slimray.causal_lm/1"}')
+    assert families.for_artifact(tmp_path).name == "causal_lm"

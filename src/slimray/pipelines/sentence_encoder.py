@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,24 +142,51 @@ def load_sentences(data) -> tuple[Any, Any, list[str], str]:
     return train, held, topic_names(), "by article"
 
 
+@dataclass
+class Sentences:
+    """What ``check`` read: the split sentences and the probe's training slice."""
+
+    train: Any
+    held: Any
+    topics: list[str]
+    split_by: str
+    probe_texts: list[str]
+    probe_labels: Any
+
+
+@dataclass
+class Distilled:
+    """What ``distil`` leaves for ``search``: the teacher, its cached outputs, the baseline and the student's folder."""
+
+    teacher: Any
+    tokenizer: Any
+    teacher_dir: Path
+    kd: KDData
+    teacher_held: np.ndarray
+    teacher_probe: np.ndarray
+    baseline: Any
+    layers: list[int]
+    seq: int
+    student_dir: Path
+    amp: bool
+    t_distilled: float
+
+
 class EncoderStages(Stages):
     """The sentence-encoder family on the one pipeline (``slimray.pipelines.run_pipeline``): ``check`` reads and
     splits the sentences (before Ray starts), ``distil`` caches the teacher's outputs, saves the teacher and the
     truncated baseline and distils the student on Ray Train (the family's TrainTask), ``search`` prunes heads/FFN
     on Ray Tune, scores every quantization x sequence length, times the finalists side by side, picks the winner
-    and writes the report. Stages pass their state on ``self``."""
+    and writes the report. ``check`` leaves ``self.sentences``, ``distil`` leaves ``self.distilled``."""
 
     names = ("distil", "search")
 
     def check(self) -> None:
-        cfg = self.cfg
-        k = cfg.eval.neighbours_k
-        recall_key = f"neighbour_recall_at_{k}"
-        train, held, topics, split_by = load_sentences(cfg.data)
-        probe_n = min(cfg.data.probe_train_sentences, len(train.texts))
-        probe_texts, probe_labels = train.texts[:probe_n], train.labels[:probe_n]
+        train, held, topics, split_by = load_sentences(self.cfg.data)
+        probe_n = min(self.cfg.data.probe_train_sentences, len(train.texts))
         log(f"data: {len(train.texts)} train sentences, {len(held.texts)} held-out sentences (split {split_by}), labels {topics}")
-        self.__dict__.update({"held": held, "k": k, "probe_labels": probe_labels, "probe_n": probe_n, "probe_texts": probe_texts, "recall_key": recall_key, "split_by": split_by, "topics": topics, "train": train})
+        self.sentences = Sentences(train=train, held=held, topics=topics, split_by=split_by,
+                                   probe_texts=train.texts[:probe_n], probe_labels=train.labels[:probe_n])
 
     def open(self, run_dir: Path, t_start: float) -> None:
         self.run_dir, self.t_start = run_dir, t_start
@@ -167,7 +195,8 @@ class EncoderStages(Stages):
         from slimray.training.distill import TrainJob, run_training
 
         cfg, run_dir = self.cfg, self.run_dir
-        held, probe_n, train = self.held, self.probe_n, self.train
+        held, train = self.sentences.held, self.sentences.train
+        probe_n = len(self.sentences.probe_texts)
         tdir = teacher_dir(cfg.model)
         teacher = load_teacher(tdir)
         log(f"teacher: {tdir if cfg.model.source == 'huggingface' else cfg.model.teacher} ({teacher.config.num_hidden_layers} layers)")
@@ -214,16 +243,21 @@ class EncoderStages(Stages):
             save_text_artifact(student_dir, student, spec, tokenizer_dir=tdir)
         t_distilled = time.perf_counter()
 
-        self.__dict__.update({"amp": amp, "base_cfg": base_cfg, "baseline": baseline, "kd": kd, "layers": layers, "meta": meta, "seq": seq, "student_dir": student_dir, "t_distilled": t_distilled, "tdir": tdir, "teacher": teacher, "teacher_held": teacher_held, "teacher_probe": teacher_probe, "tokenizer": tokenizer})
+        self.distilled = Distilled(teacher=teacher, tokenizer=tokenizer, teacher_dir=tdir, kd=kd, teacher_held=teacher_held,
+                                   teacher_probe=teacher_probe, baseline=baseline, layers=layers, seq=seq, student_dir=student_dir,
+                                   amp=amp, t_distilled=t_distilled)
 
     def search(self) -> dict[str, Any]:
         from slimray.sweep.encoder_search import run_search
 
         cfg, run_dir, t_start = self.cfg, self.run_dir, self.t_start
-        held, k, probe_labels, probe_n, probe_texts, recall_key, split_by, topics, train = self.held, self.k, self.probe_labels, self.probe_n, self.probe_texts, self.recall_key, self.split_by, self.topics, self.train
-        amp, baseline, kd, layers, seq, student_dir, t_distilled, tdir, teacher, teacher_held, teacher_probe = (
-            self.amp, self.baseline, self.kd, self.layers, self.seq, self.student_dir, self.t_distilled, self.tdir, self.teacher,
-            self.teacher_held, self.teacher_probe)
+        sen, dst = self.sentences, self.distilled
+        held, train, topics, split_by = sen.held, sen.train, sen.topics, sen.split_by
+        probe_texts, probe_labels, probe_n = sen.probe_texts, sen.probe_labels, len(sen.probe_texts)
+        k = cfg.eval.neighbours_k
+        recall_key = f"neighbour_recall_at_{k}"
+        amp, baseline, kd, layers, seq, student_dir, tdir = dst.amp, dst.baseline, dst.kd, dst.layers, dst.seq, dst.student_dir, dst.teacher_dir
+        teacher, teacher_held, teacher_probe, t_distilled = dst.teacher, dst.teacher_held, dst.teacher_probe, dst.t_distilled
         # compression search
         s = cfg.search
         left_out = []

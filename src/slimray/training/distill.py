@@ -84,6 +84,25 @@ class TrainData:
     teacher_logits: ray.ObjectRef | None = None
     train_stream: Any = None
 
+    def for_workers(self, job: TrainJob, *, init_state: Any) -> tuple[dict[str, Any], Any]:
+        """The classifier family's shared objects for the workers and its stream, checked on the driver (feature
+        layers, a teacher in the loop). Any family's data object may define this (``run_training``)."""
+        if job.final_dir is not None and job.input_spec is None:
+            raise ConfigError(f"{job.label}: final_dir needs input_spec (the artifact records its input)")
+        check_feature_layers(job)
+        in_loop = job.teacher_outputs == "in_loop" and (job.alpha > 0 or job.feature_kd is not None)
+        if job.teacher_outputs == "in_loop" and job.teacher_dir is None and in_loop:
+            raise ConfigError(f"{job.label}: teacher_outputs: in_loop needs teacher_dir (the teacher artifact)")
+        if self.train_stream is not None and job.input_spec is None:
+            raise ConfigError(f"{job.label}: streamed training data needs input_spec (inputs are normalised in the workers)")
+        shared = {
+            "x_train": self.x_train, "y_train": self.y_train, "x_val": self.x_val, "y_val": self.y_val,
+            "teacher_logits": self.teacher_logits if job.alpha > 0 and not in_loop else None,
+            "teacher_files": ray.put(_teacher_files(job.teacher_dir)) if in_loop else None,
+            "init_state": init_state,
+        }
+        return shared, self.train_stream
+
 
 def check_fits(*, num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str) -> None:
     total = ray.cluster_resources()
@@ -472,24 +491,6 @@ def stream_cpus_per_worker(job: TrainJob) -> float:
     return max(0.1, (total - 1.0) / job.num_workers)
 
 
-def _classifier_data(job: TrainJob, data: TrainData, init_state: Any) -> dict[str, Any]:
-    """The classifier family's shared data, checked on the driver (feature layers, a teacher in the loop)."""
-    if job.final_dir is not None and job.input_spec is None:
-        raise ConfigError(f"{job.label}: final_dir needs input_spec (the artifact records its input)")
-    check_feature_layers(job)
-    in_loop = job.teacher_outputs == "in_loop" and (job.alpha > 0 or job.feature_kd is not None)
-    if job.teacher_outputs == "in_loop" and job.teacher_dir is None and in_loop:
-        raise ConfigError(f"{job.label}: teacher_outputs: in_loop needs teacher_dir (the teacher artifact)")
-    if data.train_stream is not None and job.input_spec is None:
-        raise ConfigError(f"{job.label}: streamed training data needs input_spec (inputs are normalised in the workers)")
-    return {
-        "x_train": data.x_train, "y_train": data.y_train, "x_val": data.x_val, "y_val": data.y_val,
-        "teacher_logits": data.teacher_logits if job.alpha > 0 and not in_loop else None,
-        "teacher_files": ray.put(_teacher_files(job.teacher_dir)) if in_loop else None,
-        "init_state": init_state,
-    }
-
-
 def _shared(value: Any) -> Any:
     """Large values go to the object store once (workers fetch them); references and small values stay as they are."""
     if value is None or isinstance(value, (ray.ObjectRef, str, int, float, bool)):
@@ -500,23 +501,22 @@ def _shared(value: Any) -> Any:
 
 
 def run_training(
-    job: TrainJob, data: TrainData | dict[str, Any], *, init_state: dict[str, torch.Tensor] | None = None,
+    job: TrainJob, data: Any, *, init_state: dict[str, torch.Tensor] | None = None,
     callbacks: list[Any] | None = None, stream: Any = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Fit ``job`` on Ray Train with its family's TrainTask; returns the trained student (eval mode, CPU) and
-    the last metrics. ``data``: the classifier's ``TrainData``, or any family's dict of shared objects (arrays
-    or object references); ``stream``: a Ray Dataset the workers read in shards (the classifier's comes with
-    its TrainData). ``callbacks`` go to the Train run (a Tune trial passes ``TuneReportCallback``)."""
+    the last metrics. ``data``: a family's dict of shared objects (arrays or object references), or an object
+    whose ``for_workers(job, init_state=...)`` returns that dict and its stream after checking them on the driver
+    (the classifier's ``TrainData``); ``stream``: a Ray Dataset the workers read in shards. ``callbacks`` go to the Train run (a Tune trial passes ``TuneReportCallback``)."""
     from slimray import families
 
     task_cls = families.get(job.family).load("train_task")
     check_fits(num_workers=job.num_workers, cpus_per_worker=job.cpus_per_worker, use_gpu=job.use_gpu, what=job.label)
     check_placement(num_workers=job.num_workers, strategy=job.placement_strategy, use_gpu=job.use_gpu, what=job.label)
-    if isinstance(data, TrainData):
-        stream = data.train_stream
-        shared = _classifier_data(job, data, init_state)
-    else:
+    if isinstance(data, dict):
         shared = {**data, "init_state": init_state}
+    else:  # a family's data object prepares itself on the driver (the classifier's TrainData)
+        shared, stream = data.for_workers(job, init_state=init_state)
     cfg = job.model_dump()
     cfg.update(data={k: _shared(v) for k, v in shared.items()}, stream=stream is not None)
     cpus_per_worker = stream_cpus_per_worker(job) if stream is not None else job.cpus_per_worker
