@@ -35,7 +35,7 @@ test: install
 
 # the multi-minute tests `make test` leaves out: multi-node training placement, 1 vs 2 workers, FSDP, Optuna + ASHA
 # (compression and distillation sweeps), sweep resume (both kinds), SIGTERM mid-sweep + CLI resume, the 30-epoch worker-kill test,
-# the user MLP on Parquet end to end
+# the user MLP on Parquet and the user residual CNN on PNGs end to end, a job submitted to the local multi-node cluster then served
 test-long: install
 	$(PY) -m pytest -q -m long
 

@@ -61,6 +61,7 @@ def test_submission_without_token_fails_with_message(local_cluster, clean_env):
     assert wrong.returncode == 2 and "rejected the token" in wrong.stderr
 
 
+@pytest.mark.long  # multi-minute end to end: `make test-long` (CI runs it after `make test`)
 def test_submit_follow_then_serve_from_serve_config(local_cluster, clean_env, tmp_path):
     """The user's own project (its model code in its own folder, Parquet data, safetensors teacher) submitted as
     a job; the code folder is moved away once the job is submitted, so the job imports the user's module from

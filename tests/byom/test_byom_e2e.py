@@ -93,6 +93,7 @@ def _served_like_in_process(run_dir: Path, *, cwd: Path) -> None:
             os.killpg(server.pid, signal.SIGKILL)
 
 
+@pytest.mark.long  # multi-minute end to end: `make test-long` (CI runs it after `make test`)
 def test_residual_cnn_on_an_image_folder_is_derived_distilled_searched_and_served(tmp_path):
     cfg = project.resnet_project(tmp_path)
     out = _cli(["run", "--config", str(cfg), "--no-serve", "--out", str(tmp_path / "runs")], cwd=tmp_path)
