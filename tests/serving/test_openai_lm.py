@@ -231,3 +231,17 @@ def test_concurrent_greedy_requests_equal_solo_and_share_steps(served_lm, local_
     steps = after["num_steps"] - before["num_steps"]
     tokens = after["num_generated_tokens"] - before["num_generated_tokens"]
     assert tokens == sum(n for _, n in together) and steps < tokens - len(bodies)  # fewer forwards than tokens
+
+
+def test_serve_check_compares_with_the_in_process_model(served_lm, lm_dir, capsys, tmp_path_factory):
+    """What `slimray serve RUN` runs after deploying a causal_lm winner: one greedy completion, same text as in-process."""
+    from slimray.config import ServeConfig
+    from slimray.serving.checks import check_causal_lm
+
+    url, _ = served_lm
+    key_file = tmp_path_factory.mktemp("check-secret") / "key"
+    key_file.write_text(KEY)
+    check_causal_lm(url, lm_dir.parent, ServeConfig(api_key_file=str(key_file)))
+    out = capsys.readouterr().out
+    assert ": same" in out and "DIFFERENT" not in out
+    assert f"{url}/v1/chat/completions" in out and "from openai import OpenAI" in out and "Authorization: Bearer" in out
