@@ -245,3 +245,26 @@ def test_serve_check_compares_with_the_in_process_model(served_lm, lm_dir, capsy
     out = capsys.readouterr().out
     assert ": same" in out and "DIFFERENT" not in out
     assert f"{url}/v1/chat/completions" in out and "from openai import OpenAI" in out and "Authorization: Bearer" in out
+
+
+def test_metrics_reach_prometheus(served_lm, ray_session):
+    """The replica's request counters, step batch sizes and generated tokens appear on the node's Prometheus endpoint."""
+    import time
+
+    _, client = served_lm
+    client.post("/v1/completions", json={"model": NAME, "prompt": "The cat", "max_tokens": 3})
+    client.post("/v1/completions", json={"model": NAME, "prompt": "The cat", "max_tokens": 0})
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    wanted = ("ray_slimray_requests", "ray_slimray_request_errors", "ray_slimray_batch_size", "ray_slimray_generated_tokens")
+
+    def counted_400(text: str) -> bool:
+        return any(line.startswith("ray_slimray_request_errors") and 'status="400"' in line and 'route="/v1/completions"' in line
+                   for line in text.splitlines())
+
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # metrics are exported every few seconds
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted) and counted_400(text):
+            break
+        time.sleep(1)
+    assert not [w for w in wanted if w not in text] and counted_400(text)
