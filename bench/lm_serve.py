@@ -12,6 +12,8 @@ sends one streaming ``/v1/completions`` request (greedy, ``--max-tokens``, ``str
 its own prompt, all at once; tokens are the servers' ``usage.completion_tokens``, time is from the first request's
 start to the last stream's end. Also prints the time to first token and the engine's step counts (mean step batch)
 from ``GET /v1/replica``. One local Ray (2 CPUs), one replica; only 127.0.0.1 is contacted. ``--out`` writes JSON.
+``--in-process`` runs the same rounds on the engine alone (``BatchEngine``, no Serve, no HTTP): the request path's
+limit on this machine.
 """
 
 from __future__ import annotations
@@ -87,6 +89,55 @@ async def level(url: str, *, model: str, concurrency: int, rounds: int, max_toke
             "tokens_per_s_rounds": [round(x, 1) for x in rates], "ttft_ms_median": 1000 * statistics.median(ttfts)}
 
 
+def in_process(model_dir: Path, args) -> int:
+    """The rounds of ``level`` on a ``BatchEngine`` in this process (one torch thread per ``--num-threads``)."""
+    import torch
+
+    from slimray.families.causal_lm import openai as oa
+    from slimray.families.causal_lm.artifacts import load_lm
+    from slimray.families.causal_lm.engine import BatchEngine
+    from slimray.families.causal_lm.serving import eos_ids
+
+    torch.set_num_threads(args.num_threads)
+    model, tok, _ = load_lm(model_dir)
+    limits = oa.Limits(context_len=int(model.config.max_position_embeddings), max_tokens_limit=args.max_tokens)
+    results: dict = {"model_dir": str(model_dir), "mode": "in-process engine", "max_tokens": args.max_tokens,
+                     "num_threads": args.num_threads, "loadavg_before": os.getloadavg(), "levels": []}
+
+    async def run(engine, bodies):
+        async def one(body):
+            n = 0
+            async for _ in engine.generate(oa.prepare(oa.parse_request("completion", body), tok, limits=limits)):
+                n += 1
+            return n
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+    for c in args.concurrency:
+        engine = BatchEngine(model, tok, eos_token_ids=eos_ids(model, tok), max_num_seqs=max(args.concurrency))
+        asyncio.run(run(engine, [{"prompt": "warm up", "max_tokens": 4}]))
+        rates = []
+        for r in range(args.rounds):
+            bodies = [{"prompt": PROMPTS[(r + i) % len(PROMPTS)], "max_tokens": args.max_tokens, "temperature": 0} for i in range(c)]
+            start = time.perf_counter()
+            n = sum(asyncio.run(run(engine, bodies)))
+            rates.append(n / (time.perf_counter() - start))
+        info = engine.info()
+        engine.close()
+        row = {"concurrency": c, "tokens_per_s_median": statistics.median(rates), "tokens_per_s_rounds": [round(x, 1) for x in rates],
+               "mean_step_batch": info["mean_step_batch"]}
+        results["levels"].append(row)
+        print(f"in-process concurrency {c}: {row['tokens_per_s_median']:.1f} tok/s (rounds {row['tokens_per_s_rounds']}), "
+              f"mean step batch {row['mean_step_batch']}", flush=True)
+    base = results["levels"][0]["tokens_per_s_median"]
+    for row in results["levels"][1:]:
+        print(f"ratio c={row['concurrency']} / c={results['levels'][0]['concurrency']}: {row['tokens_per_s_median'] / base:.2f}x")
+    results["loadavg_after"] = os.getloadavg()
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -99,6 +150,7 @@ def main() -> int:
     ap.add_argument("--num-threads", type=int, default=1, help="torch threads in the replica")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "slimray-bench-lm")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--in-process", action="store_true", help="the engine alone, no Serve (see the module docstring)")
     args = ap.parse_args()
 
     import ray
@@ -113,6 +165,8 @@ def main() -> int:
         model_dir = smollm_dir(args.cache / "smollm2-teacher")
     else:
         model_dir = args.model_dir
+    if args.in_process:
+        return in_process(model_dir, args)
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     results: dict = {"model_dir": str(model_dir), "max_tokens": args.max_tokens, "num_threads": args.num_threads,
                      "loadavg_before": os.getloadavg(), "levels": []}
