@@ -55,6 +55,7 @@ def test_concurrent_greedy_equals_solo_and_shares_steps(tiny_model, tiny_tokeniz
     stats = engine.info()
     assert stats["largest_step_batch"] == len(PROMPTS)  # all were queued before the first step
     assert stats["num_prefills"] == len(PROMPTS) and stats["num_finished"] == len(PROMPTS)
+    assert stats["num_prefill_forwards"] < len(PROMPTS)  # newcomers of one step are prefilled together
     assert stats["num_generated_tokens"] == sum(n for _, n, _ in alone)
     assert stats["num_active"] == 0 and stats["num_waiting"] == 0
 

@@ -5,8 +5,9 @@ are prefilled (one forward each, batch 1) and join the batch between steps; fini
 The batch's KV cache is one ``DynamicCache`` whose rows are right-aligned: a row's real tokens end at the last
 column and the columns before its first token are left padding, masked out by the 2D attention mask; each row
 gets its own position ids, so RoPE and attention see exactly what a solo run sees (greedy outputs equal the solo
-ones up to float rounding of batched matmuls). Joining pads either the newcomer's cache or the batch's on the
-left to the longer of the two; leaving drops the row and trims padding every remaining row shares.
+ones up to float rounding of batched matmuls). The requests waiting at a step are prefilled together (one forward,
+prompts left-padded the same way); joining pads either the newcomers' cache or the batch's on the left to the
+longer of the two; leaving drops the row and trims padding every remaining row shares.
 
 Each request keeps its own ``Decoding`` (``openai.Decoding``: sampler with its seed, temperature, top_p; stop
 strings; token budget). Results go back to the request's asyncio queue with ``loop.call_soon_threadsafe``, so the
@@ -48,7 +49,8 @@ class EngineStats:
     num_steps: int = 0  # batched decode forwards
     largest_step_batch: int = 0
     num_step_rows: int = 0  # sum of the step batch sizes (mean = num_step_rows / num_steps)
-    num_prefills: int = 0
+    num_prefills: int = 0  # sequences prefilled
+    num_prefill_forwards: int = 0  # forwards that prefilled them (newcomers of one step share one)
     num_generated_tokens: int = 0
     num_finished: int = 0
     num_cancelled: int = 0
@@ -83,6 +85,8 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self._pad_id = int(pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0))
 
     # ------------------------------------------------------------------------------------------------ public
 
@@ -177,44 +181,75 @@ class BatchEngine:
 
     @torch.inference_mode()
     def _admit(self) -> None:
+        """Prefill every waiting request that fits (one forward for all of them: prompts left-padded to the longest,
+        masked, each with its own positions), take each one's first token, and join the rest to the batch."""
         from transformers import DynamicCache
 
-        while self._waiting and len(self._active) < self.max_num_seqs:
+        group: list[_Sequence] = []
+        while self._waiting and len(self._active) + len(group) < self.max_num_seqs:
             seq = self._waiting.popleft()
             if seq.cancelled:
                 self.stats.num_cancelled += 1
-                continue
-            ids = torch.tensor([seq.decoding.prepared.prompt_ids])
-            cache = DynamicCache(config=self.model.config)
+            else:
+                group.append(seq)
+        if not group:
+            return
+        prompts = [seq.decoding.prepared.prompt_ids for seq in group]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(group), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+            group[i].pad = width - len(p)
+        cache = DynamicCache(config=self.model.config)
+        if len(group) == 1:  # no padding: the plain path
             out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-            self.stats.num_prefills += 1
-            delta = seq.decoding.advance(out.logits[0, -1].float())
-            self._finish(seq, delta)
-            if self.on_tokens is not None:
-                self.on_tokens(1)
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                             logits_to_keep=1)
+        self.stats.num_prefills += len(group)
+        self.stats.num_prefill_forwards += 1
+        logits = out.logits[:, -1].float()
+        keep = []
+        for i, seq in enumerate(group):
+            self._finish(seq, seq.decoding.advance(logits[i]))
             if not seq.decoding.done:
-                self._join(seq, cache)
+                keep.append(i)
+        if self.on_tokens is not None:
+            self.on_tokens(len(group))
+        if keep:
+            self._join([group[i] for i in keep], cache, keep)
 
-    def _join(self, seq: _Sequence, cache) -> None:
-        """Add ``seq`` (its prefilled batch-1 ``cache``) as the last row of the batch cache."""
+    def _join(self, group: list[_Sequence], cache, rows: list[int]) -> None:
+        """Add ``group`` (rows ``rows`` of their prefilled, right-aligned ``cache``) at the end of the batch cache."""
+        if len(rows) < cache.layers[0].keys.shape[0]:
+            index = torch.tensor(rows)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
         if self._cache is None:
-            seq.pad = 0
-            self._cache, self._active = cache, [seq]
+            trim = min(s.pad for s in group)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
+            for s in group:
+                s.pad -= trim
+            self._cache, self._active = cache, list(group)
             return
         width, new = self._cache.get_seq_length(), cache.get_seq_length()
-        grow = max(0, new - width)  # the batch grows on the left when the newcomer is longer
+        grow, lag = max(0, new - width), max(0, width - new)  # the shorter side is padded on the left
         for mine, theirs in zip(self._cache.layers, cache.layers):
-            k, v = mine.keys, mine.values
+            k, v, nk, nv = mine.keys, mine.values, theirs.keys, theirs.values
             if grow:
                 k, v = F.pad(k, (0, 0, grow, 0)), F.pad(v, (0, 0, grow, 0))
-            nk, nv = theirs.keys, theirs.values
-            if width + grow > new:
-                nk, nv = F.pad(nk, (0, 0, width + grow - new, 0)), F.pad(nv, (0, 0, width + grow - new, 0))
+            if lag:
+                nk, nv = F.pad(nk, (0, 0, lag, 0)), F.pad(nv, (0, 0, lag, 0))
             mine.keys, mine.values = torch.cat([k, nk]), torch.cat([v, nv])
         for s in self._active:
             s.pad += grow
-        seq.pad = width + grow - new
-        self._active.append(seq)
+        for s in group:
+            s.pad += lag
+        self._active.extend(group)
 
     def _leave(self, keep: list[int]) -> None:
         """Keep only the rows ``keep`` of the batch cache, then trim the left padding they all share."""
