@@ -5,9 +5,10 @@ step-by-step generator with sampling (temperature, top_p, seed) and stop strings
 ``GET /v1/models``. The shapes follow the OpenAI API reference and parse with the official ``openai`` client's
 pydantic types (tested).
 
-Building blocks for a batching server: ``Sampler`` (one request's sampling state), ``TextStream`` (incremental
-detokenisation with stop strings held back until they can no longer match) and ``prepare`` (validation against
-the model's limits, prompt ids). ``complete`` / ``stream`` run one request end to end on a ``runtime`` session.
+Building blocks for a batching server (``engine.BatchEngine``): ``Sampler`` (one request's sampling state),
+``TextStream`` (incremental detokenisation with stop strings held back until they can no longer match),
+``Decoding`` (both plus the token budget: logits in, Delta out), ``prepare`` (validation against the model's
+limits, prompt ids), ``StreamFormatter`` (a request's SSE events from its Deltas) and ``final_body``. ``complete`` / ``stream`` run one request end to end on a ``runtime`` session.
 Errors are ``RequestError`` (status 400 or 404, an OpenAI-style ``{"error": {...}}`` body); never a 5xx for input.
 """
 
