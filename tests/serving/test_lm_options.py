@@ -86,6 +86,8 @@ def test_the_openai_ingress_in_process(lm_run):
         r = client.post("/v1/completions", json={"prompt": "The cat", "max_tokens": 33})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
         assert client.get("/nowhere").status_code == 404 and "error" in client.get("/nowhere").json()
+        assert client.get("/v2/models/tiny/ready").json() == {"name": "tiny", "ready": True}
+        assert client.get("/v2/models/other/ready").status_code == 404
         assert TestClient(build_openai_api(server, api_key="k")).get("/v1/models").status_code == 401
         assert client.get("/v1/replica").json()["engine"]["num_finished"] == 2
     finally:

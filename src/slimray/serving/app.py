@@ -8,8 +8,9 @@ Layers: ``SlimrayModel`` (the replica; its ``GrpcInference`` methods answer the 
 gRPC proxy, ``slimray.serving.grpc_v2``) holds a ``ModelServer`` (``slimray.serving.model``: the batched
 forward through the artifact's codec, ``slimray.serving.codecs``) and builds the HTTP ingress
 (``slimray.serving.protocols``, or the ingress the codec names, e.g. ``slimray.serving.openai_api`` for causal
-LMs) at replica start through Serve's ``__serve_build_asgi_app__`` hook, so the routes fit the model kind. The API key is read inside the replica (``api_key_file`` or its own ``api_key_env``
-environment variable), never passed through Ray. ``deploy`` starts the HTTP proxy on loopback (and, when
+LMs) at replica start through Serve's ``__serve_build_asgi_app__`` hook, so the routes fit the model kind. The
+API key is read inside the replica (``api_key_file`` or its own ``api_key_env`` environment variable), never
+passed through Ray. ``deploy`` starts the HTTP proxy on loopback (and, when
 asked, the gRPC proxy, which in Ray 2.60 binds every interface) and runs the app; ``undeploy`` deletes only that
 application (never ``serve.shutdown()``, which would remove every app of a shared cluster).
 """

@@ -8,8 +8,8 @@ Built per replica by the one Serve builder (``slimray.serving.app``) because the
   answers server-sent events (``text/event-stream``, ``data: {...}`` chunks, ``data: [DONE]``), with a final
   usage chunk when ``stream_options.include_usage`` is set;
 * ``GET /v1/models``, ``GET /v1/models/{model}`` (OpenAI's list / retrieve shapes);
-* ``GET /healthz``, ``GET /v2/health/live``, ``GET /v2/health/ready`` (open), ``GET /v1/replica`` (engine counts:
-  steps run, largest step batch, ...).
+* ``GET /healthz``, ``GET /v2/health/live``, ``GET /v2/health/ready`` (open), ``GET /v2/models/{model}/ready``
+  and ``GET /v1/replica`` (engine counts: steps run, largest step batch, ...), as the other families have.
 
 Every request is validated before anything runs (``slimray.families.causal_lm.openai``: strict models, the
 context, ``max_tokens`` limits); bad input gets a 4xx with OpenAI's error body
@@ -100,6 +100,14 @@ def build_openai_api(server: ModelServer, *, api_key: str | None, metrics: bool 
     async def ready():
         return JSONResponse({"ready": server.ready}, status_code=200 if server.ready else 503)
 
+    async def model_ready(name: str, request: Request):
+        if answer := denied(request):
+            return answer
+        if name != served:
+            return openai_error(404, f"The model {name[:100]!r} does not exist; this endpoint serves {served!r}",
+                                param="model", code="model_not_found")
+        return JSONResponse({"name": served, "ready": server.ready}, status_code=200 if server.ready else 503)
+
     async def models(request: Request):
         if answer := denied(request):
             return answer
@@ -178,6 +186,7 @@ def build_openai_api(server: ModelServer, *, api_key: str | None, metrics: bool 
     api.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
     api.add_api_route("/v2/health/live", live, methods=["GET"], tags=["health"])
     api.add_api_route("/v2/health/ready", ready, methods=["GET"], tags=["health"])
+    api.add_api_route("/v2/models/{name}/ready", model_ready, methods=["GET"], tags=["health"])
     api.add_api_route("/v1/models", models, methods=["GET"], tags=["openai"])
     api.add_api_route("/v1/models/{name:path}", model, methods=["GET"], tags=["openai"])
     api.add_api_route("/v1/replica", replica, methods=["GET"], tags=["v1"], summary="which replica answered; engine counts")
