@@ -115,3 +115,12 @@ def test_abandoned_request_leaves_the_batch(tiny_model, tiny_tokenizer):
 def test_engine_rejects_bad_settings(tiny_model, tiny_tokenizer):
     with pytest.raises(ValueError, match="max_num_seqs"):
         BatchEngine(tiny_model, tiny_tokenizer, eos_token_ids=[], max_num_seqs=0)
+
+
+def test_requests_finishing_at_prefill_never_join(tiny_model, tiny_tokenizer):
+    eos = [tiny_tokenizer.eos_token_id]
+    requests = [_prepared(tiny_tokenizer, p, max_tokens=1 if i % 2 else 7, temperature=0) for i, p in enumerate(PROMPTS)]
+    engine = BatchEngine(tiny_model, tiny_tokenizer, eos_token_ids=eos, max_num_seqs=8)
+    together = _run_all(engine, requests)
+    assert together == [_solo(tiny_model, tiny_tokenizer, p, eos) for p in requests]
+    assert [n for _, n, _ in together][1::2] == [1, 1] and engine.info()["largest_step_batch"] <= 3
