@@ -131,6 +131,9 @@ def verify_artifact(path: str | Path, spec_cls: type[StrictModel] | None = None)
 def check_winner(path: str | Path) -> None:
     """Verify a model folder before serving it, image or text model alike (``DamagedArtifactError`` names the file)."""
     path = Path(path)
+    if not (path / SPEC).exists() and (path / "slimray_lm.json").exists():  # a causal LM: an HF folder + its meta
+        _check_lm_winner(path)
+        return
     verify_artifact(path)  # the spec parses as JSON and every recorded sha256 matches
     fmt = json.loads((path / SPEC).read_text()).get("format")
     if fmt == FORMAT:
@@ -141,6 +144,22 @@ def check_winner(path: str | Path) -> None:
         if fmt != TEXT_FORMAT:
             raise DamagedArtifactError(path / SPEC, f"unknown format {fmt!r} (expected {FORMAT!r} or {TEXT_FORMAT!r})")
         verify_artifact(path, TextArtifactSpec)
+
+
+def _check_lm_winner(path: Path) -> None:
+    """A causal-LM folder: ``slimray_lm.json`` parses, and the HF folder passes the family's folder checks."""
+    from slimray.families.causal_lm.artifacts import META_FILE, load_meta
+    from slimray.families.causal_lm.teacher import check_causal_lm_folder
+    from slimray.schema import ConfigError
+
+    try:
+        load_meta(path)
+    except (ValueError, ConfigError) as err:
+        raise DamagedArtifactError(path / META_FILE, str(err).splitlines()[0]) from None
+    try:
+        check_causal_lm_folder(path, field="winner")
+    except ConfigError as err:
+        raise DamagedArtifactError(path / "config.json", str(err)) from None
 
 
 def reusable(path: str | Path, *, spec_cls: type[StrictModel] | None = None, log=None) -> bool:

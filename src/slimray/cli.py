@@ -421,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             from slimray.runtime import init_ray
 
             run_dir = args.run_dir.resolve()
-            if not (run_dir / "winner" / "spec.json").exists():
-                raise ConfigError(f"{run_dir} holds no finished run (no winner/spec.json)")
+            if not any((run_dir / "winner" / f).exists() for f in ("spec.json", "slimray_lm.json")):
+                raise ConfigError(f"{run_dir} holds no finished run (no winner/spec.json, nor winner/slimray_lm.json for a causal LM)")
             from slimray.artifacts import check_winner
 
             check_winner(run_dir / "winner")  # a damaged spec.json or weights file: one line naming it

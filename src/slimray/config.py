@@ -21,6 +21,10 @@ from slimray.evaluation import EvalConfig
 from slimray.families.classifier.spec import ModelSpec, ModuleSpec, build_model, scale_spec
 from slimray.families.classifier.usermodule import check_factory_path
 from slimray.schema import UNION_TAGS, ConfigError, StrictModel
+from slimray.serving.options import (
+    DEFAULT_MAX_TOKENS_DOC, LM_DEFAULT_MAX_TOKENS, LM_MAX_NUM_SEQS, LM_MAX_TOKENS_LIMIT, MAX_CONTEXT_LEN_DOC, MAX_NUM_SEQS_DOC,
+    MAX_TOKENS_LIMIT_DOC, check_lm_limits,
+)
 from slimray.sweep.space import DistillSpace, RandInt, SweepSpaceFile, domain_ends, domain_values
 from slimray.families.classifier.features import FeatureKDSpec, layer_names
 
@@ -356,6 +360,11 @@ class ServeConfig(StrictModel):
     health_check_period_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     access_log: bool = Field(False, description="log every request in the replica (costs CPU under load)")
+    # text generation (causal_lm; ignored by the other families): the same fields as ServeOptions
+    max_tokens_limit: PositiveInt = Field(LM_MAX_TOKENS_LIMIT, description=MAX_TOKENS_LIMIT_DOC)
+    default_max_tokens: PositiveInt = Field(LM_DEFAULT_MAX_TOKENS, description=DEFAULT_MAX_TOKENS_DOC)
+    max_num_seqs: PositiveInt = Field(LM_MAX_NUM_SEQS, description=MAX_NUM_SEQS_DOC)
+    max_context_len: PositiveInt | None = Field(None, description=MAX_CONTEXT_LEN_DOC)
     # the Open Inference Protocol over gRPC, through Serve's gRPC proxy
     grpc_port: int | None = Field(
         None, ge=1, le=65535,
@@ -367,6 +376,7 @@ class ServeConfig(StrictModel):
     def _distinct_ports(self) -> ServeConfig:
         if self.grpc_port is not None and self.grpc_port == self.port:
             raise ValueError(f"grpc_port must differ from port (both {self.port})")
+        check_lm_limits(self)
         return self
 
 

@@ -7,9 +7,10 @@ application; nothing is deployed on import. For ``serve run`` / ``serve deploy``
 Layers: ``SlimrayModel`` (the replica; its ``GrpcInference`` methods answer the OIP gRPC service through Serve's
 gRPC proxy, ``slimray.serving.grpc_v2``) holds a ``ModelServer`` (``slimray.serving.model``: the batched
 forward through the artifact's codec, ``slimray.serving.codecs``) and builds the HTTP ingress
-(``slimray.serving.protocols``) at replica start through Serve's ``__serve_build_asgi_app__`` hook, so the
-routes fit the model kind. The API key is read inside the replica (``api_key_file`` or its own ``api_key_env``
-environment variable), never passed through Ray. ``deploy`` starts the HTTP proxy on loopback (and, when
+(``slimray.serving.protocols``, or the ingress the codec names, e.g. ``slimray.serving.openai_api`` for causal
+LMs) at replica start through Serve's ``__serve_build_asgi_app__`` hook, so the routes fit the model kind. The
+API key is read inside the replica (``api_key_file`` or its own ``api_key_env`` environment variable), never
+passed through Ray. ``deploy`` starts the HTTP proxy on loopback (and, when
 asked, the gRPC proxy, which in Ray 2.60 binds every interface) and runs the app; ``undeploy`` deletes only that
 application (never ``serve.shutdown()``, which would remove every app of a shared cluster).
 """
@@ -26,7 +27,7 @@ from slimray.serving.codecs import RequestError, check_texts, parse_inputs, pars
 from slimray.serving.http import read_api_key
 from slimray.serving.model import ModelServer
 from slimray.serving.options import ServeOptions, deployment_options, options_for_run  # noqa: F401  (re-exported)
-from slimray.serving.protocols import V2Tensor, build_api  # noqa: F401  (re-exported)
+from slimray.serving.protocols import V2Tensor, build_api, ingress_for  # noqa: F401  (re-exported)
 
 
 class SlimrayModel(GrpcInference):
@@ -38,7 +39,8 @@ class SlimrayModel(GrpcInference):
         self.server = ModelServer(self.options, loader=loader)
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.server, api_key=self.api_key, metrics=self.server.replica_id is not None)
+        # the family's ingress (its codec's ``ingress`` hook): the tensor protocols, or e.g. the OpenAI API
+        return ingress_for(self.server.codec)(self.server, api_key=self.api_key, metrics=self.server.replica_id is not None)
 
     def replica_info(self) -> dict[str, Any]:
         """Which replica, node and device this is (also over HTTP at ``GET /v1/replica``); for handle calls."""

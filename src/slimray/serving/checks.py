@@ -70,3 +70,42 @@ def check_encoder(url: str, run_dir: Path, serve_cfg: Any) -> None:
     print(f"served embeddings {served.shape}; cosine to the in-process model's >= {cos:.4f}: {'same' if cos > 0.999 else 'DIFFERENT'}")
     print(f"\nServing {url}/v1/embed  (V2: {url}/v2/models/<name>/infer, OpenAPI: {url}/docs, health: {url}/healthz)")
     print(f"  curl -s -X POST {url}/v1/embed -H 'Content-Type: application/json' -d '{{\"texts\": [\"hello world\"]}}'")
+
+
+def check_causal_lm(url: str, run_dir: Path, serve_cfg: Any) -> None:
+    """One greedy completion from the endpoint compared with the same request run in-process on the winner (the
+    same text expected), then how to call the endpoint (curl, the openai client)."""
+    from slimray.families.causal_lm import openai as oa
+    from slimray.families.causal_lm.artifacts import load_lm
+    from slimray.families.causal_lm.runtime import make_session
+    from slimray.families.causal_lm.serving import eos_ids
+
+    key = _key(serve_cfg)
+    req = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                model_id = json.loads(resp.read())["data"][0]["id"]
+                break
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    num_tokens = min(16, getattr(serve_cfg, "max_tokens_limit", 16))
+    body = {"model": model_id, "prompt": "The history of", "max_tokens": num_tokens, "temperature": 0}
+    answer = post_json(f"{url}/v1/completions", body, key=key)
+    served = answer["choices"][0]["text"]
+    model, tokenizer, _ = load_lm(run_dir / "winner")
+    limits = oa.Limits(context_len=int(model.config.max_position_embeddings), max_tokens_limit=num_tokens)
+    session = make_session(model, "static", max_cache_len=min(int(model.config.max_position_embeddings), 512))
+    local = oa.complete(session, oa.parse_request("completion", body), tokenizer, model=model_id, limits=limits,
+                        eos_token_ids=eos_ids(model, tokenizer))["choices"][0]["text"]
+    print(f"served greedy completion {served!r} ({answer['usage']['completion_tokens']} tokens); "
+          f"in-process {local!r}: {'same' if served == local else 'DIFFERENT'}")
+    auth = " -H 'Authorization: Bearer $SLIMRAY_API_KEY'" if key else ""
+    print(f"\nServing {url}/v1/completions and {url}/v1/chat/completions (OpenAI API; models: {url}/v1/models, health: {url}/healthz)")
+    print(f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+          f"-d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
+    print(f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{'KEY' if key else 'none'}'); "
+          f"print(c.completions.create(model='{model_id}', prompt='The history of', max_tokens=32).choices[0].text)\"")

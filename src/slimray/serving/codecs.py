@@ -9,7 +9,10 @@ model family brings one codec class and a new protocol is one new module there:
   ``parse_instances(list)`` (KServe v1 ``instances``), ``parse_v2(tensor, raw)`` (one Open Inference Protocol
   input tensor, JSON ``data`` or binary ``raw`` bytes) -> the request's *items*;
 * ``forward(items)`` -> a dict of named numpy arrays, one row per item (runs off the event loop, batched);
-* ``v1_answer(out)``, ``predictions(out)`` (KServe v1), ``v2_outputs`` / ``v2_metadata()`` -> answers.
+* ``v1_answer(out)``, ``predictions(out)`` (KServe v1), ``v2_outputs`` / ``v2_metadata()`` -> answers;
+* ``ingress`` names the HTTP ingress builder (default: the tensor protocols; the causal_lm family's codec,
+  ``slimray.families.causal_lm.serving``, names the OpenAI-compatible API instead), ``stats()`` adds counters
+  to the replica's info.
 
 Every bad input raises ``RequestError`` (4xx with a message).
 """
@@ -64,6 +67,9 @@ class Codec:
     input_name: ClassVar[str]
     output_names: ClassVar[tuple[str, ...]]  # the V2 outputs, in their default order
     binary_bodies: ClassVar[bool] = False  # whether the native route takes raw float32 / .npy bodies (parse_array)
+    #: the family's HTTP ingress, ``"module:function"`` with ``build_api``'s signature ``(server, *, api_key, metrics)``;
+    #: the default is the tensor protocols (``slimray.serving.protocols:build_api``); a text generator names its own
+    ingress: ClassVar[str] = "slimray.serving.protocols:build_api"
 
     def __init__(self, options: Any, loader: Any = None):
         self.options = options
@@ -104,6 +110,10 @@ class Codec:
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the codec's own machinery (e.g. a decode engine), merged into the replica's info."""
+        return {}
 
     def _check_count(self, n: int, what: str = "examples") -> None:
         if n == 0:

@@ -95,4 +95,5 @@ class ModelServer:
             "largest_batch": self.largest_batch,
             "max_batch_size": self.options.max_batch_size,
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            **self.codec.stats(),
         }

@@ -18,6 +18,24 @@ from slimray.schema import StrictModel
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
+# text generation limits (causal_lm), shared with slimray.config.ServeConfig so the two schemas stay one
+LM_MAX_TOKENS_LIMIT = 512
+LM_DEFAULT_MAX_TOKENS = 16
+LM_MAX_NUM_SEQS = 8
+MAX_TOKENS_LIMIT_DOC = "causal_lm: the most tokens one request may generate (max_tokens above it: 400)"
+DEFAULT_MAX_TOKENS_DOC = "causal_lm: tokens /v1/completions generates when max_tokens is absent (chat: what fits)"
+MAX_NUM_SEQS_DOC = ("causal_lm: most sequences one decode step runs (continuous batching); later requests wait. Keep "
+                    "max_ongoing_requests at least this, or steps never fill")
+MAX_CONTEXT_LEN_DOC = "causal_lm: prompt + completion tokens at most; None: the model's max_position_embeddings"
+
+
+def check_lm_limits(cfg: Any) -> None:
+    """The text-generation limits are consistent (raises ValueError otherwise)."""
+    if cfg.default_max_tokens > cfg.max_tokens_limit:
+        raise ValueError(f"default_max_tokens ({cfg.default_max_tokens}) must not exceed max_tokens_limit ({cfg.max_tokens_limit})")
+    if cfg.max_context_len is not None and cfg.max_context_len < 2:
+        raise ValueError("max_context_len must leave room for a prompt token and a generated one (>= 2)")
+
 
 class ServeOptions(StrictModel):
     model_dir: str = Field(description="artifact folder (model.safetensors + spec.json) to serve")
@@ -49,6 +67,16 @@ class ServeOptions(StrictModel):
     api_key_env: str = Field("SLIMRAY_API_KEY", description="environment variable (of the replica) holding an optional API key")
     api_key_file: str | None = Field(None, description="file holding the API key (e.g. a mounted Secret); wins over api_key_env")
     access_log: bool = Field(False, description="log every request in the replica (costs CPU under load)")
+    # text generation (causal_lm; ignored by the other families)
+    max_tokens_limit: PositiveInt = Field(LM_MAX_TOKENS_LIMIT, description=MAX_TOKENS_LIMIT_DOC)
+    default_max_tokens: PositiveInt = Field(LM_DEFAULT_MAX_TOKENS, description=DEFAULT_MAX_TOKENS_DOC)
+    max_num_seqs: PositiveInt = Field(LM_MAX_NUM_SEQS, description=MAX_NUM_SEQS_DOC)
+    max_context_len: PositiveInt | None = Field(None, description=MAX_CONTEXT_LEN_DOC)
+
+    @model_validator(mode="after")
+    def _lm_limits(self) -> ServeOptions:
+        check_lm_limits(self)
+        return self
 
     @field_validator("gpus_per_replica")
     @classmethod

@@ -229,6 +229,14 @@ def _flag(params: dict[str, Any] | None, key: str) -> bool:
 # ----------------------------------------------------------------------------------------- the API
 
 
+def ingress_for(codec: Any) -> Callable[..., FastAPI]:
+    """The HTTP ingress builder of ``codec``'s family: its ``ingress`` import path (default: ``build_api``)."""
+    from slimray.families import resolve
+
+    path = getattr(codec, "ingress", None)
+    return build_api if path in (None, "slimray.serving.protocols:build_api") else resolve(path)
+
+
 def build_api(server: ModelServer, *, api_key: str | None, metrics: bool = False) -> FastAPI:
     """The FastAPI app of one replica (or an in-process server): routes for ``server``'s model kind."""
     codec, options = server.codec, server.options

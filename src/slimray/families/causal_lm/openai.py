@@ -5,9 +5,10 @@ step-by-step generator with sampling (temperature, top_p, seed) and stop strings
 ``GET /v1/models``. The shapes follow the OpenAI API reference and parse with the official ``openai`` client's
 pydantic types (tested).
 
-Building blocks for a batching server: ``Sampler`` (one request's sampling state), ``TextStream`` (incremental
-detokenisation with stop strings held back until they can no longer match) and ``prepare`` (validation against
-the model's limits, prompt ids). ``complete`` / ``stream`` run one request end to end on a ``runtime`` session.
+Building blocks for a batching server (``engine.BatchEngine``): ``Sampler`` (one request's sampling state),
+``TextStream`` (incremental detokenisation with stop strings held back until they can no longer match),
+``Decoding`` (both plus the token budget: logits in, Delta out), ``prepare`` (validation against the model's
+limits, prompt ids), ``StreamFormatter`` (a request's SSE events from its Deltas) and ``final_body``. ``complete`` / ``stream`` run one request end to end on a ``runtime`` session.
 Errors are ``RequestError`` (status 400 or 404, an OpenAI-style ``{"error": {...}}`` body); never a 5xx for input.
 """
 
@@ -92,14 +93,29 @@ class ChatCompletionRequest(_Common):
         return self
 
 
+def _field_path(loc: Sequence[Any]) -> str:
+    """The request field a validation error is about, e.g. ``messages.0.role``: the error's location without the
+    union-member tags pydantic adds (``temperature.float``, ``stop.list[str].0`` -> ``temperature``, ``stop``)."""
+    names = (set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields) | set(ChatMessage.model_fields)
+             | set(StreamOptions.model_fields))
+    out: list[str] = []
+    for part in loc:
+        if isinstance(part, int) and out or isinstance(part, str) and part in names:
+            out.append(str(part))
+        else:
+            break
+    return ".".join(out)
+
+
 def _validation_message(err: ValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        full = ".".join(str(p) for p in e["loc"])
+        loc = full if e["type"] == "extra_forbidden" else (_field_path(e["loc"]) or full)
         param = param or (loc or None)
         msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts), param
+    return "; ".join(dict.fromkeys(parts)), param
 
 
 def parse_request(kind: Literal["completion", "chat"], body: bytes | str | dict) -> CompletionRequest | ChatCompletionRequest:
@@ -251,27 +267,49 @@ class Delta:
     finish_reason: Literal["stop", "length"] | None = None
 
 
+class Decoding:
+    """One request's decode state between model steps: its ``Sampler``, ``TextStream`` and token budget.
+    ``advance(logits)`` chooses the next token and returns its Delta; ``done`` is then set on the last one. The
+    same object serves ``generate`` (one request per session) and a server batching many requests per step."""
+
+    def __init__(self, prepared: Prepared, tokenizer, *, eos_token_ids: Sequence[int]):
+        self.prepared = prepared
+        self.sampler = Sampler(temperature=prepared.temperature, top_p=prepared.top_p, seed=prepared.seed)
+        self.stream = TextStream(tokenizer, stop=prepared.stop)
+        self.eos = set(eos_token_ids)
+        self.num_tokens = 0
+        self.last_token: int | None = None
+        self.done = False
+
+    def advance(self, logits: torch.Tensor) -> Delta:
+        """``logits [V]`` of the next position -> this step's Delta (``finish_reason`` set when it is the last)."""
+        tok = self.sampler.sample(logits)
+        self.num_tokens += 1
+        self.last_token = tok
+        if tok in self.eos:
+            self.done = True
+            return Delta(self.stream.finish(), tok, "stop")
+        text, stopped = self.stream.push(tok)
+        if stopped:
+            self.done = True
+            return Delta(text, tok, "stop")
+        if self.num_tokens >= self.prepared.max_tokens:
+            self.done = True
+            return Delta(text + self.stream.finish(), tok, "length")
+        return Delta(text, tok)
+
+
 def generate(session, prepared: Prepared, tokenizer, *, eos_token_ids: Sequence[int]) -> Iterator[Delta]:
     """Decode one request step by step on a runtime ``session`` (``prefill`` / ``step``, batch 1): yields a Delta
     per token; the last one has ``finish_reason`` ("stop": EOS or a stop string; "length": ``max_tokens``)."""
-    sampler = Sampler(temperature=prepared.temperature, top_p=prepared.top_p, seed=prepared.seed)
-    stream = TextStream(tokenizer, stop=prepared.stop)
-    eos = set(eos_token_ids)
+    dec = Decoding(prepared, tokenizer, eos_token_ids=eos_token_ids)
     logits = session.prefill(torch.tensor([prepared.prompt_ids]))[0]
-    for i in range(prepared.max_tokens):
-        tok = sampler.sample(logits)
-        if tok in eos:
-            yield Delta(stream.finish(), tok, "stop")
+    while True:
+        d = dec.advance(logits)
+        yield d
+        if dec.done:
             return
-        text, stopped = stream.push(tok)
-        if stopped:
-            yield Delta(text, tok, "stop")
-            return
-        if i + 1 == prepared.max_tokens:
-            yield Delta(text + stream.finish(), tok, "length")
-            return
-        yield Delta(text, tok)
-        logits = session.step(torch.tensor([tok]))[0]
+        logits = session.step(torch.tensor([dec.last_token]))[0]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -317,6 +355,17 @@ def models_body(model_ids: Sequence[str], *, created: int | None = None, owned_b
     return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": owned_by} for m in model_ids]}
 
 
+def final_body(request: CompletionRequest | ChatCompletionRequest, prepared: Prepared, *, model: str, text: str,
+               num_tokens: int, finish_reason: str) -> dict:
+    """The non-streamed answer to ``request`` once its text is generated: ``text_completion`` or ``chat.completion``."""
+    if isinstance(request, CompletionRequest) and request.echo:
+        text = request.prompt + text
+    rid, created, u = new_id(prepared.chat), int(time.time()), usage(len(prepared.prompt_ids), num_tokens)
+    if prepared.chat:
+        return chat_body(id=rid, model=model, created=created, text=text, finish_reason=finish_reason, usage_=u)
+    return completion_body(id=rid, model=model, created=created, text=text, finish_reason=finish_reason, usage_=u)
+
+
 def complete(session, request: CompletionRequest | ChatCompletionRequest, tokenizer, *, model: str, limits: Limits,
              eos_token_ids: Sequence[int]) -> dict:
     """One non-streamed request end to end: the ``text_completion`` or ``chat.completion`` body."""
@@ -326,12 +375,7 @@ def complete(session, request: CompletionRequest | ChatCompletionRequest, tokeni
         text += d.text
         count += 1
         finish = d.finish_reason or finish
-    if isinstance(request, CompletionRequest) and request.echo:
-        text = request.prompt + text
-    rid, created, u = new_id(prepared.chat), int(time.time()), usage(len(prepared.prompt_ids), count)
-    if prepared.chat:
-        return chat_body(id=rid, model=model, created=created, text=text, finish_reason=finish, usage_=u)
-    return completion_body(id=rid, model=model, created=created, text=text, finish_reason=finish, usage_=u)
+    return final_body(request, prepared, model=model, text=text, num_tokens=count, finish_reason=finish)
 
 
 def stream(session, request: CompletionRequest | ChatCompletionRequest, tokenizer, *, model: str, limits: Limits,
@@ -342,28 +386,53 @@ def stream(session, request: CompletionRequest | ChatCompletionRequest, tokenize
     return _stream(session, request, prepared, tokenizer, model=model, eos_token_ids=eos_token_ids)
 
 
-def _stream(session, request, prepared: Prepared, tokenizer, *, model: str, eos_token_ids: Sequence[int]) -> Iterator[str]:
-    rid, created = new_id(prepared.chat), int(time.time())
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    count = 0
-    if prepared.chat:
-        yield sse(chat_chunk(id=rid, model=model, created=created, delta={"role": "assistant", "content": ""}))
-    elif isinstance(request, CompletionRequest) and request.echo:
-        yield sse(completion_body(id=rid, model=model, created=created, text=request.prompt, finish_reason=None, usage_=None))
-    for d in generate(session, prepared, tokenizer, eos_token_ids=eos_token_ids):
-        count += 1
-        if prepared.chat:
+class StreamFormatter:
+    """The server-sent events of one streamed request, built from its Deltas as they come (``start``, ``delta``
+    per token, ``end``); a batching server feeds it from its own loop, ``stream`` from a session."""
+
+    def __init__(self, request: CompletionRequest | ChatCompletionRequest, prepared: Prepared, *, model: str):
+        self.request, self.prepared, self.model = request, prepared, model
+        self.id, self.created = new_id(prepared.chat), int(time.time())
+        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        self.num_tokens = 0
+
+    def start(self) -> list[str]:
+        if self.prepared.chat:
+            return [sse(chat_chunk(id=self.id, model=self.model, created=self.created, delta={"role": "assistant", "content": ""}))]
+        if isinstance(self.request, CompletionRequest) and self.request.echo:
+            return [sse(completion_body(id=self.id, model=self.model, created=self.created, text=self.request.prompt,
+                                        finish_reason=None, usage_=None))]
+        return []
+
+    def delta(self, d: Delta) -> list[str]:
+        self.num_tokens += 1
+        out = []
+        if self.prepared.chat:
             if d.text:
-                yield sse(chat_chunk(id=rid, model=model, created=created, delta={"content": d.text}))
+                out.append(sse(chat_chunk(id=self.id, model=self.model, created=self.created, delta={"content": d.text})))
             if d.finish_reason:
-                yield sse(chat_chunk(id=rid, model=model, created=created, delta={}, finish_reason=d.finish_reason))
+                out.append(sse(chat_chunk(id=self.id, model=self.model, created=self.created, delta={},
+                                          finish_reason=d.finish_reason)))
         elif d.text or d.finish_reason:
-            yield sse(completion_body(id=rid, model=model, created=created, text=d.text, finish_reason=d.finish_reason,
-                                      usage_=None))
-    if include_usage:
-        u = usage(len(prepared.prompt_ids), count)
-        if prepared.chat:
-            yield sse(chat_chunk(id=rid, model=model, created=created, delta=None, usage_=u))
-        else:
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": u})
-    yield SSE_DONE
+            out.append(sse(completion_body(id=self.id, model=self.model, created=self.created, text=d.text,
+                                           finish_reason=d.finish_reason, usage_=None)))
+        return out
+
+    def end(self) -> list[str]:
+        out = []
+        if self.include_usage:
+            u = usage(len(self.prepared.prompt_ids), self.num_tokens)
+            if self.prepared.chat:
+                out.append(sse(chat_chunk(id=self.id, model=self.model, created=self.created, delta=None, usage_=u)))
+            else:
+                out.append(sse({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                                "choices": [], "usage": u}))
+        return out + [SSE_DONE]
+
+
+def _stream(session, request, prepared: Prepared, tokenizer, *, model: str, eos_token_ids: Sequence[int]) -> Iterator[str]:
+    fmt = StreamFormatter(request, prepared, model=model)
+    yield from fmt.start()
+    for d in generate(session, prepared, tokenizer, eos_token_ids=eos_token_ids):
+        yield from fmt.delta(d)
+    yield from fmt.end()
