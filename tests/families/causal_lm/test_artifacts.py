@@ -23,3 +23,59 @@ def test_save_and_load(tiny_model, tiny_tokenizer, tmp_path):
         assert torch.allclose(plain(ids).logits, tiny_model(ids).logits, atol=1e-5)
     with pytest.raises(FileExistsError):
         save_lm(tiny_model, tiny_tokenizer, out)
+
+
+@pytest.mark.parametrize("keep_float", [[], ["lm_head"]])
+def test_int8_storage_round_trip(tiny_model, tiny_tokenizer, tmp_path, keep_float):
+    """int8 weights + per-channel scales in safetensors (no pickle): smaller than the float folder, and load_lm
+    rebuilds exactly the token_int8 model that quantizing the float model gives."""
+    from slimray.families.causal_lm.artifacts import INT8_FILE
+    from slimray.families.causal_lm.quantize import quantize_lm
+    from safetensors.torch import load_file
+
+    flt = save_lm(tiny_model, tiny_tokenizer, tmp_path / "f", meta=LMArtifactMeta(quant_method="token_int8", keep_float=keep_float))
+    out = save_lm(tiny_model, tiny_tokenizer, tmp_path / "q",
+                  meta=LMArtifactMeta(quant_method="token_int8", keep_float=keep_float, storage="int8"))
+    assert not (out / "model.safetensors").exists() and not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    stored = load_file(str(out / INT8_FILE))
+    assert stored["model.layers.0.mlp.up_proj.weight.int8"].dtype == torch.int8
+    assert ("lm_head.weight.int8" in stored) == (not keep_float)
+    assert (out / INT8_FILE).stat().st_size < 0.6 * (flt / "model.safetensors").stat().st_size
+    model, _, meta = load_lm(out)
+    assert meta.storage == "int8" and isinstance(model.model.layers[0].mlp.up_proj, TokenInt8Linear)
+    ref = quantize_lm(tiny_model, method="token_int8", keep_float=keep_float)
+    ids = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got, want = model(ids).logits, ref(ids).logits
+        assert torch.equal(model.model.layers[1].self_attn.q_proj.weight_t, ref.model.layers[1].self_attn.q_proj.weight_t)
+        assert torch.allclose(got, want, atol=1e-5)
+        # the embeddings stay float and exact
+        assert torch.equal(model.model.embed_tokens.weight, tiny_model.model.embed_tokens.weight)
+
+
+def test_int8_storage_needs_an_int8_method(tiny_model, tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="int8"):
+        save_lm(tiny_model, tiny_tokenizer, tmp_path / "x", meta=LMArtifactMeta(quant_method="bf16", storage="int8"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_bf16_artifact_stores_bf16(tiny_model, tiny_tokenizer, tmp_path):
+    a = save_lm(tiny_model, tiny_tokenizer, tmp_path / "f")
+    b = save_lm(tiny_model, tiny_tokenizer, tmp_path / "b", meta=LMArtifactMeta(quant_method="bf16"))
+    assert (b / "model.safetensors").stat().st_size < 0.55 * (a / "model.safetensors").stat().st_size
+    model, _, _ = load_lm(b)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_export_hf_loads_in_plain_transformers(tiny_model, tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from slimray.families.causal_lm.artifacts import META_FILE, export_hf
+
+    out = export_hf(tiny_model, tiny_tokenizer, tmp_path / "export")
+    assert not (out / META_FILE).exists() and (out / "model.safetensors").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The cat sat on the mat", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        assert torch.allclose(plain(ids).logits, tiny_model(ids).logits, atol=1e-6)
