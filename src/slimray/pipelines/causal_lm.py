@@ -32,6 +32,7 @@ from slimray.pipelines import Stages
 from slimray.runs import log
 
 TEACHER = "teacher"
+AS_GIVEN = "teacher-none-hf_eager"  # the teacher as given: fp32, HF generate (the key its trial has too)
 
 
 @dataclass
@@ -297,7 +298,7 @@ class CausalLMStages(Stages):
             f"re-timing {[r['key'] for r in finalists]} side by side with the teacher ({s.timing_rounds} round(s))")
 
         # the teacher as given, the finalists, and the teacher in each student finalist's quantization + runtime
-        timed: dict[str, tuple[str, str, str]] = {"teacher-as-given": (TEACHER, "none", "hf_eager")}
+        timed: dict[str, tuple[str, str, str]] = {AS_GIVEN: (TEACHER, "none", "hf_eager")}
         for r in finalists:
             timed[r["key"]] = (r["model"], r["quantization"], r["runtime"])
             if r["model"] != TEACHER:
@@ -367,7 +368,7 @@ class CausalLMStages(Stages):
         del reloaded
         w_size, t_size = dir_size_bytes(run_dir / "winner"), t["size_bytes"]
         w_peak = probe_peak_memory(run_dir / "winner", quant_method="artifact") if s.peak_memory else None
-        teacher_given = speeds["teacher-as-given"]
+        teacher_given = speeds[AS_GIVEN]
         same_key = w["key"] if w["model"] == TEACHER else f"{TEACHER}-{w['quantization']}-{w['runtime']}"
         teacher_same = speeds.get(same_key)
         wf = w["final"]
@@ -411,8 +412,7 @@ class CausalLMStages(Stages):
             "students": [{"name": st.name, "num_layers": st.num_layers, "kept_layers": st.kept, "width": st.width,
                           "distill_metrics": _read_jsonl(run_dir / f"distill_metrics_{st.name}.jsonl")} for st in self.students],
             "trials": self.rows,
-            "int4": "not searched: no int4 method in quantize.py; this teacher's GGUF weights were 4-bit (Q4_1) before "
-                    "dequantization, so int4 would look nearly free on it",
+            "int4": _int4_note(cfg),
             "stage_seconds": self.stage_s, "wall_s": wall,
         }
         write_json_atomic(run_dir / "report.json", report)
@@ -428,6 +428,16 @@ class CausalLMStages(Stages):
             f"{t_size / w_size:.2f}x smaller) -> {run_dir / 'report.md'}" + (f"; missed: {missed}" if missed else "; all targets met"))
         self._done("report")
         return report
+
+
+def _int4_note(cfg: LMPipelineConfig) -> str:
+    searched = "int4_weight_only" in cfg.search.quant_methods
+    what = ("searched as int4_weight_only (torch's CPU int4 kernel, groups of 32 inputs, bf16 activations)" if searched
+            else "not searched (add int4_weight_only to search.quant_methods)")
+    if cfg.teacher.source == "smollm2":
+        return (f"{what}; this teacher's GGUF weights were 4-bit (Q4_1) before dequantization, so int4 looks nearly free "
+                "on it: do not read its perplexity as what int4 costs a model trained in float")
+    return what
 
 
 def _time_model(model: torch.nn.Module, *, runtime: str, search: dict[str, Any]) -> dict[str, float]:
@@ -454,7 +464,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     t, w, g, same = r["teacher"], r["winner"], r["speedup_vs_teacher_as_given"], r["speedup_vs_teacher_same_runtime"]
     lines = [
         f"# {r['name']}: causal LM compression report", "",
-        f"Data: {r['data']['documents']} documents ({r['data']['split']}). Perplexity: {r['evaluation']['perplexity']}. "
+        "Data: " + ", ".join(f"{v} {k}" for k, v in r["data"]["documents"].items()) + f" documents ({r['data']['split']}). "
+        f"Perplexity: {r['evaluation']['perplexity']}. "
         f"Speed: {r['evaluation']['speed']}.", "",
         "| model | perplexity | top-1 agreement | prefill tok/s | decode tok/s b1 | decode tok/s b8 | size MB | peak MiB | decode b1 vs teacher as given | vs teacher in the winner's quant/runtime |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

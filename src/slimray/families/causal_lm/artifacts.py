@@ -37,7 +37,8 @@ from slimray.schema import StrictModel
 
 META_FILE = "slimray_lm.json"
 INT8_FILE = "slimray_int8.safetensors"
-INT8_METHODS = ("dynamic_int8", "token_int8", "torchao_int8_weight_only", "torchao_int8_dynamic")
+# methods whose artifacts store int8 weights (int4 is re-derived at load from the int8-stored weights)
+INT8_METHODS = ("dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only", "torchao_int8_dynamic")
 
 
 class LMArtifactMeta(StrictModel):

@@ -26,7 +26,8 @@ from slimray.schema import ConfigError, StrictModel
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SMOLLM2_NUM_LAYERS = 30  # SmolLM2-135M-Instruct (the packaged GGUF's config)
 
-LMQuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "torchao_int8_weight_only", "torchao_int8_dynamic"]
+LMQuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
+                        "torchao_int8_dynamic"]
 LMRuntime = Literal["hf_eager", "static", "static_compiled"]
 
 
