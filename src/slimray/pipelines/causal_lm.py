@@ -82,8 +82,12 @@ class CausalLMStages(Stages):
             wiki_summaries_path()
 
     def open(self, run_dir: Path, t_start: float) -> None:
+        from transformers.utils import logging as hf_logging
+
         self.run_dir, self.t_start = run_dir, t_start
         self._mark = time.perf_counter()
+        if not _verbose():
+            hf_logging.disable_progress_bar()  # conversion / loading / saving bars: the console gets stage lines
 
     def _done(self, stage: str) -> None:
         now = time.perf_counter()
@@ -122,7 +126,7 @@ class CausalLMStages(Stages):
             "val_windows": len(self.val_windows), "train_windows": 0 if self.train_windows is None else len(self.train_windows),
             "train_window_len": cfg.distill.seq_len,
         }
-        log(f"data: {self.data_info['documents']} articles (split by article); {len(self.eval_windows)} test windows of "
+        log(f"data: {', '.join(f'{v} {k}' for k, v in self.data_info['documents'].items())} documents (split by article); {len(self.eval_windows)} test windows of "
             f"{d.window_len} tokens, {self.data_info['train_windows']} train / {len(self.val_windows)} val windows of {cfg.distill.seq_len}")
         self._done("prepare")
 
@@ -428,6 +432,12 @@ class CausalLMStages(Stages):
             f"{t_size / w_size:.2f}x smaller) -> {run_dir / 'report.md'}" + (f"; missed: {missed}" if missed else "; all targets met"))
         self._done("report")
         return report
+
+
+def _verbose() -> bool:
+    from slimray import console
+
+    return console.verbose()
 
 
 def _int4_note(cfg: LMPipelineConfig) -> str:
