@@ -61,5 +61,5 @@ def test_winner_and_export(tiny_run):
     ref = plain if meta.quant_method in ("none", "bf16") else quantize_lm(plain, method=meta.quant_method, keep_float=meta.keep_float)
     with torch.inference_mode():
         got, want = winner(ids).logits.float(), ref(ids).logits.float()
-    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert torch.allclose(got, want, atol=1e-3 * want.abs().max().item()), (got - want).abs().max()
     assert report["winner"]["perplexity"] == pytest.approx(report["winner"]["trial_perplexity"], rel=1e-3)

@@ -343,7 +343,7 @@ class CausalLMStages(Stages):
         """``RUN/winner`` (save_lm, compact storage) and ``RUN/export`` (plain HF float folder), both atomic."""
         import shutil
 
-        from slimray.families.causal_lm.artifacts import INT8_METHODS, LMArtifactMeta, export_hf, load_lm, save_lm
+        from slimray.families.causal_lm.artifacts import LMArtifactMeta, compact_storage, export_hf, load_lm, save_lm
 
         s = self.cfg.search
         base, tok, base_meta = load_lm(winner["model_dir"])
@@ -351,7 +351,7 @@ class CausalLMStages(Stages):
         reports.update(search={"key": winner["key"], "perplexity": winner["perplexity"], "model": winner["model"],
                                "kept_layers": next((st.kept for st in self.students if st.name == winner["model"]), None)})
         meta = LMArtifactMeta(quant_method=winner["quantization"], keep_float=s.keep_float, runtime=winner["runtime"],
-                              storage="int8" if winner["quantization"] in INT8_METHODS else "float", reports=reports)
+                              storage=compact_storage(winner["quantization"]), reports=reports)
         for name in ("winner", "export"):
             if (self.run_dir / name).exists():  # a rerun's search may choose again: replace whole folders
                 shutil.rmtree(self.run_dir / name)

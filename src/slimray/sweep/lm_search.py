@@ -35,7 +35,7 @@ def measure_candidate(*, model_dir: str, model_name: str, quant: str, runtime: s
                       windows: torch.Tensor, reference_argmax: torch.Tensor, search: dict[str, Any],
                       tmp_root: str | Path) -> dict[str, Any]:
     """One candidate's row (pure torch; see the module doc)."""
-    from slimray.families.causal_lm.artifacts import INT8_METHODS, LMArtifactMeta, load_lm, save_lm
+    from slimray.families.causal_lm.artifacts import LMArtifactMeta, compact_storage, load_lm, save_lm
     from slimray.families.causal_lm.evaluate import (
         decode_tokens_per_s, dir_size_bytes, perplexity_and_agreement, prefill_tokens_per_s)
     from slimray.families.causal_lm.quantize import quantize_lm
@@ -43,7 +43,7 @@ def measure_candidate(*, model_dir: str, model_name: str, quant: str, runtime: s
     t0 = time.perf_counter()
     model, tokenizer, _ = load_lm(model_dir)
     meta = LMArtifactMeta(quant_method=quant, keep_float=keep_float, runtime=runtime,
-                          storage="int8" if quant in INT8_METHODS else "float")
+                          storage=compact_storage(quant))
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp_root) as d:
         size = dir_size_bytes(save_lm(model, tokenizer, Path(d) / "candidate", meta=meta))

@@ -79,3 +79,32 @@ def test_export_hf_loads_in_plain_transformers(tiny_model, tiny_tokenizer, tmp_p
     ids = tok("The cat sat on the mat", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         assert torch.allclose(plain(ids).logits, tiny_model(ids).logits, atol=1e-6)
+
+
+def test_int4_storage_round_trip(tiny_model, tiny_tokenizer, tmp_path):
+    """int4 codes packed two per byte + per-group lo/scale (no pickle): load_lm rebuilds the very int4 model that
+    quantizing the float model gives, in about half the int8 bytes for the replaced layers."""
+    from safetensors.torch import load_file
+
+    from slimray.families.causal_lm.artifacts import INT4_FILE, INT8_FILE
+    from slimray.families.causal_lm.quantize import Int4WeightOnlyLinear, quantize_lm
+
+    model = tiny_model
+    out = save_lm(model, tiny_tokenizer, tmp_path / "q4", meta=LMArtifactMeta(quant_method="int4_weight_only", storage="int4"))
+    q8 = save_lm(model, tiny_tokenizer, tmp_path / "q8", meta=LMArtifactMeta(quant_method="token_int8", storage="int8"))
+    stored = load_file(str(out / INT4_FILE))
+    assert stored["model.layers.0.mlp.up_proj.weight.int4"].dtype == torch.uint8
+    assert stored["model.layers.0.mlp.up_proj.weight.int4"].shape == (128, 32)
+    assert "lm_head.weight.int4" not in stored  # 300 outputs: not a multiple of 16, stays float (and tied)
+    assert (out / INT4_FILE).stat().st_size < (q8 / INT8_FILE).stat().st_size
+    loaded, _, meta = load_lm(out)
+    ref = quantize_lm(model, method="int4_weight_only")
+    assert meta.storage == "int4" and isinstance(loaded.model.layers[0].mlp.up_proj, Int4WeightOnlyLinear)
+    for name in ("model.layers.1.self_attn.k_proj", "model.layers.3.mlp.down_proj"):
+        a, b = loaded.get_submodule(name), ref.get_submodule(name)
+        assert torch.equal(a.packed, b.packed) and torch.allclose(a.scales_zeros.float(), b.scales_zeros.float(), rtol=1e-2)
+    ids = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.allclose(loaded(ids).logits, ref(ids).logits, atol=1e-3)
+    with pytest.raises(ValueError, match="int4"):
+        save_lm(model, tiny_tokenizer, tmp_path / "x", meta=LMArtifactMeta(quant_method="token_int8", storage="int4"))

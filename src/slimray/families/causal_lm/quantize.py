@@ -102,6 +102,25 @@ class TokenInt8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+def int4_group_quantize(w: torch.Tensor, *, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w [n, k]`` -> ``(q int32 [n, k] in 0..15, lo [n, k/group], scale [n, k/group])`` with ``w ~ q * scale + lo``
+    per group of ``group_size`` inputs (asymmetric: ``lo`` is the group's minimum, ``lo + 15 * scale`` its maximum).
+    Quantizing ``q * scale + lo`` again gives the same ``q`` (the minimum and maximum are grid points)."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-8) / 15.0
+    q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    return q, lo[..., 0], scale[..., 0]
+
+
+def int4_linear_names(model: nn.Module, *, keep_float: Sequence[str] = ()) -> list[str]:
+    """The Linear layers ``int4_weight_only`` replaces: not kept float, inputs a multiple of the group size,
+    outputs a multiple of 16 (the CPU packing's tile)."""
+    return [n for n in linear_names(model, keep_float=keep_float)
+            if model.get_submodule(n).in_features % INT4_GROUP_SIZE == 0 and model.get_submodule(n).out_features % 16 == 0]
+
+
 class Int4WeightOnlyLinear(nn.Module):
     """4-bit weight-only Linear: per group of ``group_size`` inputs, ``w = (q - 8) * scale + zero`` with ``q`` in
     0..15 (torch's tinygemm convention), packed by ``torch._convert_weight_to_int4pack_for_cpu``; activations run
@@ -113,13 +132,10 @@ class Int4WeightOnlyLinear(nn.Module):
         n, k = w.shape
         if k % group_size or n % 16:
             raise ValueError(f"in_features={k} must be a multiple of the int4 group size {group_size}, out_features={n} of 16")
-        wg = w.reshape(n, k // group_size, group_size)
-        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-        scale = (hi - lo).clamp(min=1e-8) / 15.0
-        zero = lo + 8 * scale
-        q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+        q, lo, scale = int4_group_quantize(w, group_size=group_size)
+        zero = lo + 8 * scale  # torch's convention: w = (q - 8) * scale + zero
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
-        self.register_buffer("scales_zeros", torch.stack([scale[..., 0], zero[..., 0]], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         self.in_features, self.out_features, self.group_size = k, n, group_size
 
@@ -160,9 +176,7 @@ def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[s
         _replace(model, names, TokenInt8Linear)
         return model
     if method == "int4_weight_only":
-        fits = [n for n in names if model.get_submodule(n).in_features % INT4_GROUP_SIZE == 0
-                and model.get_submodule(n).out_features % 16 == 0]  # the CPU packing needs N divisible by 16
-        _replace(model, fits, Int4WeightOnlyLinear)
+        _replace(model, int4_linear_names(model, keep_float=keep_float), Int4WeightOnlyLinear)
         return model
     if method == "dynamic_int8":
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig if per_channel else torch.ao.quantization.default_dynamic_qconfig
