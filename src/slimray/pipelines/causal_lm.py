@@ -299,7 +299,7 @@ class CausalLMStages(Stages):
         feasible = sorted((r for r in ok if r["within_budget"]), key=lambda r: r["ms_per_token_b1"])
         finalists = feasible[: s.num_finalists] or sorted(ok, key=lambda r: r["perplexity"])[:1]
         log(f"search: {len(ok)}/{len(self.rows)} trials ok, {len(feasible)} within {s.ppl_budget}x the teacher's perplexity; "
-            f"re-timing {[r['key'] for r in finalists]} side by side with the teacher ({s.timing_rounds} round(s))")
+            f"re-timing {[r['key'] for r in finalists]} side by side with the teacher ({s.num_timing_rounds} round(s))")
 
         # the teacher as given, the finalists, and the teacher in each student finalist's quantization + runtime
         timed: dict[str, tuple[str, str, str]] = {AS_GIVEN: (TEACHER, "none", "hf_eager")}
@@ -328,7 +328,7 @@ class CausalLMStages(Stages):
             models[key] = quantize_lm(base, method=q, keep_float=s.keep_float, inplace=base is not self.teacher)
         best: dict[str, dict[str, float]] = {}
         with torch_threads(1):
-            for _ in range(s.timing_rounds):
+            for _ in range(s.num_timing_rounds):
                 for key, (_m, _q, rt) in timed.items():
                     got = _time_model(models[key], runtime=rt, search=s.model_dump())
                     prev = best.setdefault(key, got)
@@ -405,7 +405,7 @@ class CausalLMStages(Stages):
                                          "(stride = window, first token unscored)",
                            "speed": f"1 torch thread; prefill one [1, {s.prefill_len}] forward; decode {s.num_new_tokens} new tokens "
                                     f"after a 16-token prompt, prefill subtracted; median of {s.num_repeats}, best of "
-                                    f"{s.timing_rounds} side-by-side round(s)"},
+                                    f"{s.num_timing_rounds} side-by-side round(s)"},
             "teacher": teacher_row, "winner": winner_row, "winner_feasible": self.final["feasible"],
             "speedup_vs_teacher_as_given": vs_given,
             "speedup_vs_teacher_same_runtime": vs_same, "teacher_same_runtime_key": same_key if teacher_same else None,

@@ -158,7 +158,7 @@ class LMSearchConfig(StrictModel):
     ppl_budget: float = Field(1.15, ge=1.0, description="winner's held-out perplexity / the teacher's, at most")
     max_concurrent_trials: PositiveInt = Field(2, description="trials at once (1 CPU and 1 torch thread each)")
     num_finalists: PositiveInt = Field(3, description="fastest feasible trials re-timed side by side with the teacher")
-    timing_rounds: PositiveInt = Field(2, description="side-by-side rounds of the finalists; the fastest round counts")
+    num_timing_rounds: PositiveInt = Field(2, description="side-by-side rounds of the finalists; the fastest round counts")
     num_repeats: PositiveInt = Field(3, description="timings per measurement (median)")
     prefill_len: int = Field(256, ge=2, description="prompt tokens of the prefill timing")
     num_new_tokens: int = Field(32, ge=2, description="tokens generated per decode timing")
