@@ -270,7 +270,6 @@ class CausalLMStages(Stages):
     def search(self) -> None:
         """Ray Tune trials, then the finalists and the teacher re-timed side by side in the driver."""
         from slimray.sweep.lm_search import candidate_key, run_search
-        from slimray.sweep.select import pick_winner
 
         s = self.cfg.search
         model_dirs = {TEACHER: str(self.teacher_dir), **{st.name: str(st.folder) for st in self.students}}
@@ -311,8 +310,9 @@ class CausalLMStages(Stages):
         for r in finalists:
             r["final"] = speeds[r["key"]]
             r["ms_per_token_b1"] = 1000.0 / r["final"]["decode_tokens_per_s_b1"]
-        winner, is_feasible = pick_winner(finalists, teacher_accuracy=-t_ppl, max_drop=(s.ppl_budget - 1.0) * t_ppl,
-                                          latency_key="ms_per_token_b1")
+        winner, is_feasible = choose_winner(finalists, teacher_ppl=t_ppl, ppl_budget=s.ppl_budget,
+                                            teacher_prefill=speeds[AS_GIVEN]["prefill_tokens_per_s"],
+                                            min_prefill_speedup=s.min_prefill_speedup)
         self.final = {"speeds": speeds, "finalists": [r["key"] for r in finalists], "winner": winner, "feasible": is_feasible}
         self._save_winner(winner)
         self._done("search")
@@ -432,6 +432,27 @@ class CausalLMStages(Stages):
             f"{t_size / w_size:.2f}x smaller) -> {run_dir / 'report.md'}" + (f"; missed: {missed}" if missed else "; all targets met"))
         self._done("report")
         return report
+
+
+def choose_winner(finalists: list[dict[str, Any]], *, teacher_ppl: float, ppl_budget: float, teacher_prefill: float,
+                  min_prefill_speedup: float | None = None) -> tuple[dict[str, Any] | None, bool]:
+    """The shared selection (``slimray.sweep.select.pick_winner``) on the finalists' side-by-side timing: the fastest
+    batch-1 decode (``ms_per_token_b1``) with perplexity <= ``ppl_budget`` x the teacher's, ties to the smaller;
+    with ``min_prefill_speedup`` only finalists whose ``final`` prefill tok/s reaches it count as feasible. Rows
+    carry ``accuracy`` = -perplexity (the shared code maximises accuracy)."""
+    from slimray.sweep.select import pick_winner
+
+    pool = finalists
+    if min_prefill_speedup is not None:
+        for r in finalists:
+            r["meets_prefill"] = r["final"]["prefill_tokens_per_s"] >= min_prefill_speedup * teacher_prefill - 1e-9
+        pool = [r for r in finalists if r["meets_prefill"]]
+    winner, ok = pick_winner(pool, teacher_accuracy=-teacher_ppl, max_drop=(ppl_budget - 1.0) * teacher_ppl,
+                             latency_key="ms_per_token_b1")
+    if winner is None or not ok:  # nothing meets every constraint: the perplexity rule alone, flagged infeasible
+        return pick_winner(finalists, teacher_accuracy=-teacher_ppl, max_drop=(ppl_budget - 1.0) * teacher_ppl,
+                           latency_key="ms_per_token_b1")[0], False
+    return winner, True
 
 
 def _verbose() -> bool:

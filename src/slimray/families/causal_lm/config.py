@@ -156,6 +156,9 @@ class LMSearchConfig(StrictModel):
     compiled_quant_methods: list[LMQuantMethod] = Field(
         ["none", "token_int8"], description="quantizations also tried with static_compiled (its compile costs 10-150 s a trial)")
     ppl_budget: float = Field(1.15, ge=1.0, description="winner's held-out perplexity / the teacher's, at most")
+    min_prefill_speedup: float | None = Field(
+        None, gt=0, description="also require the winner's prefill tok/s >= this x the teacher's as given (side-by-side "
+        "timing of the finalists); None: decode speed alone decides")
     max_concurrent_trials: PositiveInt = Field(2, description="trials at once (1 CPU and 1 torch thread each)")
     num_finalists: PositiveInt = Field(3, description="fastest feasible trials re-timed side by side with the teacher")
     num_timing_rounds: PositiveInt = Field(2, description="side-by-side rounds of the finalists; the fastest round counts")
