@@ -23,3 +23,88 @@ def test_save_and_load(tiny_model, tiny_tokenizer, tmp_path):
         assert torch.allclose(plain(ids).logits, tiny_model(ids).logits, atol=1e-5)
     with pytest.raises(FileExistsError):
         save_lm(tiny_model, tiny_tokenizer, out)
+
+
+@pytest.mark.parametrize("keep_float", [[], ["lm_head"]])
+def test_int8_storage_round_trip(tiny_model, tiny_tokenizer, tmp_path, keep_float):
+    """int8 weights + per-channel scales in safetensors (no pickle): smaller than the float folder, and load_lm
+    rebuilds exactly the token_int8 model that quantizing the float model gives."""
+    from slimray.families.causal_lm.artifacts import INT8_FILE
+    from slimray.families.causal_lm.quantize import quantize_lm
+    from safetensors.torch import load_file
+
+    flt = save_lm(tiny_model, tiny_tokenizer, tmp_path / "f", meta=LMArtifactMeta(quant_method="token_int8", keep_float=keep_float))
+    out = save_lm(tiny_model, tiny_tokenizer, tmp_path / "q",
+                  meta=LMArtifactMeta(quant_method="token_int8", keep_float=keep_float, storage="int8"))
+    assert not (out / "model.safetensors").exists() and not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    stored = load_file(str(out / INT8_FILE))
+    assert stored["model.layers.0.mlp.up_proj.weight.int8"].dtype == torch.int8
+    assert ("lm_head.weight.int8" in stored) == (not keep_float)
+    assert (out / INT8_FILE).stat().st_size < 0.6 * (flt / "model.safetensors").stat().st_size
+    model, _, meta = load_lm(out)
+    assert meta.storage == "int8" and isinstance(model.model.layers[0].mlp.up_proj, TokenInt8Linear)
+    ref = quantize_lm(tiny_model, method="token_int8", keep_float=keep_float)
+    ids = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got, want = model(ids).logits, ref(ids).logits
+        assert torch.equal(model.model.layers[1].self_attn.q_proj.weight_t, ref.model.layers[1].self_attn.q_proj.weight_t)
+        assert torch.allclose(got, want, atol=1e-5)
+        # the embeddings stay float and exact
+        assert torch.equal(model.model.embed_tokens.weight, tiny_model.model.embed_tokens.weight)
+
+
+def test_int8_storage_needs_an_int8_method(tiny_model, tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="int8"):
+        save_lm(tiny_model, tiny_tokenizer, tmp_path / "x", meta=LMArtifactMeta(quant_method="bf16", storage="int8"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_bf16_artifact_stores_bf16(tiny_model, tiny_tokenizer, tmp_path):
+    a = save_lm(tiny_model, tiny_tokenizer, tmp_path / "f")
+    b = save_lm(tiny_model, tiny_tokenizer, tmp_path / "b", meta=LMArtifactMeta(quant_method="bf16"))
+    assert (b / "model.safetensors").stat().st_size < 0.55 * (a / "model.safetensors").stat().st_size
+    model, _, _ = load_lm(b)
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_export_hf_loads_in_plain_transformers(tiny_model, tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from slimray.families.causal_lm.artifacts import META_FILE, export_hf
+
+    out = export_hf(tiny_model, tiny_tokenizer, tmp_path / "export")
+    assert not (out / META_FILE).exists() and (out / "model.safetensors").is_file()
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The cat sat on the mat", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        assert torch.allclose(plain(ids).logits, tiny_model(ids).logits, atol=1e-6)
+
+
+def test_int4_storage_round_trip(tiny_model, tiny_tokenizer, tmp_path):
+    """int4 codes packed two per byte + per-group lo/scale (no pickle): load_lm rebuilds the very int4 model that
+    quantizing the float model gives, in about half the int8 bytes for the replaced layers."""
+    from safetensors.torch import load_file
+
+    from slimray.families.causal_lm.artifacts import INT4_FILE, INT8_FILE
+    from slimray.families.causal_lm.quantize import Int4WeightOnlyLinear, quantize_lm
+
+    model = tiny_model
+    out = save_lm(model, tiny_tokenizer, tmp_path / "q4", meta=LMArtifactMeta(quant_method="int4_weight_only", storage="int4"))
+    q8 = save_lm(model, tiny_tokenizer, tmp_path / "q8", meta=LMArtifactMeta(quant_method="token_int8", storage="int8"))
+    stored = load_file(str(out / INT4_FILE))
+    assert stored["model.layers.0.mlp.up_proj.weight.int4"].dtype == torch.uint8
+    assert stored["model.layers.0.mlp.up_proj.weight.int4"].shape == (128, 32)
+    assert "lm_head.weight.int4" not in stored  # 300 outputs: not a multiple of 16, stays float (and tied)
+    assert (out / INT4_FILE).stat().st_size < (q8 / INT8_FILE).stat().st_size
+    loaded, _, meta = load_lm(out)
+    ref = quantize_lm(model, method="int4_weight_only")
+    assert meta.storage == "int4" and isinstance(loaded.model.layers[0].mlp.up_proj, Int4WeightOnlyLinear)
+    for name in ("model.layers.1.self_attn.k_proj", "model.layers.3.mlp.down_proj"):
+        a, b = loaded.get_submodule(name), ref.get_submodule(name)
+        assert torch.equal(a.packed, b.packed) and torch.allclose(a.scales_zeros.float(), b.scales_zeros.float(), rtol=1e-2)
+    ids = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.allclose(loaded(ids).logits, ref(ids).logits, atol=1e-3)
+    with pytest.raises(ValueError, match="int4"):
+        save_lm(model, tiny_tokenizer, tmp_path / "x", meta=LMArtifactMeta(quant_method="token_int8", storage="int4"))

@@ -47,3 +47,27 @@ def test_keep_float(tiny_model):
     assert not isinstance(q2.model.layers[1].self_attn.q_proj, nn.Linear)
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_lm(tiny_model, method="int3")
+
+
+def test_int4_weight_only_close_to_float(tiny_model):
+    """4-bit grouped weights through torch's CPU int4 kernel (bf16 activations): the Linear layers replaced (not the
+    300-token lm_head: the packing needs outputs in multiples of 16), logits close."""
+    from slimray.families.causal_lm.quantize import Int4WeightOnlyLinear, quantize_lm
+
+    q = quantize_lm(tiny_model, method="int4_weight_only")
+    assert isinstance(q.model.layers[0].mlp.down_proj, Int4WeightOnlyLinear) and isinstance(q.lm_head, nn.Linear)
+    ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, got = tiny_model(ids).logits, q(ids).logits
+    assert got.dtype == ref.dtype and ((got - ref).norm() / ref.norm()) < 0.25  # random weights: 4 bits cost ~10%/layer
+    # one layer against its own dequantized weights (w = (q - 8) * scale + zero per group of 32): bf16-activation exact
+    lin = nn.Linear(64, 48, bias=True)
+    q4 = Int4WeightOnlyLinear(lin)
+    wg = lin.weight.detach().reshape(48, 2, 32)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15
+    deq = (((wg - lo) / scale).round().clamp(0, 15) * scale + lo).reshape(48, 64)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        want = x.bfloat16().float() @ deq.t() + lin.bias
+        assert torch.allclose(q4(x), want, atol=0.05 * want.abs().max().item())

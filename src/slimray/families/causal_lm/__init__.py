@@ -4,8 +4,11 @@ Pure torch/transformers modules, none of which imports ray:
 ``teacher`` (packaged GGUF -> HF folder, loading a local folder), ``data`` (Wikipedia summaries split by article,
 JSONL text, packed windows), ``evaluate`` (perplexity, agreement, prefill/decode speed, size, memory), ``prune``
 (depth by measured layer importance, width by KV groups and MLP neurons), ``kd`` (token-level KL, cached top-k),
-``runtime`` (HF generate and a compiled static-cache decode loop), ``quantize`` (int8 variants, bf16) and
-``openai`` (OpenAI-compatible request models, sampling generator, response and SSE shapes).
+``runtime`` (HF generate and a compiled static-cache decode loop), ``quantize`` (int8 variants, int4, bf16),
+``artifacts`` (HF folders + ``slimray_lm.json``, compact int8 storage, plain HF export), ``config`` (the pipeline's
+strict config and the ``smollm`` / ``smollm-tiny`` recipes) and ``openai`` (OpenAI-compatible request models,
+sampling generator, response and SSE shapes). Its stages on the one pipeline (Ray Train, Tune) live in
+``slimray.pipelines.causal_lm``, the Tune trial in ``slimray.sweep.lm_search``.
 
 Entry points the family plug-in wires (all keyword arguments beyond the first one or two):
 - teacher: ``ensure_smollm2_teacher(out_dir) -> Path``, ``convert_gguf(gguf_path, out_dir)``,
@@ -21,7 +24,8 @@ Entry points the family plug-in wires (all keyword arguments beyond the first on
 - runtime: ``make_session(model, runtime, *, max_cache_len, batch_size)`` (``prefill``/``step``), ``greedy_decode``,
   ``hf_generate``
 - evaluate: ``evaluate_lm(model, windows, *, teacher, runtime, folder, ...) -> LMEvaluation`` and its parts
-- artifacts: ``save_lm(model, tokenizer, out_dir, *, meta)``, ``load_lm(path) -> (model, tokenizer, meta)``
+- artifacts: ``save_lm(model, tokenizer, out_dir, *, meta)`` (``meta.storage``: float or int8), ``load_lm(path) ->
+  (model, tokenizer, meta)``, ``export_hf(model, tokenizer, out_dir, *, dtype)``
 - openai: ``parse_request(kind, body)``, ``prepare(request, tokenizer, *, limits)``, ``complete(...)``,
   ``stream(...)``, ``models_body(ids)``, ``RequestError.status/.body()``
 """

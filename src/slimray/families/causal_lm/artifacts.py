@@ -1,7 +1,21 @@
-"""Causal-LM artifacts (pure torch/transformers, no ray, no pickle): a standard HF folder (safetensors + config +
-tokenizer) that plain ``transformers`` loads, plus ``slimray_lm.json`` recording how slimray runs it: the
-quantization applied at load (int8 modules are not safetensors-serialisable, so the float weights are stored and
-re-quantized when loaded), the runtime, and the reports that produced it (kept layers, widths, KD).
+"""Causal-LM artifacts (pure torch/transformers, no ray, no pickle): an HF folder (config + tokenizer + weights)
+plus ``slimray_lm.json`` recording how slimray runs it: the quantization applied at load, the runtime, how the
+weights are stored, and the reports that produced it (kept layers, widths, KD).
+
+Storage (``LMArtifactMeta.storage``), given the float model:
+- ``float``: ``model.safetensors`` as ``save_pretrained`` writes it (a ``bf16`` artifact in bfloat16): plain
+  ``transformers`` loads the folder; int8 modules are rebuilt from the float weights at load.
+- ``int8``: ``slimray_int8.safetensors``: each Linear that the artifact's int8 method quantizes as int8 weights
+  ``<name>.weight.int8`` ``[out, in]`` with one float32 scale per output channel ``<name>.weight.scale``
+  (symmetric, ``scale = max|w_row| / 127``), every other tensor as stored by the model; ``config.json`` is
+  untied where ``lm_head`` is int8. ``load_lm`` rebuilds the float weights (``int8 * scale``) and applies the
+  method: for ``token_int8`` (per-channel, the same scale rule) that gives the very same int8 tensors back. About
+  a quarter of the float bytes for the Linear layers, so 2x+ smaller folders; plain transformers does not load
+  this folder, which is why a run also writes ``export_hf`` (a standard float folder).
+- ``int4`` (for ``int4_weight_only``): ``slimray_int4.safetensors``: each Linear the method replaces as 4-bit codes
+  packed two per byte ``<name>.weight.int4`` (uint8 ``[out, in/2]``, even inputs in the low nibble) with float32
+  ``<name>.weight.lo`` / ``<name>.weight.scale`` per group of 32 inputs (``w = q * scale + lo``); the rest as
+  stored by the model. ``load_lm`` rebuilds ``q * scale + lo``, whose int4 quantization gives the same codes back.
 
 Written into a temporary sibling folder and renamed, so a folder that exists is complete.
 """
@@ -18,12 +32,24 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from slimray.families.causal_lm.quantize import QuantMethod, quantize_lm
+from safetensors.torch import load_file, save_file
+
+from slimray.families.causal_lm.quantize import (
+    INT4_GROUP_SIZE, QuantMethod, int4_group_quantize, int4_linear_names, linear_names, quantize_lm)
 from slimray.families.causal_lm.runtime import RuntimeName
 from slimray.families.causal_lm.teacher import load_causal_lm
 from slimray.schema import StrictModel
 
 META_FILE = "slimray_lm.json"
+INT8_FILE = "slimray_int8.safetensors"
+INT4_FILE = "slimray_int4.safetensors"
+INT8_METHODS = ("dynamic_int8", "token_int8", "torchao_int8_weight_only", "torchao_int8_dynamic")
+WEIGHT_FILES = {"int8": INT8_FILE, "int4": INT4_FILE}
+
+
+def compact_storage(method: str) -> str:
+    """The smallest storage that rebuilds ``method``'s model: int4 for int4, int8 for int8 methods, else float."""
+    return "int4" if method == "int4_weight_only" else ("int8" if method in INT8_METHODS else "float")
 
 
 class LMArtifactMeta(StrictModel):
@@ -33,20 +59,18 @@ class LMArtifactMeta(StrictModel):
     quant_method: QuantMethod = "none"
     keep_float: list[str] = Field(default_factory=list)
     runtime: RuntimeName = "hf_eager"
+    storage: Literal["float", "int8", "int4"] = Field("float", description="how the weights are stored (see the module doc)")
     reports: dict = Field(default_factory=dict, description="pruning / distillation reports, JSON-serialisable")
 
 
-def save_lm(model: torch.nn.Module, tokenizer, out_dir: str | Path, *, meta: LMArtifactMeta | None = None) -> Path:
-    """Write the float ``model`` + ``tokenizer`` + meta into ``out_dir`` atomically (``out_dir`` must not exist)."""
+def _atomic_folder(out_dir: str | Path, write) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; artifacts are written once")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text((meta or LMArtifactMeta()).model_dump_json(indent=2) + "\n")
+        write(tmp)
         os.rename(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -54,15 +78,124 @@ def save_lm(model: torch.nn.Module, tokenizer, out_dir: str | Path, *, meta: LMA
     return out_dir
 
 
+def compact_state(model: torch.nn.Module, *, storage: str, keep_float: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors ``slimray_int8.safetensors`` / ``slimray_int4.safetensors`` hold for the float ``model`` (see the
+    module doc) and whether ``lm_head`` was stored quantized (then the stored config is untied)."""
+    names = set(int4_linear_names(model, keep_float=keep_float) if storage == "int4" else linear_names(model, keep_float=keep_float))
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    head_int8 = "lm_head" in names
+    for key, t in model.state_dict().items():
+        module = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and module in names and storage == "int4":
+            q, lo, scale = int4_group_quantize(t.detach(), group_size=INT4_GROUP_SIZE)
+            q = q.to(torch.uint8)
+            out[f"{key}.int4"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+            out[f"{key}.lo"], out[f"{key}.scale"] = lo.contiguous(), scale.contiguous()
+            continue
+        if key.endswith(".weight") and module in names:
+            w = t.detach().float()
+            scale = w.abs().amax(1).clamp(min=1e-8) / 127.0
+            out[f"{key}.int8"] = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+            out[f"{key}.scale"] = scale.contiguous()
+            continue
+        if t.data_ptr() in seen and not head_int8:  # a tied copy (lm_head = embeddings): stored once
+            continue
+        seen.add(t.data_ptr())
+        out[key] = t.detach().clone().contiguous()
+    return out, head_int8
+
+
+def save_lm(model: torch.nn.Module, tokenizer, out_dir: str | Path, *, meta: LMArtifactMeta | None = None) -> Path:
+    """Write the float ``model`` + ``tokenizer`` + meta into ``out_dir`` atomically (``out_dir`` must not exist),
+    the weights as ``meta.storage`` says (``int8`` needs an int8 ``meta.quant_method``, ``int4`` int4_weight_only)."""
+    meta = meta or LMArtifactMeta()
+    if meta.storage == "int8" and meta.quant_method not in INT8_METHODS:
+        raise ValueError(f"storage int8 is for the int8 methods {INT8_METHODS}, not {meta.quant_method!r}")
+    if meta.storage == "int4" and meta.quant_method != "int4_weight_only":
+        raise ValueError(f"storage int4 is for int4_weight_only, not {meta.quant_method!r}")
+
+    def write(tmp: Path) -> None:
+        if meta.storage in WEIGHT_FILES:
+            import copy
+
+            tensors, head_int8 = compact_state(model, storage=meta.storage, keep_float=meta.keep_float)
+            fmt = "slimray.int8-per-channel/1" if meta.storage == "int8" else f"slimray.int4-group{INT4_GROUP_SIZE}/1"
+            save_file(tensors, str(tmp / WEIGHT_FILES[meta.storage]), metadata={"format": fmt})
+            config = copy.deepcopy(model.config)
+            if head_int8:
+                config.tie_word_embeddings = False
+            config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+        elif meta.quant_method == "bf16":
+            import copy
+
+            copy.deepcopy(model).to(torch.bfloat16).save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(meta.model_dump_json(indent=2) + "\n")
+
+    return _atomic_folder(out_dir, write)
+
+
+def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> Path:
+    """A standard HF folder (safetensors + config + tokenizer, no slimray files) of the float ``model`` in
+    ``dtype``: what plain ``transformers``, vLLM or ``ray.serve.llm`` load. Atomic like ``save_lm``."""
+    import copy
+
+    def write(tmp: Path) -> None:
+        m = model if dtype == next(model.parameters()).dtype else copy.deepcopy(model).to(dtype)
+        m.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(out_dir, write)
+
+
 def load_meta(path: str | Path) -> LMArtifactMeta:
     f = Path(path) / META_FILE
     return LMArtifactMeta.from_dict(json.loads(f.read_text()), source=str(f)) if f.is_file() else LMArtifactMeta()
 
 
+def _load_compact(path: Path, storage: str) -> tuple[torch.nn.Module, object]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from slimray.families.hf import read_hf_folder
+    from slimray.families.causal_lm.teacher import SUPPORTED_MODEL_TYPES
+
+    weights = path / WEIGHT_FILES[storage]
+    read_hf_folder(str(path), field="model folder", model_types=SUPPORTED_MODEL_TYPES, files=(weights.name,),
+                   what="the causal_lm family")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    stored = load_file(str(weights))
+    state = {}
+    for key, t in stored.items():
+        if key.endswith(".weight.int8"):
+            base = key[: -len(".int8")]
+            state[base] = t.float() * stored[f"{base}.scale"][:, None]
+        elif key.endswith(".weight.int4"):
+            base = key[: -len(".int4")]
+            q = torch.stack([t & 15, t >> 4], dim=-1).reshape(t.shape[0], -1).float()
+            lo, scale = stored[f"{base}.lo"], stored[f"{base}.scale"]
+            g = q.shape[1] // lo.shape[1]
+            state[base] = (q.reshape(q.shape[0], -1, g) * scale[..., None] + lo[..., None]).reshape(q.shape)
+        elif not key.endswith((".weight.scale", ".weight.lo")):
+            state[key] = t
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{weights}: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    return model, tok
+
+
 def load_lm(path: str | Path):
-    """``(model, tokenizer, meta)`` with the recorded quantization applied (eval mode)."""
+    """``(model, tokenizer, meta)`` with the recorded quantization applied (eval mode); int8 storage rebuilt."""
     meta = load_meta(path)
-    model, tok = load_causal_lm(path)
+    model, tok = _load_compact(Path(path), meta.storage) if meta.storage in WEIGHT_FILES else load_causal_lm(path)
     if meta.quant_method != "none":
         model = quantize_lm(model, method=meta.quant_method, keep_float=meta.keep_float, inplace=True)
     return model, tok, meta

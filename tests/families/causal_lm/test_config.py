@@ -1,0 +1,64 @@
+"""The causal_lm pipeline config: recipes load through the family registry; bad documents name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimray.families.causal_lm.config import LMPipelineConfig, load_lm_config
+from slimray.schema import ConfigError
+
+
+def test_recipes_load_through_the_registry():
+    from slimray.runconfig import load_run_config
+
+    for recipe in ("smollm", "smollm-tiny"):
+        family, cfg = load_run_config(recipe=recipe)
+        assert family.name == "causal_lm" and isinstance(cfg, LMPipelineConfig) and cfg.recipe == recipe
+    cfg = load_lm_config(recipe="smollm")
+    assert cfg.search.ppl_budget == 1.15 and cfg.student.layer_counts(30) == [27]
+    assert cfg.distill.num_train_windows() == 20 * 2 * 2
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"teacher": {"source": "huggingface"}}, "teacher"),
+    ({"teacher": {"path": "/x"}}, "teacher"),
+    ({"teacher": {"source": "huggingface", "path": "/no/such/folder"}}, "teacher.path"),
+    ({"data": {"source": "jsonl"}}, "data.path"),
+    ({"data": {"windw_len": 64}}, "data.windw_len"),
+    ({"data": {"window_len": 4}}, "data.window_len"),
+    ({"student": {"depths": [0]}}, "student.depths"),
+    ({"student": {"depths": [1.5]}}, "student.depths"),
+    ({"student": {"depths": [30]}}, "student.depths"),
+    ({"distill": {"num_steps": 1, "epochs": 2}}, "distill.num_steps"),
+    ({"distill": {"targets": "teacher_in_loop"}}, "distill.targets"),
+    ({"search": {"quant_methods": ["int3"]}}, "search.quant_methods"),
+    ({"search": {"runtimes": ["vllm"]}}, "search.runtimes"),
+    ({"search": {"ppl_budget": 0.9}}, "search.ppl_budget"),
+    ({"serve": {"port": 0}}, "serve.port"),
+])
+def test_errors_name_the_field(patch, field):
+    doc = {"family": "causal_lm", **patch}
+    with pytest.raises(ConfigError) as err:
+        LMPipelineConfig.from_dict(doc, source="t.yaml")
+    assert field in str(err.value), str(err.value)
+
+
+def test_family_is_required():
+    with pytest.raises(ConfigError, match="family"):
+        LMPipelineConfig.from_dict({}, source="t.yaml")
+
+
+def test_config_file_paths_are_relative_to_it(tmp_path, tiny_folder):
+    (tmp_path / "texts.jsonl").write_text('{"text": "hello world"}\n')
+    import shutil
+
+    shutil.copytree(tiny_folder, tmp_path / "teacher")
+    f = tmp_path / "run.yaml"
+    f.write_text("family: causal_lm\nname: mine\nteacher: {source: huggingface, path: teacher}\n"
+                 "data: {source: jsonl, path: texts.jsonl}\nstudent: {depths: [2]}\n")
+    cfg = load_lm_config(config=f)
+    assert cfg.teacher.path == str(tmp_path / "teacher") and cfg.data.path == str(tmp_path / "texts.jsonl")
+    assert cfg.teacher.num_layers() == 4
+    f.write_text("family: causal_lm\nteacher: {source: huggingface, path: teacher}\nstudent: {depths: [4]}\n")
+    with pytest.raises(ConfigError, match="student.depths"):
+        load_lm_config(config=f)

@@ -1,0 +1,65 @@
+"""The smollm-tiny recipe end to end on the real SmolLM2 teacher (GGUF converted into the run folder): data split
+by article, teacher evaluation, a depth-pruned student distilled on Ray Train (2 workers), {teacher, student} x
+{none, token_int8} on Ray Tune, side-by-side timing, the winner saved compactly and exported as a plain HF folder
+that ``transformers`` loads with no slimray code and that gives the winner's logits, and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # a few minutes on 2 cores (GGUF conversion, Ray Train, Tune)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_session, tmp_path_factory):
+    from slimray.families.causal_lm.config import load_lm_config
+    from slimray.pipelines import run_pipeline
+
+    cfg = load_lm_config(recipe="smollm-tiny")
+    out = tmp_path_factory.mktemp("lm-runs")
+    report = run_pipeline(cfg, out_dir=out, fresh=True)
+    return report, out / cfg.name
+
+
+def test_report(tiny_run):
+    report, run = tiny_run
+    on_disk = json.loads((run / "report.json").read_text())
+    assert on_disk["winner"]["key"] == report["winner"]["key"]
+    assert (run / "report.md").read_text().startswith("# smollm-tiny") and (run / "report.png").stat().st_size > 0
+    assert len(report["trials"]) == 4 and all(t["status"] == "ok" for t in report["trials"]), report["trials"]
+    t = report["teacher"]
+    assert t["top1_agreement"] == 1.0 and t["num_layers"] == 30 and t["size_bytes"] > 5e8
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s_b1", "decode_tokens_per_s_b8"):
+        assert t[key] > 0 and report["winner"][key] > 0
+    assert set(report["targets"]) == {"decode_b1_speedup", "prefill_speedup", "perplexity_ratio", "size_ratio", "wall_time_s"}
+    (student,) = report["students"]
+    assert student["num_layers"] == 2 and len(student["kept_layers"]) == 2 and len(report["importance"]) == 30
+    assert [m["epoch"] for m in student["distill_metrics"]] == [1, 2]  # Ray Train: one checkpoint per epoch
+    assert report["data"]["documents"]["test"] > 0 and report["data"]["eval_windows"] == 2
+    teacher_rows = [r for r in report["trials"] if r["model"] == "teacher" and r["quantization"] == "none"]
+    assert teacher_rows[0]["perplexity"] == pytest.approx(t["perplexity"], rel=1e-4)
+
+
+def test_winner_and_export(tiny_run):
+    """The export loads in plain transformers and gives slimray's winner logits (through the winner's
+    quantization for an int8 winner: the export is the float model before quantization)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimray import families
+    from slimray.families.causal_lm.artifacts import load_lm
+    from slimray.families.causal_lm.quantize import quantize_lm
+
+    report, run = tiny_run
+    assert families.for_artifact(run / "winner").name == "causal_lm"
+    winner, tok, meta = load_lm(run / "winner")
+    assert meta.quant_method == report["winner"]["quantization"]
+    plain = AutoModelForCausalLM.from_pretrained(run / "export").eval()
+    ids = AutoTokenizer.from_pretrained(run / "export")("Paris is the capital of", return_tensors="pt")["input_ids"]
+    ref = plain if meta.quant_method in ("none", "bf16") else quantize_lm(plain, method=meta.quant_method, keep_float=meta.keep_float)
+    with torch.inference_mode():
+        got, want = winner(ids).logits.float(), ref(ids).logits.float()
+    assert torch.allclose(got, want, atol=1e-3 * want.abs().max().item()), (got - want).abs().max()
+    assert report["winner"]["perplexity"] == pytest.approx(report["winner"]["trial_perplexity"], rel=1e-3)
