@@ -296,7 +296,12 @@ class CausalLMStages(Stages):
             r["perplexity_ratio"] = r["perplexity"] / t_ppl
             r["within_budget"] = r["perplexity"] <= s.ppl_budget * t_ppl + 1e-9
         feasible = sorted((r for r in ok if r["within_budget"]), key=lambda r: r["ms_per_token_b1"])
-        finalists = feasible[: s.num_finalists] or sorted(ok, key=lambda r: r["perplexity"])[:1]
+        finalists = feasible[: s.num_finalists]
+        given = next((r for r in ok if r["key"] == AS_GIVEN), None)
+        if s.min_prefill_speedup is not None and given is not None:  # also the fastest that reach the prefill floor in their trial
+            floor = s.min_prefill_speedup * given["prefill_tokens_per_s"]
+            finalists += [r for r in feasible if r["prefill_tokens_per_s"] >= floor and r not in finalists][: s.num_finalists]
+        finalists = finalists or sorted(ok, key=lambda r: r["perplexity"])[:1]
         log(f"search: {len(ok)}/{len(self.rows)} trials ok, {len(feasible)} within {s.ppl_budget}x the teacher's perplexity; "
             f"re-timing {[r['key'] for r in finalists]} side by side with the teacher ({s.num_timing_rounds} round(s))")
 
