@@ -1,7 +1,8 @@
 """The smollm-tiny recipe end to end on the real SmolLM2 teacher (GGUF converted into the run folder): data split
 by article, teacher evaluation, a depth-pruned student distilled on Ray Train (2 workers), {teacher, student} x
 {none, token_int8} on Ray Tune, side-by-side timing, the winner saved compactly and exported as a plain HF folder
-that ``transformers`` loads with no slimray code and that gives the winner's logits, and the report."""
+that ``transformers`` loads with no slimray code and that gives the winner's logits, the report, and the winner
+served on Ray Serve behind the OpenAI API (what ``slimray run`` does after the report)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,31 @@ def test_winner_and_export(tiny_run):
         got, want = winner(ids).logits.float(), ref(ids).logits.float()
     assert torch.allclose(got, want, atol=1e-3 * want.abs().max().item()), (got - want).abs().max()
     assert report["winner"]["perplexity"] == pytest.approx(report["winner"]["trial_perplexity"], rel=1e-3)
+
+
+def test_the_winner_is_served_behind_the_openai_api(tiny_run, capsys):
+    """The run's winner deployed as ``slimray run`` deploys it (``options_for_run`` from the run's config): the
+    post-deploy check gets the in-process greedy text, and the official ``openai`` client streams a chat."""
+    from openai import OpenAI
+    from ray import serve
+
+    from slimray.serving.app import build_app, deploy, undeploy
+    from slimray.serving.checks import check_causal_lm
+    from slimray.serving.options import options_for_run
+    from tests.serving.conftest import free_port
+
+    report, run = tiny_run
+    options = options_for_run(run, num_cpus_per_replica=0.5)
+    url = deploy(build_app(options), name="smollm-tiny", port=free_port())
+    try:
+        check_causal_lm(url, run, options)
+        assert "in-process" in (out := capsys.readouterr().out) and ": same" in out, out
+        client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == [options.name]
+        chunks = list(client.chat.completions.create(model=options.name, messages=[{"role": "user", "content": "Name a river."}],
+                                                     max_tokens=6, temperature=0, stream=True))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finally:
+        undeploy("smollm-tiny")
+        serve.shutdown()  # this module started Serve on its own port; later test packages start their own
