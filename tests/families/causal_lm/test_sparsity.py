@@ -232,3 +232,29 @@ def test_measure_candidate_sparse(tiny_folder, tiny_windows, tmp_path):
     assert abs(rows["2:4"]["sparsity_report"]["zero_fraction"] - 0.5) < 1e-9
     assert rows["2:4"]["size_bytes"] < 0.8 * rows["none"]["size_bytes"]
     assert rows["2:4"]["perplexity"] != rows["none"]["perplexity"]
+
+
+def test_report_note_claims_no_cpu_speedup():
+    from slimray.families.causal_lm.config import LMPipelineConfig
+    from slimray.pipelines.causal_lm import _sparsity_note
+
+    assert _sparsity_note(LMPipelineConfig.from_dict({"family": "causal_lm"}, source="t.yaml")) is None
+    cfg = LMPipelineConfig.from_dict({"family": "causal_lm", "search": {"sparsities": ["none", "2:4"]}}, source="t.yaml")
+    note = _sparsity_note(cfg)
+    assert "'2:4'" in note and "no CPU speedup is claimed" in note and "GPU" in note and "['none', 'token_int8']" in note
+
+
+def test_low_sparsity_int8_layers_stay_dense(tiny_model, tiny_tokenizer, tmp_path):
+    """At 10% a bitmask (1/8 byte) + 90% of the int8 bytes costs more than the int8 layer: stored dense, still exact."""
+    from safetensors.torch import load_file
+
+    from slimray.families.causal_lm.quantize import quantize_lm
+
+    pruned = sparsify_lm(tiny_model, sparsity="unstructured_10")
+    out = save_lm(pruned, tiny_tokenizer, tmp_path / "q",
+                  meta=LMArtifactMeta(quant_method="token_int8", sparsity="unstructured_10", storage="sparse_int8"))
+    keys = load_file(str(out / SPARSE_INT8_FILE)).keys()
+    assert not any(k.endswith(".spu_mask") for k in keys) and "model.layers.0.mlp.up_proj.weight.int8" in keys
+    assert torch.equal(_logits(load_lm(out)[0]), _logits(quantize_lm(pruned, method="token_int8")))
+    flt = save_lm(pruned, tiny_tokenizer, tmp_path / "f", meta=LMArtifactMeta(sparsity="unstructured_10", storage="sparse"))
+    assert any(k.endswith(".spu_mask") for k in load_file(str(flt / SPARSE_FILE)).keys())  # float32: packing pays
