@@ -21,10 +21,6 @@ def _logits(model):
         return model(IDS).logits
 
 
-def _pruned(model, names):
-    return {n: model.get_submodule(n).weight.detach().clone() for n in names}
-
-
 def test_parse_sparsity():
     assert parse_sparsity("none") == ("none", 0.0)
     assert parse_sparsity("2:4") == ("2:4", 0.5)
