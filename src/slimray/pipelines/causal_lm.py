@@ -269,18 +269,13 @@ class CausalLMStages(Stages):
     # -- stage 5 ---------------------------------------------------------------------------------------------
     def search(self) -> None:
         """Ray Tune trials, then the finalists and the teacher re-timed side by side in the driver."""
-        from slimray.sweep.lm_search import candidate_key, run_search
+        from slimray.sweep.lm_search import candidate_grid, candidate_key, run_search
 
         s = self.cfg.search
         model_dirs = {TEACHER: str(self.teacher_dir), **{st.name: str(st.folder) for st in self.students}}
-        candidates = {}
-        for m in model_dirs:
-            for rt in s.runtimes:
-                for q in s.quant_methods:
-                    if rt == "static_compiled" and q not in s.compiled_quant_methods:
-                        continue
-                    candidates[candidate_key(m, q, rt)] = (m, q, rt)
-        log(f"search: {len(candidates)} candidates = {list(model_dirs)} x {s.quant_methods} x {s.runtimes} on Ray Tune "
+        candidates = candidate_grid(list(model_dirs), sparsities=s.sparsities, quant_methods=s.quant_methods, runtimes=s.runtimes,
+                                    compiled_quant_methods=s.compiled_quant_methods, sparse_quant_methods=s.sparse_quant_methods)
+        log(f"search: {len(candidates)} candidates = {list(model_dirs)} x {s.sparsities} x {s.quant_methods} x {s.runtimes} on Ray Tune "
             f"({s.max_concurrent_trials} at once, 1 thread each)")
         self.rows = run_search(run_dir=self.run_dir, candidates=candidates, model_dirs=model_dirs, windows=self.eval_windows,
                                reference_argmax=self.teacher_argmax, search=s.model_dump())
@@ -306,11 +301,11 @@ class CausalLMStages(Stages):
             f"re-timing {[r['key'] for r in finalists]} side by side with the teacher ({s.num_timing_rounds} round(s))")
 
         # the teacher as given, the finalists, and the teacher in each student finalist's quantization + runtime
-        timed: dict[str, tuple[str, str, str]] = {AS_GIVEN: (TEACHER, "none", "hf_eager")}
+        timed: dict[str, tuple[str, str, str, str]] = {AS_GIVEN: (TEACHER, "none", "hf_eager", "none")}
         for r in finalists:
-            timed[r["key"]] = (r["model"], r["quantization"], r["runtime"])
-            if r["model"] != TEACHER:
-                timed[candidate_key(TEACHER, r["quantization"], r["runtime"])] = (TEACHER, r["quantization"], r["runtime"])
+            timed[r["key"]] = (r["model"], r["quantization"], r["runtime"], r.get("sparsity", "none"))
+            if r["model"] != TEACHER or r.get("sparsity", "none") != "none":  # the dense teacher in the same quantization + runtime
+                timed[candidate_key(TEACHER, r["quantization"], r["runtime"])] = (TEACHER, r["quantization"], r["runtime"], "none")
         speeds = self._time_side_by_side(timed, model_dirs)
         for r in finalists:
             r["final"] = speeds[r["key"]]
@@ -322,19 +317,22 @@ class CausalLMStages(Stages):
         self._save_winner(winner)
         self._done("search")
 
-    def _time_side_by_side(self, timed: dict[str, tuple[str, str, str]], model_dirs: dict[str, str]) -> dict[str, dict[str, float]]:
+    def _time_side_by_side(self, timed: dict[str, tuple[str, str, str, str]], model_dirs: dict[str, str]) -> dict[str, dict[str, float]]:
         from slimray.families.causal_lm.artifacts import load_lm
         from slimray.families.causal_lm.quantize import quantize_lm
+        from slimray.families.causal_lm.sparsity import sparsify_lm
 
         s = self.cfg.search
         models = {}
-        for key, (m, q, _rt) in timed.items():
-            base = self.teacher if m == TEACHER and q == "none" else load_lm(model_dirs[m])[0]
+        for key, (m, q, _rt, sp) in timed.items():
+            base = self.teacher if m == TEACHER and q == "none" and sp == "none" else load_lm(model_dirs[m])[0]
+            if sp != "none":
+                base = sparsify_lm(base, sparsity=sp, keep_dense=s.sparsity_keep_dense, inplace=True)
             models[key] = quantize_lm(base, method=q, keep_float=s.keep_float, inplace=base is not self.teacher)
         best: dict[str, dict[str, float]] = {}
         with torch_threads(1):
             for _ in range(s.num_timing_rounds):
-                for key, (_m, _q, rt) in timed.items():
+                for key, (_m, _q, rt, _sp) in timed.items():
                     got = _time_model(models[key], runtime=rt, search=s.model_dump())
                     prev = best.setdefault(key, got)
                     for k, v in got.items():
@@ -351,12 +349,20 @@ class CausalLMStages(Stages):
         from slimray.families.causal_lm.artifacts import LMArtifactMeta, compact_storage, export_hf, load_lm, save_lm
 
         s = self.cfg.search
+        from slimray.families.causal_lm.sparsity import sparsify_lm, sparsity_report
+
         base, tok, base_meta = load_lm(winner["model_dir"])
+        sp = winner.get("sparsity", "none")
+        if sp != "none":
+            base = sparsify_lm(base, sparsity=sp, keep_dense=s.sparsity_keep_dense, inplace=True)
         reports = dict(base_meta.reports)
         reports.update(search={"key": winner["key"], "perplexity": winner["perplexity"], "model": winner["model"],
                                "kept_layers": next((st.kept for st in self.students if st.name == winner["model"]), None)})
+        if sp != "none":
+            reports["sparsity"] = sparsity_report(base, sparsity=sp, keep_dense=s.sparsity_keep_dense)
         meta = LMArtifactMeta(quant_method=winner["quantization"], keep_float=s.keep_float, runtime=winner["runtime"],
-                              storage=compact_storage(winner["quantization"]), reports=reports)
+                              storage=compact_storage(winner["quantization"], sparsity=sp), sparsity=sp,
+                              sparsity_keep_dense=s.sparsity_keep_dense, reports=reports)
         for name in ("winner", "export"):
             if (self.run_dir / name).exists():  # a rerun's search may choose again: replace whole folders
                 shutil.rmtree(self.run_dir / name)
@@ -367,6 +373,7 @@ class CausalLMStages(Stages):
     # -- stage 6 ---------------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         from slimray.families.causal_lm.artifacts import load_lm
+        from slimray.sweep.lm_search import candidate_key
         from slimray.families.causal_lm.evaluate import dir_size_bytes, perplexity_and_agreement, probe_peak_memory
 
         cfg, s, run_dir = self.cfg, self.cfg.search, self.run_dir
@@ -378,7 +385,8 @@ class CausalLMStages(Stages):
         w_size, t_size = dir_size_bytes(run_dir / "winner"), t["size_bytes"]
         w_peak = probe_peak_memory(run_dir / "winner", quant_method="artifact") if s.peak_memory else None
         teacher_given = speeds[AS_GIVEN]
-        same_key = w["key"] if w["model"] == TEACHER else f"{TEACHER}-{w['quantization']}-{w['runtime']}"
+        same_key = (w["key"] if w["model"] == TEACHER and w.get("sparsity", "none") == "none"
+                    else candidate_key(TEACHER, w["quantization"], w["runtime"]))  # the dense teacher
         teacher_same = speeds.get(same_key)
         wf = w["final"]
 
@@ -391,6 +399,7 @@ class CausalLMStages(Stages):
                        **teacher_given, "quantization": "none", "runtime": "hf_eager", "first_pass": {
                            k: t[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s_b1", "decode_tokens_per_s_b8")}}
         winner_row = {"key": w["key"], "model": w["model"], "quantization": w["quantization"], "runtime": w["runtime"],
+                      "sparsity": meta.sparsity,
                       "storage": meta.storage, "perplexity": w_ppl, "top1_agreement": w_agree, "trial_perplexity": w["perplexity"],
                       **wf, "size_bytes": w_size, "peak_memory_bytes": w_peak, "num_layers": w["num_layers"], "params": w["params"],
                       "kept_layers": meta.reports.get("search", {}).get("kept_layers")}
@@ -421,7 +430,7 @@ class CausalLMStages(Stages):
             "students": [{"name": st.name, "num_layers": st.num_layers, "kept_layers": st.kept, "width": st.width,
                           "distill_metrics": _read_jsonl(run_dir / f"distill_metrics_{st.name}.jsonl")} for st in self.students],
             "trials": self.rows,
-            "int4": _int4_note(cfg),
+            "int4": _int4_note(cfg), "sparsity": _sparsity_note(cfg),
             "stage_seconds": self.stage_s, "wall_s": wall,
         }
         write_json_atomic(run_dir / "report.json", report)
@@ -464,6 +473,18 @@ def _verbose() -> bool:
     from slimray import console
 
     return console.verbose()
+
+
+def _sparsity_note(cfg: LMPipelineConfig) -> str | None:
+    """What the report says about sparsity: None when not searched."""
+    sparse = [sp for sp in cfg.search.sparsities if sp != "none"]
+    if not sparse:
+        return None
+    return (f"searched {sparse} (magnitude pruning of the Linear layers but {cfg.search.sparsity_keep_dense}, no recovery "
+            "training) with " + str([q for q in cfg.search.quant_methods if q in cfg.search.sparse_quant_methods])
+            + "; sparse layers are stored packed (2:4: kept values + 2-bit positions; unstructured: values + bitmask), "
+            "so sparsity is for size on disk and for GPU speed (2:4 sparse tensor cores): on CPU the weights run dense "
+            "and no CPU speedup is claimed, whatever the trial timings show")
 
 
 def _int4_note(cfg: LMPipelineConfig) -> str:
@@ -522,6 +543,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     if same:
         lines.append(f"| teacher in the winner's quantization and runtime ({r['teacher_same_runtime_key']}) | "
                      f"{same['prefill_tokens_per_s']:.2f}x | {same['decode_tokens_per_s_b1']:.2f}x | {same['decode_tokens_per_s_b8']:.2f}x |")
+    if w.get("sparsity", "none") != "none":
+        lines += ["", f"The winner is {w['sparsity']} sparse: on CPU its weights run as dense tensors, so its speed against "
+                  "the dense teacher in the same quantization and runtime is timing noise, not a speedup from sparsity "
+                  "(none is claimed on CPU); the sparsity buys size on disk, and GPU speed where 2:4 kernels run (2:4 only)."]
     lines += ["", "## Targets (issue #17)", "", "| target | value | required | met |", "| --- | --- | --- | --- |"]
     for k, v in r["targets"].items():
         op = "<=" if k in ("perplexity_ratio", "wall_time_s") else ">="
@@ -546,7 +571,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {row['key']} | {row['perplexity']:.2f} | {row['perplexity_ratio']:.3f} | {row['top1_agreement']:.3f} | "
                      f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s_b1']:.1f} | {_mb(row['size_bytes'])} | "
                      f"{row['trial_seconds']:.0f} |")
-    lines += ["", f"int4: {r['int4']}.", "",
+    lines += ["", f"int4: {r['int4']}.", ""]
+    if r.get("sparsity"):
+        lines += [f"Sparsity: {r['sparsity']}.", ""]
+    lines += [
               "Stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["stage_seconds"].items()) + f"; total {r['wall_s']:.0f}s."]
     return "\n".join(lines) + "\n"
 
@@ -558,9 +586,10 @@ def write_png(r: dict[str, Any], path: Path) -> None:
     plt = _plt()
     ok = [t for t in r["trials"] if t["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for q in sorted({(t["quantization"], t["runtime"]) for t in ok}):
-        pts = [t for t in ok if (t["quantization"], t["runtime"]) == q]
-        ax.scatter([t["decode_tokens_per_s_b1"] for t in pts], [t["perplexity"] for t in pts], label=f"{q[0]} @ {q[1]}", s=36)
+    for q in sorted({(t["quantization"], t["runtime"], t.get("sparsity", "none")) for t in ok}):
+        pts = [t for t in ok if (t["quantization"], t["runtime"], t.get("sparsity", "none")) == q]
+        label = f"{q[0]} @ {q[1]}" + ("" if q[2] == "none" else f" ({q[2]})")
+        ax.scatter([t["decode_tokens_per_s_b1"] for t in pts], [t["perplexity"] for t in pts], label=label, s=36)
     tp = r["teacher"]["perplexity"]
     ax.axhline(tp, color="grey", lw=0.8, label="teacher")
     budget = r["targets"]["perplexity_ratio"]["target"] * tp

@@ -1,7 +1,8 @@
-"""The compression search for causal LMs: one Ray Tune trial per (model, quantization, runtime), on the shared
-Tune engine (``slimray.sweep.engine.run_tuner``).
+"""The compression search for causal LMs: one Ray Tune trial per (model, sparsity, quantization, runtime), on the
+shared Tune engine (``slimray.sweep.engine.run_tuner``).
 
-A trial (1 CPU, 1 torch thread) loads a float model folder (the teacher, or a distilled student), writes the
+A trial (1 CPU, 1 torch thread) loads a float model folder (the teacher, or a distilled student), prunes it to the
+candidate's sparsity (``sparsity.sparsify_lm``; magnitude, no recovery training; sparse layers stored packed), writes the
 artifact this candidate would be into a temporary folder to count its bytes on disk (``artifacts.save_lm``: int8
 methods store int8 weights + per-channel scales), quantizes the model, then measures perplexity and top-1
 agreement with the teacher on the held-out evaluation windows, prefill tokens/s and batch-1 decode tokens/s in the
@@ -27,23 +28,54 @@ from ray import tune
 from slimray.artifacts import write_json_atomic
 
 
-def candidate_key(model: str, quant: str, runtime: str) -> str:
-    return f"{model}-{quant}-{runtime}"
+def candidate_key(model: str, quant: str, runtime: str, sparsity: str = "none") -> str:
+    """``model-quant-runtime``; a sparse candidate adds its tag: ``model-2of4-quant-runtime``."""
+    if sparsity == "none":
+        return f"{model}-{quant}-{runtime}"
+    from slimray.families.causal_lm.sparsity import sparsity_tag
+
+    return f"{model}-{sparsity_tag(sparsity)}-{quant}-{runtime}"
+
+
+def candidate_grid(models: list[str], *, sparsities: list[str], quant_methods: list[str], runtimes: list[str],
+                   compiled_quant_methods: list[str], sparse_quant_methods: list[str]) -> dict[str, tuple[str, str, str, str]]:
+    """key -> (model, quantization, runtime, sparsity) for models x sparsities x runtimes x quant_methods, with
+    ``static_compiled`` only for ``compiled_quant_methods`` and a sparsity other than none only for
+    ``sparse_quant_methods``."""
+    out = {}
+    for m in models:
+        for sp in sparsities:
+            for rt in runtimes:
+                for q in quant_methods:
+                    if rt == "static_compiled" and q not in compiled_quant_methods:
+                        continue
+                    if sp != "none" and q not in sparse_quant_methods:
+                        continue
+                    out[candidate_key(m, q, rt, sp)] = (m, q, rt, sp)
+    return out
 
 
 def measure_candidate(*, model_dir: str, model_name: str, quant: str, runtime: str, keep_float: list[str],
                       windows: torch.Tensor, reference_argmax: torch.Tensor, search: dict[str, Any],
-                      tmp_root: str | Path) -> dict[str, Any]:
+                      tmp_root: str | Path, sparsity: str = "none",
+                      sparsity_keep_dense: list[str] | tuple[str, ...] = ("lm_head",)) -> dict[str, Any]:
     """One candidate's row (pure torch; see the module doc)."""
     from slimray.families.causal_lm.artifacts import LMArtifactMeta, compact_storage, load_lm, save_lm
     from slimray.families.causal_lm.evaluate import (
         decode_tokens_per_s, dir_size_bytes, perplexity_and_agreement, prefill_tokens_per_s)
     from slimray.families.causal_lm.quantize import quantize_lm
+    from slimray.families.causal_lm.sparsity import sparsify_lm, sparsity_report
 
     t0 = time.perf_counter()
     model, tokenizer, _ = load_lm(model_dir)
+    sparse_report = None
+    if sparsity != "none":
+        model = sparsify_lm(model, sparsity=sparsity, keep_dense=sparsity_keep_dense, inplace=True)
+        sparse_report = sparsity_report(model, sparsity=sparsity, keep_dense=sparsity_keep_dense)
+        sparse_report.pop("dense_layers")
     meta = LMArtifactMeta(quant_method=quant, keep_float=keep_float, runtime=runtime,
-                          storage=compact_storage(quant))
+                          storage=compact_storage(quant, sparsity=sparsity), sparsity=sparsity,
+                          sparsity_keep_dense=list(sparsity_keep_dense))
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tmp_root) as d:
         size = dir_size_bytes(save_lm(model, tokenizer, Path(d) / "candidate", meta=meta))
@@ -54,8 +86,9 @@ def measure_candidate(*, model_dir: str, model_name: str, quant: str, runtime: s
     decode = decode_tokens_per_s(model, runtime=runtime, batch_size=1, num_new_tokens=search["num_new_tokens"],
                                  num_repeats=search["num_repeats"])
     return {
-        "key": candidate_key(model_name, quant, runtime), "status": "ok", "model": model_name, "model_dir": model_dir,
-        "quantization": quant, "runtime": runtime, "storage": meta.storage, "keep_float": keep_float,
+        "key": candidate_key(model_name, quant, runtime, sparsity), "status": "ok", "model": model_name, "model_dir": model_dir,
+        "quantization": quant, "runtime": runtime, "sparsity": sparsity, "sparsity_report": sparse_report,
+        "storage": meta.storage, "keep_float": keep_float,
         "num_layers": int(model.config.num_hidden_layers), "params": int(num_params),
         "perplexity": ppl, "top1_agreement": agree, "prefill_tokens_per_s": prefill, "decode_tokens_per_s_b1": decode,
         "size_bytes": size, "trial_seconds": time.perf_counter() - t0,
@@ -66,7 +99,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     key = config["candidate"]
-    model_name, quant, runtime = ctx["candidates"][key]
+    model_name, quant, runtime, sparsity = ctx["candidates"][key]
     trials = Path(ctx["run_dir"]) / "trials"
     out = trials / f"{key}.json"
     try:
@@ -76,7 +109,8 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             ev = ray.get(ctx["eval_ref"])
             row = measure_candidate(model_dir=ctx["model_dirs"][model_name], model_name=model_name, quant=quant,
                                     runtime=runtime, keep_float=ctx["keep_float"], windows=ev["windows"],
-                                    reference_argmax=ev["reference_argmax"], search=ctx["search"], tmp_root=trials / ".tmp")
+                                    reference_argmax=ev["reference_argmax"], search=ctx["search"], tmp_root=trials / ".tmp",
+                                    sparsity=sparsity, sparsity_keep_dense=ctx["search"].get("sparsity_keep_dense", ["lm_head"]))
             write_json_atomic(out, row)
         tune.report({"perplexity": row["perplexity"], "decode_tokens_per_s_b1": row["decode_tokens_per_s_b1"]})
     except Exception as err:  # a failing trial is recorded, the search goes on
@@ -84,9 +118,9 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         raise
 
 
-def run_search(*, run_dir: Path, candidates: dict[str, tuple[str, str, str]], model_dirs: dict[str, str],
+def run_search(*, run_dir: Path, candidates: dict[str, tuple[str, str, str, str]], model_dirs: dict[str, str],
                windows: torch.Tensor, reference_argmax: torch.Tensor, search: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every candidate (key -> (model, quantization, runtime)) as one Tune trial; rows in ``candidates`` order, a
+    """Every candidate (key -> (model, quantization, runtime, sparsity)) as one Tune trial; rows in ``candidates`` order, a
     failed candidate as a row with status ``error``."""
     from slimray.sweep.engine import make_tune_config, run_tuner
 
@@ -103,12 +137,13 @@ def run_search(*, run_dir: Path, candidates: dict[str, tuple[str, str, str]], mo
             describe=lambda c: c["candidate"],
         )
     rows = []
-    for key, (model_name, quant, runtime) in candidates.items():
+    for key, (model_name, quant, runtime, sparsity) in candidates.items():
         f = run_dir / "trials" / f"{key}.json"
         if f.exists():
             rows.append(json.loads(f.read_text()))
             continue
         err = f.with_suffix(".error.json")
         msg = json.loads(err.read_text())["error"] if err.exists() else "trial did not finish"
-        rows.append({"key": key, "status": "error", "model": model_name, "quantization": quant, "runtime": runtime, "error": msg})
+        rows.append({"key": key, "status": "error", "model": model_name, "quantization": quant, "runtime": runtime,
+                     "sparsity": sparsity, "error": msg})
     return rows

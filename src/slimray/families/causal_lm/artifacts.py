@@ -16,6 +16,15 @@ Storage (``LMArtifactMeta.storage``), given the float model:
   packed two per byte ``<name>.weight.int4`` (uint8 ``[out, in/2]``, even inputs in the low nibble) with float32
   ``<name>.weight.lo`` / ``<name>.weight.scale`` per group of 32 inputs (``w = q * scale + lo``); the rest as
   stored by the model. ``load_lm`` rebuilds ``q * scale + lo``, whose int4 quantization gives the same codes back.
+- ``sparse`` / ``sparse_int8`` (a ``meta.sparsity`` other than none, see ``sparsity.py``):
+  ``slimray_sparse.safetensors`` / ``slimray_sparse_int8.safetensors``: each pruned Linear weight (the model given
+  is already pruned) as ``<name>.weight.sp24_values`` + ``<name>.weight.sp24_codes`` (2:4: kept values ``[out,
+  in/2]`` and 2-bit positions, four per byte) or ``<name>.weight.spu_values`` + ``<name>.weight.spu_mask`` (the
+  non-zero values and a bitmask, eight positions per byte); ``sparse_int8`` packs the int8 codes (zeros stay
+  zero under the symmetric per-channel scale) and adds ``<name>.weight.scale``; layers kept dense are stored as for
+  ``int8`` / the model (bf16 where the method is bf16), and so is a pruned layer whose packing would not be smaller
+  (unstructured below 12.5% for int8, 6.25% for bf16, 3.1% for float32: the bitmask costs 1/8 byte a weight).
+  ``load_lm`` rebuilds the dense weights on CPU, bit for bit.
 
 Written into a temporary sibling folder and renamed, so a folder that exists is complete.
 """
@@ -37,6 +46,8 @@ from safetensors.torch import load_file, save_file
 from slimray.families.causal_lm.quantize import (
     INT4_GROUP_SIZE, QuantMethod, int4_group_quantize, int4_linear_names, linear_names, quantize_lm)
 from slimray.families.causal_lm.runtime import RuntimeName
+from slimray.families.causal_lm.sparsity import (
+    SPARSITY_RE, pack_2_4, pack_unstructured, parse_sparsity, sparse_linear_names, unpack_2_4, unpack_unstructured)
 from slimray.families.causal_lm.teacher import load_causal_lm
 from slimray.schema import StrictModel
 
@@ -44,11 +55,23 @@ META_FILE = "slimray_lm.json"
 INT8_FILE = "slimray_int8.safetensors"
 INT4_FILE = "slimray_int4.safetensors"
 INT8_METHODS = ("dynamic_int8", "token_int8", "torchao_int8_weight_only", "torchao_int8_dynamic")
-WEIGHT_FILES = {"int8": INT8_FILE, "int4": INT4_FILE}
+SPARSE_FILE = "slimray_sparse.safetensors"
+SPARSE_INT8_FILE = "slimray_sparse_int8.safetensors"
+WEIGHT_FILES = {"int8": INT8_FILE, "int4": INT4_FILE, "sparse": SPARSE_FILE, "sparse_int8": SPARSE_INT8_FILE}
+SPARSE_INT8_METHODS = ("token_int8", "dynamic_int8")
+SPARSE_FLOAT_METHODS = ("none", "bf16")
 
 
-def compact_storage(method: str) -> str:
-    """The smallest storage that rebuilds ``method``'s model: int4 for int4, int8 for int8 methods, else float."""
+def compact_storage(method: str, *, sparsity: str = "none") -> str:
+    """The smallest storage that rebuilds ``method``'s model: int4 for int4, int8 for int8 methods, else float;
+    with a sparsity, ``sparse_int8`` for token/dynamic int8 and ``sparse`` for none/bf16 (others are refused)."""
+    if sparsity != "none":
+        if method in SPARSE_INT8_METHODS:
+            return "sparse_int8"
+        if method in SPARSE_FLOAT_METHODS:
+            return "sparse"
+        raise ValueError(f"quant_method {method!r} cannot be combined with sparsity {sparsity!r}; use one of "
+                         f"{SPARSE_FLOAT_METHODS + SPARSE_INT8_METHODS}")
     return "int4" if method == "int4_weight_only" else ("int8" if method in INT8_METHODS else "float")
 
 
@@ -59,7 +82,10 @@ class LMArtifactMeta(StrictModel):
     quant_method: QuantMethod = "none"
     keep_float: list[str] = Field(default_factory=list)
     runtime: RuntimeName = "hf_eager"
-    storage: Literal["float", "int8", "int4"] = Field("float", description="how the weights are stored (see the module doc)")
+    storage: Literal["float", "int8", "int4", "sparse", "sparse_int8"] = Field(
+        "float", description="how the weights are stored (see the module doc)")
+    sparsity: str = Field("none", pattern=SPARSITY_RE.pattern, description="magnitude sparsity of the Linear layers (sparsity.py)")
+    sparsity_keep_dense: list[str] = Field(["lm_head"], description="Linear layers left dense by the sparsity")
     reports: dict = Field(default_factory=dict, description="pruning / distillation reports, JSON-serialisable")
 
 
@@ -106,6 +132,46 @@ def compact_state(model: torch.nn.Module, *, storage: str, keep_float: list[str]
     return out, head_int8
 
 
+def sparse_state(model: torch.nn.Module, *, meta: LMArtifactMeta) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors ``slimray_sparse*.safetensors`` hold for the pruned float ``model`` (see the module doc) and whether
+    ``lm_head`` was stored on its own (pruned or int8: then the stored config is untied)."""
+    kind, _ = parse_sparsity(meta.sparsity)
+    sparse = set(sparse_linear_names(model, sparsity=meta.sparsity, keep_dense=meta.sparsity_keep_dense))
+    int8 = set(linear_names(model, keep_float=meta.keep_float)) if meta.storage == "sparse_int8" else set()
+    dtype = torch.bfloat16 if meta.quant_method == "bf16" else None
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    head_own = "lm_head" in sparse | int8
+    for key, t in model.state_dict().items():
+        module = key.rsplit(".", 1)[0]
+        is_weight = key.endswith(".weight")
+        if is_weight and module in sparse | int8:
+            w = t.detach().float() if module in int8 else t.detach()
+            if module in int8:
+                scale = w.abs().amax(1).clamp(min=1e-8) / 127.0
+                w = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+                out[f"{key}.scale"] = scale.contiguous()
+            elif dtype is not None:
+                w = w.to(dtype)
+            packed = None
+            if module in sparse:
+                packed = pack_2_4(w) if kind == "2:4" else pack_unstructured(w)
+                if packed[0].numel() * packed[0].element_size() + packed[1].numel() >= w.numel() * w.element_size():
+                    packed = None  # the mask would cost more than the zeros save (low sparsity, int8): stored dense
+            if packed is None:
+                out[f"{key}.int8" if module in int8 else key] = w.contiguous()
+            else:
+                out[f"{key}.{'sp24' if kind == '2:4' else 'spu'}_values"] = packed[0]
+                out[f"{key}.{'sp24_codes' if kind == '2:4' else 'spu_mask'}"] = packed[1]
+            continue
+        if t.data_ptr() in seen and not head_own:  # a tied copy (lm_head = embeddings): stored once
+            continue
+        seen.add(t.data_ptr())
+        t = t.detach().clone()
+        out[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    return out, head_own
+
+
 def save_lm(model: torch.nn.Module, tokenizer, out_dir: str | Path, *, meta: LMArtifactMeta | None = None) -> Path:
     """Write the float ``model`` + ``tokenizer`` + meta into ``out_dir`` atomically (``out_dir`` must not exist),
     the weights as ``meta.storage`` says (``int8`` needs an int8 ``meta.quant_method``, ``int4`` int4_weight_only)."""
@@ -114,13 +180,22 @@ def save_lm(model: torch.nn.Module, tokenizer, out_dir: str | Path, *, meta: LMA
         raise ValueError(f"storage int8 is for the int8 methods {INT8_METHODS}, not {meta.quant_method!r}")
     if meta.storage == "int4" and meta.quant_method != "int4_weight_only":
         raise ValueError(f"storage int4 is for int4_weight_only, not {meta.quant_method!r}")
+    if meta.storage.startswith("sparse") and (meta.sparsity == "none" or compact_storage(meta.quant_method, sparsity=meta.sparsity) != meta.storage):
+        raise ValueError(f"storage {meta.storage} needs a sparsity (got {meta.sparsity!r}) and a matching quant_method "
+                         f"(got {meta.quant_method!r}; sparse: {SPARSE_FLOAT_METHODS}, sparse_int8: {SPARSE_INT8_METHODS})")
+    if meta.sparsity != "none" and not meta.storage.startswith("sparse") and meta.storage != "float":
+        raise ValueError(f"sparsity {meta.sparsity!r} is stored as sparse / sparse_int8 or float, not {meta.storage}")
 
     def write(tmp: Path) -> None:
         if meta.storage in WEIGHT_FILES:
             import copy
 
-            tensors, head_int8 = compact_state(model, storage=meta.storage, keep_float=meta.keep_float)
-            fmt = "slimray.int8-per-channel/1" if meta.storage == "int8" else f"slimray.int4-group{INT4_GROUP_SIZE}/1"
+            if meta.storage.startswith("sparse"):
+                tensors, head_int8 = sparse_state(model, meta=meta)
+                fmt = f"slimray.{meta.storage}-{meta.sparsity}/1"
+            else:
+                tensors, head_int8 = compact_state(model, storage=meta.storage, keep_float=meta.keep_float)
+                fmt = "slimray.int8-per-channel/1" if meta.storage == "int8" else f"slimray.int4-group{INT4_GROUP_SIZE}/1"
             save_file(tensors, str(tmp / WEIGHT_FILES[meta.storage]), metadata={"format": fmt})
             config = copy.deepcopy(model.config)
             if head_int8:
@@ -170,9 +245,17 @@ def _load_compact(path: Path, storage: str) -> tuple[torch.nn.Module, object]:
     config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     stored = load_file(str(weights))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
     state = {}
     for key, t in stored.items():
-        if key.endswith(".weight.int8"):
+        if key.endswith((".weight.sp24_values", ".weight.spu_values")):
+            base, suffix = key.rsplit(".", 1)
+            w = (unpack_2_4(t, stored[f"{base}.sp24_codes"], shape=shapes[base]) if suffix == "sp24_values"
+                 else unpack_unstructured(t, stored[f"{base}.spu_mask"], shape=shapes[base]))
+            state[base] = w.float() * stored[f"{base}.scale"][:, None] if w.dtype == torch.int8 else w
+        elif key.endswith((".weight.sp24_codes", ".weight.spu_mask")):
+            continue
+        elif key.endswith(".weight.int8"):
             base = key[: -len(".int8")]
             state[base] = t.float() * stored[f"{base}.scale"][:, None]
         elif key.endswith(".weight.int4"):

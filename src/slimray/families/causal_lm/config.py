@@ -27,7 +27,12 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SMOLLM2_NUM_LAYERS = 30  # SmolLM2-135M-Instruct (the packaged GGUF's config)
 
 LMQuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
-                        "torchao_int8_dynamic"]
+                        "torchao_int8_dynamic", "fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only"]
+GPU_ONLY_QUANT_METHODS = ("fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only")  # == quantize.GPU_QUANT_METHODS
+# quantizations that keep a sparse weight's zeros (symmetric int8 maps 0 to 0; bf16 is exact on 0); int4 groups are
+# asymmetric (0 becomes a non-zero grid point) and torchao stores its own tensor subclasses
+SPARSE_QUANT_METHODS = ("none", "bf16", "token_int8", "dynamic_int8")
+SPARSITY_RE = re.compile(r"^(none|2:4|unstructured_([1-9][0-9]?))$")  # == sparsity.SPARSITY_RE
 LMRuntime = Literal["hf_eager", "static", "static_compiled"]
 
 
@@ -147,7 +152,12 @@ class LMSearchConfig(StrictModel):
     for ``compiled_quant_methods``). Each trial scores perplexity and top-1 agreement on the evaluation windows,
     prefill tok/s and batch-1 decode tok/s (1 torch thread) and the bytes its artifact would take on disk. The
     fastest finalists are re-timed side by side in the driver (batch 1 and 8); the winner is the fastest batch-1
-    decode with perplexity <= ``ppl_budget`` x the teacher's, ties to the smaller."""
+    decode with perplexity <= ``ppl_budget`` x the teacher's, ties to the smaller.
+
+    Sparsity axis: each of ``sparsities`` other than ``none`` is tried with the quantizations in both ``quant_methods``
+    and ``sparse_quant_methods`` (in every runtime they get); a sparse candidate's artifact stores the pruned layers compactly (``artifacts.py``).
+    Sparsity is for size on disk and GPU speed: on CPU the zeros stay in dense tensors (timed, no speedup claimed).
+    The GPU-only quantizations (fp8, torchao int4) are refused here: the trials run on CPU."""
 
     quant_methods: list[LMQuantMethod] = Field(["none", "bf16", "token_int8", "dynamic_int8", "torchao_int8_weight_only"],
                                                min_length=1)
@@ -155,6 +165,14 @@ class LMSearchConfig(StrictModel):
     runtimes: list[LMRuntime] = Field(["hf_eager", "static_compiled"], min_length=1)
     compiled_quant_methods: list[LMQuantMethod] = Field(
         ["none", "token_int8"], description="quantizations also tried with static_compiled (its compile costs 10-150 s a trial)")
+    sparsities: list[str] = Field(
+        ["none"], min_length=1, description="magnitude sparsity of the Linear layers: none, 2:4 (2 of every 4 inputs kept), "
+        "unstructured_<percent> (per layer); for size on disk and GPU speed, no CPU speedup is claimed")
+    sparse_quant_methods: list[LMQuantMethod] = Field(
+        ["none", "token_int8"], description="quantizations also tried with each sparsity other than none (of "
+        f"{list(SPARSE_QUANT_METHODS)})")
+    sparsity_keep_dense: list[str] = Field(
+        ["lm_head"], description="Linear layers never pruned (fnmatch on module names; lm_head is tied to the embeddings)")
     ppl_budget: float = Field(1.15, ge=1.0, description="winner's held-out perplexity / the teacher's, at most")
     min_prefill_speedup: float | None = Field(
         None, gt=0, description="also require the winner's prefill tok/s >= this x the teacher's as given (side-by-side "
@@ -167,10 +185,37 @@ class LMSearchConfig(StrictModel):
     num_new_tokens: int = Field(32, ge=2, description="tokens generated per decode timing")
     peak_memory: bool = Field(True, description="measure the teacher's and winner's peak memory in a fresh process")
 
-    @field_validator("quant_methods", "runtimes", "compiled_quant_methods", "keep_float")
+    @field_validator("quant_methods", "runtimes", "compiled_quant_methods", "keep_float", "sparse_quant_methods",
+                     "sparsity_keep_dense")
     @classmethod
     def _distinct(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))
+
+    @field_validator("quant_methods", "compiled_quant_methods", "sparse_quant_methods")
+    @classmethod
+    def _cpu_only(cls, v: list[str], info) -> list[str]:
+        gpu = [q for q in v if q in GPU_ONLY_QUANT_METHODS]
+        if gpu:
+            raise ValueError(f"search.{info.field_name}: {gpu} need a GPU (CUDA) and this search runs its trials on CPU; "
+                             "leave them out (quantize.quantize_lm applies them to a model on CUDA)")
+        return v
+
+    @field_validator("sparsities")
+    @classmethod
+    def _sparsities(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not SPARSITY_RE.match(name):
+                raise ValueError(f"search.sparsities: {name!r} is not one of none, 2:4, unstructured_<percent 1..99>")
+        return list(dict.fromkeys(v))
+
+    @field_validator("sparse_quant_methods")
+    @classmethod
+    def _sparse_quants(cls, v: list[str]) -> list[str]:
+        bad = [q for q in v if q not in SPARSE_QUANT_METHODS]
+        if bad:
+            raise ValueError(f"search.sparse_quant_methods: {bad} cannot be combined with sparsity (it would not keep the "
+                             f"zeros, or stores its own tensors); use some of {list(SPARSE_QUANT_METHODS)}")
+        return v
 
     @field_validator("quant_methods")
     @classmethod

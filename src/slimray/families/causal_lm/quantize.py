@@ -18,6 +18,15 @@ Methods (``QUANT_METHODS``):
   ``keep_float`` as for int8. Layers whose input size is not a multiple of the group size, or whose output size is
   not a multiple of 16 (the packing's tile), stay float.
 
+GPU-only (``GPU_QUANT_METHODS``; ``quantize_lm`` raises ``sparsity.NeedsGPUError`` for a model not on CUDA, and the
+search config refuses them, its trials run on CPU; written the standard torchao way, not run on the CPU box):
+- ``fp8_weight_only``: torchao ``Float8WeightOnlyConfig`` (float8_e4m3 weights, bf16 activations);
+- ``fp8_dynamic``: ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`` (per-token activation and
+  per-channel weight scales; needs compute capability >= 8.9);
+- ``torchao_int4_weight_only``: ``Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")``
+  (the tinygemm CUDA kernel; the default "plain" format needs the extra mslk / fbgemm-gpu-genai kernels).
+``gpu_quant_config(method)`` builds the config object (importable and testable on CPU).
+
 int4: the SmolLM2 teacher was stored 4-bit (GGUF Q4_1) and dequantized, so int4 on it looks nearly lossless;
 say so wherever int4 is reported.
 
@@ -41,9 +50,11 @@ import torch
 from torch import nn
 
 QuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
-                      "torchao_int8_dynamic"]
+                      "torchao_int8_dynamic", "fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only"]
+GPU_QUANT_METHODS: tuple[str, ...] = ("fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only")
 QUANT_METHODS: tuple[str, ...] = ("none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
-                                  "torchao_int8_dynamic")
+                                  "torchao_int8_dynamic", *GPU_QUANT_METHODS)
+TORCHAO_INT4_GROUP_SIZE = 128
 INT4_GROUP_SIZE = 32
 
 
@@ -155,6 +166,20 @@ def _replace(model: nn.Module, names: Sequence[str], make) -> None:
         setattr(parent, child, make(getattr(parent, child)))
 
 
+def gpu_quant_config(method: str):
+    """The torchao config object of a GPU-only ``method`` (see the module doc)."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, Int4WeightOnlyConfig, PerRow)
+
+    if method == "fp8_weight_only":
+        return Float8WeightOnlyConfig()
+    if method == "fp8_dynamic":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if method == "torchao_int4_weight_only":
+        return Int4WeightOnlyConfig(group_size=TORCHAO_INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d")
+    raise ValueError(f"{method!r} is not one of the GPU-only methods {GPU_QUANT_METHODS}")
+
+
 def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[str] = (),
                 per_channel: bool = True, inplace: bool = False) -> nn.Module:
     """A quantized copy of ``model`` (eval mode; ``model`` itself untouched unless ``inplace``: use that when
@@ -167,6 +192,19 @@ def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[s
         return model
     if method == "bf16":
         return model.to(torch.bfloat16)
+    if method in GPU_QUANT_METHODS:
+        from slimray.families.causal_lm.sparsity import NeedsGPUError
+
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise NeedsGPUError(f"quant_method {method!r} needs a GPU (CUDA): the model is on {device.type}")
+        if keep_float:
+            raise ValueError(f"keep_float is not supported with {method}")
+        from torchao.quantization import quantize_
+
+        _untie(model)
+        quantize_(model.to(torch.bfloat16), gpu_quant_config(method))
+        return model
     if keep_float and method.startswith("torchao"):
         raise ValueError(f"keep_float is not supported with {method}")
     if "lm_head" not in keep_float or method.startswith("torchao"):
