@@ -189,6 +189,7 @@ def _checkpointed_epoch(storage: Path, prefix: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # over a minute (kills and restarts): `make test-long`, which CI runs after `make test`
 def test_two_trials_one_worker_each_and_a_lost_worker_retries(tmp_path, ray_session, digits, trained_digits_cnn):
     """2 trials x 1 Ray Train worker on 2 CPUs, side by side; their workers are killed mid-run and each
     trial restarts from its last checkpoint without failing the sweep."""

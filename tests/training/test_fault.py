@@ -111,6 +111,7 @@ DRIVER = textwrap.dedent(
 )
 
 
+@pytest.mark.long  # over a minute (kills and restarts): `make test-long`, which CI runs after `make test`
 def test_killed_driver_resumes_on_rerun(tmp_path, ray_session):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
