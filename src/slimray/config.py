@@ -6,7 +6,6 @@ values. Recipes are such documents shipped inside the package (``slimray/recipes
 
 from __future__ import annotations
 
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -20,7 +19,7 @@ from slimray.data.files_config import FilesDataConfig
 from slimray.evaluation import EvalConfig
 from slimray.families.classifier.spec import ModelSpec, ModuleSpec, build_model, scale_spec
 from slimray.families.classifier.usermodule import check_factory_path
-from slimray.schema import UNION_TAGS, ConfigError, StrictModel
+from slimray.schema import UNION_TAGS, ConfigError, StrictModel, check_name  # noqa: F401  (check_name re-exported)
 from slimray.serving.options import (
     DEFAULT_MAX_TOKENS_DOC, LM_DEFAULT_MAX_TOKENS, LM_MAX_NUM_SEQS, LM_MAX_TOKENS_LIMIT, MAX_CONTEXT_LEN_DOC, MAX_NUM_SEQS_DOC,
     MAX_TOKENS_LIMIT_DOC, check_lm_limits,
@@ -28,14 +27,6 @@ from slimray.serving.options import (
 from slimray.sweep.space import DistillSpace, RandInt, SweepSpaceFile, domain_ends, domain_values
 from slimray.families.classifier.features import FeatureKDSpec, layer_names
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def check_name(value: str, *, what: str = "name") -> str:
-    """Names become folder names: letters, digits, '.', '_', '-' only (no path traversal)."""
-    if not NAME_RE.match(value) or ".." in value:
-        raise ValueError(f"{what} {value!r} must match {NAME_RE.pattern} and contain no '..'")
-    return value
 
 
 class BuiltinDataConfig(StrictModel):

@@ -8,11 +8,26 @@ file, the field path and what was allowed.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(value: str, *, what: str = "name") -> str:
+    """Names become folder names: letters, digits, '.', '_', '-' only (no path traversal)."""
+    if not NAME_RE.match(value) or ".." in value:
+        raise ValueError(f"{what} {value!r} must match {NAME_RE.pattern} and contain no '..'")
+    return value
+
+
+RunName = Annotated[str, AfterValidator(check_name)]  # a run's name: its folder under the output folder
 
 
 class ConfigError(ValueError):

@@ -21,9 +21,8 @@ from typing import Literal
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from slimray.config import ServeConfig
-from slimray.schema import ConfigError, StrictModel
+from slimray.schema import ConfigError, RunName, StrictModel
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SMOLLM2_NUM_LAYERS = 30  # SmolLM2-135M-Instruct (the packaged GGUF's config)
 
 LMQuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
@@ -242,7 +241,7 @@ class LMServeConfig(ServeConfig):
 
 class LMPipelineConfig(StrictModel):
     family: Literal["causal_lm"] = Field(description="the model family (slimray.families); required for this one")
-    name: str = "smollm"
+    name: RunName = "smollm"
     recipe: str | None = None
     teacher: LMTeacherConfig = Field(default_factory=LMTeacherConfig)
     data: LMDataConfig = Field(default_factory=LMDataConfig)
@@ -250,13 +249,6 @@ class LMPipelineConfig(StrictModel):
     distill: LMDistillConfig = Field(default_factory=LMDistillConfig)
     search: LMSearchConfig = Field(default_factory=LMSearchConfig)
     serve: LMServeConfig = Field(default_factory=LMServeConfig)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v) or ".." in v:
-            raise ValueError(f"name {v!r} must match {NAME_RE.pattern} and contain no '..'")
-        return v
 
     @model_validator(mode="after")
     def _layers(self) -> LMPipelineConfig:

@@ -6,7 +6,6 @@ a bad document fails with ``ConfigError`` naming the field before Ray starts.
 
 from __future__ import annotations
 
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -15,9 +14,8 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from slimray.config import ServeConfig
 from slimray.families.sentence_encoder.quantize import EncoderQuantMethod
-from slimray.schema import ConfigError, StrictModel
+from slimray.schema import ConfigError, RunName, StrictModel
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class TextDataConfig(StrictModel):
@@ -169,7 +167,7 @@ class TextServeConfig(ServeConfig):
 
 class TextPipelineConfig(StrictModel):
     family: Literal["sentence_encoder"] = Field(description="the model family (slimray.families); required for this one")
-    name: str = "minilm"
+    name: RunName = "minilm"
     recipe: str | None = None
     data: TextDataConfig = Field(default_factory=TextDataConfig)
     model: TextModelConfig = Field(default_factory=TextModelConfig)
@@ -177,13 +175,6 @@ class TextPipelineConfig(StrictModel):
     search: TextSearchConfig = Field(default_factory=TextSearchConfig)
     eval: TextEvalConfig = Field(default_factory=TextEvalConfig)
     serve: TextServeConfig = Field(default_factory=TextServeConfig)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v) or ".." in v:
-            raise ValueError(f"name {v!r} must match {NAME_RE.pattern} and contain no '..'")
-        return v
 
     @model_validator(mode="after")
     def _seq(self) -> TextPipelineConfig:
