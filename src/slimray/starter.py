@@ -24,6 +24,8 @@ HEADER = """\
 #   slimray run --config {path}
 # Every field is documented in the README ("Configuration"); unknown fields are errors.
 # data: your files, read with Ray Data. Set input_column/label_column (or feature_columns) to your columns.
+# data.mean/std: the normalisation your teacher was trained with, applied before the model (here and in the
+# server); 0 and 1 feed inputs as read (images scaled to [0, 1]); one value or one per channel.
 # teacher: your factory + safetensors weights. distill.derive: the student is your teacher pruned to `keep`
 # of its parameters, then distilled. search: prune ratios x quantizations x runtimes, the winner is the
 # fastest within max_accuracy_drop points of the teacher.
@@ -36,7 +38,9 @@ def starter_config(
     fmt = infer_format(data)
     if fmt is None:
         raise ConfigError(f"--data {data}: cannot tell its format (a .parquet/.csv/.jsonl/.npz file, or a folder of class sub-folders)")
-    d: dict[str, Any] = {"source": "files", "name": name, "format": fmt, "train": data}
+    # the teacher is already trained: it gets its inputs as read unless the user states its normalisation
+    # (statistics computed from the data would feed it inputs it never saw)
+    d: dict[str, Any] = {"source": "files", "name": name, "format": fmt, "train": data, "mean": 0.0, "std": 1.0}
     if fmt != "image_folder":
         d.update(input_column="x", label_column="y")
     return {

@@ -140,6 +140,8 @@ def test_init_writes_a_config_that_runs_the_checks(tmp_path, good, capsys, monke
     assert written.teacher.factory == "user_models:mlp" and written.data.format == "parquet"
     assert Path(written.teacher.weights) == (root / "teacher.safetensors").resolve()
     assert written.distill.student is None and written.distill.derive.keep == 0.5
+    # an already trained teacher gets its inputs as read unless its normalisation is stated
+    assert written.data.mean == 0.0 and written.data.std == 1.0
     # a wrong weights file is refused before anything is written
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     code = main(["init", "--model", "user_models:mlp", "--weights", str(tmp_path / "other.safetensors"), "--data", str(root / "data.parquet"),
