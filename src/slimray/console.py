@@ -44,6 +44,21 @@ def set_verbose(on: bool) -> None:
     os.environ[VERBOSE_ENV] = "1" if on else "0"
 
 
+def quiet_ray_data() -> None:
+    """Unless verbose: Ray Data's INFO lines and progress bars stay out of the console (its log file in the Ray
+    session folder, ``RUN/logs/ray-session``, keeps them). Call after ``import ray.data``."""
+    if verbose():
+        return
+    import logging
+
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
 def received_signal() -> str | None:
     """The name of the stop signal received so far (SIGINT / SIGTERM), or None."""
     return _state["signal"]

@@ -162,6 +162,9 @@ def read_split(cfg: FilesDataConfig, path: str, *, field: str, classes: list[str
     """One split as a lazy dataset of (x, y); also the class names for an image folder."""
     import ray.data
 
+    from slimray.console import quiet_ray_data
+
+    quiet_ray_data()
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{field}: no such file or folder: {path}")
