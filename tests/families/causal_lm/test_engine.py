@@ -87,7 +87,9 @@ def test_max_num_seqs_caps_a_step(tiny_model, tiny_tokenizer):
 
 def test_abandoned_request_leaves_the_batch(tiny_model, tiny_tokenizer):
     engine = BatchEngine(tiny_model, tiny_tokenizer, eos_token_ids=[], max_num_seqs=4)
-    long = _prepared(tiny_tokenizer, "The cat", max_tokens=60, temperature=0)
+    # long enough (240 steps) that it is still running when its client leaves, even on a loaded machine
+    long = oa.prepare(oa.parse_request("completion", {"prompt": "The cat", "max_tokens": 240, "temperature": 0}), tiny_tokenizer,
+                      limits=oa.Limits(context_len=256, max_tokens_limit=240))
     short = _prepared(tiny_tokenizer, "Rivers", max_tokens=20, temperature=0)
 
     async def main():
@@ -109,7 +111,7 @@ def test_abandoned_request_leaves_the_batch(tiny_model, tiny_tokenizer):
     assert len(partial) == 2 and n == 20 and finish == "length"
     stats = engine.info()
     assert stats["num_cancelled"] == 1 and stats["num_active"] == 0
-    assert stats["num_generated_tokens"] < 60 + 20  # the abandoned one stopped early
+    assert stats["num_generated_tokens"] < 240 + 20  # the abandoned one stopped early
 
 
 def test_engine_rejects_bad_settings(tiny_model, tiny_tokenizer):
