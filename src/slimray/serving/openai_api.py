@@ -94,6 +94,10 @@ def build_openai_api(server: ModelServer, *, api_key: str | None, metrics: bool 
             return openai_error(503, "model is not healthy")
         return {"status": "ok", "model": served}
 
+    def not_served(name: str) -> JSONResponse:
+        return openai_error(404, f"The model {name[:100]!r} does not exist; this endpoint serves {served!r}",
+                            param="model", code="model_not_found")
+
     async def live():
         return {"live": True}
 
@@ -104,8 +108,7 @@ def build_openai_api(server: ModelServer, *, api_key: str | None, metrics: bool 
         if answer := denied(request):
             return answer
         if name != served:
-            return openai_error(404, f"The model {name[:100]!r} does not exist; this endpoint serves {served!r}",
-                                param="model", code="model_not_found")
+            return not_served(name)
         return JSONResponse({"name": served, "ready": server.ready}, status_code=200 if server.ready else 503)
 
     async def models(request: Request):
@@ -117,8 +120,7 @@ def build_openai_api(server: ModelServer, *, api_key: str | None, metrics: bool 
         if answer := denied(request):
             return answer
         if name != served:
-            return openai_error(404, f"The model {name[:100]!r} does not exist; this endpoint serves {served!r}",
-                                param="model", code="model_not_found")
+            return not_served(name)
         return model_card()
 
     async def replica(request: Request):
@@ -138,8 +140,7 @@ def build_openai_api(server: ModelServer, *, api_key: str | None, metrics: bool 
         try:
             req = oa.parse_request(kind, body)
             if req.model is not None and req.model != served:
-                return openai_error(404, f"The model {req.model[:100]!r} does not exist; this endpoint serves {served!r}",
-                                    param="model", code="model_not_found")
+                return not_served(req.model)
             prepared = oa.prepare(req, codec.tokenizer, limits=codec.limits)
         except oa.RequestError as err:
             return JSONResponse(err.body(), status_code=err.status)
