@@ -5,6 +5,7 @@ sampling settings and stop strings, ``max_num_seqs`` caps a step, and an abandon
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -86,8 +87,13 @@ def test_max_num_seqs_caps_a_step(tiny_model, tiny_tokenizer):
 
 
 def test_abandoned_request_leaves_the_batch(tiny_model, tiny_tokenizer):
-    engine = BatchEngine(tiny_model, tiny_tokenizer, eos_token_ids=[], max_num_seqs=4)
-    # long enough (240 steps) that it is still running when its client leaves, even on a loaded machine
+    client_left = threading.Event()
+
+    def hold_after_two_steps(n: int) -> None:  # on the engine thread, after a step's forward, before its deltas go out
+        if engine.stats.num_steps >= 2:  # the long request has had its 2 tokens: it is still running when its client leaves
+            assert client_left.wait(30), "the client never left"
+
+    engine = BatchEngine(tiny_model, tiny_tokenizer, eos_token_ids=[], max_num_seqs=4, on_step=hold_after_two_steps)
     long = oa.prepare(oa.parse_request("completion", {"prompt": "The cat", "max_tokens": 240, "temperature": 0}), tiny_tokenizer,
                       limits=oa.Limits(context_len=256, max_tokens_limit=240))
     short = _prepared(tiny_tokenizer, "Rivers", max_tokens=20, temperature=0)
@@ -100,6 +106,7 @@ def test_abandoned_request_leaves_the_batch(tiny_model, tiny_tokenizer):
                 if len(got) == 2:
                     break
             await gen.aclose()  # the client goes away (what a cancelled streaming response does)
+            client_left.set()
             return got
 
         return await asyncio.gather(first_two(), _collect(engine, short))
@@ -110,7 +117,7 @@ def test_abandoned_request_leaves_the_batch(tiny_model, tiny_tokenizer):
         engine.close()
     assert len(partial) == 2 and n == 20 and finish == "length"
     stats = engine.info()
-    assert stats["num_cancelled"] == 1 and stats["num_active"] == 0
+    assert stats["num_cancelled"] == 1 and stats["num_active"] == 0 and stats["num_finished"] == 1
     assert stats["num_generated_tokens"] < 240 + 20  # the abandoned one stopped early
 
 

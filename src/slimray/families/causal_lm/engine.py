@@ -296,7 +296,8 @@ class BatchEngine:
             self.on_step(n)
         keep = []
         for i, seq in enumerate(self._active):
-            if seq.cancelled:
+            if seq.cancelled:  # its client left during this forward
+                self.stats.num_cancelled += 1
                 continue
             self._finish(seq, seq.decoding.advance(logits[i]))
             if not seq.decoding.done:
