@@ -9,7 +9,10 @@ Storage (``LMArtifactMeta.storage``), given the float model:
   ``<name>.weight.int8`` ``[out, in]`` with one float32 scale per output channel ``<name>.weight.scale``
   (symmetric, ``scale = max|w_row| / 127``), every other tensor as stored by the model; ``config.json`` is
   untied where ``lm_head`` is int8. ``load_lm`` rebuilds the float weights (``int8 * scale``) and applies the
-  method: for ``token_int8`` (per-channel, the same scale rule) that gives the very same int8 tensors back. About
+  method: for ``token_int8`` (per-channel, the same scale rule) that gives the very same int8 tensors back. It does
+  so one layer at a time (``_load_compact``): for the ``LAYERWISE_METHODS`` each Linear is rebuilt and quantized
+  before the next, so the whole float model never exists (SmolLM2 token_int8: 552 MiB peak to load and generate,
+  the float teacher 680, 1588 when the float model was built first). About
   a quarter of the float bytes for the Linear layers, so 2x+ smaller folders; plain transformers does not load
   this folder, which is why a run also writes ``export_hf`` (a standard float folder).
 - ``int4`` (for ``int4_weight_only``): ``slimray_int4.safetensors``: each Linear the method replaces as 4-bit codes
@@ -41,10 +44,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from slimray.families.causal_lm.quantize import (
-    INT4_GROUP_SIZE, QuantMethod, int4_group_quantize, int4_linear_names, linear_names, quantize_lm)
+    INT4_GROUP_SIZE, LAYERWISE_METHODS, QuantMethod, int4_group_quantize, int4_linear_names, linear_names, quantize_lm,
+    quantize_linear, quantized_linear_names)
 from slimray.families.causal_lm.runtime import RuntimeName
 from slimray.families.causal_lm.sparsity import (
     SPARSITY_RE, pack_2_4, pack_unstructured, parse_sparsity, sparse_linear_names, unpack_2_4, unpack_unstructured)
@@ -233,52 +237,130 @@ def load_meta(path: str | Path) -> LMArtifactMeta:
     return LMArtifactMeta.from_dict(json.loads(f.read_text()), source=str(f)) if f.is_file() else LMArtifactMeta()
 
 
-def _load_compact(path: Path, storage: str) -> tuple[torch.nn.Module, object]:
+def _rebuild(stored, base: str, suffix: str, shape: torch.Size) -> torch.Tensor:
+    """The dense float weight ``base`` from its stored parts (``stored.get_tensor``); ``suffix`` names the main part."""
+    t = stored.get_tensor(f"{base}.{suffix}")
+    if suffix in ("sp24_values", "spu_values"):
+        w = (unpack_2_4(t, stored.get_tensor(f"{base}.sp24_codes"), shape=shape) if suffix == "sp24_values"
+             else unpack_unstructured(t, stored.get_tensor(f"{base}.spu_mask"), shape=shape))
+        return w.float() * stored.get_tensor(f"{base}.scale")[:, None] if w.dtype == torch.int8 else w
+    if suffix == "int8":
+        return t.float() * stored.get_tensor(f"{base}.scale")[:, None]
+    assert suffix == "int4", suffix
+    q = torch.stack([t & 15, t >> 4], dim=-1).reshape(t.shape[0], -1).float()
+    lo, scale = stored.get_tensor(f"{base}.lo"), stored.get_tensor(f"{base}.scale")
+    g = q.shape[1] // lo.shape[1]
+    return (q.reshape(q.shape[0], -1, g) * scale[..., None] + lo[..., None]).reshape(q.shape)
+
+
+def _release_freed_memory() -> None:
+    """Give memory freed so far back to the OS (glibc ``malloc_trim``; a no-op elsewhere), so that rebuilding one
+    float layer after another does not pile up freed heap pages in the process's resident set."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+_MAIN_PARTS = ("int8", "int4", "sp24_values", "spu_values")
+_SIDE_PARTS = ("scale", "lo", "sp24_codes", "spu_mask")
+
+
+def _load_compact(path: Path, meta: LMArtifactMeta) -> tuple[torch.nn.Module, object, bool]:
+    """``(model, tokenizer, quantized)`` from compact storage, one layer at a time: the model is built without
+    initialising (untouched memory), the small tensors (embeddings, norms, float layers) are assigned as stored, and
+    each compactly stored Linear is rebuilt in float and, for the ``LAYERWISE_METHODS``, replaced by its quantized
+    module at once, so the whole float model never exists (``quantized``: the method is applied already)."""
+    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
 
     from slimray.families.hf import read_hf_folder
     from slimray.families.causal_lm.teacher import SUPPORTED_MODEL_TYPES
 
-    weights = path / WEIGHT_FILES[storage]
+    weights = path / WEIGHT_FILES[meta.storage]
     read_hf_folder(str(path), field="model folder", model_types=SUPPORTED_MODEL_TYPES, files=(weights.name,),
                    what="the causal_lm family")
     config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    stored = load_file(str(weights))
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    state = {}
-    for key, t in stored.items():
-        if key.endswith((".weight.sp24_values", ".weight.spu_values")):
-            base, suffix = key.rsplit(".", 1)
-            w = (unpack_2_4(t, stored[f"{base}.sp24_codes"], shape=shapes[base]) if suffix == "sp24_values"
-                 else unpack_unstructured(t, stored[f"{base}.spu_mask"], shape=shapes[base]))
-            state[base] = w.float() * stored[f"{base}.scale"][:, None] if w.dtype == torch.int8 else w
-        elif key.endswith((".weight.sp24_codes", ".weight.spu_mask")):
-            continue
-        elif key.endswith(".weight.int8"):
-            base = key[: -len(".int8")]
-            state[base] = t.float() * stored[f"{base}.scale"][:, None]
-        elif key.endswith(".weight.int4"):
-            base = key[: -len(".int4")]
-            q = torch.stack([t & 15, t >> 4], dim=-1).reshape(t.shape[0], -1).float()
-            lo, scale = stored[f"{base}.lo"], stored[f"{base}.scale"]
-            g = q.shape[1] // lo.shape[1]
-            state[base] = (q.reshape(q.shape[0], -1, g) * scale[..., None] + lo[..., None]).reshape(q.shape)
-        elif not key.endswith((".weight.scale", ".weight.lo")):
-            state[key] = t
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    dtype = torch.bfloat16 if meta.quant_method == "bf16" else torch.float32
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise ValueError(f"{weights}: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    layerwise = meta.quant_method in LAYERWISE_METHODS
+    targets = set(quantized_linear_names(model, method=meta.quant_method, keep_float=meta.keep_float)) if layerwise else set()
+    if tied & {f"{n}.weight" for n in targets}:
+        targets.discard("lm_head")  # tied to the embeddings: quantize_lm unties it after loading
+        layerwise = False
+    loaded: set[str] = set()
+
+    def assign(key: str, t: torch.Tensor) -> None:
+        if key not in expected:
+            raise ValueError(f"{weights}: unexpected tensor {key!r}")
+        if t.shape != expected[key]:
+            raise ValueError(f"{weights}: {key!r} has shape {tuple(t.shape)}, the config says {tuple(expected[key])}")
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        old = getattr(module, attr)
+        t = t.to(old.dtype)
+        if isinstance(old, torch.nn.Parameter):
+            setattr(module, attr, torch.nn.Parameter(t, requires_grad=old.requires_grad))
+        else:
+            module._buffers[attr] = t
+        loaded.add(key)
+
+    with safe_open(str(weights), framework="pt") as stored:
+        keys = list(stored.keys())
+        compact = []  # (base, main part) of the compactly stored weights
+        for key in keys:  # first the plain tensors: embeddings, norms, biases, layers kept float
+            base, _, suffix = key.rpartition(".")
+            if suffix in _MAIN_PARTS:
+                compact.append((base, suffix))
+            elif suffix not in _SIDE_PARTS or not base.endswith(".weight"):
+                assign(key, stored.get_tensor(key))
+    if tied:
+        model.tie_weights()
+    for base, suffix in compact:  # then each compact Linear: rebuilt, and quantized before the next one
+        if base not in expected:
+            raise ValueError(f"{weights}: unexpected tensor {base!r}")
+        with safe_open(str(weights), framework="pt") as stored:  # reopened: the file's pages read so far are unmapped
+            assign(base, _rebuild(stored, base, suffix, expected[base]))
+        module_name = base.rsplit(".", 1)[0]
+        if layerwise and module_name in targets:
+            parent, _, child = module_name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, quantize_linear(getattr(owner, child), method=meta.quant_method))
+            _release_freed_memory()  # the float weight just dropped: glibc would keep it in its heap
+    missing = set(expected) - loaded - tied
+    if missing:
+        raise ValueError(f"{weights}: missing {sorted(missing)}")
+    if layerwise:  # a Linear of the method's set that was stored plainly (e.g. a sparse layer kept dense)
+        for name in sorted(targets):
+            module = model.get_submodule(name)
+            if isinstance(module, torch.nn.Linear):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, quantize_linear(module, method=meta.quant_method))
     model.eval()
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
-    return model, tok
+    return model, tok, layerwise
 
 
 def load_lm(path: str | Path):
-    """``(model, tokenizer, meta)`` with the recorded quantization applied (eval mode); int8 storage rebuilt."""
+    """``(model, tokenizer, meta)`` with the recorded quantization applied (eval mode); compact storage is rebuilt
+    layer by layer (``_load_compact``)."""
     meta = load_meta(path)
-    model, tok = _load_compact(Path(path), meta.storage) if meta.storage in WEIGHT_FILES else load_causal_lm(path)
-    if meta.quant_method != "none":
+    if meta.storage in WEIGHT_FILES:
+        model, tok, quantized = _load_compact(Path(path), meta)
+    else:
+        (model, tok), quantized = load_causal_lm(path), False
+    if meta.quant_method != "none" and not quantized:
         model = quantize_lm(model, method=meta.quant_method, keep_float=meta.keep_float, inplace=True)
     return model, tok, meta

@@ -85,17 +85,23 @@ class TokenInt8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach().float()
         scale = w.abs().amax(1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight_t", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).t().contiguous())
+        q = w / scale[:, None]  # one float temporary (in-place rounding): loaders build these layer by layer
+        self.register_buffer("weight_t", q.round_().clamp_(-127, 127).to(torch.int8).t().contiguous())
+        del q
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _qengine()
-            single = nn.Linear(self.in_features, self.out_features, bias=linear.bias is not None)
-            single.load_state_dict(linear.state_dict())
+            with torch.device("meta"):  # no weights of its own: it shares the float ones until they are packed
+                single = nn.Linear(self.in_features, self.out_features, bias=linear.bias is not None)
+            single.weight = nn.Parameter(w, requires_grad=False)
+            if linear.bias is not None:
+                single.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
             single.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-            self.single = torch.ao.quantization.quantize_dynamic(nn.Sequential(single), {nn.Linear}, dtype=torch.qint8)[0]
+            self.single = torch.ao.quantization.quantize_dynamic(nn.Sequential(single), {nn.Linear}, dtype=torch.qint8,
+                                                                 inplace=True)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -159,6 +165,31 @@ class Int4WeightOnlyLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+LAYERWISE_METHODS: tuple[str, ...] = ("token_int8", "int4_weight_only", "dynamic_int8")
+
+
+def quantized_linear_names(model: nn.Module, *, method: str, keep_float: Sequence[str] = ()) -> list[str]:
+    """The Linear layers ``method`` replaces in ``model`` (int4: those its packing takes; others: all not kept float)."""
+    return int4_linear_names(model, keep_float=keep_float) if method == "int4_weight_only" else linear_names(model, keep_float=keep_float)
+
+
+def quantize_linear(linear: nn.Linear, *, method: str, per_channel: bool = True) -> nn.Module:
+    """One Linear as ``quantize_lm`` replaces it, for the ``LAYERWISE_METHODS`` (loaders quantize layer by layer so
+    the whole float model never exists at once)."""
+    if method == "token_int8":
+        return TokenInt8Linear(linear)
+    if method == "int4_weight_only":
+        return Int4WeightOnlyLinear(linear)
+    if method == "dynamic_int8":
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig if per_channel else torch.ao.quantization.default_dynamic_qconfig
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _qengine()
+            return torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear: qconfig}, dtype=torch.qint8,
+                                                          inplace=True)[0]  # swaps the module in the wrapper, no copy
+    raise ValueError(f"{method!r} is not quantized layer by layer (one of {LAYERWISE_METHODS})")
+
+
 def _replace(model: nn.Module, names: Sequence[str], make) -> None:
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -209,20 +240,10 @@ def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[s
         raise ValueError(f"keep_float is not supported with {method}")
     if "lm_head" not in keep_float or method.startswith("torchao"):
         _untie(model)
-    names = linear_names(model, keep_float=keep_float)
-    if method == "token_int8":
-        _replace(model, names, TokenInt8Linear)
+    if method in LAYERWISE_METHODS:
+        _replace(model, quantized_linear_names(model, method=method, keep_float=keep_float),
+                 lambda linear: quantize_linear(linear, method=method, per_channel=per_channel))
         return model
-    if method == "int4_weight_only":
-        _replace(model, int4_linear_names(model, keep_float=keep_float), Int4WeightOnlyLinear)
-        return model
-    if method == "dynamic_int8":
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig if per_channel else torch.ao.quantization.default_dynamic_qconfig
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _qengine()
-            return torch.ao.quantization.quantize_dynamic(model, {n: qconfig for n in names}, dtype=torch.qint8,
-                                                          inplace=True)
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
 
     config = Int8WeightOnlyConfig() if method == "torchao_int8_weight_only" else Int8DynamicActivationInt8WeightConfig()
