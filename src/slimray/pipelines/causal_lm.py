@@ -170,42 +170,57 @@ class CausalLMStages(Stages):
     # -- stage 3 ---------------------------------------------------------------------------------------------
     def derive_students(self) -> None:
         """Layer importance (KL when skipped) on validation windows; each student keeps its most important layers."""
+        from slimray.families.causal_lm.artifacts import load_meta
         from slimray.families.causal_lm.prune import drop_layers, layer_importance, prune_depth, prune_width
 
         st = self.cfg.student
         n = int(self.teacher.config.num_hidden_layers)
-        counts = [c for c in st.layer_counts(n) if c < n]
-        if not counts:
+        plans = st.plans(num_layers=n, intermediate_size=int(self.teacher.config.intermediate_size))
+        if not plans:
             log("students: none configured (the search compresses the teacher only)")
             self._done("derive_students")
             return
         calib = self.val_windows[: st.num_importance_windows]
         imp_file = self.run_dir / "importance.json"
-        if imp_file.exists():
-            self.importance = json.loads(imp_file.read_text())["importance"]
-        else:
-            with torch_threads(os.cpu_count() or 1):  # Ray's workers are idle now
-                self.importance = layer_importance(self.teacher, calib)
-            write_json_atomic(imp_file, {"importance": self.importance, "windows": len(calib), "window_len": calib.shape[1],
-                                         "what": "mean per-token KL(teacher || teacher without the layer), nats"})
-        for count in counts:
-            name = f"student{count}"
-            folder = self.run_dir / "students" / name
-            if st.iterative:
-                model = copy.deepcopy(self.teacher)
-                with torch_threads(os.cpu_count() or 1):
-                    kept = prune_depth(model, calib, num_layers_to_drop=n - count, iterative=True).kept
+        if any(count < n for _, count, _ in plans):
+            if imp_file.exists():
+                self.importance = json.loads(imp_file.read_text())["importance"]
             else:
-                kept = sorted(sorted(range(n), key=lambda i: -self.importance[i])[:count])
-                model = drop_layers(copy.deepcopy(self.teacher), keep=kept)
-            width = None
-            if st.num_kv_heads is not None or st.intermediate_size is not None:
-                width = prune_width(model, num_kv_heads=st.num_kv_heads, intermediate_size=st.intermediate_size,
-                                    calibration=calib).model_dump(exclude={"kv_groups_kept"})
+                with torch_threads(os.cpu_count() or 1):  # Ray's workers are idle now
+                    self.importance = layer_importance(self.teacher, calib)
+                write_json_atomic(imp_file, {"importance": self.importance, "windows": len(calib), "window_len": calib.shape[1],
+                                             "what": "mean per-token KL(teacher || teacher without the layer), nats"})
+        inter = int(self.teacher.config.intermediate_size)
+        depth_cut: dict[int, tuple[list[int], torch.nn.Module | None]] = {}  # one depth cut per count, shared by its widths
+        uses = {count: sum(c == count for _, c, _ in plans) for _, count, _ in plans}
+        for name, count, w in plans:
+            folder = self.run_dir / "students" / name
+            if count not in depth_cut:
+                if count == n:
+                    depth_cut[count] = (list(range(n)), None)
+                elif st.iterative:
+                    model = copy.deepcopy(self.teacher)
+                    with torch_threads(os.cpu_count() or 1):
+                        depth_cut[count] = (prune_depth(model, calib, num_layers_to_drop=n - count, iterative=True).kept, model)
+                else:
+                    kept = sorted(sorted(range(n), key=lambda i: -self.importance[i])[:count])
+                    depth_cut[count] = (kept, drop_layers(copy.deepcopy(self.teacher), keep=kept))
+            kept, cut = depth_cut[count]
+            uses[count] -= 1
+            model, width = None, None
+            if not folder.exists():
+                base = cut if cut is not None else self.teacher
+                model = base if base is cut and not uses[count] else copy.deepcopy(base)  # the last width takes the cut itself
+                if not w.is_full():
+                    width = prune_width(model, num_kv_heads=w.num_kv_heads, intermediate_size=w.neurons(inter),
+                                        calibration=calib).model_dump(exclude={"kv_groups_kept"})
+            else:
+                width = load_meta(folder).reports.get("distill", {}).get("width")
+            if not uses[count]:
+                depth_cut.pop(count)
             dropped = [i for i in range(n) if i not in kept]
-            self.students.append(StudentPlan(name=name, num_layers=count, kept=kept, folder=folder, width=width,
-                                             model=None if folder.exists() else model))
-            log(f"students: {name} keeps {count} of {n} layers by importance (dropped {dropped})"
+            self.students.append(StudentPlan(name=name, num_layers=count, kept=kept, folder=folder, width=width, model=model))
+            log(f"students: {name} keeps {count} of {n} layers" + (f" by importance (dropped {dropped})" if dropped else "")
                 + (f", width {width}" if width else "") + (" (already distilled)" if folder.exists() else ""))
         self._done("derive_students")
 

@@ -29,6 +29,13 @@ def test_recipes_load_through_the_registry():
     ({"student": {"depths": [0]}}, "student.depths"),
     ({"student": {"depths": [1.5]}}, "student.depths"),
     ({"student": {"depths": [30]}}, "student.depths"),
+    ({"student": {"depths": [31], "widths": [{"num_kv_heads": 1}]}}, "student.depths"),
+    ({"student": {"widths": []}}, "student.widths"),
+    ({"student": {"widths": [{}, {"num_kv_heads": 4}]}}, "student.widths.1.num_kv_heads"),
+    ({"student": {"widths": [{"intermediate_size": 2048}]}}, "student.widths.0.intermediate_size"),
+    ({"student": {"widths": [{"intermediate_size": 1.5}]}}, "student.widths.0.intermediate_size"),
+    ({"student": {"widths": [{"heads": 1}]}}, "student.widths.0.heads"),
+    ({"student": {"num_kv_heads": 1}}, "student.num_kv_heads"),
     ({"distill": {"num_steps": 1, "epochs": 2}}, "distill.num_steps"),
     ({"distill": {"targets": "teacher_in_loop"}}, "distill.targets"),
     ({"search": {"quant_methods": ["int3"]}}, "search.quant_methods"),
@@ -62,3 +69,16 @@ def test_config_file_paths_are_relative_to_it(tmp_path, tiny_folder):
     f.write_text("family: causal_lm\nteacher: {source: huggingface, path: teacher}\nstudent: {depths: [4]}\n")
     with pytest.raises(ConfigError, match="student.depths"):
         load_lm_config(config=f)
+
+
+def test_students_are_depths_times_widths():
+    """Every depth with every width, named by both; all the teacher's layers only with a width cut (else it would be
+    the teacher itself); a fraction of the MLP resolves against the teacher's neurons."""
+    cfg = LMPipelineConfig.from_dict({"family": "causal_lm", "student": {
+        "depths": [30, 0.5], "widths": [{}, {"num_kv_heads": 1, "intermediate_size": 0.5}, {"intermediate_size": 1024}]}})
+    plans = cfg.student.plans(num_layers=30, intermediate_size=1536)
+    assert [(name, count) for name, count, _ in plans] == [
+        ("student30-kv1-ff768", 30), ("student30-ff1024", 30),
+        ("student15", 15), ("student15-kv1-ff768", 15), ("student15-ff1024", 15)]
+    assert LMPipelineConfig.from_dict({"family": "causal_lm"}).student.plans(num_layers=30, intermediate_size=1536) == [
+        ("student27", 27, cfg.student.widths[0])]

@@ -6,7 +6,7 @@ Pure pydantic (no torch import at validation time, no ray).
 
 Sections: ``teacher`` (the packaged SmolLM2 GGUF, converted once into ``RUN/teacher``, or a local HF folder),
 ``data`` (Wikipedia summaries or a JSONL file, split by article, evaluation windows), ``student`` (depths kept by
-measured layer importance, optional width), ``distill`` (Ray Train KD from cached top-k teacher logits),
+measured layer importance x width cuts), ``distill`` (Ray Train KD from cached top-k teacher logits),
 ``search`` (Ray Tune over {teacher, students} x quantization x runtime, winner within a perplexity budget),
 ``serve`` (the one serve schema with an LM's defaults).
 """
@@ -23,7 +23,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from slimray.config import ServeConfig
 from slimray.schema import ConfigError, RunName, StrictModel
 
-SMOLLM2_NUM_LAYERS = 30  # SmolLM2-135M-Instruct (the packaged GGUF's config)
+SMOLLM2_DIMS = {"num_hidden_layers": 30, "num_key_value_heads": 3, "intermediate_size": 1536}  # SmolLM2-135M-Instruct (the GGUF's config)
 
 LMQuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
                         "torchao_int8_dynamic", "fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only"]
@@ -58,11 +58,20 @@ class LMTeacherConfig(StrictModel):
         return self
 
     def num_layers(self) -> int:
+        return self.dims()["num_hidden_layers"]
+
+    def dims(self) -> dict[str, int]:
+        """The teacher's ``num_hidden_layers``, ``num_key_value_heads`` and ``intermediate_size`` (read from its
+        config.json; the packaged SmolLM2's are known)."""
         if self.source == "smollm2":
-            return SMOLLM2_NUM_LAYERS
+            return dict(SMOLLM2_DIMS)
         import json
 
-        return int(json.loads((Path(self.path) / "config.json").read_text()).get("num_hidden_layers", 0))
+        cfg = json.loads((Path(self.path) / "config.json").read_text())
+        heads = int(cfg.get("num_attention_heads", 0))
+        return {"num_hidden_layers": int(cfg.get("num_hidden_layers", 0)),
+                "num_key_value_heads": int(cfg.get("num_key_value_heads") or heads),
+                "intermediate_size": int(cfg.get("intermediate_size", 0))}
 
 
 class LMDataConfig(StrictModel):
@@ -86,17 +95,46 @@ class LMDataConfig(StrictModel):
         return self
 
 
+class LMWidth(StrictModel):
+    """One width cut applied to every kept layer (structured: the tensors shrink and the HF config follows, so
+    ``from_pretrained`` loads the student); ``{}`` keeps the teacher's width."""
+
+    num_kv_heads: PositiveInt | None = Field(None, description="KV groups kept per layer (with their query heads); None: all")
+    intermediate_size: PositiveInt | float | None = Field(
+        None, description="MLP neurons kept per layer: a count, or a fraction of the teacher's in (0, 1); None: all")
+
+    @field_validator("intermediate_size")
+    @classmethod
+    def _fraction(cls, v: int | float | None) -> int | float | None:
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError(f"{v!r}: a neuron count (int >= 1) or a fraction of the teacher's in (0, 1)")
+        return v
+
+    def is_full(self) -> bool:
+        return self.num_kv_heads is None and self.intermediate_size is None
+
+    def neurons(self, teacher_intermediate: int) -> int | None:
+        v = self.intermediate_size
+        return max(1, round(v * teacher_intermediate)) if isinstance(v, float) else v
+
+    def label(self, teacher_intermediate: int) -> str:
+        """The suffix of a student's name: ``-kv2-ff1024``, or ``""`` for the teacher's width."""
+        n = self.neurons(teacher_intermediate)
+        return (f"-kv{self.num_kv_heads}" if self.num_kv_heads is not None else "") + (f"-ff{n}" if n is not None else "")
+
+
 class LMStudentConfig(StrictModel):
-    """Students derived from the teacher: for each entry of ``depths``, the layers kept are the most important
-    ones by measured KL when skipped (one-shot, or iteratively re-scored); then optionally a width cut."""
+    """Students derived from the teacher: every entry of ``depths`` with every entry of ``widths`` (depth x width).
+    A depth keeps the most important layers by measured KL when skipped (one-shot, or iteratively re-scored); a width
+    then cuts KV groups and MLP neurons in each kept layer (by weights / calibration activations)."""
 
     depths: list[int | float] = Field(
         [0.9], description="layers kept per student: a count (int >= 1) or a fraction of the teacher's layers (float in (0, 1)); "
-        "[] = no student (the search then compresses the teacher only)")
+        "the teacher's own count is allowed with a width cut; [] = no student (the search compresses the teacher only)")
+    widths: list[LMWidth] = Field(default_factory=lambda: [LMWidth()], min_length=1,
+                                  description="width cuts crossed with depths ({} = the teacher's width)")
     iterative: bool = Field(False, description="drop one layer at a time and re-score (slower, slightly better)")
     num_importance_windows: PositiveInt = Field(4, description="validation windows (distill.seq_len tokens) that score layer importance")
-    num_kv_heads: PositiveInt | None = Field(None, description="width: KV groups kept per layer (with their query heads); None: all")
-    intermediate_size: PositiveInt | None = Field(None, description="width: MLP neurons kept per layer; None: all")
 
     @field_validator("depths")
     @classmethod
@@ -107,9 +145,15 @@ class LMStudentConfig(StrictModel):
         return list(dict.fromkeys(v))
 
     def layer_counts(self, num_layers: int) -> list[int]:
-        """The resolved layer counts (distinct, descending), each below the teacher's ``num_layers``."""
+        """The resolved layer counts (distinct, descending), each at most the teacher's ``num_layers``."""
         counts = [d if isinstance(d, int) else max(1, round(d * num_layers)) for d in self.depths]
         return sorted(set(counts), reverse=True)
+
+    def plans(self, *, num_layers: int, intermediate_size: int) -> list[tuple[str, int, LMWidth]]:
+        """``(name, layer count, width)`` of every student: depths x widths, less the teacher itself (all its layers
+        at its width); names ``student<layers>[-kv<groups>][-ff<neurons>]``."""
+        return [(f"student{count}{w.label(intermediate_size)}", count, w) for count in self.layer_counts(num_layers)
+                for w in self.widths if count < num_layers or not w.is_full()]
 
 
 class LMDistillConfig(StrictModel):
@@ -252,10 +296,19 @@ class LMPipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _layers(self) -> LMPipelineConfig:
-        n = self.teacher.num_layers()
+        dims = self.teacher.dims()
+        n = dims["num_hidden_layers"]
+        narrower = any(not w.is_full() for w in self.student.widths)
         for d in self.student.depths:
-            if isinstance(d, int) and d >= n:
-                raise ValueError(f"student.depths: {d} layers kept, but the teacher has {n} (a student keeps fewer)")
+            if isinstance(d, int) and (d > n or (d == n and not narrower)):
+                raise ValueError(f"student.depths: {d} layers kept, but the teacher has {n} (a student keeps fewer, "
+                                 "or all of them with a width cut in student.widths)")
+        for i, w in enumerate(self.student.widths):
+            kv, inter = dims["num_key_value_heads"], dims["intermediate_size"]
+            if w.num_kv_heads is not None and w.num_kv_heads > kv:
+                raise ValueError(f"student.widths.{i}.num_kv_heads: {w.num_kv_heads}, but the teacher has {kv} KV groups")
+            if isinstance(w.intermediate_size, int) and w.intermediate_size > inter:
+                raise ValueError(f"student.widths.{i}.intermediate_size: {w.intermediate_size}, but the teacher's MLP has {inter} neurons")
         return self
 
 
