@@ -6,7 +6,10 @@ hidden-state losses, and a plain training loop the Ray Train worker can call.
 - ``topk_kl_loss``: the teacher's distribution restricted to its top-k tokens and renormalised; the student's
   full-vocabulary log-probabilities at those k ids. k=32 holds most of the teacher's mass on SmolLM2.
 - ``hidden_loss``: MSE between student and teacher hidden states at mapped layers (student layer i <- teacher
-  layer ``layer_map[i]``; after depth pruning, the kept teacher layers' own outputs).
+  layer ``layer_map[i]``; after depth pruning, the kept teacher layers' own outputs). The states come from
+  ``layer_outputs`` (each decoder layer's output, before the final norm): transformers' ``output_hidden_states``
+  puts the final norm's output in the last place, which would compare a normed student state with an un-normed
+  teacher one whenever the student's last layer maps to a teacher layer other than the last.
 
 Teacher in the loop vs cached top-k logits (measured, ``bench/llm_prune_kd.py``: SmolLM2 30-layer teacher,
 20-layer student, batch 2x128, 1 thread, on a 2-core machine shared with other jobs, so absolute times are slow):
@@ -20,9 +23,10 @@ trials distilling students from one teacher on the same data): it pays back from
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -51,11 +55,31 @@ def topk_kl_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_i
     return (p_log.exp() * (p_log - s)).sum(-1).mean() * t * t
 
 
-def hidden_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], *,
+def hidden_loss(student_hidden: Sequence[torch.Tensor | None], teacher_hidden: Sequence[torch.Tensor | None], *,
                 layer_map: Sequence[int]) -> torch.Tensor:
-    """Mean MSE between student hidden state i+1 and teacher hidden state ``layer_map[i]``+1 (0 = embeddings)."""
+    """Mean MSE between student hidden state i+1 and teacher hidden state ``layer_map[i]``+1 (index 0 = embeddings,
+    unused; ``layer_outputs`` gives such lists)."""
     losses = [F.mse_loss(student_hidden[i + 1].float(), teacher_hidden[j + 1].float()) for i, j in enumerate(layer_map)]
     return torch.stack(losses).mean()
+
+
+@contextlib.contextmanager
+def layer_outputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor | None]]:
+    """Within the block, each forward of ``model`` (a Llama-class causal LM, or a DDP wrapper of one) appends each
+    decoder layer's output, before the final norm, to the list it yields; index 0 stays None (the embeddings) so
+    index i+1 is layer i, as ``hidden_loss`` reads it. Use one block per forward."""
+    core = getattr(model, "module", model)
+    states: list[torch.Tensor | None] = [None]
+
+    def keep(module, args, output):
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(keep) for layer in core.model.layers]
+    try:
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.inference_mode()
@@ -136,13 +160,15 @@ def distill(student: torch.nn.Module, windows: torch.Tensor, *, config: KDConfig
         rows = torch.randint(0, len(windows), (config.batch_size,), generator=g)
         ids = windows[rows]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
-            out = student(ids, use_cache=False, output_hidden_states=want_hidden)
+            capture = layer_outputs if want_hidden else (lambda m: contextlib.nullcontext([None]))
+            with capture(student) as s_hidden:
+                out = student(ids, use_cache=False)
             if teacher is not None:
-                with torch.no_grad():
-                    tout = teacher(ids, use_cache=False, output_hidden_states=want_hidden)
+                with torch.no_grad(), capture(teacher) as t_hidden:
+                    tout = teacher(ids, use_cache=False)
                 loss = kl_loss(out.logits, tout.logits, temperature=config.temperature)
                 if want_hidden:
-                    loss = loss + config.hidden_weight * hidden_loss(out.hidden_states, tout.hidden_states, layer_map=layer_map)
+                    loss = loss + config.hidden_weight * hidden_loss(s_hidden, t_hidden, layer_map=layer_map)
             else:
                 loss = topk_kl_loss(out.logits, topk[0][rows], topk[1][rows], temperature=config.temperature)
             if config.ce_weight > 0:
