@@ -30,7 +30,10 @@ def test_recipes_load_through_the_registry():
     ({"student": {"depths": [1.5]}}, "student.depths"),
     ({"student": {"depths": [30]}}, "student.depths"),
     ({"distill": {"num_steps": 1, "epochs": 2}}, "distill.num_steps"),
-    ({"distill": {"targets": "teacher_in_loop"}}, "distill.targets"),
+    ({"distill": {"targets": "logits_on_disk"}}, "distill.targets"),
+    ({"distill": {"hidden_weight": 0.5}}, "distill.hidden_weight"),
+    ({"distill": {"targets": "topk_cache", "hidden_weight": 0.5}}, "distill.hidden_weight"),
+    ({"distill": {"targets": "teacher_in_loop", "hidden_weight": -1}}, "distill.hidden_weight"),
     ({"search": {"quant_methods": ["int3"]}}, "search.quant_methods"),
     ({"search": {"runtimes": ["vllm"]}}, "search.runtimes"),
     ({"search": {"ppl_budget": 0.9}}, "search.ppl_budget"),
@@ -62,3 +65,14 @@ def test_config_file_paths_are_relative_to_it(tmp_path, tiny_folder):
     f.write_text("family: causal_lm\nteacher: {source: huggingface, path: teacher}\nstudent: {depths: [4]}\n")
     with pytest.raises(ConfigError, match="student.depths"):
         load_lm_config(config=f)
+
+
+def test_teacher_in_loop_with_hidden_loss_round_trips():
+    import yaml
+
+    doc = {"family": "causal_lm", "distill": {"targets": "teacher_in_loop", "hidden_weight": 0.5}}
+    cfg = LMPipelineConfig.from_dict(doc, source="t.yaml")
+    assert cfg.distill.targets == "teacher_in_loop" and cfg.distill.hidden_weight == 0.5
+    again = LMPipelineConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))), source="again.yaml")
+    assert again == cfg
+    assert LMPipelineConfig.from_dict({"family": "causal_lm"}, source="t.yaml").distill.targets == "topk_cache"
