@@ -119,7 +119,7 @@ class LMDistillConfig(StrictModel):
     and the only way to the hidden-state loss, ``hidden_weight``). ``kd.py`` records both measurements."""
 
     num_steps: PositiveInt = Field(60, description="optimizer steps per worker in total (over all epochs)")
-    epochs: PositiveInt = Field(2, description="passes over the cached windows (a checkpoint after each)")
+    epochs: PositiveInt = Field(2, description="passes over the training windows (a checkpoint after each)")
     batch_size: PositiveInt = Field(2, description="windows per worker per step")
     seq_len: int = Field(128, ge=8, le=4096, description="tokens per training window")
     lr: float = Field(1e-4, gt=0)
@@ -129,11 +129,12 @@ class LMDistillConfig(StrictModel):
     ce_weight: float = Field(0.0, ge=0, description="next-token cross-entropy weight added to the KL (0: KD only)")
     targets: Literal["topk_cache", "teacher_in_loop"] = Field(
         "topk_cache", description="teacher targets. topk_cache: the teacher's top_k logits per token, computed once on the "
-        "driver (all cores) and shared through the object store; pays back as soon as a window is seen twice (epochs > 1, "
-        "several students from one teacher) and when the teacher is much deeper than the student (its forward then "
-        "dominates every step). teacher_in_loop: every worker loads the teacher from its folder and runs it on each batch: "
-        "exact full-vocabulary KL, no cache to build or store, and needed for hidden_weight > 0; pick it for one pass over "
-        "fresh windows with a student close to the teacher's depth. Measured per step under Ray Train in kd.py's docstring")
+        "driver (all cores) and shared through the object store; pick it when windows are seen more than once (epochs > 1, "
+        "as in the recipes; several students from one teacher). teacher_in_loop: every worker loads the teacher from its "
+        "folder and runs it on each batch: exact full-vocabulary KL, no cache to build or store, needed for hidden_weight "
+        "> 0; pick it for one pass over fresh windows. Measured on Ray Train (2 workers, 1 thread each, 2 shared cores; "
+        "kd.py): at the smollm recipe's sizes 7.5 s/step in the loop vs 6.1 s/step cached + 0.37 s per window once to "
+        "build the cache, i.e. even after one pass and ahead from the second")
     top_k: int = Field(32, ge=1, le=1024, description="topk_cache: teacher logits kept per token in the cache (unused in teacher_in_loop)")
     hidden_weight: float = Field(
         0.0, ge=0, description="weight of the hidden-state MSE (student layer i against the teacher layer it kept) added to "
@@ -155,7 +156,7 @@ class LMDistillConfig(StrictModel):
         return self
 
     def num_train_windows(self) -> int:
-        """Windows cached: one epoch's worth for all workers (every epoch passes over the same windows)."""
+        """Training windows: one epoch's worth for all workers (every epoch passes over the same windows)."""
         return -(-self.num_steps // self.epochs) * self.batch_size * self.num_workers
 
 

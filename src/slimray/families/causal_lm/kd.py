@@ -19,6 +19,25 @@ million tokens). The student's backward dominates the step, so the teacher forwa
 Choice (``CHOICE``): teacher in the loop for one distillation run over fresh data (no cache to build or store,
 exact full-vocabulary KL); cached top-k when the same windows are used again (several epochs, or several Tune
 trials distilling students from one teacher on the same data): it pays back from the second use.
+
+The same on Ray Train (the pipeline's ``distill.targets``; ``bench/lm_distill_targets.py``: both modes side by side
+in one process and one local Ray, 2 gloo workers with 1 torch thread each, on a 2-core machine shared with other
+jobs (load ~2-3), so figures vary by up to 1.7x between rounds; s/step of the second epoch, the first carries the
+workers' warm-up):
+
+- smollm recipe sizes (30-layer SmolLM2 teacher, 27-layer student, 2x128 tokens per worker, 3 steps x 2 epochs):
+  cached top-32 6.1 s/step + 0.37 s per window to build the cache on the driver (2 threads); teacher in the loop
+  7.5 s/step (1.23x). Each worker's teacher forward costs ~0.35 s of wall time per window per pass, the cache
+  0.37 s per window once: even after one pass, ahead from the second (whole runs: 108 s vs 111 s for 2 epochs).
+- smollm-tiny sizes (2-layer student, 1x32 tokens per worker, 6 steps x 2 epochs, 2 rounds): cached top-8
+  0.82 / 1.37 s/step + 0.33 / 0.64 s per window for the cache; teacher in the loop 1.03 / 1.72 s/step (1.25x);
+  with the hidden-state loss (weight 0.5) 1.48 / 2.49 s/step. With a 2-layer student the step is mostly the
+  DDP all-reduce and the 49k-token output layer, so whole runs are on par (about 50-90 s, mostly Ray Train's
+  start).
+
+So the pipeline's default stays ``topk_cache`` (its recipes run 2 epochs over the same windows); pick
+``teacher_in_loop`` for one pass over fresh windows, for the exact full-vocabulary KL, or for the hidden-state
+loss, which needs the teacher's hidden states.
 """
 
 from __future__ import annotations
@@ -35,7 +54,7 @@ from safetensors.torch import load_file, save_file
 
 from slimray.schema import StrictModel
 
-CHOICE = "teacher_in_loop"  # for a single run; "topk_cache" when several runs/epochs reuse the same windows
+CHOICE = "teacher_in_loop"  # for a single pass; "topk_cache" when several runs/epochs reuse the same windows (the pipeline's default)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
