@@ -115,8 +115,9 @@ class LMStudentConfig(StrictModel):
 class LMDistillConfig(StrictModel):
     """KD on Ray Train (the shared loop: checkpoints every epoch, resume, worker-fault recovery). Targets
     (``targets``): the teacher's top-k logits cached once on the driver and shared through the object store, or the
-    teacher in the loop (each worker loads it from its folder and runs it on every batch: exact full-vocabulary KL,
-    and the only way to the hidden-state loss, ``hidden_weight``). ``kd.py`` records both measurements."""
+    teacher in the loop (each worker loads it from its folder, which every worker's node must be able to read, and
+    runs it on every batch: exact full-vocabulary KL, and the only way to the hidden-state loss, ``hidden_weight``).
+    ``kd.py`` records the measurement of both."""
 
     num_steps: PositiveInt = Field(60, description="optimizer steps per worker in total (over all epochs)")
     epochs: PositiveInt = Field(2, description="passes over the training windows (a checkpoint after each)")

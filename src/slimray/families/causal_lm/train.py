@@ -5,9 +5,9 @@ DDP/FSDP2, checkpoints, resume, fault recovery). Two kinds of teacher targets (`
 - ``topk_cache`` (default): the teacher's top-k logits per token, cached once on the driver and shared through
   Ray's object store (192 bytes per token at k=32); the loss is ``kd.topk_kl_loss``.
 - ``teacher_in_loop``: each worker loads the teacher itself from its HF folder on disk (``teacher_path``: the
-  path travels in the config, not the weights; safetensors, no remote code), frozen (eval, no grads) on the
-  worker's device, and runs it under ``torch.no_grad`` (and the student's bf16 autocast) on every batch: the
-  exact full-vocabulary ``kd.kl_loss``, plus with ``hidden_weight > 0`` the hidden-state MSE ``kd.hidden_loss``
+  path travels in the config, not the weights, so every worker's node must read that folder: one machine or a
+  shared disk; safetensors, no remote code), frozen (eval, no grads) on the worker's device, and runs it under
+  ``torch.no_grad`` (and the student's bf16 autocast) on every batch: the exact full-vocabulary ``kd.kl_loss``, plus with ``hidden_weight > 0`` the hidden-state MSE ``kd.hidden_loss``
   (student layer i against teacher layer ``layer_map[i]``, the teacher layers a depth-pruned student kept). The
   teacher is not part of the trained module, so checkpoints hold the student alone; after a worker restart the
   task is rebuilt and loads the teacher again. ``kd.py`` has the measurement behind choosing between the two.
