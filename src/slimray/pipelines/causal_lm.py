@@ -1,5 +1,6 @@
 """The causal_lm family's stages on the one pipeline (issue #17): SmolLM2 (or a local HF folder) teacher ->
-depth-pruned students (layers kept by measured importance) distilled on Ray Train -> {teacher, students} x
+depth-pruned students (layers kept by measured importance) distilled on Ray Train (from the teacher's cached top-k
+logits or with the teacher in the loop, optionally with a hidden-state loss) -> {teacher, students} x
 quantization x runtime on Ray Tune -> winner (fastest batch-1 decode within the perplexity budget), re-timed side
 by side with the teacher, stored compactly and exported as a plain HF folder.
 
@@ -7,8 +8,8 @@ by side with the teacher, stored compactly and exported as a plain HF folder.
 is read in place), ``students/<name>/`` (distilled, float), ``trials/<key>.json``, ``winner/`` (``save_lm``:
 int8 weights + scales for int8 methods), ``export/`` (a standard HF folder plain ``transformers`` loads: the
 winner's float weights before quantization), ``teacher_eval.json``, ``importance.json``, ``cache/`` (the
-teacher's top-k logits and argmax predictions), ``distill_metrics_<student>.jsonl``, ``report.json``,
-``report.md``, ``report.png``. A rerun with the same name reuses finished pieces.
+teacher's argmax predictions, and its top-k logits unless the teacher distils in the loop),
+``distill_metrics_<student>.jsonl``, ``report.json``, ``report.md``, ``report.png``. A rerun with the same name reuses finished pieces.
 
 State passes between stages as the attributes set in ``open`` (all ``None`` until their stage runs).
 """
@@ -226,9 +227,10 @@ class CausalLMStages(Stages):
 
     # -- stage 4 ---------------------------------------------------------------------------------------------
     def distil(self) -> None:
-        """Each student distilled on Ray Train (shared loop, CausalLMTask) from the teacher's cached top-k logits."""
+        """Each student distilled on Ray Train (shared loop, CausalLMTask) from the teacher's cached top-k logits, or
+        with the teacher in the loop (each worker loads it from ``self.teacher_dir``; optional hidden-state loss)."""
         from slimray.families.causal_lm.artifacts import LMArtifactMeta, save_lm
-        from slimray.families.causal_lm.kd import cache_teacher_topk, load_topk, save_topk
+        from slimray.families.causal_lm.train import check_teacher_targets
         from slimray.families.sentence_encoder.compress import cpu_has_native_bf16
         from slimray.training.distill import TrainJob, run_training
 
@@ -237,6 +239,51 @@ class CausalLMStages(Stages):
             log("distil: nothing to distil" + (" (students reused)" if self.students else ""))
             self._done("distil")
             return
+        d = self.cfg.distill
+        in_loop = d.targets == "teacher_in_loop"
+        if in_loop:
+            windows, topk = self.train_windows, None
+            for s in todo:  # before Ray starts: the losses must be able to compare student and teacher
+                check_teacher_targets(s.model.config.to_dict(), self.teacher.config.to_dict(), hidden_weight=d.hidden_weight,
+                                      layer_map=s.kept)
+            log(f"distil: teacher in the loop (each worker loads {self.teacher_dir}), full-vocabulary KL"
+                + (f" + {d.hidden_weight:g} x hidden-state MSE at the kept layers" if d.hidden_weight > 0 else ""))
+        else:
+            windows, values, indices = self._topk_cache()
+            topk = {"topk_values": values.numpy(), "topk_indices": indices.numpy()}
+        amp = d.mixed_precision == "bf16" or (d.mixed_precision == "auto" and cpu_has_native_bf16())
+        val = self.val_windows[: d.num_val_windows]
+        for s in todo:
+            metrics_path = self.run_dir / f"distill_metrics_{s.name}.jsonl"
+            task = {"hf_config": s.model.config.to_dict(), "temperature": d.temperature, "ce_weight": d.ce_weight,
+                    "warmup_steps": d.warmup_steps, "bf16_autocast": amp, "targets": d.targets}
+            if in_loop:  # the folder, not the weights, goes to the workers; student layer i <- teacher layer kept[i]
+                task.update(teacher_path=str(Path(self.teacher_dir).resolve()), hidden_weight=d.hidden_weight, layer_map=list(s.kept))
+            job = TrainJob(
+                label=f"distil {s.name}", family="causal_lm", run_name=f"{self.cfg.name}-distil-{s.name}",
+                storage_path=str((self.run_dir / "ray").resolve()), spec={}, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr,
+                weight_decay=d.weight_decay, num_workers=d.num_workers, max_failures=d.max_failures, seed=d.seed,
+                metrics_path=str(metrics_path), task=task,
+            )
+            log(f"distil: {s.name} on Ray Train, {d.num_workers} workers x batch {d.batch_size} x {d.seq_len} tokens, "
+                f"{d.epochs} epochs x {-(-len(windows) // (d.batch_size * d.num_workers))} steps, lr {d.lr}"
+                + (", bf16 autocast" if amp else ""))
+            t0 = time.perf_counter()
+            data = {"windows": windows.numpy(), **(topk or {}), "val_windows": val.numpy()}
+            trained, metrics = run_training(job, data, init_state={k: v.clone() for k, v in s.model.state_dict().items()})
+            report = {"num_layers": s.num_layers, "kept_layers": s.kept, "width": s.width, **distill_settings(d),
+                      "steps_per_worker": d.epochs * -(-len(windows) // (d.batch_size * d.num_workers)),
+                      "seconds": time.perf_counter() - t0, "last_metrics": {k: v for k, v in metrics.items()
+                                                                           if isinstance(v, (int, float, str))}}
+            save_lm(trained, self.tokenizer, s.folder, meta=LMArtifactMeta(reports={"distill": report}))
+            s.model = None
+            log(f"distil: {s.name} done in {report['seconds']:.0f}s, val perplexity {metrics.get('val_perplexity', float('nan')):.2f}")
+        self._done("distil")
+
+    def _topk_cache(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The teacher's top-k logits on the training windows: RUN/cache/teacher_topk.safetensors, built once."""
+        from slimray.families.causal_lm.kd import cache_teacher_topk, load_topk, save_topk
+
         d = self.cfg.distill
         topk_file = self.run_dir / "cache" / "teacher_topk.safetensors"
         if topk_file.exists():
@@ -253,33 +300,7 @@ class CausalLMStages(Stages):
             os.replace(tmp, topk_file)
             log(f"distil: teacher top-{d.top_k} logits cached for {len(windows)} windows of {windows.shape[1]} tokens "
                 f"in {time.perf_counter() - t0:.0f}s ({values.element_size() * d.top_k + indices.element_size() * d.top_k} bytes/token)")
-        amp = d.mixed_precision == "bf16" or (d.mixed_precision == "auto" and cpu_has_native_bf16())
-        val = self.val_windows[: d.num_val_windows]
-        for s in todo:
-            metrics_path = self.run_dir / f"distill_metrics_{s.name}.jsonl"
-            job = TrainJob(
-                label=f"distil {s.name}", family="causal_lm", run_name=f"{self.cfg.name}-distil-{s.name}",
-                storage_path=str((self.run_dir / "ray").resolve()), spec={}, epochs=d.epochs, batch_size=d.batch_size, lr=d.lr,
-                weight_decay=d.weight_decay, num_workers=d.num_workers, max_failures=d.max_failures, seed=d.seed,
-                metrics_path=str(metrics_path),
-                task={"hf_config": s.model.config.to_dict(), "temperature": d.temperature, "ce_weight": d.ce_weight,
-                      "warmup_steps": d.warmup_steps, "bf16_autocast": amp},
-            )
-            log(f"distil: {s.name} on Ray Train, {d.num_workers} workers x batch {d.batch_size} x {d.seq_len} tokens, "
-                f"{d.epochs} epochs x {-(-len(windows) // (d.batch_size * d.num_workers))} steps, lr {d.lr}"
-                + (", bf16 autocast" if amp else ""))
-            t0 = time.perf_counter()
-            data = {"windows": windows.numpy(), "topk_values": values.numpy(), "topk_indices": indices.numpy(),
-                    "val_windows": val.numpy()}
-            trained, metrics = run_training(job, data, init_state={k: v.clone() for k, v in s.model.state_dict().items()})
-            report = {"num_layers": s.num_layers, "kept_layers": s.kept, "width": s.width,
-                      "steps_per_worker": d.epochs * -(-len(windows) // (d.batch_size * d.num_workers)),
-                      "seconds": time.perf_counter() - t0, "last_metrics": {k: v for k, v in metrics.items()
-                                                                           if isinstance(v, (int, float, str))}}
-            save_lm(trained, self.tokenizer, s.folder, meta=LMArtifactMeta(reports={"distill": report}))
-            s.model = None
-            log(f"distil: {s.name} done in {report['seconds']:.0f}s, val perplexity {metrics.get('val_perplexity', float('nan')):.2f}")
-        self._done("distil")
+        return windows, values, indices
 
     # -- stage 5 ---------------------------------------------------------------------------------------------
     def search(self) -> None:
@@ -387,7 +408,7 @@ class CausalLMStages(Stages):
 
     # -- stage 6 ---------------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
-        from slimray.families.causal_lm.artifacts import load_lm
+        from slimray.families.causal_lm.artifacts import load_lm, load_meta
         from slimray.sweep.lm_search import candidate_key
         from slimray.families.causal_lm.evaluate import dir_size_bytes, perplexity_and_agreement, probe_peak_memory
 
@@ -443,6 +464,7 @@ class CausalLMStages(Stages):
                         for k, (v, tg, op) in targets.items()},
             "importance": self.importance,
             "students": [{"name": st.name, "num_layers": st.num_layers, "kept_layers": st.kept, "width": st.width,
+                          "distill": _distill_settings_of(load_meta(st.folder).reports.get("distill", {})),
                           "distill_metrics": _read_jsonl(run_dir / f"distill_metrics_{st.name}.jsonl")} for st in self.students],
             "trials": self.rows,
             "int4": _int4_note(cfg), "sparsity": _sparsity_note(cfg),
@@ -482,6 +504,43 @@ def choose_winner(finalists: list[dict[str, Any]], *, teacher_ppl: float, ppl_bu
         return pick_winner(finalists, teacher_accuracy=-teacher_ppl, max_drop=(ppl_budget - 1.0) * teacher_ppl,
                            latency_key="ms_per_token_b1")[0], False
     return winner, True
+
+
+DISTILL_SETTINGS = ("targets", "top_k", "hidden_weight", "temperature", "ce_weight")
+
+
+def distill_settings(d: Any) -> dict[str, Any]:
+    """What a student's distill report records of ``LMDistillConfig`` ``d``: the targets and the loss weights
+    (``top_k`` only for the cache: the teacher in the loop gives the full vocabulary)."""
+    return {"targets": d.targets, "top_k": d.top_k if d.targets == "topk_cache" else None, "hidden_weight": d.hidden_weight,
+            "temperature": d.temperature, "ce_weight": d.ce_weight}
+
+
+def _distill_settings_of(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings part of a student's distill report; a student distilled before ``targets`` was recorded (only
+    the top-k cache existed then) reads as that. None for a report without one."""
+    if not report:
+        return None
+    out = {k: report[k] for k in DISTILL_SETTINGS if k in report}
+    out.setdefault("targets", "topk_cache")
+    out.setdefault("hidden_weight", 0.0)
+    return out
+
+
+def describe_distill(settings: dict[str, Any]) -> str:
+    """report.md's words for a student's distill settings (``distill_settings``)."""
+    if settings["targets"] == "teacher_in_loop":
+        text = "the teacher in the loop (full-vocabulary KL)"
+    else:
+        k = settings.get("top_k")
+        text = f"the teacher's cached top-{k} logits" if k else "the teacher's cached top-k logits"
+    if settings.get("hidden_weight"):
+        text += f" + {settings['hidden_weight']:g} x hidden-state MSE at the kept layers"
+    if settings.get("ce_weight"):
+        text += f" + {settings['ce_weight']:g} x next-token cross-entropy"
+    if settings.get("temperature") not in (None, 1.0):
+        text += f", temperature {settings['temperature']:g}"
+    return f"{text} (distill.targets {settings['targets']}, hidden_weight {settings.get('hidden_weight', 0.0):g})"
 
 
 def _verbose() -> bool:
@@ -572,6 +631,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             m = st["distill_metrics"]
             lines.append(f"- {st['name']}: {st['num_layers']} layers kept {st['kept_layers']}"
                          + (f", width {st['width']}" if st["width"] else "")
+                         + (f"; distilled from {describe_distill(st['distill'])}" if st.get("distill") else "")
                          + "; val perplexity per epoch: " + (", ".join(f"{e.get('val_perplexity', float('nan')):.2f}" for e in m) or "-"))
         if r.get("importance"):
             lines.append("- layer importance (KL nats/token when skipped): "

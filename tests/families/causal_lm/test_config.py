@@ -37,7 +37,10 @@ def test_recipes_load_through_the_registry():
     ({"student": {"widths": [{"heads": 1}]}}, "student.widths.0.heads"),
     ({"student": {"num_kv_heads": 1}}, "student.num_kv_heads"),
     ({"distill": {"num_steps": 1, "epochs": 2}}, "distill.num_steps"),
-    ({"distill": {"targets": "teacher_in_loop"}}, "distill.targets"),
+    ({"distill": {"targets": "logits_on_disk"}}, "distill.targets"),
+    ({"distill": {"hidden_weight": 0.5}}, "distill.hidden_weight"),
+    ({"distill": {"targets": "topk_cache", "hidden_weight": 0.5}}, "distill.hidden_weight"),
+    ({"distill": {"targets": "teacher_in_loop", "hidden_weight": -1}}, "distill.hidden_weight"),
     ({"search": {"quant_methods": ["int3"]}}, "search.quant_methods"),
     ({"search": {"runtimes": ["vllm"]}}, "search.runtimes"),
     ({"search": {"ppl_budget": 0.9}}, "search.ppl_budget"),
@@ -82,3 +85,14 @@ def test_students_are_depths_times_widths():
         ("student15", 15), ("student15-kv1-ff768", 15), ("student15-ff1024", 15)]
     assert LMPipelineConfig.from_dict({"family": "causal_lm"}).student.plans(num_layers=30, intermediate_size=1536) == [
         ("student27", 27, cfg.student.widths[0])]
+
+
+def test_teacher_in_loop_with_hidden_loss_round_trips():
+    import yaml
+
+    doc = {"family": "causal_lm", "distill": {"targets": "teacher_in_loop", "hidden_weight": 0.5}}
+    cfg = LMPipelineConfig.from_dict(doc, source="t.yaml")
+    assert cfg.distill.targets == "teacher_in_loop" and cfg.distill.hidden_weight == 0.5
+    again = LMPipelineConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))), source="again.yaml")
+    assert again == cfg
+    assert LMPipelineConfig.from_dict({"family": "causal_lm"}, source="t.yaml").distill.targets == "topk_cache"

@@ -6,7 +6,10 @@ hidden-state losses, and a plain training loop the Ray Train worker can call.
 - ``topk_kl_loss``: the teacher's distribution restricted to its top-k tokens and renormalised; the student's
   full-vocabulary log-probabilities at those k ids. k=32 holds most of the teacher's mass on SmolLM2.
 - ``hidden_loss``: MSE between student and teacher hidden states at mapped layers (student layer i <- teacher
-  layer ``layer_map[i]``; after depth pruning, the kept teacher layers' own outputs).
+  layer ``layer_map[i]``; after depth pruning, the kept teacher layers' own outputs). The states come from
+  ``layer_outputs`` (each decoder layer's output, before the final norm): transformers' ``output_hidden_states``
+  puts the final norm's output in the last place, which would compare a normed student state with an un-normed
+  teacher one whenever the student's last layer maps to a teacher layer other than the last.
 
 Teacher in the loop vs cached top-k logits (measured, ``bench/llm_prune_kd.py``: SmolLM2 30-layer teacher,
 20-layer student, batch 2x128, 1 thread, on a 2-core machine shared with other jobs, so absolute times are slow):
@@ -16,13 +19,33 @@ million tokens). The student's backward dominates the step, so the teacher forwa
 Choice (``CHOICE``): teacher in the loop for one distillation run over fresh data (no cache to build or store,
 exact full-vocabulary KL); cached top-k when the same windows are used again (several epochs, or several Tune
 trials distilling students from one teacher on the same data): it pays back from the second use.
+
+The same on Ray Train (the pipeline's ``distill.targets``; ``bench/lm_distill_targets.py``: both modes side by side
+in one process and one local Ray, 2 gloo workers with 1 torch thread each, on a 2-core machine shared with other
+jobs (load ~2-3), so figures vary by up to 1.7x between rounds; s/step of the second epoch, the first carries the
+workers' warm-up):
+
+- smollm recipe sizes (30-layer SmolLM2 teacher, 27-layer student, 2x128 tokens per worker, 3 steps x 2 epochs):
+  cached top-32 6.1 s/step + 0.37 s per window to build the cache on the driver (2 threads); teacher in the loop
+  7.5 s/step (1.23x). Each worker's teacher forward costs ~0.35 s of wall time per window per pass, the cache
+  0.37 s per window once: even after one pass, ahead from the second (whole runs: 108 s vs 111 s for 2 epochs).
+- smollm-tiny sizes (2-layer student, 1x32 tokens per worker, 6 steps x 2 epochs, 2 rounds): cached top-8
+  0.82 / 1.37 s/step + 0.33 / 0.64 s per window for the cache; teacher in the loop 1.03 / 1.72 s/step (1.25x);
+  with the hidden-state loss (weight 0.5) 1.48 / 2.49 s/step. With a 2-layer student the step is mostly the
+  DDP all-reduce and the 49k-token output layer, so whole runs are on par (about 50-90 s, mostly Ray Train's
+  start).
+
+So the pipeline's default stays ``topk_cache`` (its recipes run 2 epochs over the same windows); pick
+``teacher_in_loop`` for one pass over fresh windows, for the exact full-vocabulary KL, or for the hidden-state
+loss, which needs the teacher's hidden states.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -31,7 +54,7 @@ from safetensors.torch import load_file, save_file
 
 from slimray.schema import StrictModel
 
-CHOICE = "teacher_in_loop"  # for a single run; "topk_cache" when several runs/epochs reuse the same windows
+CHOICE = "teacher_in_loop"  # for a single pass; "topk_cache" when several runs/epochs reuse the same windows (the pipeline's default)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
@@ -51,11 +74,31 @@ def topk_kl_loss(student_logits: torch.Tensor, topk_values: torch.Tensor, topk_i
     return (p_log.exp() * (p_log - s)).sum(-1).mean() * t * t
 
 
-def hidden_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], *,
+def hidden_loss(student_hidden: Sequence[torch.Tensor | None], teacher_hidden: Sequence[torch.Tensor | None], *,
                 layer_map: Sequence[int]) -> torch.Tensor:
-    """Mean MSE between student hidden state i+1 and teacher hidden state ``layer_map[i]``+1 (0 = embeddings)."""
+    """Mean MSE between student hidden state i+1 and teacher hidden state ``layer_map[i]``+1 (index 0 = embeddings,
+    unused; ``layer_outputs`` gives such lists)."""
     losses = [F.mse_loss(student_hidden[i + 1].float(), teacher_hidden[j + 1].float()) for i, j in enumerate(layer_map)]
     return torch.stack(losses).mean()
+
+
+@contextlib.contextmanager
+def layer_outputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor | None]]:
+    """Within the block, each forward of ``model`` (a Llama-class causal LM, or a DDP wrapper of one) appends each
+    decoder layer's output, before the final norm, to the list it yields; index 0 stays None (the embeddings) so
+    index i+1 is layer i, as ``hidden_loss`` reads it. Use one block per forward."""
+    core = getattr(model, "module", model)
+    states: list[torch.Tensor | None] = [None]
+
+    def keep(module, args, output):
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(keep) for layer in core.model.layers]
+    try:
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.inference_mode()
@@ -136,13 +179,15 @@ def distill(student: torch.nn.Module, windows: torch.Tensor, *, config: KDConfig
         rows = torch.randint(0, len(windows), (config.batch_size,), generator=g)
         ids = windows[rows]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
-            out = student(ids, use_cache=False, output_hidden_states=want_hidden)
+            capture = layer_outputs if want_hidden else (lambda m: contextlib.nullcontext([None]))
+            with capture(student) as s_hidden:
+                out = student(ids, use_cache=False)
             if teacher is not None:
-                with torch.no_grad():
-                    tout = teacher(ids, use_cache=False, output_hidden_states=want_hidden)
+                with torch.no_grad(), capture(teacher) as t_hidden:
+                    tout = teacher(ids, use_cache=False)
                 loss = kl_loss(out.logits, tout.logits, temperature=config.temperature)
                 if want_hidden:
-                    loss = loss + config.hidden_weight * hidden_loss(out.hidden_states, tout.hidden_states, layer_map=layer_map)
+                    loss = loss + config.hidden_weight * hidden_loss(s_hidden, t_hidden, layer_map=layer_map)
             else:
                 loss = topk_kl_loss(out.logits, topk[0][rows], topk[1][rows], temperature=config.temperature)
             if config.ce_weight > 0:
