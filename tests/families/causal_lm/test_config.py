@@ -16,7 +16,8 @@ def test_recipes_load_through_the_registry():
         assert family.name == "causal_lm" and isinstance(cfg, LMPipelineConfig) and cfg.recipe == recipe
     cfg = load_lm_config(recipe="smollm")
     assert cfg.search.ppl_budget == 1.15 and cfg.student.layer_counts(30) == [27]
-    assert cfg.distill.num_train_windows() == 20 * 2 * 2
+    assert cfg.distill.num_train_windows() == 30 * 2 * 2
+    assert cfg.distill.targets == "teacher_in_loop" and cfg.distill.hidden_weight == 1.0
 
 
 @pytest.mark.parametrize(("patch", "field"), [
