@@ -16,6 +16,7 @@ State passes between stages as the attributes set in ``open`` (all ``None`` unti
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -176,7 +177,8 @@ class CausalLMStages(Stages):
 
         st = self.cfg.student
         n = int(self.teacher.config.num_hidden_layers)
-        plans = st.plans(num_layers=n, intermediate_size=int(self.teacher.config.intermediate_size))
+        inter = int(self.teacher.config.intermediate_size)
+        plans = st.plans(num_layers=n, intermediate_size=inter)
         if not plans:
             log("students: none configured (the search compresses the teacher only)")
             self._done("derive_students")
@@ -191,9 +193,8 @@ class CausalLMStages(Stages):
                     self.importance = layer_importance(self.teacher, calib)
                 write_json_atomic(imp_file, {"importance": self.importance, "windows": len(calib), "window_len": calib.shape[1],
                                              "what": "mean per-token KL(teacher || teacher without the layer), nats"})
-        inter = int(self.teacher.config.intermediate_size)
         depth_cut: dict[int, tuple[list[int], torch.nn.Module | None]] = {}  # one depth cut per count, shared by its widths
-        uses = {count: sum(c == count for _, c, _ in plans) for _, count, _ in plans}
+        uses = collections.Counter(count for _, count, _ in plans)
         for name, count, w in plans:
             folder = self.run_dir / "students" / name
             if count not in depth_cut:

@@ -48,7 +48,7 @@ from safetensors.torch import save_file
 
 from slimray.families.causal_lm.quantize import (
     INT4_GROUP_SIZE, LAYERWISE_METHODS, QuantMethod, int4_group_quantize, int4_linear_names, linear_names, quantize_lm,
-    quantize_linear, quantized_linear_names)
+    quantize_linear, quantized_linear_names, replace_modules)
 from slimray.families.causal_lm.runtime import RuntimeName
 from slimray.families.causal_lm.sparsity import (
     SPARSITY_RE, pack_2_4, pack_unstructured, parse_sparsity, sparse_linear_names, unpack_2_4, unpack_unstructured)
@@ -335,19 +335,13 @@ def _load_compact(path: Path, meta: LMArtifactMeta) -> tuple[torch.nn.Module, ob
             assign(base, _rebuild(stored, base, suffix, expected[base]))
         module_name = base.rsplit(".", 1)[0]
         if layerwise and module_name in targets:
-            parent, _, child = module_name.rpartition(".")
-            owner = model.get_submodule(parent) if parent else model
-            setattr(owner, child, quantize_linear(getattr(owner, child), method=meta.quant_method))
+            replace_modules(model, [module_name], lambda linear: quantize_linear(linear, method=meta.quant_method))
             _release_freed_memory()  # the float weight just dropped: glibc would keep it in its heap
     missing = set(expected) - loaded - tied
     if missing:
         raise ValueError(f"{weights}: missing {sorted(missing)}")
-    if layerwise:  # a Linear of the method's set that was stored plainly (e.g. a sparse layer kept dense)
-        for name in sorted(targets):
-            module = model.get_submodule(name)
-            if isinstance(module, torch.nn.Linear):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, quantize_linear(module, method=meta.quant_method))
+    # save_lm stores every layer the method quantizes compactly, so none of them is left in float here
+    assert not layerwise or not any(isinstance(model.get_submodule(n), torch.nn.Linear) for n in targets), targets
     model.eval()
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     return model, tok, layerwise

@@ -83,12 +83,15 @@ def hidden_loss(student_hidden: Sequence[torch.Tensor | None], teacher_hidden: S
 
 
 @contextlib.contextmanager
-def layer_outputs(model: torch.nn.Module) -> Iterator[list[torch.Tensor | None]]:
+def layer_outputs(model: torch.nn.Module, *, enabled: bool = True) -> Iterator[list[torch.Tensor | None]]:
     """Within the block, each forward of ``model`` (a Llama-class causal LM, or a DDP wrapper of one) appends each
     decoder layer's output, before the final norm, to the list it yields; index 0 stays None (the embeddings) so
-    index i+1 is layer i, as ``hidden_loss`` reads it. Use one block per forward."""
-    core = getattr(model, "module", model)
+    index i+1 is layer i, as ``hidden_loss`` reads it. Use one block per forward; ``enabled=False`` captures nothing."""
     states: list[torch.Tensor | None] = [None]
+    if not enabled:
+        yield states
+        return
+    core = getattr(model, "module", model)
 
     def keep(module, args, output):
         states.append(output[0] if isinstance(output, tuple) else output)
@@ -179,11 +182,10 @@ def distill(student: torch.nn.Module, windows: torch.Tensor, *, config: KDConfig
         rows = torch.randint(0, len(windows), (config.batch_size,), generator=g)
         ids = windows[rows]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
-            capture = layer_outputs if want_hidden else (lambda m: contextlib.nullcontext([None]))
-            with capture(student) as s_hidden:
+            with layer_outputs(student, enabled=want_hidden) as s_hidden:
                 out = student(ids, use_cache=False)
             if teacher is not None:
-                with torch.no_grad(), capture(teacher) as t_hidden:
+                with torch.no_grad(), layer_outputs(teacher, enabled=want_hidden) as t_hidden:
                     tout = teacher(ids, use_cache=False)
                 loss = kl_loss(out.logits, tout.logits, temperature=config.temperature)
                 if want_hidden:

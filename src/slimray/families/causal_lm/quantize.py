@@ -91,17 +91,12 @@ class TokenInt8Linear(nn.Module):
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _qengine()
-            with torch.device("meta"):  # no weights of its own: it shares the float ones until they are packed
-                single = nn.Linear(self.in_features, self.out_features, bias=linear.bias is not None)
-            single.weight = nn.Parameter(w, requires_grad=False)
-            if linear.bias is not None:
-                single.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-            single.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-            self.single = torch.ao.quantization.quantize_dynamic(nn.Sequential(single), {nn.Linear}, dtype=torch.qint8,
-                                                                 inplace=True)[0]
+        with torch.device("meta"):  # no weights of its own: it shares the float ones until they are packed
+            single = nn.Linear(self.in_features, self.out_features, bias=linear.bias is not None)
+        single.weight = nn.Parameter(w, requires_grad=False)
+        if linear.bias is not None:
+            single.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.single = quantize_linear(single, method="dynamic_int8")  # the one-token kernel (per-channel weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -190,7 +185,8 @@ def quantize_linear(linear: nn.Linear, *, method: str, per_channel: bool = True)
     raise ValueError(f"{method!r} is not quantized layer by layer (one of {LAYERWISE_METHODS})")
 
 
-def _replace(model: nn.Module, names: Sequence[str], make) -> None:
+def replace_modules(model: nn.Module, names: Sequence[str], make) -> None:
+    """Replace each named submodule ``m`` of ``model`` by ``make(m)``."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -241,7 +237,7 @@ def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[s
     if "lm_head" not in keep_float or method.startswith("torchao"):
         _untie(model)
     if method in LAYERWISE_METHODS:
-        _replace(model, quantized_linear_names(model, method=method, keep_float=keep_float),
+        replace_modules(model, quantized_linear_names(model, method=method, keep_float=keep_float),
                  lambda linear: quantize_linear(linear, method=method, per_channel=per_channel))
         return model
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_

@@ -23,7 +23,6 @@ checkpoints (safetensors holds no shared tensors).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -161,8 +160,7 @@ class CausalLMTask(TrainTask):
         want_hidden = self.hidden_weight > 0
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.opts.get("bf16_autocast")))
         parts: dict[str, float] = {}
-        capture = layer_outputs if want_hidden else (lambda m: contextlib.nullcontext([None]))
-        with autocast, capture(model) as s_hidden:
+        with autocast, layer_outputs(model, enabled=want_hidden) as s_hidden:
             logits = model(input_ids=ids, use_cache=False).logits
         if self.teacher is None:
             kl = topk_kl_loss(logits, self.values[batch].to(self.device), self.indices[batch].to(self.device),
@@ -170,7 +168,7 @@ class CausalLMTask(TrainTask):
             loss = kl
         else:
             t0 = time.perf_counter()
-            with torch.no_grad(), autocast, capture(self.teacher) as t_hidden:
+            with torch.no_grad(), autocast, layer_outputs(self.teacher, enabled=want_hidden) as t_hidden:
                 t_logits = self.teacher(input_ids=ids, use_cache=False).logits
             parts["teacher_s"] = time.perf_counter() - t0  # the shared loop's profile splits it from the forward
             kl = kl_loss(logits, t_logits, temperature=self.opts["temperature"])
