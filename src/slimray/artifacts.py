@@ -148,16 +148,16 @@ def check_winner(path: str | Path) -> None:
 
 def _check_lm_winner(path: Path) -> None:
     """A causal-LM folder: ``slimray_lm.json`` parses, and the HF folder passes the family's folder checks."""
-    from slimray.families.causal_lm.artifacts import META_FILE, load_meta
+    from slimray.families.causal_lm.artifacts import META_FILE, WEIGHT_FILES, WEIGHTS, load_meta
     from slimray.families.causal_lm.teacher import check_causal_lm_folder
     from slimray.schema import ConfigError
 
     try:
-        load_meta(path)
+        meta = load_meta(path)
     except (ValueError, ConfigError) as err:
         raise DamagedArtifactError(path / META_FILE, str(err).splitlines()[0]) from None
     try:
-        check_causal_lm_folder(path, field="winner")
+        check_causal_lm_folder(path, field="winner", weights=WEIGHT_FILES.get(meta.storage, WEIGHTS))
     except ConfigError as err:
         raise DamagedArtifactError(path / "config.json", str(err)) from None
 

@@ -1,7 +1,7 @@
 """The smollm-tiny recipe end to end on the real SmolLM2 teacher (GGUF converted into the run folder): data split
 by article, teacher evaluation, a depth-pruned student distilled on Ray Train (2 workers), {teacher, student} x
-{none, token_int8} on Ray Tune, side-by-side timing, the winner saved compactly and exported as a plain HF folder
-that ``transformers`` loads with no slimray code and that gives the winner's logits, the report, and the winner
+{none, token_int8} on Ray Tune, side-by-side timing, the winner saved as a standard HF folder
+(compressed-tensors for int8) that ``transformers`` loads with no slimray code and that gives the winner's logits, the report, and the winner
 served on Ray Serve behind the OpenAI API (what ``slimray run`` does after the report)."""
 
 from __future__ import annotations
@@ -44,25 +44,25 @@ def test_report(tiny_run):
     assert teacher_rows[0]["perplexity"] == pytest.approx(t["perplexity"], rel=1e-4)
 
 
-def test_winner_and_export(tiny_run):
-    """The export loads in plain transformers and gives slimray's winner logits (through the winner's
-    quantization for an int8 winner: the export is the float model before quantization)."""
+def test_winner_loads_in_plain_transformers(tiny_run):
+    """The winner folder itself is a standard HF folder (compressed-tensors for an int8 winner): plain transformers
+    loads it with no slimray code and gives slimray's winner logits (up to how each rounds activations)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimray import families
     from slimray.families.causal_lm.artifacts import load_lm
-    from slimray.families.causal_lm.quantize import quantize_lm
 
     report, run = tiny_run
     assert families.for_artifact(run / "winner").name == "causal_lm"
     winner, tok, meta = load_lm(run / "winner")
     assert meta.quant_method == report["winner"]["quantization"]
-    plain = AutoModelForCausalLM.from_pretrained(run / "export").eval()
-    ids = AutoTokenizer.from_pretrained(run / "export")("Paris is the capital of", return_tensors="pt")["input_ids"]
-    ref = plain if meta.quant_method in ("none", "bf16") else quantize_lm(plain, method=meta.quant_method, keep_float=meta.keep_float)
+    assert not (run / "export").exists()  # only a sparse winner needs a float export
+    plain = AutoModelForCausalLM.from_pretrained(run / "winner").eval()
+    ids = AutoTokenizer.from_pretrained(run / "winner")("Paris is the capital of", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        got, want = winner(ids).logits.float(), ref(ids).logits.float()
-    assert torch.allclose(got, want, atol=1e-3 * want.abs().max().item()), (got - want).abs().max()
+        got, want = winner(ids).logits.float(), plain(ids).logits.float()
+    tol = 1e-3 if meta.quant_method in ("none", "bf16") else 0.1
+    assert (got - want).abs().max() <= tol * want.abs().max(), (got - want).abs().max()
     assert report["winner"]["perplexity"] == pytest.approx(report["winner"]["trial_perplexity"], rel=1e-3)
 
 

@@ -151,4 +151,4 @@ def test_gpu_serve_config_matches_ray_serve_llm_schemas():
         assert set(raw["model_loading_config"]) <= set(ModelLoadingConfig.model_fields)
         assert set(raw["deployment_config"]) <= set(DeploymentSchema.model_fields)
         llm = LLMConfig.model_validate(raw)
-        assert llm.model_id == "smollm" and Path(llm.model_loading_config.model_source).name == "export"
+        assert llm.model_id == "smollm" and Path(llm.model_loading_config.model_source).name == "winner"

@@ -98,7 +98,8 @@ def for_artifact(model_dir: str | Path) -> Family:
             continue
     if fmt is None:
         return get("classifier")
-    return next((f for f in _REGISTRY.values() if f.artifact_format == fmt), get("classifier"))
+    kind = str(fmt).split("/")[0]  # any version of a family's format (its loader refuses one it no longer reads)
+    return next((f for f in _REGISTRY.values() if f.artifact_format.split("/")[0] == kind), get("classifier"))
 
 
 register(Family(
@@ -135,6 +136,6 @@ register(Family(
     train_task="slimray.families.causal_lm.train:CausalLMTask",
     serve_check="slimray.serving.checks:check_causal_lm",
     codec="slimray.families.causal_lm.serving:CausalLMCodec",
-    artifact_format="slimray.causal_lm/1",
+    artifact_format="slimray.causal_lm/2",
     recipes=("smollm", "smollm-tiny"),
 ))

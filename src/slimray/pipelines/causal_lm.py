@@ -2,12 +2,12 @@
 depth-pruned students (layers kept by measured importance) distilled on Ray Train (from the teacher's cached top-k
 logits or with the teacher in the loop, optionally with a hidden-state loss) -> {teacher, students} x
 quantization x runtime on Ray Tune -> winner (fastest batch-1 decode within the perplexity budget), re-timed side
-by side with the teacher, stored compactly and exported as a plain HF folder.
+by side with the teacher, stored as a standard HF folder (compressed-tensors for int8 / int4) that vLLM loads.
 
 ``run_pipeline(cfg, out_dir=...)`` writes ``OUT/<name>/``: ``teacher/`` (the GGUF converted once; a user's folder
 is read in place), ``students/<name>/`` (distilled, float), ``trials/<key>.json``, ``winner/`` (``save_lm``:
-int8 weights + scales for int8 methods), ``export/`` (a standard HF folder plain ``transformers`` loads: the
-winner's float weights before quantization), ``teacher_eval.json``, ``importance.json``, ``cache/`` (the
+float / bf16 safetensors, or compressed-tensors W8A8 / W4A16, which vLLM and plain ``transformers`` load),
+``export/`` (only for a sparse winner: the plain float folder), ``teacher_eval.json``, ``importance.json``, ``cache/`` (the
 teacher's argmax predictions, and its top-k logits unless the teacher distils in the loop),
 ``distill_metrics_<student>.jsonl``, ``report.json``, ``report.md``, ``report.png``. A rerun with the same name reuses finished pieces.
 
@@ -347,10 +347,15 @@ class CausalLMStages(Stages):
         for r in finalists:
             r["final"] = speeds[r["key"]]
             r["ms_per_token_b1"] = 1000.0 / r["final"]["decode_tokens_per_s_b1"]
+        decode_rounds = {k: r["decode_tokens_per_s_b1"] for k, r in self.timing_rounds.items()}
         winner, is_feasible = choose_winner(finalists, teacher_ppl=t_ppl, ppl_budget=s.ppl_budget,
                                             teacher_prefill=speeds[AS_GIVEN]["prefill_tokens_per_s"],
-                                            min_prefill_speedup=s.min_prefill_speedup)
-        self.final = {"speeds": speeds, "finalists": [r["key"] for r in finalists], "winner": winner, "feasible": is_feasible}
+                                            min_prefill_speedup=s.min_prefill_speedup, rounds=decode_rounds, tie_margin=s.tie_margin)
+        if winner.get("tied_with"):
+            log(f"search: {winner['key']} ties on decode speed with {winner['tied_with']} (within noise over "
+                f"{len(decode_rounds[winner['key']])} side-by-side rounds): the smallest of them wins")
+        self.final = {"speeds": speeds, "finalists": [r["key"] for r in finalists], "winner": winner, "feasible": is_feasible,
+                      "timing_rounds": self.timing_rounds}
         self._save_winner(winner)
         self._done("search")
 
@@ -366,21 +371,31 @@ class CausalLMStages(Stages):
             if sp != "none":
                 base = sparsify_lm(base, sparsity=sp, keep_dense=s.sparsity_keep_dense, inplace=True)
             models[key] = quantize_lm(base, method=q, keep_float=s.keep_float, inplace=base is not self.teacher)
-        best: dict[str, dict[str, float]] = {}
+        from slimray.sweep.select import ranking_stable, rounds_summary
+
+        rounds: dict[str, dict[str, list[float]]] = {key: collections.defaultdict(list) for key in timed}
+        keys = list(timed)
+        max_rounds = max(s.max_timing_rounds, s.num_timing_rounds)
         with torch_threads(1):
-            for _ in range(s.num_timing_rounds):
-                for key, (_m, _q, rt, _sp) in timed.items():
-                    got = _time_model(models[key], runtime=rt, search=s.model_dump())
-                    prev = best.setdefault(key, got)
-                    for k, v in got.items():
-                        prev[k] = max(prev[k], v)
+            for i in range(max_rounds):
+                for key in keys[i % len(keys):] + keys[:i % len(keys)]:  # interleaved, the order rotated each round
+                    for k, v in _time_model(models[key], runtime=timed[key][2], search=s.model_dump()).items():
+                        rounds[key][k].append(v)
+                decode = {k: r["decode_tokens_per_s_b1"] for k, r in rounds.items()}
+                if i + 1 >= s.num_timing_rounds and (len(keys) == 1 or ranking_stable(decode)):
+                    break
+        self.timing_rounds = {key: dict(r) for key, r in rounds.items()}
+        best = {key: {k: max(v) for k, v in r.items()} for key, r in rounds.items()}
         for key, v in best.items():
-            log(f"timing: {key}: prefill {v['prefill_tokens_per_s']:.0f} tok/s, decode b1 {v['decode_tokens_per_s_b1']:.1f}, "
-                f"b8 {v['decode_tokens_per_s_b8']:.1f} tok/s")
+            d = rounds_summary(rounds[key]["decode_tokens_per_s_b1"])
+            log(f"timing: {key}: prefill {v['prefill_tokens_per_s']:.0f} tok/s, decode b1 {v['decode_tokens_per_s_b1']:.1f} "
+                f"(spread {100 * d['spread']:.0f}% over {d['num_rounds']} rounds), b8 {v['decode_tokens_per_s_b8']:.1f} tok/s")
         return best
 
     def _save_winner(self, winner: dict[str, Any]) -> None:
-        """``RUN/winner`` (save_lm, compact storage) and ``RUN/export`` (plain HF float folder), both atomic."""
+        """``RUN/winner`` (save_lm: a standard HF folder, compressed-tensors for int8 / int4, that vLLM and plain
+        transformers load), atomic; a sparse winner, whose packing only slimray reads, also gets ``RUN/export``
+        (``export_hf``: the plain float folder)."""
         import shutil
 
         from slimray.families.causal_lm.artifacts import LMArtifactMeta, compact_storage, export_hf, load_lm, save_lm
@@ -404,8 +419,10 @@ class CausalLMStages(Stages):
             if (self.run_dir / name).exists():  # a rerun's search may choose again: replace whole folders
                 shutil.rmtree(self.run_dir / name)
         save_lm(base, tok, self.run_dir / "winner", meta=meta)
-        export_hf(base, tok, self.run_dir / "export", dtype=torch.bfloat16 if winner["quantization"] == "bf16" else torch.float32)
-        log(f"winner: {winner['key']} -> {self.run_dir / 'winner'} ({meta.storage} storage); plain HF export -> {self.run_dir / 'export'}")
+        log(f"winner: {winner['key']} -> {self.run_dir / 'winner'} ({meta.storage} storage)")
+        if sp != "none":
+            export_hf(base, tok, self.run_dir / "export", dtype=torch.bfloat16 if winner["quantization"] == "bf16" else torch.float32)
+            log(f"the winner's sparse packing is slimray's own: plain HF float export -> {self.run_dir / 'export'}")
 
     # -- stage 6 ---------------------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
@@ -414,7 +431,11 @@ class CausalLMStages(Stages):
         from slimray.families.causal_lm.evaluate import dir_size_bytes, perplexity_and_agreement, probe_peak_memory
 
         cfg, s, run_dir = self.cfg, self.cfg.search, self.run_dir
+        from slimray.sweep.select import rounds_summary
+
         w, speeds, t = self.final["winner"], self.final["speeds"], self.teacher_eval
+        rounds = self.final.get("timing_rounds", {})
+        num_rounds = min((len(r["decode_tokens_per_s_b1"]) for r in rounds.values()), default=s.num_timing_rounds)
         reloaded, _, meta = load_lm(run_dir / "winner")
         with torch_threads(1):
             w_ppl, w_agree = perplexity_and_agreement(reloaded, self.eval_windows, reference_argmax=self.teacher_argmax)
@@ -439,7 +460,7 @@ class CausalLMStages(Stages):
                       "sparsity": meta.sparsity,
                       "storage": meta.storage, "perplexity": w_ppl, "top1_agreement": w_agree, "trial_perplexity": w["perplexity"],
                       **wf, "size_bytes": w_size, "peak_memory_bytes": w_peak, "num_layers": w["num_layers"], "params": w["params"],
-                      "kept_layers": meta.reports.get("search", {}).get("kept_layers")}
+                      "kept_layers": meta.reports.get("search", {}).get("kept_layers"), "tied_with": w.get("tied_with", [])}
         vs_given, vs_same = ratios(teacher_given), ratios(teacher_same)
         wall = time.perf_counter() - self.t_start
         targets = {
@@ -456,11 +477,14 @@ class CausalLMStages(Stages):
                                          "(stride = window, first token unscored)",
                            "speed": f"1 torch thread; prefill one [1, {s.prefill_len}] forward; decode {s.num_new_tokens} new tokens "
                                     f"after a 16-token prompt, prefill subtracted; median of {s.num_repeats}, best of "
-                                    f"{s.num_timing_rounds} side-by-side round(s)"},
+                                    f"{num_rounds} interleaved side-by-side round(s) (at least {s.num_timing_rounds}, more "
+                                    f"until the leader held two rounds, at most {s.max_timing_rounds}); a finalist not faster "
+                                    f"beyond noise ({s.tie_margin:.0%} median gap, 3 rounds in 4) ties, the smaller wins"},
             "teacher": teacher_row, "winner": winner_row, "winner_feasible": self.final["feasible"],
             "speedup_vs_teacher_as_given": vs_given,
             "speedup_vs_teacher_same_runtime": vs_same, "teacher_same_runtime_key": same_key if teacher_same else None,
             "side_by_side": speeds, "finalists": self.final["finalists"],
+            "side_by_side_rounds": {key: {k: rounds_summary(v) for k, v in r.items()} for key, r in rounds.items()},
             "targets": {k: {"value": v, "target": tg, "met": (v >= tg - 1e-9) if op == ">=" else (v <= tg + 1e-9)}
                         for k, (v, tg, op) in targets.items()},
             "importance": self.importance,
@@ -487,12 +511,15 @@ class CausalLMStages(Stages):
 
 
 def choose_winner(finalists: list[dict[str, Any]], *, teacher_ppl: float, ppl_budget: float, teacher_prefill: float,
-                  min_prefill_speedup: float | None = None) -> tuple[dict[str, Any] | None, bool]:
+                  min_prefill_speedup: float | None = None, rounds: dict[str, list[float]] | None = None,
+                  tie_margin: float = 0.03) -> tuple[dict[str, Any] | None, bool]:
     """The shared selection (``slimray.sweep.select.pick_winner``) on the finalists' side-by-side timing: the fastest
     batch-1 decode (``ms_per_token_b1``) with perplexity <= ``ppl_budget`` x the teacher's, ties to the smaller;
-    with ``min_prefill_speedup`` only finalists whose ``final`` prefill tok/s reaches it count as feasible. Rows
+    with ``min_prefill_speedup`` only finalists whose ``final`` prefill tok/s reaches it count as feasible. Given the
+    side-by-side ``rounds`` (decode tok/s per round, by key), a feasible finalist the fastest does not beat beyond
+    noise (``select.beats``) ties with it, and the smallest of the tied wins (``tied_with`` names the others). Rows
     carry ``accuracy`` = -perplexity (the shared code maximises accuracy)."""
-    from slimray.sweep.select import pick_winner
+    from slimray.sweep.select import feasible, pick_beyond_noise, pick_winner, rank_fastest
 
     pool = finalists
     if min_prefill_speedup is not None:
@@ -504,6 +531,11 @@ def choose_winner(finalists: list[dict[str, Any]], *, teacher_ppl: float, ppl_bu
     if winner is None or not ok:  # nothing meets every constraint: the perplexity rule alone, flagged infeasible
         return pick_winner(finalists, teacher_accuracy=-teacher_ppl, max_drop=(ppl_budget - 1.0) * teacher_ppl,
                            latency_key="ms_per_token_b1")[0], False
+    if rounds:
+        ranked = rank_fastest(feasible(pool, teacher_accuracy=-teacher_ppl, max_drop=(ppl_budget - 1.0) * teacher_ppl),
+                              latency_key="ms_per_token_b1")
+        winner, tied = pick_beyond_noise(ranked, rounds, margin=tie_margin)
+        winner["tied_with"] = [r["key"] for r in [ranked[0], *tied] if r is not winner]
     return winner, True
 
 
@@ -618,6 +650,16 @@ def render_markdown(r: dict[str, Any]) -> str:
     if same:
         lines.append(f"| teacher in the winner's quantization and runtime ({r['teacher_same_runtime_key']}) | "
                      f"{same['prefill_tokens_per_s']:.2f}x | {same['decode_tokens_per_s_b1']:.2f}x | {same['decode_tokens_per_s_b8']:.2f}x |")
+    spread = r.get("side_by_side_rounds") or {}
+    if spread:
+        lines += ["", "Side-by-side rounds (decode b1 tok/s: best / median / worst round, spread = (best - worst) / best):", "",
+                  "| model | best | median | worst | spread | rounds |", "| --- | --- | --- | --- | --- | --- |"]
+        for key, m in spread.items():
+            d = m["decode_tokens_per_s_b1"]
+            lines.append(f"| {key} | {d['best']:.1f} | {d['median']:.1f} | {d['min']:.1f} | {100 * d['spread']:.0f}% | {d['num_rounds']} |")
+    if w.get("tied_with"):
+        lines += ["", f"The winner ties on decode speed with {', '.join(w['tied_with'])}: the fastest of them did not beat "
+                  "the others beyond noise in the side-by-side rounds, so the smallest model was chosen."]
     if w.get("sparsity", "none") != "none":
         lines += ["", f"The winner is {w['sparsity']} sparse: on CPU its weights run as dense tensors, so its speed against "
                   "the dense teacher in the same quantization and runtime is timing noise, not a speedup from sparsity "

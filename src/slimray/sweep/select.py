@@ -66,3 +66,45 @@ def sweep_failure(trials: list[dict[str, Any]]) -> Exception:
     if why.startswith("the disk is full"):
         return OSError(errno.ENOSPC, f"every sweep trial failed: {why}")
     return RuntimeError(f"every sweep trial failed: {why}")
+
+
+def rounds_summary(samples: list[float]) -> dict[str, float]:
+    """One figure's rounds (higher is better, e.g. tok/s): ``best`` (the figure reported), ``median``, ``min`` and
+    ``spread`` = (best - min) / best, how much the rounds disagreed."""
+    ordered = sorted(samples)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return {"best": ordered[-1], "median": median, "min": ordered[0], "spread": (ordered[-1] - ordered[0]) / ordered[-1],
+            "num_rounds": n}
+
+
+def beats(a: list[float], b: list[float], *, margin: float) -> bool:
+    """Whether ``a`` is faster than ``b`` beyond noise, from rounds timed side by side (``a[i]`` and ``b[i]`` in the
+    same round; higher is better): ``a`` won at least three rounds in four and its median round-by-round ratio over
+    ``b`` exceeds ``1 + margin``. With one round, the ratio alone decides."""
+    assert len(a) == len(b) and a, (len(a), len(b))
+    ratios = sorted(x / y for x, y in zip(a, b))
+    n = len(ratios)
+    median = ratios[n // 2] if n % 2 else (ratios[n // 2 - 1] + ratios[n // 2]) / 2
+    return sum(r > 1 for r in ratios) >= 0.75 * n and median > 1 + margin
+
+
+def pick_beyond_noise(ranked: list[dict[str, Any]], rounds: dict[str, list[float]], *, margin: float,
+                      key: str = "key") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """From ``ranked`` (feasible rows, fastest first by their best round), the row to choose and the rows tied with
+    the fastest: those the fastest does not ``beats`` in the side-by-side ``rounds`` (keyed by ``row[key]``). Among
+    the fastest and its ties the smallest model wins (``size_bytes``), then the faster."""
+    head = ranked[0]
+    tied = [r for r in ranked[1:] if not beats(rounds[head[key]], rounds[r[key]], margin=margin)]
+    pool = [head, *tied]
+    return min(pool, key=lambda r: (r["size_bytes"], pool.index(r))), tied
+
+
+def ranking_stable(rounds: dict[str, list[float]], *, last: int = 2) -> bool:
+    """Whether the leader by best round was the same after each of the ``last`` rounds (more rounds would not
+    change who leads)."""
+    n = min(len(v) for v in rounds.values())
+    if n < last:
+        return False
+    leaders = {max(rounds, key=lambda k: max(rounds[k][:i])) for i in range(n - last + 1, n + 1)}
+    return len(leaders) == 1

@@ -27,22 +27,31 @@ def test_save_and_load(tiny_model, tiny_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("keep_float", [[], ["lm_head"]])
 def test_int8_storage_round_trip(tiny_model, tiny_tokenizer, tmp_path, keep_float):
-    """int8 weights + per-channel scales in safetensors (no pickle): smaller than the float folder, and load_lm
-    rebuilds exactly the token_int8 model that quantizing the float model gives."""
-    from slimray.families.causal_lm.artifacts import INT8_FILE
-    from slimray.families.causal_lm.quantize import quantize_lm
+    """int8 storage is compressed-tensors W8A8 (int8 weights + per-channel scales, layers kept float in ``ignore``):
+    smaller than the float folder, and load_lm rebuilds exactly the token_int8 model that quantizing the float model
+    gives."""
+    import json
+
     from safetensors.torch import load_file
+
+    from slimray.families.causal_lm.quantize import quantize_lm
 
     flt = save_lm(tiny_model, tiny_tokenizer, tmp_path / "f", meta=LMArtifactMeta(quant_method="token_int8", keep_float=keep_float))
     out = save_lm(tiny_model, tiny_tokenizer, tmp_path / "q",
                   meta=LMArtifactMeta(quant_method="token_int8", keep_float=keep_float, storage="int8"))
-    assert not (out / "model.safetensors").exists() and not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
-    stored = load_file(str(out / INT8_FILE))
-    assert stored["model.layers.0.mlp.up_proj.weight.int8"].dtype == torch.int8
-    assert ("lm_head.weight.int8" in stored) == (not keep_float)
-    assert (out / INT8_FILE).stat().st_size < 0.6 * (flt / "model.safetensors").stat().st_size
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt")) and not list(out.glob("slimray_*.safetensors"))
+    stored = load_file(str(out / "model.safetensors"))
+    assert stored["model.layers.0.mlp.up_proj.weight"].dtype == torch.int8
+    assert stored["model.layers.0.mlp.up_proj.weight_scale"].shape == (128, 1)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "lm_head.weight" not in stored and "lm_head" in qcfg["ignore"]  # tied, float (quantized at load)
+    assert qcfg["quant_method"] == "compressed-tensors" and qcfg["format"] == "int-quantized"
+    group = qcfg["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["input_activations"]["strategy"] == "token"
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (flt / "model.safetensors").stat().st_size
     model, _, meta = load_lm(out)
     assert meta.storage == "int8" and isinstance(model.model.layers[0].mlp.up_proj, TokenInt8Linear)
+    assert isinstance(model.lm_head, TokenInt8Linear) == (not keep_float)
     ref = quantize_lm(tiny_model, method="token_int8", keep_float=keep_float)
     ids = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -51,6 +60,28 @@ def test_int8_storage_round_trip(tiny_model, tiny_tokenizer, tmp_path, keep_floa
         assert torch.allclose(got, want, atol=1e-5)
         # the embeddings stay float and exact
         assert torch.equal(model.model.embed_tokens.weight, tiny_model.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("method,storage", [("token_int8", "int8"), ("int4_weight_only", "int4")])
+def test_quantized_folder_loads_in_plain_transformers(tiny_model, tiny_tokenizer, tmp_path, method, storage):
+    """The folder a quantized winner is written to is a standard compressed-tensors checkpoint: plain transformers
+    (with the compressed-tensors package, no slimray code) loads it and its logits match slimray's loaded model."""
+    out = save_lm(tiny_model, tiny_tokenizer, tmp_path / "q", meta=LMArtifactMeta(quant_method=method, storage=storage))
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    ours, _, _ = load_lm(out)
+    ids = torch.randint(3, 250, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        a, b, ref = plain(ids).logits, ours(ids).logits.float(), tiny_model(ids).logits
+    # same stored weights; the two differ only in how activations are rounded (int8: both per token; int4: bf16 in ours)
+    assert (a - b).abs().max() < 0.05 * ref.abs().max(), ((a - b).abs().max(), ref.abs().max())
+    assert torch.equal(a.argmax(-1), b.argmax(-1)) or (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_former_private_storage_is_refused_with_a_clear_error(tiny_model, tiny_tokenizer, tmp_path):
+    out = save_lm(tiny_model, tiny_tokenizer, tmp_path / "f")
+    (out / "slimray_int8.safetensors").write_bytes(b"x")
+    with pytest.raises(ValueError, match="--fresh"):
+        load_lm(out)
 
 
 def test_int8_storage_needs_an_int8_method(tiny_model, tiny_tokenizer, tmp_path):
@@ -82,21 +113,26 @@ def test_export_hf_loads_in_plain_transformers(tiny_model, tiny_tokenizer, tmp_p
 
 
 def test_int4_storage_round_trip(tiny_model, tiny_tokenizer, tmp_path):
-    """int4 codes packed two per byte + per-group lo/scale (no pickle): load_lm rebuilds the very int4 model that
-    quantizing the float model gives, in about half the int8 bytes for the replaced layers."""
+    """int4 storage is compressed-tensors W4A16 (asymmetric, groups of 32, eight codes per int32): load_lm rebuilds
+    the very int4 model that quantizing the float model gives, in fewer bytes than int8."""
+    import json
+
     from safetensors.torch import load_file
 
-    from slimray.families.causal_lm.artifacts import INT4_FILE, INT8_FILE
     from slimray.families.causal_lm.quantize import Int4WeightOnlyLinear, quantize_lm
 
     model = tiny_model
     out = save_lm(model, tiny_tokenizer, tmp_path / "q4", meta=LMArtifactMeta(quant_method="int4_weight_only", storage="int4"))
     q8 = save_lm(model, tiny_tokenizer, tmp_path / "q8", meta=LMArtifactMeta(quant_method="token_int8", storage="int8"))
-    stored = load_file(str(out / INT4_FILE))
-    assert stored["model.layers.0.mlp.up_proj.weight.int4"].dtype == torch.uint8
-    assert stored["model.layers.0.mlp.up_proj.weight.int4"].shape == (128, 32)
-    assert "lm_head.weight.int4" not in stored  # 300 outputs: not a multiple of 16, stays float (and tied)
-    assert (out / INT4_FILE).stat().st_size < (q8 / INT8_FILE).stat().st_size
+    stored = load_file(str(out / "model.safetensors"))
+    assert stored["model.layers.0.mlp.up_proj.weight_packed"].dtype == torch.int32
+    assert stored["model.layers.0.mlp.up_proj.weight_packed"].shape == (128, 8)
+    assert stored["model.layers.0.mlp.up_proj.weight_scale"].shape == (128, 2)
+    assert "lm_head.weight_packed" not in stored  # 300 outputs: not a multiple of 16, stays float (and tied)
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["format"] == "pack-quantized" and "lm_head" in qcfg["ignore"]
+    assert qcfg["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert (out / "model.safetensors").stat().st_size < (q8 / "model.safetensors").stat().st_size
     loaded, _, meta = load_lm(out)
     ref = quantize_lm(model, method="int4_weight_only")
     assert meta.storage == "int4" and isinstance(loaded.model.layers[0].mlp.up_proj, Int4WeightOnlyLinear)

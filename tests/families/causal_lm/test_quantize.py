@@ -60,13 +60,15 @@ def test_int4_weight_only_close_to_float(tiny_model):
     with torch.inference_mode():
         ref, got = tiny_model(ids).logits, q(ids).logits
     assert got.dtype == ref.dtype and ((got - ref).norm() / ref.norm()) < 0.25  # random weights: 4 bits cost ~10%/layer
-    # one layer against its own dequantized weights (w = (q - 8) * scale + zero per group of 32): bf16-activation exact
+    # one layer against its own dequantized weights (min-max over each group of 32 and zero, an integer zero point
+    # zp in -8..7, w = (q - zp) * scale with q in -8..7: compressed-tensors' asymmetric W4A16): bf16-activation exact
     lin = nn.Linear(64, 48, bias=True)
     q4 = Int4WeightOnlyLinear(lin)
     wg = lin.weight.detach().reshape(48, 2, 32)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
     scale = (hi - lo) / 15
-    deq = (((wg - lo) / scale).round().clamp(0, 15) * scale + lo).reshape(48, 64)
+    zp = (-lo / scale).round().sub(8).clamp(-8, 7)
+    deq = (((wg / scale + zp).round().clamp(-8, 7) - zp) * scale).reshape(48, 64)
     x = torch.randn(5, 64)
     with torch.inference_mode():
         want = x.bfloat16().float() @ deq.t() + lin.bias

@@ -5,20 +5,14 @@ weights are stored, and the reports that produced it (kept layers, widths, KD).
 Storage (``LMArtifactMeta.storage``), given the float model:
 - ``float``: ``model.safetensors`` as ``save_pretrained`` writes it (a ``bf16`` artifact in bfloat16): plain
   ``transformers`` loads the folder; int8 modules are rebuilt from the float weights at load.
-- ``int8``: ``slimray_int8.safetensors``: each Linear that the artifact's int8 method quantizes as int8 weights
-  ``<name>.weight.int8`` ``[out, in]`` with one float32 scale per output channel ``<name>.weight.scale``
-  (symmetric, ``scale = max|w_row| / 127``), every other tensor as stored by the model; ``config.json`` is
-  untied where ``lm_head`` is int8. ``load_lm`` rebuilds the float weights (``int8 * scale``) and applies the
-  method: for ``token_int8`` (per-channel, the same scale rule) that gives the very same int8 tensors back. It does
-  so one layer at a time (``_load_compact``): for the ``LAYERWISE_METHODS`` each Linear is rebuilt and quantized
-  before the next, so the whole float model never exists (SmolLM2 token_int8: 552 MiB peak to load and generate,
-  the float teacher 680, 1588 when the float model was built first). About
-  a quarter of the float bytes for the Linear layers, so 2x+ smaller folders; plain transformers does not load
-  this folder, which is why a run also writes ``export_hf`` (a standard float folder).
-- ``int4`` (for ``int4_weight_only``): ``slimray_int4.safetensors``: each Linear the method replaces as 4-bit codes
-  packed two per byte ``<name>.weight.int4`` (uint8 ``[out, in/2]``, even inputs in the low nibble) with float32
-  ``<name>.weight.lo`` / ``<name>.weight.scale`` per group of 32 inputs (``w = q * scale + lo``); the rest as
-  stored by the model. ``load_lm`` rebuilds ``q * scale + lo``, whose int4 quantization gives the same codes back.
+- ``int8`` / ``int4``: a standard quantized HF folder in compressed-tensors (``ctformat``: W8A8 ``int-quantized``
+  for the int8 methods, W4A16 asymmetric ``pack-quantized`` with groups of 32 for ``int4_weight_only``), the format
+  vLLM and plain ``transformers`` (with the ``compressed-tensors`` package) load; layers kept float are the config's
+  ``ignore``, and so is ``lm_head`` (vLLM's LM head takes no compressed-tensors scheme; the loader quantizes it
+  from the stored float weights when the method does). ``load_lm`` rebuilds slimray's own modules from the stored codes one layer at a time
+  (``_load_compact``), so the whole float model never exists (SmolLM2 token_int8: 552 MiB peak to load and
+  generate, the float teacher 680, 1588 when the float model was built first). About a quarter of the float bytes
+  for the Linear layers with int8, an eighth with int4.
 - ``sparse`` / ``sparse_int8`` (a ``meta.sparsity`` other than none, see ``sparsity.py``):
   ``slimray_sparse.safetensors`` / ``slimray_sparse_int8.safetensors``: each pruned Linear weight (the model given
   is already pruned) as ``<name>.weight.sp24_values`` + ``<name>.weight.sp24_codes`` (2:4: kept values ``[out,
@@ -27,7 +21,8 @@ Storage (``LMArtifactMeta.storage``), given the float model:
   zero under the symmetric per-channel scale) and adds ``<name>.weight.scale``; layers kept dense are stored as for
   ``int8`` / the model (bf16 where the method is bf16), and so is a pruned layer whose packing would not be smaller
   (unstructured below 12.5% for int8, 6.25% for bf16, 3.1% for float32: the bitmask costs 1/8 byte a weight).
-  ``load_lm`` rebuilds the dense weights on CPU, bit for bit.
+  ``load_lm`` rebuilds the dense weights on CPU, bit for bit. This packing is slimray's own (no engine reads it): a
+  sparse winner is also written as a standard float folder (``export_hf``).
 
 Written into a temporary sibling folder and renamed, so a folder that exists is complete.
 """
@@ -46,9 +41,10 @@ from pydantic import Field
 
 from safetensors.torch import save_file
 
+from slimray.families.causal_lm import ctformat
 from slimray.families.causal_lm.quantize import (
-    INT4_GROUP_SIZE, LAYERWISE_METHODS, QuantMethod, int4_group_quantize, int4_linear_names, linear_names, quantize_lm,
-    quantize_linear, quantized_linear_names, replace_modules)
+    LAYERWISE_METHODS, Int4WeightOnlyLinear, QuantMethod, linear_names, quantize_lm, quantize_linear,
+    quantized_linear_names, replace_modules, untie_lm_head)
 from slimray.families.causal_lm.runtime import RuntimeName
 from slimray.families.causal_lm.sparsity import (
     SPARSITY_RE, pack_2_4, pack_unstructured, parse_sparsity, sparse_linear_names, unpack_2_4, unpack_unstructured)
@@ -56,12 +52,12 @@ from slimray.families.causal_lm.teacher import load_causal_lm
 from slimray.schema import StrictModel
 
 META_FILE = "slimray_lm.json"
-INT8_FILE = "slimray_int8.safetensors"
-INT4_FILE = "slimray_int4.safetensors"
+WEIGHTS = "model.safetensors"
+LEGACY_FILES = ("slimray_int8.safetensors", "slimray_int4.safetensors")  # before compressed-tensors: no longer read
 INT8_METHODS = ("dynamic_int8", "token_int8", "torchao_int8_weight_only", "torchao_int8_dynamic")
 SPARSE_FILE = "slimray_sparse.safetensors"
 SPARSE_INT8_FILE = "slimray_sparse_int8.safetensors"
-WEIGHT_FILES = {"int8": INT8_FILE, "int4": INT4_FILE, "sparse": SPARSE_FILE, "sparse_int8": SPARSE_INT8_FILE}
+WEIGHT_FILES = {"int8": WEIGHTS, "int4": WEIGHTS, "sparse": SPARSE_FILE, "sparse_int8": SPARSE_INT8_FILE}
 SPARSE_INT8_METHODS = ("token_int8", "dynamic_int8")
 SPARSE_FLOAT_METHODS = ("none", "bf16")
 
@@ -82,7 +78,8 @@ def compact_storage(method: str, *, sparsity: str = "none") -> str:
 class LMArtifactMeta(StrictModel):
     """What ``slimray_lm.json`` holds."""
 
-    format: Literal["slimray.causal_lm/1"] = "slimray.causal_lm/1"
+    format: Literal["slimray.causal_lm/1", "slimray.causal_lm/2"] = Field(
+        "slimray.causal_lm/2", description="2: int8 / int4 in compressed-tensors (1: slimray's former files, refused at load)")
     quant_method: QuantMethod = "none"
     keep_float: list[str] = Field(default_factory=list)
     runtime: RuntimeName = "hf_eager"
@@ -106,34 +103,6 @@ def _atomic_folder(out_dir: str | Path, write) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def compact_state(model: torch.nn.Module, *, storage: str, keep_float: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], bool]:
-    """The tensors ``slimray_int8.safetensors`` / ``slimray_int4.safetensors`` hold for the float ``model`` (see the
-    module doc) and whether ``lm_head`` was stored quantized (then the stored config is untied)."""
-    names = set(int4_linear_names(model, keep_float=keep_float) if storage == "int4" else linear_names(model, keep_float=keep_float))
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    head_int8 = "lm_head" in names
-    for key, t in model.state_dict().items():
-        module = key.rsplit(".", 1)[0]
-        if key.endswith(".weight") and module in names and storage == "int4":
-            q, lo, scale = int4_group_quantize(t.detach(), group_size=INT4_GROUP_SIZE)
-            q = q.to(torch.uint8)
-            out[f"{key}.int4"] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-            out[f"{key}.lo"], out[f"{key}.scale"] = lo.contiguous(), scale.contiguous()
-            continue
-        if key.endswith(".weight") and module in names:
-            w = t.detach().float()
-            scale = w.abs().amax(1).clamp(min=1e-8) / 127.0
-            out[f"{key}.int8"] = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-            out[f"{key}.scale"] = scale.contiguous()
-            continue
-        if t.data_ptr() in seen and not head_int8:  # a tied copy (lm_head = embeddings): stored once
-            continue
-        seen.add(t.data_ptr())
-        out[key] = t.detach().clone().contiguous()
-    return out, head_int8
 
 
 def sparse_state(model: torch.nn.Module, *, meta: LMArtifactMeta) -> tuple[dict[str, torch.Tensor], bool]:
@@ -191,17 +160,19 @@ def save_lm(model: torch.nn.Module, tokenizer, out_dir: str | Path, *, meta: LMA
         raise ValueError(f"sparsity {meta.sparsity!r} is stored as sparse / sparse_int8 or float, not {meta.storage}")
 
     def write(tmp: Path) -> None:
-        if meta.storage in WEIGHT_FILES:
+        if meta.storage in ctformat.CT_FORMATS:
+            # the LM head stays float in the file: vLLM's LM head takes no compressed-tensors scheme, and tied to the
+            # embeddings it costs no bytes; load_lm quantizes it at load when the method does
+            names = quantized_linear_names(model, method="int4_weight_only" if meta.storage == "int4" else "token_int8",
+                                           keep_float=meta.keep_float)
+            ctformat.write_compressed(model, tmp, storage=meta.storage, names=[n for n in names if n != "lm_head"])
+        elif meta.storage in WEIGHT_FILES:
             import copy
 
-            if meta.storage.startswith("sparse"):
-                tensors, head_int8 = sparse_state(model, meta=meta)
-                fmt = f"slimray.{meta.storage}-{meta.sparsity}/1"
-            else:
-                tensors, head_int8 = compact_state(model, storage=meta.storage, keep_float=meta.keep_float)
-                fmt = "slimray.int8-per-channel/1" if meta.storage == "int8" else f"slimray.int4-group{INT4_GROUP_SIZE}/1"
-            save_file(tensors, str(tmp / WEIGHT_FILES[meta.storage]), metadata={"format": fmt})
+            tensors, head_int8 = sparse_state(model, meta=meta)
+            save_file(tensors, str(tmp / WEIGHT_FILES[meta.storage]), metadata={"format": f"slimray.{meta.storage}-{meta.sparsity}/1"})
             config = copy.deepcopy(model.config)
+            config.architectures = [type(model).__name__]  # what save_pretrained records; engines and checks read it
             if head_int8:
                 config.tie_word_embeddings = False
             config.save_pretrained(tmp)
@@ -244,13 +215,8 @@ def _rebuild(stored, base: str, suffix: str, shape: torch.Size) -> torch.Tensor:
         w = (unpack_2_4(t, stored.get_tensor(f"{base}.sp24_codes"), shape=shape) if suffix == "sp24_values"
              else unpack_unstructured(t, stored.get_tensor(f"{base}.spu_mask"), shape=shape))
         return w.float() * stored.get_tensor(f"{base}.scale")[:, None] if w.dtype == torch.int8 else w
-    if suffix == "int8":
-        return t.float() * stored.get_tensor(f"{base}.scale")[:, None]
-    assert suffix == "int4", suffix
-    q = torch.stack([t & 15, t >> 4], dim=-1).reshape(t.shape[0], -1).float()
-    lo, scale = stored.get_tensor(f"{base}.lo"), stored.get_tensor(f"{base}.scale")
-    g = q.shape[1] // lo.shape[1]
-    return (q.reshape(q.shape[0], -1, g) * scale[..., None] + lo[..., None]).reshape(q.shape)
+    assert suffix == "int8", suffix  # a sparse_int8 layer whose packing would not pay: int8 codes + scales
+    return t.float() * stored.get_tensor(f"{base}.scale")[:, None]
 
 
 def _release_freed_memory() -> None:
@@ -270,8 +236,8 @@ def _release_freed_memory() -> None:
 
 
 _MALLOC_TRIM = None
-_MAIN_PARTS = ("int8", "int4", "sp24_values", "spu_values")
-_SIDE_PARTS = ("scale", "lo", "sp24_codes", "spu_mask")
+_MAIN_PARTS = ("int8", "sp24_values", "spu_values")
+_SIDE_PARTS = ("scale", "sp24_codes", "spu_mask")
 
 
 def _load_compact(path: Path, meta: LMArtifactMeta) -> tuple[torch.nn.Module, object, bool]:
@@ -290,6 +256,8 @@ def _load_compact(path: Path, meta: LMArtifactMeta) -> tuple[torch.nn.Module, ob
     read_hf_folder(str(path), field="model folder", model_types=SUPPORTED_MODEL_TYPES, files=(weights.name,),
                    what="the causal_lm family")
     config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    if hasattr(config, "quantization_config"):  # compressed-tensors: slimray builds its own modules from the codes
+        del config.quantization_config
     dtype = torch.bfloat16 if meta.quant_method == "bf16" else torch.float32
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -297,7 +265,10 @@ def _load_compact(path: Path, meta: LMArtifactMeta) -> tuple[torch.nn.Module, ob
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     layerwise = meta.quant_method in LAYERWISE_METHODS
     targets = set(quantized_linear_names(model, method=meta.quant_method, keep_float=meta.keep_float)) if layerwise else set()
-    if tied & {f"{n}.weight" for n in targets}:
+    head_at_load = meta.storage in ctformat.CT_FORMATS and "lm_head" in targets  # stored float (see save_lm)
+    if head_at_load:
+        targets.discard("lm_head")
+    elif tied & {f"{n}.weight" for n in targets}:
         targets.discard("lm_head")  # tied to the embeddings: quantize_lm unties it after loading
         layerwise = False
     loaded: set[str] = set()
@@ -320,9 +291,16 @@ def _load_compact(path: Path, meta: LMArtifactMeta) -> tuple[torch.nn.Module, ob
     with safe_open(str(weights), framework="pt") as stored:
         keys = list(stored.keys())
         compact = []  # (base, main part) of the compactly stored weights
+        if meta.storage in ctformat.CT_FORMATS:  # compressed-tensors: int8 weights / packed int4 codes + their params
+            layers = ctformat.compact_layers(keys, lambda k: stored.get_slice(k).get_dtype())
+            compact = [(f"{m}.weight", kind) for m, kind in layers.items()]
+            skip = {f"{m}.{p}" for m in layers for p in ("weight", *ctformat.SIDE_PARTS)}
         for key in keys:  # first the plain tensors: embeddings, norms, biases, layers kept float
             base, _, suffix = key.rpartition(".")
-            if suffix in _MAIN_PARTS:
+            if meta.storage in ctformat.CT_FORMATS:
+                if key not in skip:
+                    assign(key, stored.get_tensor(key))
+            elif suffix in _MAIN_PARTS:
                 compact.append((base, suffix))
             elif suffix not in _SIDE_PARTS or not base.endswith(".weight"):
                 assign(key, stored.get_tensor(key))
@@ -331,15 +309,29 @@ def _load_compact(path: Path, meta: LMArtifactMeta) -> tuple[torch.nn.Module, ob
     for base, suffix in compact:  # then each compact Linear: rebuilt, and quantized before the next one
         if base not in expected:
             raise ValueError(f"{weights}: unexpected tensor {base!r}")
-        with safe_open(str(weights), framework="pt") as stored:  # reopened: the file's pages read so far are unmapped
-            assign(base, _rebuild(stored, base, suffix, expected[base]))
         module_name = base.rsplit(".", 1)[0]
+        with safe_open(str(weights), framework="pt") as stored:  # reopened: the file's pages read so far are unmapped
+            if meta.storage == "int4":  # the stored codes as they are (no float weight, no re-quantization)
+                if not (layerwise and module_name in targets):
+                    raise ValueError(f"{weights}: {module_name} is stored int4 but {meta.quant_method} does not quantize it")
+                codes = ctformat.read_int4(stored, module_name)
+                replace_modules(model, [module_name], lambda linear: Int4WeightOnlyLinear.from_codes(*codes, bias=linear.bias))
+                loaded.add(base)
+                continue
+            if meta.storage == "int8":
+                q, scale = ctformat.read_int8(stored, module_name)
+                assign(base, q.float() * scale[:, None])
+            else:
+                assign(base, _rebuild(stored, base, suffix, expected[base]))
         if layerwise and module_name in targets:
             replace_modules(model, [module_name], lambda linear: quantize_linear(linear, method=meta.quant_method))
             _release_freed_memory()  # the float weight just dropped: glibc would keep it in its heap
     missing = set(expected) - loaded - tied
     if missing:
         raise ValueError(f"{weights}: missing {sorted(missing)}")
+    if head_at_load:  # the method quantizes the LM head: from its float weights, as quantize_lm would
+        untie_lm_head(model)
+        replace_modules(model, ["lm_head"], lambda linear: quantize_linear(linear, method=meta.quant_method))
     # save_lm stores every layer the method quantizes compactly, so none of them is left in float here
     assert not layerwise or not any(isinstance(model.get_submodule(n), torch.nn.Linear) for n in targets), targets
     model.eval()
@@ -351,6 +343,10 @@ def load_lm(path: str | Path):
     """``(model, tokenizer, meta)`` with the recorded quantization applied (eval mode); compact storage is rebuilt
     layer by layer (``_load_compact``)."""
     meta = load_meta(path)
+    legacy = [f for f in LEGACY_FILES if (Path(path) / f).is_file()]
+    if legacy:
+        raise ValueError(f"{path}: {legacy[0]} is slimray's former private int8/int4 storage, no longer read (int8 and "
+                         f"int4 are now stored in compressed-tensors): rerun the run with --fresh")
     if meta.storage in WEIGHT_FILES:
         model, tok, quantized = _load_compact(Path(path), meta)
     else:

@@ -238,7 +238,12 @@ class LMSearchConfig(StrictModel):
         "timing of the finalists); None: decode speed alone decides")
     max_concurrent_trials: PositiveInt = Field(2, description="trials at once (1 CPU and 1 torch thread each)")
     num_finalists: PositiveInt = Field(3, description="fastest feasible trials re-timed side by side with the teacher")
-    num_timing_rounds: PositiveInt = Field(2, description="side-by-side rounds of the finalists; the fastest round counts")
+    num_timing_rounds: PositiveInt = Field(2, description="side-by-side rounds of the finalists (interleaved, order rotated "
+                                           "each round) at least; the fastest round is the figure, the rounds give its spread")
+    max_timing_rounds: PositiveInt = Field(6, description="more rounds, up to this, until the leader stays the leader for two "
+                                           "rounds")
+    tie_margin: float = Field(0.03, ge=0, le=0.5, description="a finalist faster than another by less than this (median "
+                              "round-by-round ratio), or in fewer than 3 rounds of 4, ties with it: the smaller model wins")
     num_repeats: PositiveInt = Field(3, description="timings per measurement (median)")
     prefill_len: int = Field(256, ge=2, description="prompt tokens of the prefill timing")
     num_new_tokens: int = Field(32, ge=2, description="tokens generated per decode timing")

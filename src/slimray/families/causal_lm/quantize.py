@@ -64,7 +64,7 @@ def linear_names(model: nn.Module, *, keep_float: Sequence[str] = ()) -> list[st
             if isinstance(m, nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p in keep_float)]
 
 
-def _untie(model: nn.Module) -> None:
+def untie_lm_head(model: nn.Module) -> None:
     # quantizing lm_head must not touch the embedding it is tied to: give lm_head its own weight
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
@@ -116,14 +116,17 @@ class TokenInt8Linear(nn.Module):
 
 def int4_group_quantize(w: torch.Tensor, *, group_size: int = INT4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w [n, k]`` -> ``(q int32 [n, k] in 0..15, lo [n, k/group], scale [n, k/group])`` with ``w ~ q * scale + lo``
-    per group of ``group_size`` inputs (asymmetric: ``lo`` is the group's minimum, ``lo + 15 * scale`` its maximum).
-    Quantizing ``q * scale + lo`` again gives the same ``q`` (the minimum and maximum are grid points)."""
+    per group of ``group_size`` inputs (asymmetric min-max: ``scale = (max - min) / 15``, and ``lo = -(zp + 8) *
+    scale`` with an integer zero point ``zp`` in -8..7, the convention of compressed-tensors' W4A16, computed the
+    way it computes codes: ``q - 8 = clamp(round(w / scale + zp), -8, 7)``), so the artifact's stored codes and
+    this function agree exactly."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group_size, group_size)
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
     scale = (hi - lo).clamp(min=1e-8) / 15.0
-    q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-    return q, lo[..., 0], scale[..., 0]
+    zp = (-lo / scale).round().sub(8).clamp(-8, 7)
+    q = (wg / scale + zp).round().clamp(-8, 7).add(8).to(torch.int32).reshape(n, k)
+    return q, (-(zp + 8) * scale)[..., 0], scale[..., 0]
 
 
 def int4_linear_names(model: nn.Module, *, keep_float: Sequence[str] = ()) -> list[str]:
@@ -144,12 +147,25 @@ class Int4WeightOnlyLinear(nn.Module):
         n, k = w.shape
         if k % group_size or n % 16:
             raise ValueError(f"in_features={k} must be a multiple of the int4 group size {group_size}, out_features={n} of 16")
-        q, lo, scale = int4_group_quantize(w, group_size=group_size)
+        self._set_codes(*int4_group_quantize(w, group_size=group_size), group_size=group_size)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, *, bias: torch.Tensor | None = None,
+                   group_size: int = INT4_GROUP_SIZE) -> "Int4WeightOnlyLinear":
+        """The layer of stored codes (``int4_group_quantize``'s ``q``, ``lo``, ``scale``), without a float weight."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._set_codes(q.to(torch.int32), lo.float(), scale.float(), group_size=group_size)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        return self
+
+    def _set_codes(self, q: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, *, group_size: int) -> None:
         zero = lo + 8 * scale  # torch's convention: w = (q - 8) * scale + zero
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
         self.register_buffer("scales_zeros", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        self.in_features, self.out_features, self.group_size = k, n, group_size
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -229,13 +245,13 @@ def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[s
             raise ValueError(f"keep_float is not supported with {method}")
         from torchao.quantization import quantize_
 
-        _untie(model)
+        untie_lm_head(model)
         quantize_(model.to(torch.bfloat16), gpu_quant_config(method))
         return model
     if keep_float and method.startswith("torchao"):
         raise ValueError(f"keep_float is not supported with {method}")
     if "lm_head" not in keep_float or method.startswith("torchao"):
-        _untie(model)
+        untie_lm_head(model)
     if method in LAYERWISE_METHODS:
         replace_modules(model, quantized_linear_names(model, method=method, keep_float=keep_float),
                  lambda linear: quantize_linear(linear, method=method, per_channel=per_channel))

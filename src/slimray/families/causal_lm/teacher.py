@@ -88,13 +88,13 @@ def ensure_smollm2_teacher(out_dir: str | Path) -> Path:
     return convert_gguf(smollm2_gguf_path(), out_dir)
 
 
-def check_causal_lm_folder(path: str | Path, *, field: str = "teacher.path") -> dict:
+def check_causal_lm_folder(path: str | Path, *, field: str = "teacher.path", weights: str = "model.safetensors") -> dict:
     """Validate a local HF folder holding a supported causal LM (the shared folder checks: a folder, not a hub
-    id; config.json; no remote code; safetensors weights); returns its config.json as a dict."""
+    id; config.json; no remote code; safetensors ``weights``); returns its config.json as a dict."""
     from slimray.families.hf import read_hf_folder
 
     try:
-        cfg = read_hf_folder(str(path), field=field, model_types=SUPPORTED_MODEL_TYPES,
+        cfg = read_hf_folder(str(path), field=field, model_types=SUPPORTED_MODEL_TYPES, files=(weights,),
                              what="the causal_lm family (Llama-style causal LMs)")
     except ValueError as err:
         raise ConfigError(str(err)) from None
