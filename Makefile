@@ -52,7 +52,8 @@ test: install
 # the multi-minute tests `make test` leaves out: multi-node training placement, 1 vs 2 workers, FSDP, Optuna + ASHA
 # (compression and distillation sweeps), sweep resume (both kinds), SIGTERM mid-sweep + CLI resume, the 30-epoch worker-kill test,
 # the user MLP on Parquet and the user residual CNN on PNGs end to end, a job submitted to the local multi-node cluster then served,
-# a killed driver resuming, a lost worker in a distillation sweep, the smollm-tiny recipe end to end (Train, Tune, report, Serve)
+# a killed driver resuming, a lost worker in a distillation sweep, the smollm-tiny recipe end to end (Train, Tune, report, Serve),
+# `slimray serve` of int4 / sparse LM and encoder winners, int8 / int4 SmolLM2 winner folders loaded by vLLM (its own venv)
 test-long: install install-vllm
 	$(PY) -m pytest -q -m long
 
