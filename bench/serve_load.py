@@ -31,7 +31,7 @@ In one invocation it measures, for each run and each concurrency (default 1, 8, 
 
 Each level is a closed loop of ``concurrency`` clients (aiohttp or grpc.aio, in this process) sending one item per request,
 bounded by ``--max-requests`` and ``--duration-s``; only 127.0.0.1 is ever contacted. The table gives throughput
-(items/s), p50/p99 latency and the ratios to plain and raw; ``--out`` gets the JSON with the machine's load average.
+(items/s), p50/p99 latency and the ratios to plain (the no-op rows: to ``noop-plain``) and raw; ``--out`` gets the JSON with the machine's load average.
 Ray and the plain server are shut down before the script exits, also on errors. The client shares the CPUs with the
 servers, so absolute numbers are this machine's; compare rows of one invocation.
 """

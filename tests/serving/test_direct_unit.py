@@ -83,3 +83,11 @@ def test_timeout_is_408_and_stop_frees_the_port():
             s.bind(("127.0.0.1", port))
             s.listen()
             DirectIngress(slow_api(0), listen=Listen(port=port), max_ongoing=1, max_queued=1, max_body_bytes=10)
+
+
+def test_health_check_fails_once_the_server_thread_ends():
+    server = DirectIngress(slow_api(0), listen=Listen(port=free_port()), max_ongoing=1, max_queued=1, max_body_bytes=10)
+    server.check()
+    server.stop()
+    with pytest.raises(RuntimeError, match="has stopped"):
+        server.check()

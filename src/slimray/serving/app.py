@@ -68,6 +68,8 @@ class SlimrayModel(GrpcInference):
     def check_health(self) -> None:
         """Serve calls this every ``health_check_period_s``; raising makes Serve replace the replica."""
         self.server.check_health()
+        if self.direct is not None:
+            self.direct.check()
 
 
 # The ASGI app is built per replica (late-bound ingress): the class carries no routes of its own.

@@ -238,6 +238,11 @@ class DirectIngress:
             if grpc_server is not None:
                 await grpc_server.stop(grace=5)
 
+    def check(self) -> None:
+        """Raises when the servers' thread has ended (the replica's health check: Serve then replaces it)."""
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the direct ingress on {self.listen.host}:{self.listen.port} has stopped")
+
     def stop(self) -> None:
         """Stop accepting, let requests in flight finish (bounded), return."""
         if self._http is not None and self._loop is not None and not self._loop.is_closed():
