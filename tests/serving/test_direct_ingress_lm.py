@@ -1,6 +1,7 @@
 """The OpenAI-compatible routes of a causal LM through the direct ingress (the replica's own server, loopback, under
 a route prefix): test_openai_lm.py's client, SSE, API-key and bad-input tests, imported and run against a direct
-deployment of the same tiny Llama."""
+deployment of the same tiny Llama. Marked ``long`` (another LM replica, ~25 s on 2 cores): `make test` stays under
+its 20 minutes; `make test-long` (CI's second step) runs it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from tests.serving.test_openai_lm import (  # noqa: F401  (collected here again,
     test_openai_client_streamed_chat,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 @pytest.fixture(scope="module")
