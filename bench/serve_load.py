@@ -15,18 +15,23 @@ In one invocation it measures, for each run and each concurrency (default 1, 8, 
 * ``plain``          a plain FastAPI + uvicorn server (one worker, sync endpoint, pydantic body, no batching, same
                      model and validation, JSON), started by this script in a subprocess on 127.0.0.1;
 * ``slimray``        ``slimray.serving`` on Ray Serve with exactly the options ``slimray serve RUN`` uses (the run's
-                     config; local Ray, 2 CPUs), JSON bodies;
+                     config, hence its default ingress: ``direct``, the replica's own server; local Ray, 2 CPUs), JSON;
 * ``slimray-binary`` the same deployment with binary bodies (raw float32 + ``X-Shape``; classifiers only);
 * ``slimray-grpc``   the same deployment with ``serve.grpc_port`` set (a Ray of its own), over the Open Inference
-                     Protocol's gRPC service through Serve's gRPC proxy (``ModelInfer`` with ``raw_input_contents``,
-                     tritonclient.grpc's encoding; raw ``grpc.aio`` stubs on one channel, so the client costs little);
-                     the proxy binds every interface in Ray 2.60, the client contacts 127.0.0.1 only;
-* ``slimray-haproxy`` / ``slimray-throughput`` the same behind Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``)
-                     or with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (each gets a Ray of its own), with ``--variants``.
+                     Protocol's gRPC service (``ModelInfer`` with ``raw_input_contents``, tritonclient.grpc's encoding;
+                     raw ``grpc.aio`` stubs on one channel, so the client costs little): on the default ingress, the
+                     replica's own gRPC server on 127.0.0.1;
+* ``slimray-proxy`` / ``slimray-proxy-binary`` the same behind Serve's HTTP proxy (``ingress: proxy``);
+* ``slimray-haproxy`` / ``slimray-throughput`` Serve's proxy path with ``RAY_SERVE_ENABLE_HA_PROXY=1`` (HAProxy in
+                     front of Ray's direct-ingress replicas; needs the ``haproxy`` binary, binds what
+                     docs/serving-ingress.md lists) or with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (each a Ray of its own);
+* ``noop-plain`` / ``noop-serve`` the ceiling of the HTTP stack alone: a FastAPI endpoint that reads the body and
+                     answers ``{"n": len}``, on plain uvicorn (a subprocess) and inside Ray Serve behind its proxy
+                     (``@serve.ingress``), same JSON bodies;
 
 Each level is a closed loop of ``concurrency`` clients (aiohttp or grpc.aio, in this process) sending one item per request,
 bounded by ``--max-requests`` and ``--duration-s``; only 127.0.0.1 is ever contacted. The table gives throughput
-(items/s), p50/p99 latency and the ratios to plain and raw; ``--out`` gets the JSON with the machine's load average.
+(items/s), p50/p99 latency and the ratios to plain (the no-op rows: to ``noop-plain``) and raw; ``--out`` gets the JSON with the machine's load average.
 Ray and the plain server are shut down before the script exits, also on errors. The client shares the CPUs with the
 servers, so absolute numbers are this machine's; compare rows of one invocation.
 """
@@ -38,6 +43,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +53,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fastapi import Request  # module level: the no-op endpoint's annotation resolves here
+
+from slimray.raycompat import HA_PROXY_ENV
 from slimray.serving.protocols import EmbedRequest, PredictRequest  # module level: FastAPI resolves the annotations here
 
 HOST = "127.0.0.1"
@@ -313,13 +322,16 @@ def plain_server_main(run_dir: str, port: int) -> None:
     uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
 
 
-def bench_plain(run_dir: Path, verb: str, bodies: list[bytes], levels: list[int], args) -> list[dict]:
+def bench_plain(run_dir: Path, verb: str, bodies: list[bytes], levels: list[int], args, *, noop: bool = False) -> list[dict]:
     port = free_port()
+    flag = "--noop-server" if noop else "--plain-server"
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--plain-server", "--run-dir", str(run_dir), "--port", str(port)], start_new_session=True,
+        [sys.executable, __file__, flag, "--run-dir", str(run_dir), "--port", str(port)], start_new_session=True,
     )
     try:
         wait_ready(f"http://{HOST}:{port}/healthz", 120)
+        if noop:
+            return load_levels("noop-plain", f"http://{HOST}:{port}/noop", bodies, levels, args)
         return load_levels("plain", f"http://{HOST}:{port}/v1/{verb}", bodies, levels, args)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -330,11 +342,54 @@ def bench_plain(run_dir: Path, verb: str, bodies: list[bytes], levels: list[int]
             proc.wait()
 
 
+def noop_app():
+    """The no-op endpoint: read the body, answer its length (the HTTP stack's own cost, no model, no parsing)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.post("/noop")
+    async def noop(request: Request):
+        return {"n": len(await request.body())}
+
+    return app
+
+
+def bench_noop_serve(bodies: list[bytes], levels: list[int], args) -> list[dict]:
+    """The no-op endpoint inside Ray Serve behind its HTTP proxy (``@serve.ingress``), a Ray of its own."""
+    import ray
+    from ray import serve
+
+    from slimray.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    try:
+        @serve.deployment(ray_actor_options={"num_cpus": 1}, logging_config={"enable_access_log": False})
+        @serve.ingress(noop_app())
+        class Noop:
+            pass
+
+        port = free_port()
+        serve.start(http_options={"host": HOST, "port": port})
+        serve.run(Noop.bind(), name="noop", route_prefix="/")
+        wait_ready(f"http://{HOST}:{port}/healthz", 120)
+        return load_levels("noop-serve", f"http://{HOST}:{port}/noop", bodies, levels, args)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 # ----------------------------------------------------------------------------------------- slimray on Serve
 
 
-ENV_VARIANTS = {"slimray": {}, "slimray-grpc": {}, "slimray-haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+ENV_VARIANTS = {"slimray": {}, "slimray-grpc": {}, "slimray-proxy": {}, "slimray-haproxy": {HA_PROXY_ENV: "1"},
                 "slimray-throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+# the ingress each variant deploys with (None: the user's default, ServeConfig.ingress)
+VARIANT_INGRESS = {"slimray-proxy": "proxy", "slimray-haproxy": "proxy", "slimray-throughput": "proxy"}
 
 
 def bench_slimray(run_dir: Path, verb: str, bodies: list[bytes], binary: list | None, grpc_reqs: list, levels: list[int],
@@ -349,26 +404,34 @@ def bench_slimray(run_dir: Path, verb: str, bodies: list[bytes], binary: list | 
     from slimray.runtime import init_ray
     from slimray.serving.app import build_app, deploy
 
+    from slimray.config import ServeConfig
+
     rows = []
     for name in args.variants:
         for key in {k for env in ENV_VARIANTS.values() for k in env}:
             os.environ.pop(key, None)
         os.environ.update(ENV_VARIANTS[name])
+        if name == "slimray-haproxy" and not shutil.which("haproxy"):
+            print("  slimray-haproxy: skipped (no haproxy binary on PATH)", flush=True)
+            continue
         init_ray(num_cpus=2)
         try:
             opts = user_options(run_dir, name="bench")
+            ingress = VARIANT_INGRESS.get(name, ServeConfig.model_fields["ingress"].default)
             grpc_port = free_port() if name == "slimray-grpc" else None
-            url = deploy(build_app(opts), name="bench", port=free_port(), route_prefix="/", grpc_port=grpc_port)
+            url = deploy(build_app(opts), name="bench", port=free_port(), route_prefix="/", grpc_port=grpc_port, ingress=ingress)
             wait_ready(f"{url}/healthz", 120)
             if grpc_port is not None:
                 rows += load_levels(name, f"{HOST}:{grpc_port}", grpc_reqs, levels, args, loop=grpc_closed_loop)
                 continue
             rows += load_levels(name, f"{url}/v1/{verb}", bodies, levels, args)
-            if binary and name == "slimray":
-                rows += load_levels("slimray-binary", f"{url}/v1/{verb}", binary, levels, args)
+            if binary and name in ("slimray", "slimray-proxy"):
+                rows += load_levels(f"{name}-binary", f"{url}/v1/{verb}", binary, levels, args)
         finally:
             serve.shutdown()
             ray.shutdown()
+    for key in {k for env in ENV_VARIANTS.values() for k in env}:  # later Rays (the no-op rows) start without them
+        os.environ.pop(key, None)
     return rows
 
 
@@ -377,7 +440,9 @@ def bench_slimray(run_dir: Path, verb: str, bodies: list[bytes], binary: list | 
 
 def table(rows: list[dict], levels: list[int]) -> str:
     by = {(r["system"], r["concurrency"]): r for r in rows}
-    systems = [s for s in ("raw", "in-process", "plain", "slimray", "slimray-binary", "slimray-grpc", "slimray-haproxy", "slimray-throughput") if any(k[0] == s for k in by)]
+    order = ("raw", "in-process", "plain", "slimray", "slimray-binary", "slimray-grpc", "slimray-proxy", "slimray-proxy-binary",
+             "slimray-haproxy", "slimray-throughput", "noop-plain", "noop-serve")
+    systems = [s for s in order if any(k[0] == s for k in by)]
     lines = ["| system | concurrency | items/s | p50 ms | p99 ms | errors | vs plain | vs raw |", "|---|---|---|---|---|---|---|---|"]
     for c in levels:
         plain, raw = by.get(("plain", c)), by.get(("raw", c))
@@ -385,7 +450,8 @@ def table(rows: list[dict], levels: list[int]) -> str:
             r = by.get((s, c))
             if r is None:
                 continue
-            vs_plain = f"{r['examples_per_s'] / plain['examples_per_s']:.2f}x" if plain and s.startswith("slimray") and plain["examples_per_s"] else ""
+            base = by.get(("noop-plain", c)) if s.startswith("noop") else plain
+            vs_plain = f"{r['examples_per_s'] / base['examples_per_s']:.2f}x" if base and s.startswith(("slimray", "noop")) and base["examples_per_s"] else ""
             vs_raw = f"{r['examples_per_s'] / raw['examples_per_s']:.2f}x" if raw and s != "raw" and raw["examples_per_s"] else ""
             lines.append(
                 f"| {s} | {c} | {r['examples_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | {vs_plain} | {vs_raw} |"
@@ -414,6 +480,10 @@ def bench_run(run_dir: Path, levels: list[int], args) -> dict:
     if "slimray" not in args.skip:
         print("slimray on Ray Serve", flush=True)
         rows += bench_slimray(run_dir, verb, bodies, binary, grpc_reqs, levels, args)
+    if "noop" not in args.skip:
+        print("no-op endpoint: plain uvicorn, then Ray Serve behind its proxy (the same JSON bodies)", flush=True)
+        rows += bench_plain(run_dir, verb, bodies, levels, args, noop=True)
+        rows += bench_noop_serve(bodies, levels, args)
     return {"run_dir": str(run_dir), "kind": codec.kind, "request_bytes": [len(b) for b in bodies],
             "grpc_request_bytes": [r.ByteSize() for r in grpc_reqs], "options": user_options(run_dir).model_dump(),
             "rows": rows, "table": table(rows, levels)}
@@ -426,16 +496,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=6.0, help="measured seconds per level (bound)")
     p.add_argument("--max-requests", type=int, default=20_000, help="requests per level (bound)")
     p.add_argument("--warmup-s", type=float, default=1.0)
-    p.add_argument("--variants", nargs="+", default=["slimray", "slimray-grpc"], choices=list(ENV_VARIANTS))
-    p.add_argument("--skip", nargs="*", default=[], choices=["raw", "plain", "slimray"])
+    p.add_argument("--variants", nargs="+", default=["slimray", "slimray-grpc", "slimray-proxy"], choices=list(ENV_VARIANTS))
+    p.add_argument("--skip", nargs="*", default=[], choices=["raw", "plain", "slimray", "noop"])
     p.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
     # internal: the plain server's subprocess
     p.add_argument("--plain-server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--noop-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.plain_server:
         plain_server_main(str(args.run_dir[0]), args.port)
+        return 0
+    if args.noop_server:
+        import uvicorn
+
+        uvicorn.run(noop_app(), host=HOST, port=args.port, log_level="warning", access_log=False)
         return 0
     if not args.run_dir or not all((d / "winner" / "spec.json").is_file() for d in args.run_dir):
         p.error("--run-dir must name finished runs, each with winner/spec.json")
@@ -450,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for run_dir in args.run_dir:
             runs.append(bench_run(run_dir, levels, args))
+            args.skip = [*args.skip, "noop"]  # the no-op rows once (they do not depend on the run)
     finally:
         try:
             import ray
@@ -470,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "run_dir" else v)
-                     for k, v in vars(args).items() if k not in ("plain_server", "port")},
+                     for k, v in vars(args).items() if k not in ("plain_server", "noop_server", "port")},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_at_start": load_at_start,
                     "loadavg_at_end": load_at_end},
         "wall_s": round(time.time() - t0, 1),

@@ -102,3 +102,28 @@ def test_text_runs_take_grpc_port_too():
     family, cfg = cli._load_any(cli._parser().parse_args(["run", "--recipe", "minilm", "--grpc-port", "9321"]))
     assert family.name == "sentence_encoder" and cfg.serve.grpc_port == 9321
     assert cli._load_any(cli._parser().parse_args(["run", "--recipe", "minilm"]))[1].serve.grpc_port is None
+
+
+def test_ingress_defaults_to_direct_the_flag_wins_and_reaches_deploy(run_dir, monkeypatch):
+    """`serve.ingress` (default direct) reaches deploy(); `--ingress proxy` overrides it; a bad value or autoscaling
+    with the direct ingress fails at load, naming the field."""
+    from pydantic import ValidationError
+
+    from slimray.config import ServeConfig
+
+    folder, seen = run_dir
+    assert cli.main(["serve", str(folder)]) == 0 and seen["cfg"].ingress == "direct"
+    assert cli.main(["serve", str(folder), "--ingress", "proxy"]) == 0 and seen["cfg"].ingress == "proxy"
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["serve", str(folder), "--ingress", "haproxy"])
+    with pytest.raises(ValidationError, match="ingress"):
+        ServeConfig(ingress="haproxy")
+    with pytest.raises(ValidationError, match="ingress: proxy"):
+        ServeConfig(max_replicas=2)
+    assert ServeConfig(ingress="proxy", max_replicas=2).max_replicas == 2
+    calls = {}
+    monkeypatch.setattr("slimray.serving.app.deploy", lambda app, **kw: calls.update(kw) or "http://127.0.0.1:8123")
+    cli._serve_run_dir(folder, ServeConfig(port=8123), name="flags")
+    assert calls["ingress"] == "direct"
+    cli._serve_run_dir(folder, ServeConfig(port=8123, ingress="proxy"), name="flags")
+    assert calls["ingress"] == "proxy"

@@ -289,6 +289,21 @@ def test_rayservice_serve_config_matches_serve_schema():
     assert deploy.http_options.host == "0.0.0.0" and deploy.http_options.port == 8000
 
 
+def test_rayservice_uses_serves_proxy_ingress_without_haproxy_or_grpc():
+    """The RayService's ingress is Serve's proxy on every node (docs/serving-ingress.md): not Ray's direct ingress or
+    HAProxy (their env switches are absent from every container: HAProxy binds stats/metrics on every interface),
+    and no gRPC proxy (Ray 2.60's binds every interface)."""
+    from slimray.raycompat import DIRECT_INGRESS_ENV, HA_PROXY_ENV
+
+    config = _serve_config()
+    assert config["proxy_location"] == "EveryNode" and "grpc_options" not in config
+    spec = _cluster_spec(_manifest("rayservice.yaml"))
+    for template in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+        for c in template["spec"]["containers"]:
+            names = {e["name"] for e in c.get("env", [])}
+            assert not names & {DIRECT_INGRESS_ENV, HA_PROXY_ENV}, (c["name"], names)
+
+
 def test_rayservice_import_path_and_args_resolve():
     (app,) = _serve_config()["applications"]
     module_name, attr = app["import_path"].split(":")

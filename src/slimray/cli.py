@@ -3,7 +3,7 @@
     slimray run [--recipe NAME | --config FILE] [--space FILE] [--out DIR] [--address ADDR] [--no-serve] [--fresh] [--port N] [--grpc-port N]
     slimray distill [--recipe NAME | --config FILE] [--num-workers N]
     slimray sweep [--recipe NAME | --config FILE] [--space FILE] [--student DIR] [--resume]
-    slimray serve RUN_DIR [--port N] [--replicas N] [--host HOST] [--grpc-port N] [--address ADDR]
+    slimray serve RUN_DIR [--port N] [--replicas N] [--host HOST] [--grpc-port N] [--ingress direct|proxy] [--address ADDR]
     slimray export RUN_DIR --format onnx|torch-export [--trial KEY] --out FILE
     slimray recipes
     slimray init --model PKG.MODULE:FACTORY --weights W.safetensors --data PATH [--code-dir DIR] [--out slimray.yaml]
@@ -121,8 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="HTTP port (default: the run's config, 8000)")
     srv.add_argument("--host", help="bind address (default: the run's config, loopback)")
     srv.add_argument("--replicas", type=int, help="replica count (default: the run's config)")
-    srv.add_argument("--grpc-port", type=int, help="also serve OIP v2 over gRPC on this port (Serve's gRPC proxy binds "
-                                                   "every interface; default: the run's config, off)")
+    srv.add_argument("--grpc-port", type=int, help="also serve OIP v2 over gRPC on this port (on --host with the direct "
+                                                   "ingress; Serve's gRPC proxy binds every interface; default: the run's config, off)")
+    srv.add_argument("--ingress", choices=["direct", "proxy"], help="direct: the replicas serve HTTP themselves (one node); "
+                                                                   "proxy: Ray Serve's proxy (default: the run's config, direct)")
     srv.add_argument("--address", help="Ray cluster address")
 
     exp = sub.add_parser("export", help="export the winner (or a trial) to ONNX or a torch.export program, checked")
@@ -166,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve_flags(args) -> dict:
     """The `slimray serve` flags the user gave (None = keep the run's config)."""
-    given = {"port": args.port, "host": args.host, "num_replicas": args.replicas, "grpc_port": args.grpc_port}
+    given = {"port": args.port, "host": args.host, "num_replicas": args.replicas, "grpc_port": args.grpc_port,
+             "ingress": args.ingress}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -176,7 +179,7 @@ def _serve_run_dir(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> str:
 
     options = options_for_run(run_dir, serve_config=serve_cfg, name=name)
     return deploy(build_app(options), name=name, host=serve_cfg.host, port=serve_cfg.port, route_prefix=serve_cfg.route_prefix,
-                  grpc_port=serve_cfg.grpc_port)
+                  grpc_port=serve_cfg.grpc_port, ingress=getattr(serve_cfg, "ingress", "proxy"))
 
 
 class _Terminated(Exception):
@@ -233,7 +236,7 @@ def _check_and_wait(url: str, run_dir: Path, serve_cfg, family) -> None:
 
 
 def _note_grpc_bind(serve_cfg) -> None:
-    """One line: Serve's gRPC proxy (Ray 2.60) has no host option and binds every interface."""
+    """One line: Serve's gRPC proxy (Ray 2.60; ingress proxy) has no host option and binds every interface."""
     keyed = bool(os.environ.get(serve_cfg.api_key_env) or serve_cfg.api_key_file)
     print(f"slimray: {'note' if keyed else 'WARNING'}: Serve's gRPC proxy binds every interface ([::]:{serve_cfg.grpc_port}), "
           f"not {serve_cfg.host}" + ("" if keyed else f", and no API key is set (${serve_cfg.api_key_env}): anyone who can reach "
@@ -244,7 +247,7 @@ def _serve_until_interrupted(run_dir: Path, serve_cfg, *, name: str, family) -> 
     from slimray.exposure import warn_if_exposed
 
     warn_if_exposed(host=serve_cfg.host, api_key_env=serve_cfg.api_key_env, api_key_file=serve_cfg.api_key_file)
-    if serve_cfg.grpc_port is not None:
+    if serve_cfg.grpc_port is not None and getattr(serve_cfg, "ingress", "proxy") == "proxy":
         _note_grpc_bind(serve_cfg)
     return _serving(name, lambda: _check_and_wait(_serve_run_dir(run_dir, serve_cfg, name=name), run_dir, serve_cfg, family))
 

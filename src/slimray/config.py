@@ -323,6 +323,12 @@ class SearchConfig(StrictModel):
 
 
 class ServeConfig(StrictModel):
+    ingress: Literal["direct", "proxy"] = Field(
+        "direct",
+        description="direct: each replica serves HTTP (and gRPC) itself on host:port, several replicas on one node share "
+                    "the port (single node; fastest); proxy: Ray Serve's HTTP proxy on host:port routes to the replicas "
+                    "(clusters, autoscaling). What each binds: docs/serving-ingress.md",
+    )
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the endpoint")
     port: int = Field(8000, ge=1, le=65535)
     num_replicas: PositiveInt = 1
@@ -359,14 +365,20 @@ class ServeConfig(StrictModel):
     # the Open Inference Protocol over gRPC, through Serve's gRPC proxy
     grpc_port: int | None = Field(
         None, ge=1, le=65535,
-        description="port of Serve's gRPC proxy (OIP v2 GRPCInferenceService); None: no gRPC. Ray 2.60's gRPC proxy "
-                    "binds every interface ([::]:PORT), whatever `host` says",
+        description="OIP v2 GRPCInferenceService on this port; None: no gRPC. ingress direct: the replicas bind host:PORT; "
+                    "ingress proxy: Ray 2.60's gRPC proxy binds every interface ([::]:PORT), whatever `host` says",
     )
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> ServeConfig:
         if self.grpc_port is not None and self.grpc_port == self.port:
             raise ValueError(f"grpc_port must differ from port (both {self.port})")
+        if self.ingress == "direct" and self.max_replicas is not None:
+            raise ValueError("max_replicas (autoscaling) needs ingress: proxy (the direct ingress bypasses the request "
+                             "counts Serve's autoscaler reads)")
+        if self.ingress == "direct" and self.max_replicas_per_node is not None:
+            raise ValueError("max_replicas_per_node spreads replicas over nodes: use ingress: proxy (the direct ingress "
+                             "serves one node)")
         check_lm_limits(self)
         return self
 

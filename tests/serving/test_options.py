@@ -54,10 +54,10 @@ def test_bad_options_are_refused(bad):
 
 
 def test_every_serve_config_field_reaches_the_options():
-    """The CLI passes every ServeConfig field named like a ServeOptions field; only the bind address and route
-    prefix and the gRPC port go to deploy() instead. Same defaults on both sides."""
+    """The CLI passes every ServeConfig field named like a ServeOptions field; only the ingress, the bind address,
+    route prefix and the gRPC port go to deploy() instead. Same defaults on both sides."""
     cfg, options = set(ServeConfig.model_fields), set(ServeOptions.model_fields)
-    assert cfg - options == {"host", "port", "route_prefix", "grpc_port"}
+    assert cfg - options == {"ingress", "host", "port", "route_prefix", "grpc_port"}
     for field in cfg & options:
         assert ServeConfig.model_fields[field].default == ServeOptions.model_fields[field].default, field
     ServeOptions(model_dir="/x", name="m", **ServeConfig().model_dump(include=options))

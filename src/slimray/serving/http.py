@@ -5,7 +5,8 @@ Every error is JSON ``{"error": message}`` with a 4xx/5xx status: ``RequestError
 ``api_key_denied`` checks ``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` in constant time; ``read_api_key``
 reads the key inside the replica, from its own environment or a file (it is never passed through Ray).
 ``read_body`` counts bytes as they arrive and stops at the limit with a 413 (a chunked body is never read whole);
-``json_response`` writes NaN/Inf as ``null`` so every answer is valid JSON.
+``json_response`` writes NaN/Inf as ``null`` so every answer is valid JSON. ``AllowOptions`` answers ``OPTIONS``
+with the ``Allow`` header of the route the path matches (the methods it really takes).
 """
 
 from __future__ import annotations
@@ -128,6 +129,31 @@ def unknown_model(name: str, served: str) -> JSONResponse | None:
     if name == served:
         return None
     return error_response(404, f"unknown model {name[:100]!r}; this endpoint serves {served!r}")
+
+
+class AllowOptions:
+    """Pure ASGI middleware: ``OPTIONS PATH`` gets 204 with ``Allow`` listing the methods PATH's routes take (plus
+    OPTIONS), or the app's own 404 when no route matches. No CORS headers: cross-origin calls stay refused."""
+
+    def __init__(self, app, api: FastAPI) -> None:
+        self.app, self.api = app, api
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        from starlette.routing import Match
+
+        methods: set[str] = set()
+        for route in self.api.router.routes:  # PARTIAL: the path matches, the method (OPTIONS) does not
+            if getattr(route, "methods", None) and route.matches(scope)[0] is not Match.NONE:
+                methods |= set(route.methods)
+        if not methods:
+            await self.app(scope, receive, send)  # the app's 404
+            return
+        allow = ", ".join(sorted(methods | {"OPTIONS"}))
+        await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", allow.encode())]})
+        await send({"type": "http.response.body", "body": b""})
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,7 +1,8 @@
 """The model server inside a replica: the codec's forward pass, batched across requests, off the event loop.
 
 ``ModelServer.infer(items)`` is what every protocol awaits. Inside a Serve replica, requests' items are gathered
-by ``@serve.batch`` (``max_batch_size`` items, ``batch_wait_timeout_s``) into one forward pass and split back;
+by ``@serve.batch`` (``max_batch_size`` items, ``batch_wait_timeout_s``) into one forward pass and split back
+(a request alone in flight skips the wait);
 the forward runs on one dedicated thread so the event loop keeps parsing requests meanwhile
 (``forward_in_thread``). Outside a replica (tests, benchmarks) each call runs on its own.
 """
@@ -38,6 +39,7 @@ class ModelServer:
         self.on_batch = None  # metrics hook: called with the batch size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimray-forward")
         self.replica_id = None
+        self._inflight = 0  # infer() calls in progress (one event loop: no lock needed)
         try:
             ctx = serve.get_replica_context()
         except Exception:
@@ -70,10 +72,16 @@ class ModelServer:
         return answers
 
     async def infer(self, items: Any) -> dict[str, np.ndarray]:
-        """Batched inference for one request's items (a request larger than a batch runs on its own)."""
-        if self._batched is None or len(items) > self.options.max_batch_size:
-            return await self._forward_async(items)
-        return await self._batched(items)
+        """Batched inference for one request's items (a request larger than a batch runs on its own, and so does a
+        request that finds no other one in flight: nothing could join its batch, so it does not wait
+        ``batch_wait_timeout_s`` for company)."""
+        self._inflight += 1
+        try:
+            if self._batched is None or len(items) > self.options.max_batch_size or self._inflight == 1:
+                return await self._forward_async(items)
+            return await self._batched(items)
+        finally:
+            self._inflight -= 1
 
     def check_health(self) -> None:
         """Raises when the model answers NaN/Inf on a probe input (Serve then replaces the replica)."""

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slimray.families.causal_lm import openai as oa
 from slimray.serving.http import RequestError as HttpRequestError
-from slimray.serving.http import api_key_denied, json_response, read_body
+from slimray.serving.http import AllowOptions, api_key_denied, json_response, read_body
 from slimray.serving.model import ModelServer
 from slimray.serving.protocols import MetricsMiddleware, _Metrics
 
@@ -77,6 +77,7 @@ def build_openai_api(server: ModelServer, *, api_key: str | None, metrics: bool 
         engine.on_step = m.batch.observe
         engine.on_tokens = lambda n: m.tokens.inc(n)
     api.add_middleware(MetricsMiddleware, metrics=m)
+    api.add_middleware(AllowOptions, api=api)
 
     def denied(request: Request) -> Response | None:
         if api_key_denied(request, api_key) is None:

@@ -42,6 +42,7 @@ from slimray.serving.http import (
     json_response,
     parse_json,
     read_body,
+    AllowOptions,
     unknown_model,
     validation_message,
 )
@@ -57,7 +58,8 @@ HEADER_LENGTH = "inference-header-content-length"
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    inputs: list[Any] = Field(description="a batch of examples as nested lists, in the dataset's raw units")
+    inputs: list[Any] = Field(description="a non-empty batch of examples as nested lists, in the dataset's raw units",
+                              json_schema_extra={"minItems": 1})
 
 
 class PredictResponse(BaseModel):
@@ -68,7 +70,7 @@ class PredictResponse(BaseModel):
 
 class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: list[Any] = Field(description="sentences to embed (strings)")
+    texts: list[Any] = Field(description="sentences to embed (strings), at least one", json_schema_extra={"minItems": 1})
 
 
 class EmbedResponse(BaseModel):
@@ -80,7 +82,8 @@ class EmbedResponse(BaseModel):
 
 class InstancesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    instances: list[Any] = Field(description="examples (classifier) or strings (sentence encoder)")
+    instances: list[Any] = Field(description="examples (classifier) or strings (sentence encoder), at least one",
+                                 json_schema_extra={"minItems": 1})
 
 
 class PredictionsResponse(BaseModel):
@@ -249,6 +252,7 @@ def build_api(server: ModelServer, *, api_key: str | None, metrics: bool = False
     if m is not None:
         server.on_batch = m.batch.observe
     api.add_middleware(MetricsMiddleware, metrics=m)
+    api.add_middleware(AllowOptions, api=api)
 
     def guard(request: Request, model: str | None = None) -> Response | None:
         if denied := api_key_denied(request, api_key):
@@ -411,8 +415,16 @@ def build_api(server: ModelServer, *, api_key: str | None, metrics: bool = False
     native_req, native_resp = (PredictRequest, PredictResponse) if codec.v1_verb == "predict" else (EmbedRequest, EmbedResponse)
     native_body = body(native_req)
     if codec.v1_verb == "predict":
-        native_body["requestBody"]["content"].update({RAW_TYPE: {"schema": {"type": "string", "format": "binary"}},
-                                                      NPY_TYPES[0]: {"schema": {"type": "string", "format": "binary"}}})
+        example = ",".join(map(str, [1, *getattr(getattr(getattr(codec, "spec", None), "input", None), "shape", [1, 28, 28])]))
+        native_body["requestBody"]["content"].update({
+            RAW_TYPE: {"schema": {"type": "string", "format": "binary",
+                                  "description": "raw little-endian float32, row-major; needs the X-Shape header"}},
+            NPY_TYPES[0]: {"schema": {"type": "string", "format": "binary", "description": "a .npy array (no pickle)"}}})
+        native_body["parameters"] = [{
+            "name": "X-Shape", "in": "header", "required": False,
+            "description": "required with an application/octet-stream body: its shape, batch first "
+                           f"(e.g. {example}); ignored with JSON and .npy bodies",
+            "schema": {"type": "string", "pattern": "^[0-9]+(,[0-9]+)*$", "example": example}}]
     api.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"], responses=unready)
     api.add_api_route("/v1/models", models, methods=["GET"], tags=["v1"], responses=auth)
     api.add_api_route("/v1/replica", replica, methods=["GET"], tags=["v1"], summary="which replica and node answered", responses=auth)
