@@ -1,5 +1,5 @@
 """Every family's winner served the way a user serves it: ``slimray serve RUN`` in a subprocess (against the test
-session's cluster), then a real request over HTTP. Quantized winners included: a causal LM stored in
+session's cluster, with the default ingress), then a real request over HTTP. Quantized winners included: a causal LM stored in
 compressed-tensors int8 and int4, and one in slimray's sparse int8 packing; the OpenAI routes answer the official
 ``openai`` client (a completion and a streamed chat)."""
 
@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+
+from tests.serving.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -111,12 +113,13 @@ def _wait(served: Served, timeout: float = 240) -> None:
 
 # int8 in `make test`; int4 and the sparse packing with the long tests (each CLI start is ~30-45 s on 2 cores)
 @pytest.mark.parametrize("kind", ["int8", pytest.param("int4", marks=pytest.mark.long), pytest.param("sparse", marks=pytest.mark.long)])
-def test_causal_lm_winner_served_through_the_cli_answers_the_openai_client(lm_runs, kind, serve_port, ray_session):
+def test_causal_lm_winner_served_through_the_cli_answers_the_openai_client(lm_runs, kind, ray_session):
     from openai import OpenAI
 
     from slimray.families.causal_lm.artifacts import load_lm
 
     run = lm_runs[kind]
+    serve_port = free_port()
     served = Served(run, port=serve_port, address=ray_session.get_runtime_context().gcs_address)
     try:
         _wait(served)
@@ -145,7 +148,8 @@ def test_causal_lm_winner_served_through_the_cli_answers_the_openai_client(lm_ru
 
 
 @pytest.mark.long
-def test_sentence_encoder_winner_served_through_the_cli(encoder_run, serve_port, ray_session):
+def test_sentence_encoder_winner_served_through_the_cli(encoder_run, ray_session):
+    serve_port = free_port()
     served = Served(encoder_run, port=serve_port, address=ray_session.get_runtime_context().gcs_address)
     try:
         _wait(served)
@@ -159,8 +163,9 @@ def test_sentence_encoder_winner_served_through_the_cli(encoder_run, serve_port,
     assert served.proc.returncode == 130, "".join(served.lines[-40:])
 
 
-def test_classifier_winner_served_through_the_cli(digits_run, digits, serve_port, ray_session):
+def test_classifier_winner_served_through_the_cli(digits_run, digits, ray_session):
     run_dir, report = digits_run
+    serve_port = free_port()
     served = Served(run_dir, port=serve_port, address=ray_session.get_runtime_context().gcs_address)
     try:
         _wait(served)
