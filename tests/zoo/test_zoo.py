@@ -5,14 +5,15 @@ pruned + quantized trial in each runtime (torch dynamic int8, ONNX Runtime fp32 
 sweep saves it, loaded as a replica loads it, checked against the torch model and served over the HTTP app with
 the same answer as in-process.
 
-``make test`` runs the fast subset (a depthwise + squeeze-excite CNN, a timm ViT, the ``nn.TransformerEncoder``
-ViT); the rest are ``long``. Serving goes through the replica's FastAPI app in-process (``ModelServer`` +
+``make test`` runs the fast subset (a depthwise + squeeze-excite CNN, a timm ViT; ``tests/compress/test_attention.py``
+covers ``nn.TransformerEncoder`` there); the rest are ``long``. Serving goes through the replica's FastAPI app in-process (``ModelServer`` +
 ``build_api``); the user-ViT end-to-end test in ``tests/byom`` serves through Ray Serve.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,25 +32,10 @@ from slimray.serving.model import ModelServer
 from slimray.serving.protocols import build_api
 from slimray.sweep.search import save_trial
 
-ZOO_DIR = Path(__file__).resolve().parent
-BYOM_DIR = ZOO_DIR.parent / "byom"
-IMAGE = [3, 32, 32]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from zoo_models import ZOO  # noqa: E402
 
-# id: (factory, kwargs, code folder, input shape)
-ZOO: dict[str, tuple[str, dict, Path, list[int]]] = {
-    "timm-mobilenetv3_small_050": ("zoo_models:timm_model", {"name": "mobilenetv3_small_050"}, ZOO_DIR, IMAGE),
-    "timm-vit_tiny_patch16": ("zoo_models:timm_model", {"name": "vit_tiny_patch16_224", "img_size": 32}, ZOO_DIR, IMAGE),
-    "user-vit-nn.TransformerEncoder": ("user_models:vit", {}, BYOM_DIR, [1, 8, 8]),
-    "timm-resnet18": ("zoo_models:timm_model", {"name": "resnet18"}, ZOO_DIR, IMAGE),
-    "timm-efficientnet_b0": ("zoo_models:timm_model", {"name": "efficientnet_b0"}, ZOO_DIR, IMAGE),
-    "timm-convnext_atto": ("zoo_models:timm_model", {"name": "convnext_atto"}, ZOO_DIR, IMAGE),
-    "timm-regnety_002": ("zoo_models:timm_model", {"name": "regnety_002"}, ZOO_DIR, IMAGE),
-    "timm-ghostnet_050": ("zoo_models:timm_model", {"name": "ghostnet_050"}, ZOO_DIR, IMAGE),
-    "timm-deit_tiny_patch16": ("zoo_models:timm_model", {"name": "deit_tiny_patch16_224", "img_size": 32}, ZOO_DIR, IMAGE),
-    "torchvision-mobilenet_v3_small": ("zoo_models:torchvision_model", {"name": "mobilenet_v3_small"}, ZOO_DIR, IMAGE),
-    "torchvision-resnet18": ("zoo_models:torchvision_model", {"name": "resnet18"}, ZOO_DIR, IMAGE),
-}
-FAST = ("timm-mobilenetv3_small_050", "timm-vit_tiny_patch16", "user-vit-nn.TransformerEncoder")
+FAST = ("timm-mobilenetv3_small_050", "timm-vit_tiny_patch16")  # nn.TransformerEncoder: tests/compress/test_attention.py
 TRIALS = (("dynamic_int8", "torch"), ("none", "onnxruntime"), ("static_int8", "onnxruntime"))
 
 

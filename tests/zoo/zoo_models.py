@@ -18,6 +18,24 @@ from pathlib import Path
 from torch import nn
 
 ZOO_PACKAGES = Path(sys.prefix) / "zoo-packages"
+ZOO_DIR = Path(__file__).resolve().parent
+BYOM_DIR = ZOO_DIR.parent / "byom"
+IMAGE = [3, 32, 32]
+
+# the zoo: id -> (factory, kwargs, code folder, input shape); tests/zoo/test_zoo.py and bench/zoo.py read it
+ZOO: dict[str, tuple[str, dict, Path, list[int]]] = {
+    "timm-mobilenetv3_small_050": ("zoo_models:timm_model", {"name": "mobilenetv3_small_050"}, ZOO_DIR, IMAGE),
+    "timm-vit_tiny_patch16": ("zoo_models:timm_model", {"name": "vit_tiny_patch16_224", "img_size": 32}, ZOO_DIR, IMAGE),
+    "user-vit-nn.TransformerEncoder": ("user_models:vit", {}, BYOM_DIR, [1, 8, 8]),
+    "timm-resnet18": ("zoo_models:timm_model", {"name": "resnet18"}, ZOO_DIR, IMAGE),
+    "timm-efficientnet_b0": ("zoo_models:timm_model", {"name": "efficientnet_b0"}, ZOO_DIR, IMAGE),
+    "timm-convnext_atto": ("zoo_models:timm_model", {"name": "convnext_atto"}, ZOO_DIR, IMAGE),
+    "timm-regnety_002": ("zoo_models:timm_model", {"name": "regnety_002"}, ZOO_DIR, IMAGE),
+    "timm-ghostnet_050": ("zoo_models:timm_model", {"name": "ghostnet_050"}, ZOO_DIR, IMAGE),
+    "timm-deit_tiny_patch16": ("zoo_models:timm_model", {"name": "deit_tiny_patch16_224", "img_size": 32}, ZOO_DIR, IMAGE),
+    "torchvision-mobilenet_v3_small": ("zoo_models:torchvision_model", {"name": "mobilenet_v3_small"}, ZOO_DIR, IMAGE),
+    "torchvision-resnet18": ("zoo_models:torchvision_model", {"name": "resnet18"}, ZOO_DIR, IMAGE),
+}
 _LIB = None  # the torch.library fragment holding the declared schemas (kept alive)
 
 

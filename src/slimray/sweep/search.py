@@ -147,6 +147,8 @@ def _pruned(ctx: SweepContext, search: SearchConfig, ratio: float, *, epochs: in
 
 
 def save_trial(out: Path, model, qmodel, spec, search: SearchConfig, *, method: str, runtime: str, example, calib) -> None:
+    """Save one trial's artifact as its runtime loads it: float weights + ONNX graph (int8 QDQ when quantized) for
+    ONNX Runtime, float weights for methods quantized at load, else the quantized torch model."""
     qspec, rspec = search.space.quant_spec(method), search.space.runtime_spec(runtime)
     tspec = spec.model_copy(update={"quantization": qspec, "runtime": rspec, "name": out.name})
     if runtime == "onnxruntime":
