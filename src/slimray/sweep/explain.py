@@ -48,7 +48,7 @@ def _where(err: BaseException, message: str) -> str | None:
     if op:
         return f"operator {op.group(1)}"
     frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if "site-packages" not in f.filename and "/slimray/" not in f.filename and "<" not in f.filename]
+              if f.name == "forward" and "site-packages" not in f.filename and "/slimray/" not in f.filename]
     if frames:  # the model's own code (a user's forward), deepest frame
         f = frames[-1]
         return f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}"
