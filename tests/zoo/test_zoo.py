@@ -96,5 +96,10 @@ def test_architecture_is_derived_pruned_quantized_exported_and_served(arch, tmp_
             check = check_outputs(pruned, runnable, x)
             assert check["max_abs_diff"] <= 1e-3 * max(1.0, float(ref.abs().max())), check
         answer = served_answer(out, x)
-        assert answer["predictions"] == got.argmax(1).tolist(), (method, runtime)
-        np.testing.assert_allclose(np.array(answer["probabilities"]), got.softmax(1).numpy(), atol=1e-4, rtol=1e-3)
+        probs = got.softmax(1)
+        np.testing.assert_allclose(np.array(answer["probabilities"]), probs.numpy(), atol=1e-4, rtol=1e-3)
+        # same class wherever the model's top two differ beyond float noise (random init can give near-equal logits)
+        top2 = probs.topk(2, dim=1).values
+        clear = ((top2[:, 0] - top2[:, 1]) > 1e-5).tolist()
+        served = [p for p, c in zip(answer["predictions"], clear) if c]
+        assert served == [p for p, c in zip(probs.argmax(1).tolist(), clear) if c], (method, runtime)
