@@ -120,12 +120,36 @@ def table(arch: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(rows: list[dict]) -> str:
+    """One line per architecture: trials that ran out of those tried, what failed, the best one side by side."""
+    lines = ["| architecture | params | trials run | failing | best at batch 64 (side by side) | speedup @1 | speedup @64 |",
+             "|---|---|---|---|---|---|---|"]
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        mine = [r for r in rows if r["arch"] == arch]
+        ok = [r for r in mine if r["status"] == "ok"]
+        failing = sorted({f"{r['quantization']}@{r['runtime']} (prune {', '.join(str(x['prune_ratio']) for x in mine if x['status'] != 'ok' and x['quantization'] == r['quantization'] and x['runtime'] == r['runtime'])})"
+                          for r in mine if r["status"] != "ok"})
+        t = mine[0]["teacher_latency_ms"]
+        retimed = [r for r in ok if "latency_ms_side_by_side" in r]
+        best = min(retimed, key=lambda r: r["latency_ms_side_by_side"]["batch_64"]) if retimed else None
+        cells = ("-", "-", "-") if best is None else (
+            f"prune {best['prune_ratio']} {best['quantization']}@{best['runtime']}",
+            f"{t['batch_1'] / best['latency_ms_side_by_side']['batch_1']:.2f}x",
+            f"{t['batch_64'] / best['latency_ms_side_by_side']['batch_64']:.2f}x")
+        lines.append(f"| {arch} | {mine[0]['teacher_params']:,} | {len(ok)}/{len(mine)} | {'; '.join(failing) or 'none'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="*", default=list(ZOO))
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "zoo_results.jsonl")
+    p.add_argument("--summary", action="store_true", help="print the one-line-per-architecture table of --out and exit")
     args = p.parse_args()
+    if args.summary:
+        print(summary([json.loads(line) for line in args.out.read_text().splitlines()]))
+        return 0
     warnings.filterwarnings("ignore")
     logging.getLogger().setLevel(logging.ERROR)  # ONNX Runtime's quantizer warns per LayerNorm weight
     torch.set_num_threads(1)
