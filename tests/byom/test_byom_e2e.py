@@ -142,3 +142,26 @@ def test_hugging_face_image_classifier_folder_runs_end_to_end_and_is_served(tmp_
     _check_run(run_dir, factory="slimray.families.classifier.hf:from_config")
     assert load_spec(run_dir / "winner").model.kwargs["config"]["model_type"] == "resnet"
     _served_like_in_process(run_dir, cwd=tmp_path)
+
+
+@pytest.mark.long
+def test_user_vit_with_the_starter_config_runs_every_trial_and_is_served(tmp_path):
+    """The user's small ViT (``nn.TransformerEncoder``, learned positions, mean pooling) on digits as ``.npz``, with the
+    config `slimray init` writes: the derived student keeps whole attention heads, every trial of the starter search
+    (prune 0/0.25/0.5 x none/dynamic_int8 x torch/onnxruntime) runs, and the winner is served like in-process."""
+    weights, data, code_dir = project.vit_project(tmp_path)
+    init = _cli(["init", "--model", "user_models:vit", "--weights", str(weights), "--data", str(data), "--code-dir", str(code_dir)], cwd=tmp_path)
+    assert init.returncode == 0, init.stderr[-3000:]
+    out = _cli(["run", "--config", "slimray.yaml", "--no-serve", "--out", str(tmp_path / "runs")], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "digits"
+    report = _check_run(run_dir, factory="user_models:vit")
+    resized = load_spec(run_dir / "student").model.resized_modules
+    attn = {k: v for k, v in resized.items() if k.endswith("self_attn")}
+    assert attn and all(v["embed_dim"] % 4 == 0 and v["head_dim"] * 4 == v["embed_dim"] for v in attn.values())
+    trials = report["trials"]
+    assert len(trials) == 9 and {t["runtime"] for t in trials} == {"torch", "onnxruntime"}
+    assert {(t["prune_ratio"], t["quantization"]) for t in trials} >= {(0.5, "dynamic_int8"), (0.25, "dynamic_int8"), (0.0, "dynamic_int8")}
+    assert all(t["runtime_check"]["class_agreement"] >= 95.0 for t in trials if t["runtime"] == "onnxruntime" and t["quantization"] == "none")
+    assert report["constraint_met"], "no trial within the starter config's accuracy budget"
+    _served_like_in_process(run_dir, cwd=tmp_path)

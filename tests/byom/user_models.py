@@ -60,3 +60,27 @@ class FeatureMLP(nn.Module):
 
 def mlp(num_features: int = 64, num_classes: int = 10, hidden: list[int] | None = None) -> nn.Module:
     return FeatureMLP(num_features, num_classes, hidden or [256, 128])
+
+
+class TinyViT(nn.Module):
+    """A vision transformer as a user writes one: patch embedding (a strided conv), learned positions,
+    ``nn.TransformerEncoder`` (batch first, pre-norm off), mean pooling over tokens, a linear head."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, patch: int, dim: int, depth: int, heads: int, mlp: int):
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=mlp, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.encoder(tokens)).mean(1))
+
+
+def vit(in_channels: int = 1, num_classes: int = 10, image_size: int = 8, patch: int = 2, dim: int = 64, depth: int = 4,
+        heads: int = 4, mlp: int = 128) -> nn.Module:
+    return TinyViT(in_channels, num_classes, image_size, patch, dim, depth, heads, mlp)

@@ -7,16 +7,22 @@
 - ``check_outputs``: max absolute difference of the logits and agreement of predicted classes on
   held-out inputs, the figures recorded next to every export.
 
+Both exporters run with the fused fast path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` turned
+off (``unfused_attention``): in eval mode those modules call ``aten::_transformer_encoder_layer_fwd`` /
+``aten::_native_multi_head_attention``, which no ONNX opset has; unfused, they trace to plain matmuls and softmax
+with the same outputs (``check_outputs`` compares them with the fused model's).
+
 Quantized torch modules (FX int8) do not export to ONNX; int8 in ONNX comes from ONNX Runtime's own
 static quantization of the float graph (``slimray.compress.runtime.quantize_onnx_static``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,17 @@ def _is_quantized(model: nn.Module) -> bool:
     ) or any("quantized" in type(m).__module__ for m in model.modules())
 
 
+@contextlib.contextmanager
+def unfused_attention() -> Iterator[None]:
+    """Turn torch's fused multi-head-attention fast path off inside the block (restored after)."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
 def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = ONNX_OPSET) -> bytes:
     """The ONNX encoding of a float model (eval mode), batch axis dynamic."""
     if _is_quantized(model):
@@ -50,7 +67,7 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = ONNX_OPS
         )
     model = model.eval()
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), unfused_attention():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (example[:1].float(),), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -72,7 +89,7 @@ def export_program(model: nn.Module, example: torch.Tensor, path: str | Path) ->
     model = model.eval()
     x = example[:2].contiguous() if len(example) >= 2 else example.repeat(2, *([1] * (example.dim() - 1)))
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), unfused_attention():
         warnings.simplefilter("ignore")
         program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     buf = io.BytesIO()

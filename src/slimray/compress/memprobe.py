@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,21 @@ def probe(path: str | Path, *, batch_size: int, num_threads: int = 1, timeout_s:
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"memory probe failed ({out.returncode}): {out.stderr[-1000:]}")
+        raise RuntimeError(f"loading and running {Path(path).name} in a fresh process failed: {failure_cause(out.stderr, out.returncode)}")
     return json.loads(lines[-1])["peak_memory_bytes"]
+
+
+def failure_cause(stderr: str, returncode: int) -> str:
+    """The child's exception line (``Type: message``) first, then the frame that raised it; the exit status
+    (and the signal, for a negative one) when it printed no exception."""
+    lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
+    exc = next((i for i in range(len(lines) - 1, -1, -1) if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", lines[i])), None)
+    if exc is None:
+        status = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+        tail = " | ".join(lines[-3:])
+        return f"{status}, no exception printed" + (f" ({tail[-400:]})" if tail else "")
+    frame = next((lines[i].strip() for i in range(exc - 1, -1, -1) if lines[i].lstrip().startswith("File ")), None)
+    return lines[exc][:500] + (f" (raised at {frame})" if frame else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,15 @@ Whole conv channels and hidden neurons are removed (the next layer's inputs with
 between conv and linear included), so the pruned model is a smaller dense model that runs faster, and
 ``slimray.families.classifier.spec_from_model`` reads its new widths back into a spec.
 
+Attention is pruned by heads' rules: an ``nn.MultiheadAttention`` (inside ``nn.TransformerEncoderLayer`` too)
+ties its embedding width to the residual stream, so the channels removed from it are removed alike from
+every head (each head keeps the same width and ``embed_dim`` stays a multiple of ``num_heads``); a timm-style
+attention block (a ``qkv`` linear and a ``num_heads`` attribute) loses head dimensions the same way and its
+``num_heads`` / ``head_dim`` / ``attn_dim`` are rewritten to match. Depthwise and grouped convolutions keep
+their groups (torch-pruning's channel groups), LayerNorm and squeeze-excite follow their producers on the
+dependency graph. ``attention_heads`` lists what the pruner treats as attention. The derived student and
+every sweep ratio go through ``prune``, so they share these rules.
+
 Importance: ``l1`` / ``l2`` rank channels by weight magnitude; ``taylor`` ranks them by the first-order
 Taylor estimate of the loss change |w * dL/dw| (Molchanov et al.), accumulated over a few labelled
 batches, so it needs ``gradient_batches``.
@@ -37,6 +46,38 @@ def _output_layer(model: nn.Module) -> nn.Module:
     return last[-1]
 
 
+def _qkv_attention(module: nn.Module) -> bool:
+    """A timm-style attention block: one ``qkv`` linear producing q, k and v for ``num_heads`` heads."""
+    qkv, heads = getattr(module, "qkv", None), getattr(module, "num_heads", None)
+    return isinstance(qkv, nn.Linear) and isinstance(heads, int) and qkv.out_features % (3 * heads) == 0
+
+
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """Head counts the pruner must respect: each ``nn.MultiheadAttention`` and each timm-style block's ``qkv``."""
+    heads: dict[nn.Module, int] = {}
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            heads[m] = m.num_heads
+        elif _qkv_attention(m):
+            heads[m.qkv] = m.num_heads
+    return heads
+
+
+def _sync_attention(model: nn.Module, heads: dict[nn.Module, int]) -> None:
+    """After pruning: each timm-style block's head count and width attributes match its pruned ``qkv``."""
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            if m.embed_dim % m.num_heads:
+                raise AssertionError(f"pruning left embed_dim {m.embed_dim} not divisible by num_heads {m.num_heads}")
+        elif _qkv_attention(m) or (hasattr(m, "qkv") and m.qkv in heads):
+            m.num_heads = heads.get(m.qkv, m.num_heads)
+            head_dim = m.qkv.out_features // (3 * m.num_heads)
+            if isinstance(getattr(m, "head_dim", None), int):
+                m.head_dim = head_dim
+            if isinstance(getattr(m, "attn_dim", None), int):
+                m.attn_dim = m.num_heads * head_dim
+
+
 def prune(
     model: nn.Module,
     spec: PruneSpec,
@@ -54,6 +95,10 @@ def prune(
         importance = tp.importance.TaylorImportance()
     else:
         importance = tp.importance.MagnitudeImportance(p=1 if spec.importance == "l1" else 2)
+    heads = attention_heads(model)
+    # nn.MultiheadAttention's width is the residual stream's: its channels are grouped by head, so the same
+    # positions go from every head; a qkv linear is the pruner's own attention case (head dims, num_heads)
+    mha = {m: n for m, n in heads.items() if isinstance(m, nn.MultiheadAttention)}
     pruner = tp.pruner.MetaPruner(
         model,
         example_inputs,
@@ -61,6 +106,11 @@ def prune(
         pruning_ratio=spec.ratio,
         ignored_layers=[_output_layer(model)],
         round_to=spec.round_to,
+        num_heads={m: n for m, n in heads.items() if m not in mha},
+        prune_head_dims=True,
+        prune_num_heads=False,
+        in_channel_groups=dict(mha),
+        out_channel_groups=dict(mha),
     )
     if spec.importance == "taylor":
         batches = list(gradient_batches or [])
@@ -73,6 +123,7 @@ def prune(
             nn.functional.cross_entropy(model(x), y).backward()
         model.train(was_training)
     pruner.step()
+    _sync_attention(model, pruner.num_heads)
     model.zero_grad(set_to_none=True)
     return model
 

@@ -152,7 +152,17 @@ def _dynamic_int8(model: nn.Module, spec: QuantSpec, calibration: Any) -> nn.Mod
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         torch.backends.quantized.engine = "x86" if spec.backend == "x86" else spec.backend
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        return _unfused_encoder_layers(torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8))
+
+
+def _unfused_encoder_layers(model: nn.Module) -> nn.Module:
+    """Keep ``nn.TransformerEncoderLayer`` off its fused eval fast path once its linears are int8 modules: the
+    fused kernel takes float weight tensors (an int8 module's ``weight`` is a method, and the fast-path check
+    fails on it). The layer then runs its ordinary path, which calls the int8 linears."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and not isinstance(m.linear1.weight, torch.Tensor):
+            m.activation_relu_or_gelu = 0  # the attribute the fast path requires; the plain path uses ``activation``
+    return model
 
 
 @register_quantizer("static_int8")

@@ -38,6 +38,7 @@ from slimray.pipelines import Stages
 from slimray.runs import log
 from slimray.schema import ConfigError
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
+from slimray.sweep.explain import most_failed
 from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest, sweep_failure
 from slimray.training.distill import TrainData, TrainJob, check_teacher_layer, run_training
 
@@ -502,6 +503,12 @@ def sweep_stage(
     sweep_wall_s = time.perf_counter() - t_sweep
     n_ok = sum(t["status"] == "ok" for t in trials)
     log(f"sweep: {n_ok}/{len(trials)} trials finished")
+    for t in trials:
+        if t["status"] != "ok":
+            log(f"  failed: {t.get('explanation') or t.get('error')}")
+    too_many = most_failed(trials)
+    if too_many:
+        log(f"sweep: {too_many}")
 
     ok = feasible(trials, teacher_accuracy=teacher_ref, max_drop=drop)
     # one entry per key (random search may draw a point twice)
@@ -601,6 +608,7 @@ def sweep_stage(
             "algorithm": s.algorithm, "scheduler": s.scheduler, "num_trials": len(trials), "wall_s": sweep_wall_s,
             "trial_seconds": sum(t.get("trial_seconds") or 0.0 for t in trials),
             "left_out": [{"quantization": q, "runtime": r, "why": why} for q, r, why in s.space.dropped],
+            "most_failed": most_failed(trials),
         },
         "trials": [_trial_row(t, batch_sizes) for t in trials],
         "elapsed_s": time.perf_counter() - t_start,
@@ -640,7 +648,8 @@ def _trial_row(t: dict[str, Any], batch_sizes: list[int]) -> dict[str, Any]:
     row = {
         "key": t.get("key", trial_key(t["prune_ratio"], t["quantization"], t.get("runtime", "torch"))),
         "prune_ratio": t["prune_ratio"], "quantization": t["quantization"], "runtime": t.get("runtime", "torch"),
-        "status": t["status"], "error": t.get("error"), "val_accuracy": t.get("accuracy"), "metric_value": t.get("metric_value"),
+        "status": t["status"], "error": t.get("error"), "stage": t.get("stage"), "where": t.get("where"), "advice": t.get("advice"),
+        "explanation": t.get("explanation"), "val_accuracy": t.get("accuracy"), "metric_value": t.get("metric_value"),
         "params": t.get("params"),
         "size_bytes": t.get("size_bytes"), "peak_memory_bytes": t.get("peak_memory_bytes"),
         "finetune_epochs": t.get("finetune_epochs"), "stopped_early": t.get("stopped_early"),

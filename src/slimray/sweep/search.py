@@ -45,6 +45,7 @@ from slimray.config import SearchConfig
 from slimray.evaluation import EvalConfig, load_metric
 from slimray.families.classifier.spec import count_params, spec_from_model
 from slimray.sweep.engine import make_tune_config, run_tuner
+from slimray.sweep.explain import explain
 from slimray.sweep.lock import TimingLock, hold
 from slimray.families.classifier.kd import finetune
 
@@ -145,7 +146,9 @@ def _pruned(ctx: SweepContext, search: SearchConfig, ratio: float, *, epochs: in
         return load_artifact(cached(epochs))
 
 
-def _save_trial(out: Path, model, qmodel, spec, search: SearchConfig, *, method: str, runtime: str, example, calib) -> None:
+def save_trial(out: Path, model, qmodel, spec, search: SearchConfig, *, method: str, runtime: str, example, calib) -> None:
+    """Save one trial's artifact as its runtime loads it: float weights + ONNX graph (int8 QDQ when quantized) for
+    ONNX Runtime, float weights for methods quantized at load, else the quantized torch model."""
     qspec, rspec = search.space.quant_spec(method), search.space.runtime_spec(runtime)
     tspec = spec.model_copy(update={"quantization": qspec, "runtime": rspec, "name": out.name})
     if runtime == "onnxruntime":
@@ -168,6 +171,7 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     out = Path(ctx.run_dir) / "trials" / key
     epochs = search.finetune_epochs if ratio > 0 else 0
     fixed: dict[str, Any] = {}
+    stage = "prune"  # what the trial is doing, for the explanation of a failure
     trial_log(ctx.run_dir, key, "start")
     try:
         x_train = torch.from_numpy(ray.get(ctx.x_train))
@@ -176,14 +180,19 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         calib = [x_train[i * 64 : (i + 1) * 64] for i in range(qspec.num_calibration_batches)]
         example = x_val[: search.serving_batch_size]
         for epoch in range(min(epochs, 1), epochs + 1):
+            stage = "prune" if epoch <= 1 else "finetune"
             model, spec = _pruned(ctx, search, ratio, epochs=epoch)
+            stage = "quantize"
             qmodel = quantize(model, qspec, calibration=calib) if runtime != "onnxruntime" else model
-            _save_trial(out, model, qmodel, spec, search, method=method, runtime=runtime, example=example, calib=calib)
+            stage = "export" if runtime == "onnxruntime" else "quantize"
+            save_trial(out, model, qmodel, spec, search, method=method, runtime=runtime, example=example, calib=calib)
             if not fixed:  # size, memory and latency do not change with more fine-tuning: measure once
+                stage = "memory_probe"
                 if search.space.device == "cuda":
                     peak, _ = peak_memory_bytes(lambda: _load_and_run(out, example, num_threads=search.num_threads), device="cuda")
                 else:  # in a fresh process: this one's allocator still holds what fine-tuning freed
                     peak = memprobe.probe(out, batch_size=search.serving_batch_size, num_threads=search.num_threads)
+                stage = "timing"
                 with hold(ctx.lock, key):
                     runnable = _load_and_run(out, example, num_threads=search.num_threads)
                     fixed = {
@@ -198,6 +207,7 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
             else:
                 runnable = _load_and_run(out, example, num_threads=search.num_threads)
             # scored in the runtime that serves it; a compiled module in serving-size batches (fewer recompiles)
+            stage = "evaluate"
             value = metric.value(runnable, x_val, y_val, batch_size=search.serving_batch_size if runtime == "torch_compile" else 1024)
             acc = metric.quality(value)  # "accuracy" below: the signed quality every selection rule compares
             lat = fixed[f"latency_ms_b{search.serving_batch_size}"]
@@ -209,9 +219,12 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
             )
         trial_log(ctx.run_dir, key, "end")
     except Exception as err:  # a broken setting is a result, not a crashed sweep
+        why = explain(err, stage=stage, ratio=ratio, method=method, runtime=runtime)
+        print(f"trial {key}: {why['line']}", flush=True)
         tune.report(
             {
-                "key": key, "status": "error", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:],
+                "key": key, "status": "error", "error": why["error"], "where": why["where"], "stage": stage, "advice": why["advice"],
+                "explanation": why["line"], "traceback": traceback.format_exc()[-2000:],
                 "objective": -1e12, "trial_seconds": time.perf_counter() - t_start,
             }
         )
@@ -275,6 +288,7 @@ def run_sweep(ctx: SweepContext, *, run_name: str, storage_path: str, max_concur
         }
         if result.error is not None or m.get("status") != "ok":
             row.update(status="error", error=m.get("error") or str(result.error))
+            row.update({k: m[k] for k in ("key", "stage", "where", "advice", "explanation") if m.get(k)})
         else:
             row.update(
                 {k: m[k] for k in ("key", "status", "accuracy", "metric_value", "params", "size_bytes", "peak_memory_bytes", "artifact",

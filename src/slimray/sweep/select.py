@@ -50,7 +50,7 @@ def failure_summary(trials: list[dict[str, Any]]) -> str:
     """The distinct first lines of the failed trials' errors, most frequent first (a full disk named first)."""
     from collections import Counter
 
-    errors = Counter(str(t.get("error") or "unknown error").splitlines()[0][:300] for t in trials if t.get("status") != "ok")
+    errors = Counter(str(t.get("explanation") or t.get("error") or "unknown error").splitlines()[0][:300] for t in trials if t.get("status") != "ok")
     disk = [e for e in errors if "Errno 28" in e or "no space left" in e.lower()]
     if disk:
         return f"the disk is full: {disk[0]}"

@@ -184,7 +184,9 @@ def probe_peak_memory(folder: str | Path, *, quant_method: str = "none", keep_fl
                          capture_output=True, text=True, timeout=timeout_s, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"memory probe failed ({out.returncode}): {out.stderr[-1000:]}")
+        from slimray.compress.memprobe import failure_cause
+
+        raise RuntimeError(f"memory probe of {Path(folder).name} failed in a fresh process: {failure_cause(out.stderr, out.returncode)}")
     return json.loads(lines[-1])["peak_memory_bytes"]
 
 

@@ -177,7 +177,7 @@ def apply_structure(model: nn.Module, attrs: dict[str, dict[str, Any]], shapes: 
         if owner is None:
             raise ValueError(f"recorded tensor {key!r} has no owner module in the factory's model")
         current = getattr(owner, leaf)
-        empty = torch.empty(shape, dtype=current.dtype)
+        empty = torch.zeros(shape, dtype=current.dtype)  # zeros, not empty: a quantizer calibrates on it before the load
         if isinstance(current, nn.Parameter):
             setattr(owner, leaf, nn.Parameter(empty, requires_grad=current.requires_grad))
         elif leaf in owner._buffers:
