@@ -26,11 +26,12 @@ def digits_arrays(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return d.images[idx].astype(np.float32) / 16.0, d.target[idx].astype(np.int64)  # (N, 8, 8) in [0, 1]
 
 
-def train_teacher(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 30, seed: int = 0) -> torch.nn.Module:
+def train_teacher(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 30, seed: int = 0,
+                  lr: float = 3e-3) -> torch.nn.Module:
     """The user's own training: a few seconds of Adam on normalised inputs."""
     torch.manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(yt))
@@ -159,7 +160,8 @@ def vit_project(root: Path, *, epochs: int = 40) -> tuple[Path, Path, Path]:
     x, y = digits_arrays(seed=4)
     data = root / "digits.npz"
     np.savez(data, x=x[:, None], y=y)
-    teacher = train_teacher(user_models.vit(), x[:, None], y, epochs=epochs)
+    torch.manual_seed(0)  # the ViT's initialisation too; Adam at 3e-3 left this post-norm transformer untrained at times
+    teacher = train_teacher(user_models.vit(), x[:, None], y, epochs=epochs, lr=1e-3)  # 1e-3: 96-97% with seeds 0, 1, 2
     weights = root / "teacher.safetensors"
     save_file(teacher.state_dict(), str(weights))
     return weights, data, CODE_DIR

@@ -156,6 +156,7 @@ def test_user_vit_with_the_starter_config_runs_every_trial_and_is_served(tmp_pat
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "digits"
     report = _check_run(run_dir, factory="user_models:vit")
+    assert report["teacher"]["accuracy"] > 90.0, report["teacher"]  # a trained teacher, or the budget means nothing
     resized = load_spec(run_dir / "student").model.resized_modules
     attn = {k: v for k, v in resized.items() if k.endswith("self_attn")}
     assert attn and all(v["embed_dim"] % 4 == 0 and v["head_dim"] * 4 == v["embed_dim"] for v in attn.values())
