@@ -4,7 +4,7 @@ shared Tune engine (``slimray.sweep.engine.run_tuner``).
 A trial (1 CPU, 1 torch thread) loads a float model folder (the teacher, or a distilled student), prunes it to the
 candidate's sparsity (``sparsity.sparsify_lm``; magnitude, no recovery training; sparse layers stored packed), writes the
 artifact this candidate would be into a temporary folder to count its bytes on disk (``artifacts.save_lm``: int8
-methods store int8 weights + per-channel scales), quantizes the model, then measures perplexity and top-1
+and int4 in compressed-tensors, as the winner is stored), quantizes the model, then measures perplexity and top-1
 agreement with the teacher on the held-out evaluation windows, prefill tokens/s and batch-1 decode tokens/s in the
 candidate's runtime. Trials run ``max_concurrent_trials`` at once, so their speeds are a first pass: the driver
 re-times the finalists side by side (``slimray.pipelines.causal_lm``). A trial whose result file exists is not

@@ -6,7 +6,7 @@ JSONL text, packed windows), ``evaluate`` (perplexity, agreement, prefill/decode
 (depth by measured layer importance, width by KV groups and MLP neurons), ``kd`` (token-level KL, cached top-k),
 ``runtime`` (HF generate and a compiled static-cache decode loop), ``quantize`` (int8 variants, int4, bf16; fp8 and
 torchao int4 for a model on CUDA), ``sparsity`` (2:4 and unstructured magnitude pruning, packed storage, the CUDA
-2:4 swap), ``artifacts`` (HF folders + ``slimray_lm.json``, compact int8 / int4 / sparse storage, plain HF export), ``config`` (the pipeline's
+2:4 swap), ``artifacts`` (HF folders + ``slimray_lm.json``; int8 / int4 in compressed-tensors, sparse packing, plain HF export), ``config`` (the pipeline's
 strict config and the ``smollm`` / ``smollm-tiny`` recipes) and ``openai`` (OpenAI-compatible request models,
 sampling generator, response and SSE shapes). Its stages on the one pipeline (Ray Train, Tune) live in
 ``slimray.pipelines.causal_lm``, the Tune trial in ``slimray.sweep.lm_search``.
@@ -27,7 +27,8 @@ Entry points the family plug-in wires (all keyword arguments beyond the first on
 - runtime: ``make_session(model, runtime, *, max_cache_len, batch_size)`` (``prefill``/``step``), ``greedy_decode``,
   ``hf_generate``
 - evaluate: ``evaluate_lm(model, windows, *, teacher, runtime, folder, ...) -> LMEvaluation`` and its parts
-- artifacts: ``save_lm(model, tokenizer, out_dir, *, meta)`` (``meta.storage``: float, int8, int4, sparse, sparse_int8), ``load_lm(path) ->
+- artifacts: ``save_lm(model, tokenizer, out_dir, *, meta)`` (``meta.storage``: float, int8 / int4 in compressed-tensors via
+  ``ctformat``, sparse, sparse_int8), ``load_lm(path) ->
   (model, tokenizer, meta)``, ``export_hf(model, tokenizer, out_dir, *, dtype)``
 - openai: ``parse_request(kind, body)``, ``prepare(request, tokenizer, *, limits)``, ``complete(...)``,
   ``stream(...)``, ``models_body(ids)``, ``RequestError.status/.body()``
