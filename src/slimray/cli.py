@@ -178,6 +178,18 @@ def _serve_run_dir(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> str:
     from slimray.serving.options import options_for_run
 
     options = options_for_run(run_dir, serve_config=serve_cfg, name=name)
+    from slimray.serving.llm import vllm_runtime_of
+
+    quant = vllm_runtime_of(options.model_dir)
+    if quant is not None:  # a causal-LM winner whose runtime is vLLM: Ray Serve LLM (its own OpenAI ingress, Serve's proxy)
+        from slimray.serving.llm import build_vllm_app
+
+        if serve_cfg.grpc_port is not None:
+            raise ConfigError("serve.grpc_port: a vLLM-served LLM speaks the OpenAI API over HTTP only; leave grpc_port unset")
+        print(f"serving {options.model_dir} with vLLM through Ray Serve LLM (the engine loads in about a minute or two on CPU)",
+              flush=True)
+        return deploy(build_vllm_app(options, quant_method=quant), name=name, host=serve_cfg.host, port=serve_cfg.port,
+                      route_prefix=serve_cfg.route_prefix, ingress="proxy")
     return deploy(build_app(options), name=name, host=serve_cfg.host, port=serve_cfg.port, route_prefix=serve_cfg.route_prefix,
                   grpc_port=serve_cfg.grpc_port, ingress=getattr(serve_cfg, "ingress", "proxy"))
 

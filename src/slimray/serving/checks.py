@@ -96,6 +96,12 @@ def check_causal_lm(url: str, run_dir: Path, serve_cfg: Any) -> None:
     body = {"model": model_id, "prompt": "The history of", "max_tokens": num_tokens, "temperature": 0}
     answer = post_json(f"{url}/v1/completions", body, key=key)
     served = answer["choices"][0]["text"]
+    from slimray.families.causal_lm.artifacts import load_meta
+
+    if load_meta(run_dir / "winner").runtime == "vllm":  # vLLM's kernels are not slimray's: no token-exact comparison
+        print(f"served greedy completion by vLLM {served!r} ({answer['usage']['completion_tokens']} tokens)")
+        _how_to_call(url, model_id, key)
+        return
     model, tokenizer, _ = load_lm(run_dir / "winner")
     limits = oa.Limits(context_len=int(model.config.max_position_embeddings), max_tokens_limit=num_tokens)
     session = make_session(model, "static", max_cache_len=min(int(model.config.max_position_embeddings), 512))
@@ -103,8 +109,12 @@ def check_causal_lm(url: str, run_dir: Path, serve_cfg: Any) -> None:
                         eos_token_ids=eos_ids(model, tokenizer))["choices"][0]["text"]
     print(f"served greedy completion {served!r} ({answer['usage']['completion_tokens']} tokens); "
           f"in-process {local!r}: {'same' if served == local else 'DIFFERENT'}")
+    _how_to_call(url, model_id, key)
+
+
+def _how_to_call(url: str, model_id: str, key: str | None) -> None:
     auth = " -H 'Authorization: Bearer $SLIMRAY_API_KEY'" if key else ""
-    print(f"\nServing {url}/v1/completions and {url}/v1/chat/completions (OpenAI API; models: {url}/v1/models, health: {url}/healthz)")
+    print(f"\nServing {url}/v1/completions and {url}/v1/chat/completions (OpenAI API; models: {url}/v1/models)")
     print(f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
     print(f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{'KEY' if key else 'none'}'); "
