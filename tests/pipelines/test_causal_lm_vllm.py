@@ -33,7 +33,7 @@ def test_smollm_tiny_with_vllm_runtime_serves_its_winner_to_the_openai_client(tm
     pytest.importorskip("vllm")
     cfg = yaml.safe_load(lm_recipe_path("smollm-tiny").read_text())
     cfg["name"] = "tiny-vllm"
-    cfg["search"].update(runtimes=["vllm"], quant_methods=["bf16", "token_int8"], compiled_quant_methods=[])
+    cfg["search"].update(runtimes=["vllm"], quant_methods=["token_int8"], compiled_quant_methods=[])
     port = free_port()
     cfg.setdefault("serve", {}).update(port=port, num_cpus_per_replica=1)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -65,7 +65,7 @@ def test_smollm_tiny_with_vllm_runtime_serves_its_winner_to_the_openai_client(tm
         assert report["winner"]["runtime"] == "vllm"
         assert json.loads((run / "winner" / "slimray_lm.json").read_text())["runtime"] == "vllm"
         vllm_trials = [t for t in report["trials"] if t["runtime"] == "vllm" and t["status"] == "ok"]
-        assert len(vllm_trials) == 4, report["trials"]  # {teacher, student} x {bf16, token_int8}
+        assert len(vllm_trials) == 2, report["trials"]  # {teacher, student} x token_int8
         assert all(t["perplexity"] > 1 and t["decode_tokens_per_s_b1"] > 0 for t in vllm_trials)
         assert "teacher-bf16-vllm" in report["side_by_side"]  # the uncompressed teacher in the same engine
         url = f"http://127.0.0.1:{port}"
