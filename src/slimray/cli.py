@@ -365,7 +365,7 @@ def _cluster(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from slimray import console
-    from slimray.artifacts import DiskFullError
+    from slimray.storage import DiskFullError
     from slimray.runlock import RunLockedError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = args.run_dir.resolve()
             if not any((run_dir / "winner" / f).exists() for f in ("spec.json", "slimray_lm.json")):
                 raise ConfigError(f"{run_dir} holds no finished run (no winner/spec.json, nor winner/slimray_lm.json for a causal LM)")
-            from slimray.artifacts import check_winner
+            from slimray.serving.checks import check_winner
 
             check_winner(run_dir / "winner")  # a damaged spec.json or weights file: one line naming it
             from slimray import families

@@ -12,9 +12,6 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, PositiveInt, Tag, ValidationError, field_validator, model_validator
 
-from slimray.compress.prune import PruneSpec
-from slimray.compress.quantize import QuantMethod, QuantSpec
-from slimray.compress.runtime import DEVICE_METHODS, Device, RuntimeName, RuntimeSpec, unsupported_reason
 from slimray.data.files_config import FilesDataConfig
 from slimray.evaluation import EvalConfig
 from slimray.families.classifier.spec import ModelSpec, ModuleSpec, build_model, scale_spec
@@ -26,6 +23,7 @@ from slimray.serving.options import (
 )
 from slimray.sweep.space import DistillSpace, RandInt, SweepSpaceFile, domain_ends, domain_values
 from slimray.families.classifier.features import FeatureKDSpec, layer_names
+from slimray.sweep.space import SearchSpace  # the compression space (a recipe's search.space)
 
 
 
@@ -195,82 +193,6 @@ class DistillConfig(StrictModel):
         elif self.feature_kd is not None:
             raise ValueError(f"feature_kd is set but loss is {self.loss!r}; set loss: features or drop feature_kd")
         return self
-
-
-class SearchSpace(StrictModel):
-    """Compression search space: prune ratio x quantization x runtime, for one device (files under tune/).
-
-    A quantization the device has no kernels for is an error at load; (quantization, runtime) pairs that
-    cannot run together are dropped from the space (listed in ``dropped``), e.g. bf16 in ONNX Runtime.
-    """
-
-    device: Device = Field("cpu", description="where the model will be served: cpu or cuda")
-    prune_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
-    quantizations: list[QuantMethod] = Field(default_factory=lambda: ["none", "dynamic_int8", "static_int8", "bf16"])
-    runtimes: list[RuntimeName] = Field(default_factory=lambda: ["torch"], description="torch, torch_compile, onnxruntime")
-    importance: Literal["l1", "l2", "taylor"] = "l1"
-    round_to: PositiveInt | None = None
-
-    @field_validator("prune_ratios")
-    @classmethod
-    def _ratios(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("at least one prune ratio")
-        bad = [r for r in v if not 0.0 <= r < 1.0]
-        if bad:
-            raise ValueError(f"prune ratios must be in [0, 1): {bad}")
-        return sorted(set(v))
-
-    @field_validator("quantizations", "runtimes")
-    @classmethod
-    def _nonempty(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one entry")
-        return list(dict.fromkeys(v))
-
-    @model_validator(mode="after")
-    def _device(self) -> SearchSpace:
-        bad = [q for q in self.quantizations if q not in DEVICE_METHODS[self.device]]
-        if bad:
-            raise ValueError(
-                f"quantizations {bad} cannot run on device {self.device!r} (it runs {sorted(DEVICE_METHODS[self.device])})"
-            )
-        if not self.settings:
-            reasons = "; ".join(f"{q} in {r}: {why}" for q, r, why in self.dropped)
-            raise ValueError(f"no (quantization, runtime) pair in this space can run: {reasons}")
-        return self
-
-    @property
-    def settings(self) -> list[tuple[str, str]]:
-        """The (quantization, runtime) pairs that can run on the device, in the order given."""
-        return [
-            (q, r) for r in self.runtimes for q in self.quantizations
-            if unsupported_reason(device=self.device, runtime=r, method=q) is None
-        ]
-
-    @property
-    def dropped(self) -> list[tuple[str, str, str]]:
-        """(quantization, runtime, why) for the pairs left out of the space."""
-        out = []
-        for r in self.runtimes:
-            for q in self.quantizations:
-                why = unsupported_reason(device=self.device, runtime=r, method=q)
-                if why is not None:
-                    out.append((q, r, why))
-        return out
-
-    def prune_spec(self, ratio: float) -> PruneSpec:
-        return PruneSpec(ratio=ratio, importance=self.importance, round_to=self.round_to)
-
-    def quant_spec(self, method: str) -> QuantSpec:
-        return QuantSpec(method=method)
-
-    def runtime_spec(self, name: str) -> RuntimeSpec:
-        return RuntimeSpec(name=name)
-
-    @property
-    def num_trials(self) -> int:
-        return len(self.prune_ratios) * len(self.settings)
 
 
 class SearchConfig(StrictModel):

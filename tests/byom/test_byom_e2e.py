@@ -23,7 +23,7 @@ import project
 
 from slimray.artifacts import load_runnable, load_spec
 from slimray.data import normalize
-from slimray.pipelines.classifier import read_test_sample
+from slimray.data.sample import read_test_sample
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ def test_lm_limits_are_validated_in_both_schemas():
 
 
 def test_a_causal_lm_run_folder_serves_through_options_for_run(lm_run):
-    from slimray.artifacts import check_winner
+    from slimray.serving.checks import check_winner
     from slimray.families.causal_lm.serving import CausalLMCodec
     from slimray.serving.codecs import make_codec
     from slimray.serving.protocols import build_api, ingress_for
@@ -59,7 +59,8 @@ def test_a_causal_lm_run_folder_serves_through_options_for_run(lm_run):
 def test_a_damaged_lm_winner_is_refused_naming_the_file(lm_run, tmp_path):
     import shutil
 
-    from slimray.artifacts import DamagedArtifactError, check_winner
+    from slimray.serving.checks import check_winner
+    from slimray.storage import DamagedArtifactError
 
     bad = tmp_path / "winner"
     shutil.copytree(lm_run / "winner", bad)

@@ -193,6 +193,6 @@ def _check_grpc_proxy(grpc_port: int) -> None:
 def undeploy(name: str) -> None:
     """Delete only the Serve application ``name`` (other applications on the cluster keep running)."""
     try:
-        serve.delete(name, _blocking=True)
+        serve.delete(name)  # returns once the application is gone (Serve's default)
     except Exception:  # Serve already gone (the cluster stopped first): nothing left to delete
         pass
