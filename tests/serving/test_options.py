@@ -361,3 +361,17 @@ def test_serve_config_file_args_are_the_same_schema():
         serving.app_builder({"model_dir": "/x", "ingress": "direct"})
     with pytest.raises(ConfigError, match=r"min_replicas: .*must not exceed"):
         serving.app_builder({"model_dir": "/x", "min_replicas": 4, "max_replicas": 3})
+
+
+def test_the_replicas_exception_is_read_from_a_deployment_status_message():
+    """Serve's DEPLOY_FAILED message (deployment_state.py, Ray 2.60) wraps the replica's traceback: the cause is its
+    last ``Type: text`` line and what follows it (a message of several lines)."""
+    tb = ("ray.exceptions.RayTaskError(RuntimeError): ray::ServeReplica:m:m.initialize_and_get_metadata() (pid=1, ip=10.0.0.1)\n"
+          '  File "replica.py", line 1928, in initialize\n    raise RuntimeError(traceback.format_exc()) from None\n'
+          "RuntimeError: Traceback (most recent call last):\n"
+          '  File "usermodule.py", line 102, in _call\n    raise ConfigError(msg) from None\n'
+          "slimray.schema.ConfigError: invalid ArtifactSpec in spec.json:\n  - model.kwargs: not a mapping\n")
+    message = ("The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or initial "
+               "health check failing. See controller logs for details. Error:\n" + tb)
+    assert serving._exception_text(message) == "slimray.schema.ConfigError: invalid ArtifactSpec in spec.json:\n  - model.kwargs: not a mapping"
+    assert serving._exception_text("Failed to update the deployments ['m'].") == "Failed to update the deployments ['m']."

@@ -33,6 +33,14 @@ MAX_NUM_SEQS_DOC = ("causal_lm: most sequences one decode step runs (continuous 
 MAX_CONTEXT_LEN_DOC = "causal_lm: prompt + completion tokens at most; None: the model's max_position_embeddings"
 
 
+_NEEDS_PROXY = {
+    "max_replicas": "max_replicas (autoscaling) needs ingress: proxy (the direct ingress bypasses the request counts Serve's "
+                    "autoscaler reads)",
+    "max_replicas_per_node": "max_replicas_per_node spreads replicas over nodes: use ingress: proxy (the direct ingress "
+                             "serves one node)",
+}
+
+
 class ServeConfig(StrictModel):
     """How a model is served: the one serve schema of run configs (``serve:``), recipes, ``slimray serve`` and the
     ``args`` of ``serve/*.yaml`` (there as ``ServeOptions``, which adds the model folder). Every check lives here and
@@ -93,12 +101,11 @@ class ServeConfig(StrictModel):
             raise ValueError(f"grpc_port must differ from port (both {v})")
         return v
 
-    @field_validator("max_replicas")
+    @field_validator("max_replicas", "max_replicas_per_node")
     @classmethod
-    def _autoscaling_ingress(cls, v: int | None, info: ValidationInfo) -> int | None:
+    def _needs_proxy(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is not None and info.data.get("ingress") == "direct":
-            raise ValueError("max_replicas (autoscaling) needs ingress: proxy (the direct ingress bypasses the request counts "
-                             "Serve's autoscaler reads)")
+            raise ValueError(_NEEDS_PROXY[info.field_name])
         return v
 
     @field_validator("min_replicas")
@@ -118,14 +125,6 @@ class ServeConfig(StrictModel):
     def _gpus(cls, v: float) -> float:
         if v > 1 and not float(v).is_integer():
             raise ValueError("gpus_per_replica above 1 must be a whole number (fractions only below 1)")
-        return v
-
-    @field_validator("max_replicas_per_node")
-    @classmethod
-    def _spread_ingress(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is not None and info.data.get("ingress") == "direct":
-            raise ValueError("max_replicas_per_node spreads replicas over nodes: use ingress: proxy (the direct ingress "
-                             "serves one node)")
         return v
 
     @field_validator("default_max_tokens")

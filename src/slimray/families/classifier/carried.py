@@ -260,16 +260,23 @@ def carried_package(code: dict[str, str]) -> str:
 def import_carried(factory: str, code: dict[str, str], *, field: str = "model.factory") -> Any:
     """The callable ``factory`` names, imported from the carried code under its private package."""
     package = carried_package(code)
-    module_name, _, attr = factory.partition(":")
+    module_name = factory.partition(":")[0]
     try:
         obj: Any = importlib.import_module(f"{package}.{module_name}")
     except ImportError as err:
         raise ConfigError(f"{field} {factory!r}: importing the artifact's carried module {module_name!r} failed: {err}") from None
     except Exception as err:  # the user's module failed while importing
         raise ConfigError(f"{field} {factory!r}: importing the artifact's carried {module_name!r} raised {type(err).__name__}: {err}") from None
+    return factory_attribute(obj, factory, field=field, what=f"the carried module {module_name!r}")
+
+
+def factory_attribute(module: Any, factory: str, *, field: str, what: str) -> Any:
+    """The callable after the colon of ``factory`` (``module:attr.sub``) in the imported ``module``."""
+    attr = factory.partition(":")[2]
+    obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"{field} {factory!r}: the carried module {module_name!r} has no attribute {attr!r}")
+            raise ConfigError(f"{field} {factory!r}: {what} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError(f"{field} {factory!r} is not callable")

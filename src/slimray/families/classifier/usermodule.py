@@ -50,7 +50,7 @@ def import_factory(factory: str, *, code_dir: str | None = None, field: str = "t
     """The callable named by ``factory`` (``module:attr``), importing ``module`` with ``code_dir`` on the path."""
     check_factory_path(factory)
     found = _add_code_dir(code_dir)
-    module_name, _, attr = factory.partition(":")
+    module_name = factory.partition(":")[0]
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
@@ -60,13 +60,9 @@ def import_factory(factory: str, *, code_dir: str | None = None, field: str = "t
         raise ConfigError(f"{field} {factory!r}: cannot import module {module_name!r}{where}: {err}") from None
     except Exception as err:  # the user's module failed while importing
         raise ConfigError(f"{field} {factory!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{field} {factory!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"{field} {factory!r} is not callable")
-    return obj
+    from slimray.families.classifier.carried import factory_attribute
+
+    return factory_attribute(obj, factory, field=field, what=f"module {module_name!r}")
 
 
 def build_from_factory(factory: str, kwargs: dict[str, Any], *, code_dir: str | None = None, field: str = "teacher.factory") -> nn.Module:
