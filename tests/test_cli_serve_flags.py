@@ -151,4 +151,4 @@ def test_a_bad_serve_section_fails_run_before_any_stage(tmp_path, monkeypatch, c
     assert code == 2, err
     assert "serve.min_replicas: " in err and "must not exceed max_replicas (2)" in err, err
     assert not (tmp_path / "runs").exists()
-    assert elapsed < 2.0, elapsed
+    assert elapsed < 5.0, elapsed  # 1.1 s measured in-process with the 2-core box at load 26
