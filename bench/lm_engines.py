@@ -159,12 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {threads.rstrip('t]')} | {r['prefill_tokens_per_s']['best']:.0f} | "
                      f"{r['decode_tokens_per_s_b1']['best']:.1f} | {r['streams8_tokens_per_s']['best']:.1f} | "
                      f"{100 * r['decode_tokens_per_s_b1']['spread']:.0f}% |")
+    write_results(results, lines, args.out)
+    return 0
+
+
+def write_results(results: dict, lines: list[str], out: Path | None) -> None:
+    """Print the table and the load averages around the run; write the JSON to ``out`` when given."""
     print("\n".join(lines))
     print(f"load average before {results['load'][0]:.1f}, after {results['load_after'][0]:.1f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-    return 0
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

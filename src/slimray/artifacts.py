@@ -9,6 +9,11 @@ weights it was exported from plus ``model.onnx`` (the graph the runtime runs, in
 ``load_runnable`` returns what serving and timing call: the ONNX Runtime session, the compiled module, or
 the torch model.
 
+A user module's artifact carries the factory's module or package under ``code/`` (``carried``): listed with
+relative paths and sha256s in the spec, hashed in ``files`` like the weights, and loaded from there under a
+private module name, so the folder serves after the user's code folder moved or is gone (no absolute path is
+written). An artifact is code: load only artifacts you made (docs/artifacts.md).
+
 Writing, hashing and verifying the folder, and storing state dicts without pickle, are every family's
 (``slimray.storage``). This module is classifier code at the package's top level (layer ``families`` in
 ``slimray.layers``) until the family contract moves it under ``families/classifier/``.
@@ -20,7 +25,7 @@ import json
 import shutil
 import tempfile
 from collections import OrderedDict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -31,10 +36,11 @@ from torch import nn
 from slimray.compress.prune import PruneSpec
 from slimray.compress.quantize import QUANTIZE_AT_LOAD, QuantSpec, quantize
 from slimray.compress.runtime import ONNX_FILE, OrtModel, RuntimeSpec, compile_model
-from slimray.families.classifier.spec import InputSpec, ModelSpec, build_model
+from slimray.families.classifier.carried import CODE_FOLDER, files_for, pack_code, read_code, remember
+from slimray.families.classifier.spec import InputSpec, ModelSpec, ModuleSpec, build_model
 from slimray.schema import ConfigError, StrictModel
 from slimray.storage import (
-    SPEC, WEIGHTS, DamagedArtifactError, _atomic_dir_write, decode_state, write_spec_with_hashes, write_state_artifact,
+    SPEC, WEIGHTS, DamagedArtifactError, _atomic_dir_write, decode_state, member, write_spec_with_hashes, write_state_artifact,
 )
 from slimray.storage import write_json_atomic  # noqa: F401 - still imported from here by pipelines/causal_lm.py and
 # sweep/lm_search.py (being rewritten for vLLM); they move to slimray.storage with that change
@@ -72,13 +78,50 @@ def save_artifact(path: str | Path, model: nn.Module, spec: ArtifactSpec, *, ext
     if spec.runtime.name == "onnxruntime" and ONNX_FILE not in (extra_files or {}):
         raise ValueError(f"an onnxruntime artifact needs its {ONNX_FILE}")
     for name in extra_files or {}:
-        if Path(name).name != name or name in (WEIGHTS, SPEC) or name.startswith("."):
+        if Path(name).name != name or name in (WEIGHTS, SPEC, CODE_FOLDER) or name.startswith("."):
             raise ValueError(f"bad artifact file name {name!r}")
+    spec, code_files = carry_code(spec)
+
     def extra(tmp: Path) -> None:
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
+        write_code(tmp, code_files)
 
     return write_state_artifact(path, model.state_dict(), spec, extra=extra)
+
+
+def carry_code(spec: ArtifactSpec) -> tuple[ArtifactSpec, dict[str, bytes]]:
+    """A user module's spec made self-contained: the factory's module or package (already carried, or packed from
+    ``code_dir``) listed in ``model.code``, ``code_dir`` dropped (no absolute path in the artifact); with the files
+    to write under ``code/``. Other specs, and factories installed as packages (no ``code_dir``), are unchanged."""
+    m = spec.model
+    if not isinstance(m, ModuleSpec) or not (m.code or m.code_dir):
+        return spec, {}
+    if m.code:
+        files = files_for(m.code)
+        code = m.code
+    else:
+        files = pack_code(m.factory, m.code_dir)
+        code = remember(files)
+    return spec.model_copy(update={"model": m.model_copy(update={"code": code, "code_dir": None})}), files
+
+
+def write_code(folder: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        target = Path(folder, CODE_FOLDER, *PurePosixPath(rel).parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def load_code(path: Path, spec: ArtifactSpec) -> None:
+    """Read a user module's carried code from the artifact folder into this process (symlinks, paths leaving the
+    folder and changed files refused with ``DamagedArtifactError`` naming the file)."""
+    m = spec.model
+    if isinstance(m, ModuleSpec) and m.code:
+        try:
+            remember(read_code(path, m.code), m.code, where=str(path))
+        except ValueError as err:
+            raise DamagedArtifactError(path / CODE_FOLDER, str(err).removeprefix(f"{path}: ")) from None
 
 
 def load_spec(path: str | Path) -> ArtifactSpec:
@@ -100,6 +143,7 @@ def load_artifact(path: str | Path) -> tuple[nn.Module, ArtifactSpec]:
     spec = load_spec(path)
     if spec.format != FORMAT:
         raise ValueError(f"{path}: unsupported artifact format {spec.format!r} (expected {FORMAT!r})")
+    load_code(path, spec)
     model = build_model(spec.model).eval()
     example = torch.zeros(1, *spec.input.shape)
     if not stores_float(spec):
@@ -143,10 +187,17 @@ def copy_artifact(src: str | Path, dst: str | Path, *, update: dict[str, Any] | 
     src = Path(src)
     spec = load_spec(src).model_copy(update=update or {})
 
+    load_code(src, spec)
+    code_files: dict[str, bytes] = {}
+    m = spec.model
+    if isinstance(m, ModuleSpec) and (m.code or (m.code_dir and Path(m.code_dir).is_dir())):
+        spec, code_files = carry_code(spec)  # an older artifact whose code folder still exists: carried from now on
+
     def write(tmp: Path) -> None:
         for f in src.iterdir():
             if f.is_file() and f.name != SPEC and not f.name.startswith("."):
                 shutil.copyfile(f, tmp / f.name)
+        write_code(tmp, code_files)
         written["spec"] = write_spec_with_hashes(tmp, spec)
 
     written: dict[str, Any] = {}
@@ -155,19 +206,26 @@ def copy_artifact(src: str | Path, dst: str | Path, *, update: dict[str, Any] | 
 
 
 def artifact_files(path: str | Path) -> dict[str, bytes]:
-    """An artifact's two files as bytes, to travel through the object store as data (no shared disk needed);
-    ``load_artifact_bytes`` rebuilds the module from them."""
+    """An artifact's spec, weights and carried code (``code/...``) as bytes, to travel through the object store as
+    data (no shared disk needed); ``load_artifact_bytes`` rebuilds the module from them."""
     d = Path(path)
     if not (d / SPEC).is_file() or not (d / WEIGHTS).is_file():
         raise FileNotFoundError(f"no model artifact ({SPEC} + {WEIGHTS}) in {d}")
-    return {SPEC: (d / SPEC).read_bytes(), WEIGHTS: (d / WEIGHTS).read_bytes()}
+    spec = load_spec(d)
+    out = {SPEC: (d / SPEC).read_bytes(), WEIGHTS: (d / WEIGHTS).read_bytes()}
+    if isinstance(spec.model, ModuleSpec) and spec.model.code:
+        load_code(d, spec)
+        out.update({f"{CODE_FOLDER}/{rel}": data for rel, data in files_for(spec.model.code).items()})
+    return out
 
 
 def load_artifact_bytes(files: dict[str, bytes]) -> tuple[nn.Module, ArtifactSpec]:
     """``load_artifact`` on files given as bytes (see ``artifact_files``): no pickled module."""
     with tempfile.TemporaryDirectory() as d:
         for name, blob in files.items():
-            if Path(name).name != name or name not in (SPEC, WEIGHTS):
+            if name not in (SPEC, WEIGHTS) and not name.startswith(f"{CODE_FOLDER}/"):
                 raise ValueError(f"bad artifact file name {name!r}")
-            Path(d, name).write_bytes(blob)
+            target = member(Path(d), name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(blob)
         return load_artifact(d)

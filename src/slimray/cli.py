@@ -28,7 +28,7 @@ from pathlib import Path
 from slimray.auth import AuthError
 from slimray.config import PipelineConfig, ServeConfig, recipe_names
 from slimray.jobs import DEFAULT_DASHBOARD
-from slimray.schema import ClusterTooSmallError, ConfigError
+from slimray.schema import ClusterTooSmallError, ConfigError, DeploymentFailedError
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -467,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, AuthError, ConnectionError, ValueError, ClusterTooSmallError, FileExistsError, RunLockedError) as err:
         print(f"slimray: {err}", file=sys.stderr)
         return 2
+    except DeploymentFailedError as err:  # the replicas' own exception, read from Serve's status (not only "failed")
+        print(f"slimray: {err}", file=sys.stderr)
+        return 1
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -59,9 +59,33 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# the one subfolder an artifact may hold: a user module's carried code (families/classifier/carried.py)
+CODE_FOLDER = "code"
+
+
 def file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every regular file in ``folder`` except the spec itself."""
-    return {f.name: sha256_file(f) for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name != SPEC}
+    """sha256 of every regular file in ``folder`` except the spec itself, and of every file under its ``code/``
+    folder (a user module's carried code), named by their relative POSIX path."""
+    folder = Path(folder)
+    out = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != SPEC}
+    code = folder / CODE_FOLDER
+    if code.is_dir():
+        out.update({f.relative_to(folder).as_posix(): sha256_file(f) for f in sorted(code.rglob("*")) if f.is_file()})
+    return out
+
+
+def member(folder: Path, name: str) -> Path:
+    """``folder / name`` for a file name recorded in a spec: a relative path that stays inside the folder and goes
+    through no symlink (``DamagedArtifactError`` naming it otherwise)."""
+    parts = PurePosixPath(name).parts
+    if not parts or "\\" in name or PurePosixPath(name).is_absolute() or any(p in ("", ".", "..") for p in parts):
+        raise DamagedArtifactError(Path(folder) / SPEC, f"names the file {name!r}, which is not inside the artifact folder")
+    p = Path(folder)
+    for part in parts:
+        p = p / part
+        if p.is_symlink():
+            raise DamagedArtifactError(p, "is a symlink; an artifact holds regular files only")
+    return p
 
 
 def write_spec_with_hashes(folder: Path, spec: Any) -> Any:
@@ -94,7 +118,7 @@ def verify_artifact(path: str | Path, spec_cls: type[StrictModel] | None = None)
     if not files and not (path / WEIGHTS).is_file():
         raise DamagedArtifactError(path / WEIGHTS, "missing")
     for name, digest in sorted(files.items()):
-        f = path / name
+        f = member(path, name)
         if not f.is_file():
             raise DamagedArtifactError(f, "missing")
         if sha256_file(f) != digest:

@@ -100,8 +100,20 @@ class TrainData:
             "teacher_logits": self.teacher_logits if job.alpha > 0 and not in_loop else None,
             "teacher_files": ray.put(_teacher_files(job.teacher_dir)) if in_loop else None,
             "init_state": init_state,
+            "code_files": _code_files(job),
         }
         return shared, self.train_stream
+
+
+def _code_files(job: TrainJob) -> dict[str, bytes] | None:
+    """A user module's carried code, as bytes for the workers (they import it from there, not from any folder)."""
+    spec = parse_spec(job.spec)
+    code = getattr(spec, "code", None)
+    if not code:
+        return None
+    from slimray.families.classifier.carried import files_for
+
+    return files_for(code, search=tuple(d for d in (job.teacher_dir,) if d))
 
 
 def check_fits(*, num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str) -> None:

@@ -56,7 +56,7 @@ def test_served_llm_config_places_a_cpu_replica_and_carries_no_secret(tmp_path, 
 
     monkeypatch.setenv("SLIMRAY_API_KEY", "secret-not-in-config")
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
-    opts = ServeOptions(model_dir=str(tmp_path), name="lm", num_cpus_per_replica=1, max_replicas=2, min_replicas=1,
+    opts = ServeOptions(model_dir=str(tmp_path), name="lm", num_cpus_per_replica=1, max_replicas=2, min_replicas=1, ingress="proxy",
                         max_num_seqs=4, max_context_len=512)
     cfg = llm_config(opts, quant_method="token_int8")
     assert cfg.placement_group_config == {"bundles": [{"CPU": 1.0}]}
