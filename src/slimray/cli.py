@@ -6,7 +6,7 @@
     slimray serve RUN_DIR [--port N] [--replicas N] [--host HOST] [--grpc-port N] [--ingress direct|proxy] [--address ADDR]
     slimray export RUN_DIR --format onnx|torch-export [--trial KEY] --out FILE
     slimray recipes
-    slimray init --model PKG.MODULE:FACTORY --weights W.safetensors --data PATH [--code-dir DIR] [--out slimray.yaml]
+    slimray init --model PKG.MODULE:FACTORY --weights W.safetensors --data PATH [--test PATH] [--code-dir DIR] [--out slimray.yaml]
 
 ``run`` takes the teacher through distillation, the compression sweep and (unless ``--no-serve``) serves
 the winner until Ctrl-C; with ``--space`` a distillation sweep (Tune trials, each a Ray Train run) picks
@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     ini.add_argument("--model", required=True, help="factory of your nn.Module, e.g. my_models.net:build")
     ini.add_argument("--weights", required=True, help="the trained weights as a .safetensors file")
     ini.add_argument("--data", required=True, help="training data: .parquet/.csv/.jsonl/.npz file, or an image folder")
+    ini.add_argument("--test", help="held-out examples your teacher never trained on (same format as --data): the teacher's "
+                     "accuracy there is the reference of the accuracy budget; without it the teacher is scored on a split "
+                     "carved out of --data")
     ini.add_argument("--code-dir", help="folder holding the factory's module (default: the current folder if it holds it)")
     ini.add_argument("--kwargs", default="{}", help="keyword arguments for the factory as JSON, e.g. '{\"num_classes\": 10}'")
     ini.add_argument("--name", help="run name (default: from the data path)")
@@ -278,7 +281,7 @@ def _init(args) -> int:
     if code_dir is None and (Path(top).is_dir() or Path(f"{top}.py").is_file()):
         code_dir = "."
     out = write_starter(args.out, model=args.model, weights=args.weights, data=args.data, code_dir=code_dir,
-                        name=args.name, kwargs=kwargs, force=args.force)
+                        name=args.name, kwargs=kwargs, force=args.force, test=args.test)
     print(f"wrote {out}; check the data columns in it, then: slimray run --config {out}")
     return 0
 

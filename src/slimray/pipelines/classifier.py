@@ -465,6 +465,10 @@ def sweep_stage(
     floor = teacher_ref - drop
     if metric.fn is None:
         log(f"accuracy floor: teacher {teacher_ref:.2f}% on {s.teacher_reference_split} - {drop} points")
+        if teacher_ref >= 100.0 - 1e-9:
+            log(f"note: the teacher makes no error on the {len(y_ref)} {s.teacher_reference_split} examples; if it was trained on "
+                f"them, this is its training accuracy and every trial must match it on examples it never saw: give held-out "
+                f"data (data.test with search.teacher_reference_split: test; `slimray init --test`)")
     else:
         log(f"{metric.name} ({'higher' if metric.higher_is_better else 'lower'} is better): teacher {teacher_value:.4g} on "
             f"{s.teacher_reference_split}; the winner may lose {drop:.4g}")
