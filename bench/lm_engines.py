@@ -1,6 +1,6 @@
 """The same causal LMs in two engines, side by side in one invocation: HF eager (slimray's loader, the runtime the
-search times) and vLLM's CPU build (the engine behind ``ray.serve.llm``; run from its own venv, ``make
-install-vllm``), at each thread count asked for.
+search times) and vLLM's CPU build (the engine behind ``ray.serve.llm``; ``make install`` installs it in the
+project's venv), at each thread count asked for.
 
 Run from the repository root with the project's venv active::
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, required=True, help="a finished causal_lm run (teacher/ and winner/)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python")
+    p.add_argument("--vllm-python", type=Path, default=Path(sys.executable), help="a Python with vLLM (default: this one)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["teacher bf16, vLLM"] = VllmRow(args.vllm_python, teacher, dtype="bfloat16", threads=threads)
             rows["winner, vLLM"] = VllmRow(args.vllm_python, winner, dtype="auto", threads=threads)
         else:
-            print(f"no vLLM venv at {args.vllm_python} (make install-vllm): HF rows only", file=sys.stderr)
+            print(f"no Python at {args.vllm_python}: HF rows only", file=sys.stderr)
         samples: dict[str, dict[str, list[float]]] = {k: {} for k in rows}
         keys = list(rows)
         for r in range(args.rounds):
@@ -159,12 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {threads.rstrip('t]')} | {r['prefill_tokens_per_s']['best']:.0f} | "
                      f"{r['decode_tokens_per_s_b1']['best']:.1f} | {r['streams8_tokens_per_s']['best']:.1f} | "
                      f"{100 * r['decode_tokens_per_s_b1']['spread']:.0f}% |")
+    write_results(results, lines, args.out)
+    return 0
+
+
+def write_results(results: dict, lines: list[str], out: Path | None) -> None:
+    """Print the table and the load averages around the run; write the JSON to ``out`` when given."""
     print("\n".join(lines))
     print(f"load average before {results['load'][0]:.1f}, after {results['load_after'][0]:.1f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-    return 0
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

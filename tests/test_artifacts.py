@@ -1,4 +1,4 @@
-"""Artifact integrity and faults (``slimray.artifacts``): sha256 per file in spec.json, a damaged reused stage
+"""Artifact integrity and faults (``slimray.storage``, on the classifier's ``slimray.artifacts``): sha256 per file in spec.json, a damaged reused stage
 rebuilt alone with one line, a damaged winner refused by ``slimray serve`` naming the file, and a full disk
 (injected ENOSPC) leaving the previous artifact intact with a one-line message. No Ray."""
 
@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimray import artifacts
-from slimray.artifacts import (
-    ArtifactSpec, DamagedArtifactError, DiskFullError, load_artifact, reusable, save_artifact, sha256_file, verify_artifact,
-    write_json_atomic,
-)
+from slimray import storage
+from slimray.artifacts import ArtifactSpec, load_artifact, save_artifact
+from slimray.storage import DamagedArtifactError, DiskFullError, reusable, sha256_file, verify_artifact, write_json_atomic
 from slimray.families.classifier import build_model
 
 from .conftest import DIGITS_CNN, tiny_digits_config
@@ -48,7 +46,7 @@ def test_artifact_without_hashes_still_loads(saved, digits):
     (saved / "spec.json").write_text(json.dumps(spec))
     verify_artifact(saved, ArtifactSpec)
     model, _ = load_artifact(saved)
-    assert reusable(saved)
+    assert reusable(saved, spec_cls=ArtifactSpec)
     x, _ = digits.normalized("test")
     assert model(x[:4]).shape == (4, 10)
 
@@ -110,14 +108,14 @@ def test_serve_refuses_a_damaged_winner_naming_the_file(saved, tmp_path, capsys,
 
 
 def _failing_save_file(monkeypatch):
-    real = artifacts.save_file
+    real = storage.save_file
 
     def save_file(tensors, filename, metadata=None):
         real(tensors, filename, metadata=metadata)  # half a file is on disk when the disk fills up
         _truncate(Path(filename))
         raise OSError(errno.ENOSPC, "No space left on device", filename)
 
-    monkeypatch.setattr(artifacts, "save_file", save_file)
+    monkeypatch.setattr(storage, "save_file", save_file)
 
 
 def test_disk_full_keeps_the_previous_artifact_and_names_it(saved, digits, monkeypatch):
@@ -177,7 +175,7 @@ def test_a_full_disk_inside_the_sweep_is_reported_as_the_cause():
 
 
 def test_text_artifacts_carry_hashes_and_a_damaged_one_is_not_reused(tmp_path):
-    from slimray.artifacts import write_state_artifact
+    from slimray.storage import write_state_artifact
     from slimray.families.sentence_encoder.models import TextArtifactSpec
 
     path = tmp_path / "student"

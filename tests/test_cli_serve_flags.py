@@ -127,3 +127,28 @@ def test_ingress_defaults_to_direct_the_flag_wins_and_reaches_deploy(run_dir, mo
     assert calls["ingress"] == "direct"
     cli._serve_run_dir(folder, ServeConfig(port=8123, ingress="proxy"), name="flags")
     assert calls["ingress"] == "proxy"
+
+
+def test_a_bad_serve_section_fails_run_before_any_stage(tmp_path, monkeypatch, capsys):
+    """`slimray run --config` with serve.min_replicas above serve.max_replicas: refused when the config loads, naming
+    the field, before the run folder, Ray or any stage (the whole serve schema is checked there)."""
+    import time
+
+    import yaml
+
+    import slimray.pipelines as pipelines
+    from slimray.config import load_config
+
+    data = load_config(recipe="digits").model_dump()
+    data["serve"].update(ingress="proxy", min_replicas=3, max_replicas=2)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(pipelines, "run_pipeline", lambda *a, **k: pytest.fail("a stage started"))
+    t0 = time.perf_counter()
+    code = cli.main(["run", "--config", str(cfg), "--out", str(tmp_path / "runs")])
+    elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "serve.min_replicas: " in err and "must not exceed max_replicas (2)" in err, err
+    assert not (tmp_path / "runs").exists()
+    assert elapsed < 5.0, elapsed  # 1.1 s measured in-process with the 2-core box at load 26

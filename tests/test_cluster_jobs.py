@@ -4,6 +4,7 @@ over HTTP, and tear the cluster down by PID. Without the token, the submission f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -65,7 +66,7 @@ def test_submission_without_token_fails_with_message(local_cluster, clean_env):
 def test_submit_follow_then_serve_from_serve_config(local_cluster, clean_env, tmp_path):
     """The user's own project (its model code in its own folder, Parquet data, safetensors teacher) submitted as
     a job; the code folder is moved away once the job is submitted, so the job imports the user's module from
-    what travelled with it (py_modules)."""
+    what travelled with it (py_modules), and the winner's replicas from the code its artifact carries."""
     env = {**clean_env, "RAY_AUTH_TOKEN_PATH": local_cluster.token_file}
     code = tmp_path / "code"
     code.mkdir()
@@ -83,10 +84,7 @@ def test_submit_follow_then_serve_from_serve_config(local_cluster, clean_env, tm
             break
     assert "submitted raysubmit_" in seen[-1], "".join(seen) + sub.stdout.read()[-3000:]
     code.rename(tmp_path / "code-away")  # from now on only the job's copy of the code exists
-    try:
-        rest, _ = sub.communicate(timeout=900)
-    finally:
-        (tmp_path / "code-away").rename(code)  # back for the Serve replica below, which imports it from code_dir
+    rest, _ = sub.communicate(timeout=900)
     assert sub.returncode == 0, rest[-4000:]
     assert "SUCCEEDED" in rest
     run_dir = out_dir / "user-cluster"
@@ -96,7 +94,10 @@ def test_submit_follow_then_serve_from_serve_config(local_cluster, clean_env, tm
     listed = _cli(["jobs", "list", "--address", local_cluster.dashboard_url], env=env, timeout=60)
     assert listed.returncode == 0 and "SUCCEEDED" in listed.stdout
 
-    # deploy the winner with the Serve config users hand to `serve deploy`
+    # the winner carries the code the job packed (the job's copy: the user's folder was gone), none of the user's paths
+    winner = json.loads((run_dir / "winner" / "spec.json").read_text())
+    assert list(winner["model"]["code"]) == ["user_models/__init__.py"] and str(tmp_path) not in json.dumps(winner)
+    # deploy the winner with the Serve config users hand to `serve deploy`: its replicas import that carried code
     serve_cfg = yaml.safe_load((REPO / "serve" / "digits.yaml").read_text())
     port = _free_port()
     serve_cfg["http_options"]["port"] = port
@@ -109,7 +110,7 @@ def test_submit_follow_then_serve_from_serve_config(local_cluster, clean_env, tm
         env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120,
     )
     assert dep.returncode == 0, dep.stdout + dep.stderr
-    from slimray.pipelines.classifier import read_test_sample
+    from slimray.data.sample import read_test_sample
 
     x = read_test_sample(run_dir)[0][:4].tolist()
     deadline = time.monotonic() + 120

@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent(
     import json, sys, urllib.error, urllib.request
     import ray
     from slimray.auth import read_token
-    from slimray.runtime import init_ray, token_auth_enabled
+    from slimray.raycompat import token_auth_enabled
+    from slimray.runtime import init_ray
 
     out = {}
     init_ray(num_cpus=1)  # what `slimray run` starts: no dashboard, no Jobs API

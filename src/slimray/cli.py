@@ -28,7 +28,7 @@ from pathlib import Path
 from slimray.auth import AuthError
 from slimray.config import PipelineConfig, ServeConfig, recipe_names
 from slimray.jobs import DEFAULT_DASHBOARD
-from slimray.schema import ClusterTooSmallError, ConfigError
+from slimray.schema import ClusterTooSmallError, ConfigError, DeploymentFailedError
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
@@ -181,6 +181,18 @@ def _serve_run_dir(run_dir: Path, serve_cfg: ServeConfig, *, name: str) -> str:
     from slimray.serving.options import options_for_run
 
     options = options_for_run(run_dir, serve_config=serve_cfg, name=name)
+    from slimray.serving.llm import vllm_runtime_of
+
+    quant = vllm_runtime_of(options.model_dir)
+    if quant is not None:  # a causal-LM winner whose runtime is vLLM: Ray Serve LLM (its own OpenAI ingress, Serve's proxy)
+        from slimray.serving.llm import build_vllm_app
+
+        if serve_cfg.grpc_port is not None:
+            raise ConfigError("serve.grpc_port: a vLLM-served LLM speaks the OpenAI API over HTTP only; leave grpc_port unset")
+        print(f"serving {options.model_dir} with vLLM through Ray Serve LLM (the engine loads in about a minute or two on CPU)",
+              flush=True)
+        return deploy(build_vllm_app(options, quant_method=quant), name=name, host=serve_cfg.host, port=serve_cfg.port,
+                      route_prefix=serve_cfg.route_prefix, ingress="proxy")
     return deploy(build_app(options), name=name, host=serve_cfg.host, port=serve_cfg.port, route_prefix=serve_cfg.route_prefix,
                   grpc_port=serve_cfg.grpc_port, ingress=getattr(serve_cfg, "ingress", "proxy"))
 
@@ -356,7 +368,7 @@ def _cluster(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from slimray import console
-    from slimray.artifacts import DiskFullError
+    from slimray.storage import DiskFullError
     from slimray.runlock import RunLockedError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -429,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = args.run_dir.resolve()
             if not any((run_dir / "winner" / f).exists() for f in ("spec.json", "slimray_lm.json")):
                 raise ConfigError(f"{run_dir} holds no finished run (no winner/spec.json, nor winner/slimray_lm.json for a causal LM)")
-            from slimray.artifacts import check_winner
+            from slimray.serving.checks import check_winner
 
             check_winner(run_dir / "winner")  # a damaged spec.json or weights file: one line naming it
             from slimray import families
@@ -458,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, AuthError, ConnectionError, ValueError, ClusterTooSmallError, FileExistsError, RunLockedError) as err:
         print(f"slimray: {err}", file=sys.stderr)
         return 2
+    except DeploymentFailedError as err:  # the replicas' own exception, read from Serve's status (not only "failed")
+        print(f"slimray: {err}", file=sys.stderr)
+        return 1
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise

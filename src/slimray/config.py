@@ -12,20 +12,15 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, PositiveInt, Tag, ValidationError, field_validator, model_validator
 
-from slimray.compress.prune import PruneSpec
-from slimray.compress.quantize import QuantMethod, QuantSpec
-from slimray.compress.runtime import DEVICE_METHODS, Device, RuntimeName, RuntimeSpec, unsupported_reason
 from slimray.data.files_config import FilesDataConfig
 from slimray.evaluation import EvalConfig
 from slimray.families.classifier.spec import ModelSpec, ModuleSpec, build_model, scale_spec
 from slimray.families.classifier.usermodule import check_factory_path
 from slimray.schema import UNION_TAGS, ConfigError, StrictModel, check_name  # noqa: F401  (check_name re-exported)
-from slimray.serving.options import (
-    DEFAULT_MAX_TOKENS_DOC, LM_DEFAULT_MAX_TOKENS, LM_MAX_NUM_SEQS, LM_MAX_TOKENS_LIMIT, MAX_CONTEXT_LEN_DOC, MAX_NUM_SEQS_DOC,
-    MAX_TOKENS_LIMIT_DOC, check_lm_limits,
-)
+from slimray.serving.options import ServeConfig  # the one serve schema (re-exported: every family's `serve:` section)
 from slimray.sweep.space import DistillSpace, RandInt, SweepSpaceFile, domain_ends, domain_values
 from slimray.families.classifier.features import FeatureKDSpec, layer_names
+from slimray.sweep.space import SearchSpace  # the compression space (a recipe's search.space)
 
 
 
@@ -197,82 +192,6 @@ class DistillConfig(StrictModel):
         return self
 
 
-class SearchSpace(StrictModel):
-    """Compression search space: prune ratio x quantization x runtime, for one device (files under tune/).
-
-    A quantization the device has no kernels for is an error at load; (quantization, runtime) pairs that
-    cannot run together are dropped from the space (listed in ``dropped``), e.g. bf16 in ONNX Runtime.
-    """
-
-    device: Device = Field("cpu", description="where the model will be served: cpu or cuda")
-    prune_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
-    quantizations: list[QuantMethod] = Field(default_factory=lambda: ["none", "dynamic_int8", "static_int8", "bf16"])
-    runtimes: list[RuntimeName] = Field(default_factory=lambda: ["torch"], description="torch, torch_compile, onnxruntime")
-    importance: Literal["l1", "l2", "taylor"] = "l1"
-    round_to: PositiveInt | None = None
-
-    @field_validator("prune_ratios")
-    @classmethod
-    def _ratios(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("at least one prune ratio")
-        bad = [r for r in v if not 0.0 <= r < 1.0]
-        if bad:
-            raise ValueError(f"prune ratios must be in [0, 1): {bad}")
-        return sorted(set(v))
-
-    @field_validator("quantizations", "runtimes")
-    @classmethod
-    def _nonempty(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one entry")
-        return list(dict.fromkeys(v))
-
-    @model_validator(mode="after")
-    def _device(self) -> SearchSpace:
-        bad = [q for q in self.quantizations if q not in DEVICE_METHODS[self.device]]
-        if bad:
-            raise ValueError(
-                f"quantizations {bad} cannot run on device {self.device!r} (it runs {sorted(DEVICE_METHODS[self.device])})"
-            )
-        if not self.settings:
-            reasons = "; ".join(f"{q} in {r}: {why}" for q, r, why in self.dropped)
-            raise ValueError(f"no (quantization, runtime) pair in this space can run: {reasons}")
-        return self
-
-    @property
-    def settings(self) -> list[tuple[str, str]]:
-        """The (quantization, runtime) pairs that can run on the device, in the order given."""
-        return [
-            (q, r) for r in self.runtimes for q in self.quantizations
-            if unsupported_reason(device=self.device, runtime=r, method=q) is None
-        ]
-
-    @property
-    def dropped(self) -> list[tuple[str, str, str]]:
-        """(quantization, runtime, why) for the pairs left out of the space."""
-        out = []
-        for r in self.runtimes:
-            for q in self.quantizations:
-                why = unsupported_reason(device=self.device, runtime=r, method=q)
-                if why is not None:
-                    out.append((q, r, why))
-        return out
-
-    def prune_spec(self, ratio: float) -> PruneSpec:
-        return PruneSpec(ratio=ratio, importance=self.importance, round_to=self.round_to)
-
-    def quant_spec(self, method: str) -> QuantSpec:
-        return QuantSpec(method=method)
-
-    def runtime_spec(self, name: str) -> RuntimeSpec:
-        return RuntimeSpec(name=name)
-
-    @property
-    def num_trials(self) -> int:
-        return len(self.prune_ratios) * len(self.settings)
-
-
 class SearchConfig(StrictModel):
     space: SearchSpace = Field(default_factory=SearchSpace)
     space_file: str | None = Field(None, description="YAML search space (like tune/*.yaml); replaces space")
@@ -320,67 +239,6 @@ class SearchConfig(StrictModel):
         if self.algorithm == "grid":
             return self.space.num_trials
         return self.num_samples or max(1, self.space.num_trials // 2)
-
-
-class ServeConfig(StrictModel):
-    ingress: Literal["direct", "proxy"] = Field(
-        "direct",
-        description="direct: each replica serves HTTP (and gRPC) itself on host:port, several replicas on one node share "
-                    "the port (single node; fastest); proxy: Ray Serve's HTTP proxy on host:port routes to the replicas "
-                    "(clusters, autoscaling). What each binds: docs/serving-ingress.md",
-    )
-    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the endpoint")
-    port: int = Field(8000, ge=1, le=65535)
-    num_replicas: PositiveInt = 1
-    num_cpus_per_replica: float = Field(1.0, gt=0)
-    num_threads: PositiveInt = 1
-    max_batch_examples: PositiveInt = Field(1024, description="largest batch (examples or texts) one request may send")
-    max_text_chars: PositiveInt = Field(4096, description="text models: longest text accepted, in characters (422 above)")
-    max_body_bytes: PositiveInt = Field(16 * 1024 * 1024)
-    max_ongoing_requests: PositiveInt = Field(16, description="requests one replica works on at once")
-    api_key_env: str = Field("SLIMRAY_API_KEY", description="environment variable (of the replica) holding an optional API key")
-    api_key_file: str | None = Field(None, description="file holding the API key (e.g. a mounted Secret); wins over api_key_env")
-    route_prefix: str = "/"
-    # placement and scaling (names match slimray.serving.app.ServeOptions, which the CLI fills from here)
-    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica; fractions below 1 share a GPU")
-    max_replicas_per_node: PositiveInt | None = Field(None, description="1 = one replica per node (e.g. per GPU node)")
-    min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound (needs max_replicas)")
-    max_replicas: PositiveInt | None = Field(None, description="turns autoscaling on (num_replicas is then ignored)")
-    target_ongoing_requests: float = Field(2.0, gt=0, description="autoscaling target of requests per replica")
-    # dynamic batching
-    max_batch_size: PositiveInt = Field(16, description="most examples one batched forward pass takes")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10, description="how long a batch waits to fill up")
-    forward_in_thread: bool = Field(True, description="run the forward pass off the replica's event loop")
-    # overload, timeouts, health
-    max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica before 503; -1: no limit")
-    request_timeout_s: float | None = Field(None, gt=0, description="HTTP request timeout (408)")
-    health_check_period_s: float = Field(5.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
-    access_log: bool = Field(False, description="log every request in the replica (costs CPU under load)")
-    # text generation (causal_lm; ignored by the other families): the same fields as ServeOptions
-    max_tokens_limit: PositiveInt = Field(LM_MAX_TOKENS_LIMIT, description=MAX_TOKENS_LIMIT_DOC)
-    default_max_tokens: PositiveInt = Field(LM_DEFAULT_MAX_TOKENS, description=DEFAULT_MAX_TOKENS_DOC)
-    max_num_seqs: PositiveInt = Field(LM_MAX_NUM_SEQS, description=MAX_NUM_SEQS_DOC)
-    max_context_len: PositiveInt | None = Field(None, description=MAX_CONTEXT_LEN_DOC)
-    # the Open Inference Protocol over gRPC, through Serve's gRPC proxy
-    grpc_port: int | None = Field(
-        None, ge=1, le=65535,
-        description="OIP v2 GRPCInferenceService on this port; None: no gRPC. ingress direct: the replicas bind host:PORT; "
-                    "ingress proxy: Ray 2.60's gRPC proxy binds every interface ([::]:PORT), whatever `host` says",
-    )
-
-    @model_validator(mode="after")
-    def _distinct_ports(self) -> ServeConfig:
-        if self.grpc_port is not None and self.grpc_port == self.port:
-            raise ValueError(f"grpc_port must differ from port (both {self.port})")
-        if self.ingress == "direct" and self.max_replicas is not None:
-            raise ValueError("max_replicas (autoscaling) needs ingress: proxy (the direct ingress bypasses the request "
-                             "counts Serve's autoscaler reads)")
-        if self.ingress == "direct" and self.max_replicas_per_node is not None:
-            raise ValueError("max_replicas_per_node spreads replicas over nodes: use ingress: proxy (the direct ingress "
-                             "serves one node)")
-        check_lm_limits(self)
-        return self
 
 
 class PipelineConfig(StrictModel):

@@ -184,12 +184,18 @@ def divert_logger(name: str, log_file: str | Path) -> None:
 
 
 def link_ray_logs(run_dir: str | Path) -> Path | None:
-    """``RUN/logs/ray-session`` -> the embedded Ray's session folder (worker logs, Tune and Train output)."""
-    try:
-        import ray
+    """``RUN/logs/ray-session`` -> the embedded Ray's session folder (worker logs, Tune and Train output). None when
+    there is none here (a Ray Client connection: the logs are on the cluster) or Ray's internals changed (warned)."""
+    import warnings
 
-        session = ray._private.worker._global_node.get_session_dir_path()  # noqa: SLF001 - no public getter
-    except Exception:  # noqa: BLE001 - connected to a remote cluster: its logs are there
+    from slimray.raycompat import RayCompatError, session_dir
+
+    try:
+        session = session_dir()
+    except RayCompatError as err:  # the link is a convenience: say why it is missing, keep the run going
+        warnings.warn(str(err), stacklevel=2)
+        return None
+    if session is None:
         return None
     logs = Path(run_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)

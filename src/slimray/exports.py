@@ -17,11 +17,13 @@ from typing import Any, Literal
 
 import torch
 
-from slimray.artifacts import load_artifact, load_runnable, load_spec, write_json_atomic
+from slimray.artifacts import load_artifact, load_runnable, load_spec
 from slimray.compress.export import check_outputs, export_onnx, export_program, load_program
 from slimray.compress.runtime import ONNX_FILE, OrtModel
 from slimray.config import check_name
 from slimray.data import load_dataset, normalize
+from slimray.data.sample import TEST_SAMPLE, read_test_sample
+from slimray.storage import write_json_atomic
 from slimray.schema import ConfigError
 
 ExportFormat = Literal["onnx", "torch-export"]
@@ -46,8 +48,6 @@ def model_dir(run_dir: Path, trial: str | None) -> Path:
 def held_out_inputs(run_dir: Path):
     """The run's held-out examples (raw units): its saved test sample, or, for runs made before it existed,
     the built-in dataset's test split."""
-    from slimray.pipelines.classifier import TEST_SAMPLE, read_test_sample
-
     if (run_dir / TEST_SAMPLE).exists():
         return read_test_sample(run_dir)[0]
     cfg = json.loads((run_dir / "config.json").read_text())

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from slimray.artifacts import write_json_atomic
+from slimray.storage import write_json_atomic
 
 
 def _fmt(v: Any, nd: int = 2) -> str:

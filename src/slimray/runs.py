@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from slimray.artifacts import write_json_atomic
+from slimray.storage import write_json_atomic
 from slimray.runlock import LOCK_NAME, RunLock
 from slimray.schema import ConfigError
 

@@ -20,6 +20,7 @@ import os
 import ray
 
 from slimray import console
+from slimray.raycompat import reload_ray_config, token_auth_enabled
 
 # Defaults for the knobs that otherwise turn a resource shortage into an endless wait (see ray-2.60 notes).
 FAIL_FAST_ENV = {
@@ -69,13 +70,4 @@ def _require_token_auth() -> None:
     """RAY_AUTH_MODE=token for this process (and the Ray processes it starts), whatever the environment said.
     Ray caches its config when it is imported: refresh it, as Ray's own ``_enable_token_auth`` does."""
     os.environ.update(AUTH_ENV)
-    from ray._raylet import Config
-
-    Config.initialize("")
-
-
-def token_auth_enabled() -> bool:
-    """Whether this process's Ray has token authentication on."""
-    from ray._private.authentication.authentication_utils import is_token_auth_enabled
-
-    return is_token_auth_enabled()
+    reload_ray_config()

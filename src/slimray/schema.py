@@ -38,6 +38,10 @@ class ClusterTooSmallError(RuntimeError):
     """The cluster cannot fit what was asked for; raised before anything waits on resources."""
 
 
+class DeploymentFailedError(RuntimeError):
+    """Serve could not start an application; the message carries what its replicas raised (``slimray.serving.app``)."""
+
+
 # Tags of tagged unions (``Annotated[..., Tag(name)]``): pydantic puts them in an error's location, where
 # they name no field of the file; the message leaves them out so that it reads like the YAML path.
 UNION_TAGS: set[str] = set()

@@ -33,7 +33,7 @@ from slimray.schema import ConfigError
 HEADER = """\
 # slimray config written by `slimray init`. Run it with:
 #   slimray run --config {path}
-# Every field is documented in the README ("Configuration"); unknown fields are errors.
+# Every field is documented in docs/configuration.md; unknown fields are errors.
 # data: your files, read with Ray Data. Set input_column/label_column (or feature_columns) to your columns.
 # data.mean/std: the normalisation your teacher was trained with, applied before the model (here and in the
 # server); 0 and 1 feed inputs as read (images scaled to [0, 1]); one value or one per channel.

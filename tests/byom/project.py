@@ -173,3 +173,18 @@ def vit_project(root: Path, *, epochs: int = 40) -> tuple[Path, Path, Path, Path
     weights = root / "teacher.safetensors"
     save_file(teacher.state_dict(), str(weights))
     return weights, data, held_out, CODE_DIR
+
+
+def user_code_folder(folder: Path, *, module: str, package: bool = False) -> Path:
+    """A copy of the user's model code (``user_models.py``) under another module name, in a folder of its own that
+    nothing puts on ``sys.path`` (so only ``teacher.code_dir`` or an artifact's carried copy can provide it); as a
+    package (``module/__init__.py`` importing ``module/nets.py`` relatively) with ``package``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = (CODE_DIR / "user_models.py").read_text()
+    if package:
+        (folder / module).mkdir()
+        (folder / module / "nets.py").write_text(source)
+        (folder / module / "__init__.py").write_text("from .nets import mlp, resnet, vit  # noqa: F401\n")
+    else:
+        (folder / f"{module}.py").write_text(source)
+    return folder

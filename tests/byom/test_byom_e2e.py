@@ -24,7 +24,7 @@ import project
 
 from slimray.artifacts import load_runnable, load_spec
 from slimray.data import normalize
-from slimray.pipelines.classifier import read_test_sample
+from slimray.data.sample import read_test_sample
 
 pytestmark = pytest.mark.slow
 
@@ -174,3 +174,26 @@ def test_user_vit_with_the_starter_config_runs_every_trial_and_is_served(tmp_pat
     assert all(t["runtime_check"]["class_agreement"] >= 95.0 for t in trials if t["runtime"] == "onnxruntime" and t["quantization"] == "none")
     assert report["constraint_met"], "no trial within the starter config's accuracy budget"
     _served_like_in_process(run_dir, cwd=tmp_path)
+
+
+@pytest.mark.long
+def test_user_module_run_serves_after_its_code_folder_moves(tmp_path):
+    """`slimray run` on the user's MLP whose code lives in a folder of its own; the folder is then moved away and
+    `slimray serve` still serves the winner (its artifact carries the code); after the folder is deleted the winner
+    still loads."""
+    import shutil
+
+    code = project.user_code_folder(tmp_path / "code", module="user_models")
+    cfg = project.mlp_project(tmp_path / "proj", name="user-moved", code_dir=code, epochs=3)
+    out = _cli(["run", "--config", str(cfg), "--no-serve", "--out", str(tmp_path / "runs")], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "user-moved"
+    for stage in ("teacher", "student", "winner"):
+        spec = load_spec(run_dir / stage)
+        assert list(spec.model.code) == ["user_models.py"] and spec.model.code_dir is None, stage
+        assert str(tmp_path) not in (run_dir / stage / "spec.json").read_text(), stage
+    code.rename(tmp_path / "code-moved")
+    _served_like_in_process(run_dir, cwd=tmp_path)
+    shutil.rmtree(tmp_path / "code-moved")
+    model, _ = load_runnable(run_dir / "winner")
+    assert type(model).__module__.startswith("_slimray_code_")

@@ -388,11 +388,12 @@ def test_api_key_never_reaches_ray(served, ray_session):
     from pathlib import Path
 
     from ray import serve
-    from ray.serve.context import _get_global_client
+
+    from slimray.raycompat import serve_details
 
     client, _ = served
     assert client.get("/locked/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    details = _get_global_client().get_serve_details()
+    details = serve_details()  # the raycompat shim, on a live Serve
     deployment = details["applications"]["locked"]["deployments"]["locked"]
     actor = deployment["deployment_config"].get("ray_actor_options") or {}
     assert "s3cret" not in json.dumps(actor.get("runtime_env") or {})

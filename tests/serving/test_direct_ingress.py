@@ -177,7 +177,7 @@ def test_deploy_refuses_a_taken_port_and_autoscaling(digits_run, serve_ports):
     app = build_app(ServeOptions(name="x", model_dir=str(run_dir / "winner"), num_cpus_per_replica=0.25))
     with pytest.raises(RuntimeError, match="already in use"):
         deploy(app, name="taken", port=serve_ports[0], ingress="direct")  # Serve's proxy listens there
-    auto = build_app(ServeOptions(name="x", model_dir=str(run_dir / "winner"), max_replicas=2))
+    auto = build_app(ServeOptions(name="x", model_dir=str(run_dir / "winner"), ingress="proxy", max_replicas=2))
     with pytest.raises(ValueError, match="autoscaling"):
         deploy(auto, name="auto", port=free_port(), ingress="direct")
     from ray import serve

@@ -33,7 +33,7 @@ def test_lm_limits_are_validated_in_both_schemas():
 
 
 def test_a_causal_lm_run_folder_serves_through_options_for_run(lm_run):
-    from slimray.artifacts import check_winner
+    from slimray.serving.checks import check_winner
     from slimray.families.causal_lm.serving import CausalLMCodec
     from slimray.serving.codecs import make_codec
     from slimray.serving.protocols import build_api, ingress_for
@@ -59,7 +59,8 @@ def test_a_causal_lm_run_folder_serves_through_options_for_run(lm_run):
 def test_a_damaged_lm_winner_is_refused_naming_the_file(lm_run, tmp_path):
     import shutil
 
-    from slimray.artifacts import DamagedArtifactError, check_winner
+    from slimray.serving.checks import check_winner
+    from slimray.storage import DamagedArtifactError
 
     bad = tmp_path / "winner"
     shutil.copytree(lm_run / "winner", bad)
@@ -126,29 +127,19 @@ def test_cpu_serve_config_builds_the_app():
 
 
 def test_gpu_serve_config_matches_ray_serve_llm_schemas():
-    """serve/smollm-vllm.yaml against the installed Ray 2.60: Serve's deploy schema, ``ray.serve.llm``'s builder and
-    its LLMConfig (vLLM is not installed here, so the builder module cannot be imported: its signature is read
-    from source; ``engine_kwargs`` go to vLLM unchecked)."""
-    import ast
-    import importlib.util
+    """serve/smollm-vllm.yaml against the installed Ray 2.60: Serve's deploy schema and ``ray.serve.llm``'s own
+    builder arguments (``LLMServingArgs``, which validates each ``LLMConfig``; vLLM's CPU build is installed, so the
+    public module imports; ``engine_kwargs`` go to vLLM unchecked)."""
     from pathlib import Path
 
-    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig, ModelLoadingConfig
+    pytest.importorskip("vllm")
+    from ray.serve.llm import LLMServingArgs, build_openai_app
     from ray.serve.schema import DeploymentSchema
 
     config = _yaml("smollm-vllm.yaml")
     (app,) = _check_serve_schema(config).applications
-    module, attr = app.import_path.split(":")
-    source = Path(importlib.util.find_spec(module).origin).read_text()
-    assert attr in {n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)}
-    builder = Path(importlib.util.find_spec("ray.llm._internal.serve.core.ingress").submodule_search_locations[0]) / "builder.py"
-    serving_args = next(n for n in ast.parse(builder.read_text()).body if isinstance(n, ast.ClassDef) and n.name == "LLMServingArgs")
-    arg_fields = {s.target.id for s in serving_args.body if isinstance(s, ast.AnnAssign)}
-    args = config["applications"][0]["args"]
-    assert set(args) <= arg_fields and args["llm_configs"]
-    for raw in args["llm_configs"]:
-        assert set(raw) <= set(LLMConfig.model_fields), set(raw) - set(LLMConfig.model_fields)
-        assert set(raw["model_loading_config"]) <= set(ModelLoadingConfig.model_fields)
+    assert app.import_path == "ray.serve.llm:build_openai_app" and callable(build_openai_app)
+    args = LLMServingArgs.model_validate(config["applications"][0]["args"])
+    for raw, llm in zip(config["applications"][0]["args"]["llm_configs"], args.llm_configs):
         assert set(raw["deployment_config"]) <= set(DeploymentSchema.model_fields)
-        llm = LLMConfig.model_validate(raw)
         assert llm.model_id == "smollm" and Path(llm.model_loading_config.model_source).name == "winner"

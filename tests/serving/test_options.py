@@ -32,14 +32,14 @@ def test_fixed_replicas_and_limits():
 
 
 def test_autoscaling_replaces_num_replicas():
-    kw = deployment_options(opts(num_replicas=5, min_replicas=0, max_replicas=4, target_ongoing_requests=8))
+    kw = deployment_options(opts(ingress="proxy", num_replicas=5, min_replicas=0, max_replicas=4, target_ongoing_requests=8))
     assert "num_replicas" not in kw
     assert kw["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8}
-    assert deployment_options(opts(max_replicas=2))["autoscaling_config"]["min_replicas"] == 1
+    assert deployment_options(opts(ingress="proxy", max_replicas=2))["autoscaling_config"]["min_replicas"] == 1
 
 
 def test_one_replica_per_gpu_node_is_one_setting():
-    kw = deployment_options(opts(gpus_per_replica=0.5, max_replicas_per_node=1))
+    kw = deployment_options(opts(ingress="proxy", gpus_per_replica=0.5, max_replicas_per_node=1))
     assert kw["ray_actor_options"]["num_gpus"] == 0.5 and kw["max_replicas_per_node"] == 1
 
 
@@ -53,14 +53,39 @@ def test_bad_options_are_refused(bad):
         ServeOptions(model_dir="/nowhere", **bad)
 
 
-def test_every_serve_config_field_reaches_the_options():
-    """The CLI passes every ServeConfig field named like a ServeOptions field; only the ingress, the bind address,
-    route prefix and the gRPC port go to deploy() instead. Same defaults on both sides."""
-    cfg, options = set(ServeConfig.model_fields), set(ServeOptions.model_fields)
-    assert cfg - options == {"ingress", "host", "port", "route_prefix", "grpc_port"}
-    for field in cfg & options:
-        assert ServeConfig.model_fields[field].default == ServeOptions.model_fields[field].default, field
-    ServeOptions(model_dir="/x", name="m", **ServeConfig().model_dump(include=options))
+def test_one_serve_schema():
+    """One schema: the run configs' `serve:` section (every family's subclasses it for defaults only), and
+    ServeOptions = the same fields and checks plus which model (model_dir, name, kind)."""
+    from slimray.families.causal_lm.config import LMServeConfig
+    from slimray.families.sentence_encoder.config import TextServeConfig
+    from slimray.serving.options import ServeConfig as Schema
+
+    assert ServeConfig is Schema and issubclass(ServeOptions, ServeConfig)
+    assert issubclass(LMServeConfig, ServeConfig) and issubclass(TextServeConfig, ServeConfig)
+    assert set(ServeOptions.model_fields) - set(ServeConfig.model_fields) == {"model_dir", "name", "kind"}
+    assert set(LMServeConfig.model_fields) == set(TextServeConfig.model_fields) == set(ServeConfig.model_fields)
+    ServeOptions(model_dir="/x", name="m", **ServeConfig().model_dump())
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [(dict(ingress="proxy", min_replicas=3, max_replicas=2), "min_replicas"), (dict(min_replicas=1), "min_replicas"),
+     (dict(max_replicas=2), "max_replicas"), (dict(max_replicas_per_node=1), "max_replicas_per_node"),
+     (dict(gpus_per_replica=1.5), "gpus_per_replica"), (dict(port=9000, grpc_port=9000), "grpc_port"),
+     (dict(max_tokens_limit=8), "default_max_tokens"), (dict(max_context_len=1), "max_context_len")],
+)
+def test_every_serve_check_names_its_field(bad, field):
+    """Checks between fields name the field they refuse (serve.min_replicas in a run config), in every schema use."""
+    from slimray.config import PipelineConfig, load_config
+    from slimray.schema import ConfigError
+
+    with pytest.raises(ValidationError) as err:
+        ServeConfig(**bad)
+    assert [e["loc"] for e in err.value.errors()] == [(field,)], err.value
+    data = load_config(recipe="digits").model_dump()
+    data["serve"].update(bad)
+    with pytest.raises(ConfigError, match=rf"serve\.{field}: "):
+        PipelineConfig.from_dict(data, source="run.yaml")
 
 
 def test_deploy_sets_the_proxy_timeout(monkeypatch):
@@ -321,3 +346,32 @@ def test_tritonclient_grpc_with_its_defaults_gets_the_model_outputs():
     assert got["input"] == "input"
     np.testing.assert_allclose(np.array(got["probabilities"]), expected, atol=1e-6)
     assert got["predictions"] == expected.argmax(1).tolist()
+
+
+def test_serve_config_file_args_are_the_same_schema():
+    """`serve deploy` args: the one schema, behind Serve's proxy (autoscaling allowed); where to listen belongs to the
+    Serve config file, so those fields (and the direct ingress) are refused in the args, naming the field."""
+    from slimray.schema import ConfigError
+
+    app = serving.app_builder({"model_dir": "/x", "name": "m", "min_replicas": 1, "max_replicas": 3})
+    assert app._slimray_build[0].ingress == "proxy" and app._slimray_build[0].max_replicas == 3
+    with pytest.raises(ConfigError, match=r"port is set by the Serve config file here \(http_options.port\)"):
+        serving.app_builder({"model_dir": "/x", "port": 9000})
+    with pytest.raises(ConfigError, match="ingress must be proxy"):
+        serving.app_builder({"model_dir": "/x", "ingress": "direct"})
+    with pytest.raises(ConfigError, match=r"min_replicas: .*must not exceed"):
+        serving.app_builder({"model_dir": "/x", "min_replicas": 4, "max_replicas": 3})
+
+
+def test_the_replicas_exception_is_read_from_a_deployment_status_message():
+    """Serve's DEPLOY_FAILED message (deployment_state.py, Ray 2.60) wraps the replica's traceback: the cause is its
+    last ``Type: text`` line and what follows it (a message of several lines)."""
+    tb = ("ray.exceptions.RayTaskError(RuntimeError): ray::ServeReplica:m:m.initialize_and_get_metadata() (pid=1, ip=10.0.0.1)\n"
+          '  File "replica.py", line 1928, in initialize\n    raise RuntimeError(traceback.format_exc()) from None\n'
+          "RuntimeError: Traceback (most recent call last):\n"
+          '  File "usermodule.py", line 102, in _call\n    raise ConfigError(msg) from None\n'
+          "slimray.schema.ConfigError: invalid ArtifactSpec in spec.json:\n  - model.kwargs: not a mapping\n")
+    message = ("The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or initial "
+               "health check failing. See controller logs for details. Error:\n" + tb)
+    assert serving._exception_text(message) == "slimray.schema.ConfigError: invalid ArtifactSpec in spec.json:\n  - model.kwargs: not a mapping"
+    assert serving._exception_text("Failed to update the deployments ['m'].") == "Failed to update the deployments ['m']."

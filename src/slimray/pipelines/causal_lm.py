@@ -343,6 +343,8 @@ class CausalLMStages(Stages):
             timed[r["key"]] = (r["model"], r["quantization"], r["runtime"], r.get("sparsity", "none"))
             if r["model"] != TEACHER or r.get("sparsity", "none") != "none":  # the dense teacher in the same quantization + runtime
                 timed[candidate_key(TEACHER, r["quantization"], r["runtime"])] = (TEACHER, r["quantization"], r["runtime"], "none")
+            if r["runtime"] == "vllm":  # the uncompressed teacher served by the same engine: what the compression adds
+                timed[candidate_key(TEACHER, "bf16", "vllm")] = (TEACHER, "bf16", "vllm", "none")
         speeds = self._time_side_by_side(timed, model_dirs)
         for r in finalists:
             r["final"] = speeds[r["key"]]
@@ -365,12 +367,48 @@ class CausalLMStages(Stages):
         from slimray.families.causal_lm.sparsity import sparsify_lm
 
         s = self.cfg.search
-        models = {}
-        for key, (m, q, _rt, sp) in timed.items():
+        models: dict[str, Any] = {}
+        for key, (m, q, rt, sp) in timed.items():
+            if rt == "vllm":
+                models[key] = self._vllm_timer(key, model_dirs[m], quant=q)
+                continue
             base = self.teacher if m == TEACHER and q == "none" and sp == "none" else load_lm(model_dirs[m])[0]
             if sp != "none":
                 base = sparsify_lm(base, sparsity=sp, keep_dense=s.sparsity_keep_dense, inplace=True)
             models[key] = quantize_lm(base, method=q, keep_float=s.keep_float, inplace=base is not self.teacher)
+        try:
+            return self._timing_rounds(timed, models)
+        finally:
+            self._stop_vllm_timers(models)
+
+    def _vllm_timer(self, key: str, model_dir: str, *, quant: str):
+        """The candidate stored as the winner would be (``RUN/timing/<key>``), loaded by vLLM in an actor."""
+        from slimray.families.causal_lm.artifacts import LMArtifactMeta, compact_storage, load_lm, save_lm
+        from slimray.sweep.lm_search import start_vllm_timer
+
+        s = self.cfg.search
+        folder = self.run_dir / "timing" / key
+        if not (folder / "slimray_lm.json").exists():
+            model, tok, _ = load_lm(model_dir)
+            save_lm(model, tok, folder, meta=LMArtifactMeta(quant_method=quant, keep_float=s.keep_float, runtime="vllm",
+                                                            storage=compact_storage(quant)))
+            del model
+        log(f"timing: loading {key} in vLLM")
+        return start_vllm_timer(folder, quant_method=quant, num_threads=1,
+                                max_model_len=max(s.prefill_len, 16 + s.num_new_tokens) + 16)
+
+    def _stop_vllm_timers(self, models: dict[str, Any]) -> None:
+        import shutil
+
+        import ray
+
+        for key, m in models.items():
+            if isinstance(m, ray.actor.ActorHandle):
+                ray.kill(m)
+        shutil.rmtree(self.run_dir / "timing", ignore_errors=True)
+
+    def _timing_rounds(self, timed: dict[str, tuple[str, str, str, str]], models: dict[str, Any]) -> dict[str, dict[str, float]]:
+        s = self.cfg.search
         from slimray.sweep.select import ranking_stable, rounds_summary
 
         rounds: dict[str, dict[str, list[float]]] = {key: collections.defaultdict(list) for key in timed}
@@ -462,6 +500,8 @@ class CausalLMStages(Stages):
                       **wf, "size_bytes": w_size, "peak_memory_bytes": w_peak, "num_layers": w["num_layers"], "params": w["params"],
                       "kept_layers": meta.reports.get("search", {}).get("kept_layers"), "tied_with": w.get("tied_with", [])}
         vs_given, vs_same = ratios(teacher_given), ratios(teacher_same)
+        vllm_key = candidate_key(TEACHER, "bf16", "vllm")  # timed when a vLLM candidate was a finalist
+        vs_vllm = ratios(speeds.get(vllm_key)) if w["key"] != vllm_key else None
         wall = time.perf_counter() - self.t_start
         targets = {
             "decode_b1_speedup": (vs_given["decode_tokens_per_s_b1"], 2.0, ">="),
@@ -470,6 +510,8 @@ class CausalLMStages(Stages):
             "size_ratio": (t_size / w_size, 2.0, ">="),
             "wall_time_s": (wall, 2400.0, "<="),
         }
+        if vs_vllm is not None:  # the gain is the compression's, not only the engine's
+            targets["decode_b1_speedup_vs_vllm_teacher"] = (vs_vllm["decode_tokens_per_s_b1"], 1.5, ">=")
         report: dict[str, Any] = {
             "name": cfg.name, "family": "causal_lm", "recipe": cfg.recipe,
             "teacher_source": cfg.teacher.source, "data": self.data_info,
@@ -483,6 +525,7 @@ class CausalLMStages(Stages):
             "teacher": teacher_row, "winner": winner_row, "winner_feasible": self.final["feasible"],
             "speedup_vs_teacher_as_given": vs_given,
             "speedup_vs_teacher_same_runtime": vs_same, "teacher_same_runtime_key": same_key if teacher_same else None,
+            "speedup_vs_teacher_vllm": vs_vllm, "teacher_vllm_key": vllm_key if vs_vllm is not None else None,
             "side_by_side": speeds, "finalists": self.final["finalists"],
             "side_by_side_rounds": {key: {k: rounds_summary(v) for k, v in r.items()} for key, r in rounds.items()},
             "targets": {k: {"value": v, "target": tg, "met": (v >= tg - 1e-9) if op == ">=" else (v <= tg + 1e-9)}
@@ -604,8 +647,15 @@ def _int4_note(cfg: LMPipelineConfig) -> str:
     return what
 
 
-def _time_model(model: torch.nn.Module, *, runtime: str, search: dict[str, Any]) -> dict[str, float]:
+def _time_model(model: Any, *, runtime: str, search: dict[str, Any]) -> dict[str, float]:
+    """Prefill and decode b1 / b8 tok/s of an HF model in ``runtime``, or of a ``VllmTimer`` actor (runtime vllm)."""
     from slimray.families.causal_lm.evaluate import decode_tokens_per_s, prefill_tokens_per_s
+
+    if runtime == "vllm":
+        import ray
+
+        return ray.get(model.time.remote(prefill_len=search["prefill_len"], num_new_tokens=search["num_new_tokens"],
+                                         num_repeats=search["num_repeats"]))
 
     out = {"prefill_tokens_per_s": prefill_tokens_per_s(model, prompt_len=search["prefill_len"], num_repeats=search["num_repeats"])}
     for b in (1, 8):
@@ -650,6 +700,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     if same:
         lines.append(f"| teacher in the winner's quantization and runtime ({r['teacher_same_runtime_key']}) | "
                      f"{same['prefill_tokens_per_s']:.2f}x | {same['decode_tokens_per_s_b1']:.2f}x | {same['decode_tokens_per_s_b8']:.2f}x |")
+    vv = r.get("speedup_vs_teacher_vllm")
+    if vv:
+        lines.append(f"| the uncompressed teacher in vLLM ({r['teacher_vllm_key']}): what the compression adds beyond the engine | "
+                     f"{vv['prefill_tokens_per_s']:.2f}x | {vv['decode_tokens_per_s_b1']:.2f}x | {vv['decode_tokens_per_s_b8']:.2f}x |")
     spread = r.get("side_by_side_rounds") or {}
     if spread:
         lines += ["", "Side-by-side rounds (decode b1 tok/s: best / median / worst round, spread = (best - worst) / best):", "",

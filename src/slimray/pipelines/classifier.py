@@ -22,13 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slimray.artifacts import (
-    ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, load_spec, reusable, save_artifact,
+    ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, load_spec, save_artifact,
 )
 from slimray.compress.prune import prune_to_fraction
 from slimray.compress.runtime import OrtModel, compile_model, onnx_for
 from slimray.compress.measure import accuracy, compare_latency, predict_logits, torch_threads
 from slimray.config import PipelineConfig
 from slimray.data import load_dataset
+from slimray.data.sample import write_test_sample
 from slimray.evaluation import load_metric
 from slimray.families.classifier import load_ccexam_mnist_teacher
 from slimray.families.classifier.spec import InputSpec, ModuleSpec, count_params, spec_from_model
@@ -37,6 +38,7 @@ from slimray.report import results_table, write_report
 from slimray.pipelines import Stages
 from slimray.runs import log
 from slimray.schema import ConfigError
+from slimray.storage import reusable
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
 from slimray.sweep.explain import most_failed
 from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest, sweep_failure
@@ -46,7 +48,7 @@ from slimray.training.distill import TrainData, TrainJob, check_teacher_layer, r
 def _teacher(run: Run, data: TrainData) -> tuple[torch.nn.Module, ArtifactSpec]:
     cfg, run_dir = run.cfg, run.run_dir
     path = run_dir / "teacher"
-    if reusable(path, log=log):  # verified against its sha256s; a damaged one is rebuilt
+    if reusable(path, spec_cls=ArtifactSpec, log=log):  # verified against its sha256s; a damaged one is rebuilt
         log("teacher: reusing the saved teacher")
         return load_artifact(path)
     if cfg.teacher.is_users:
@@ -137,7 +139,7 @@ def derive_student(run: Run, teacher: torch.nn.Module, teacher_spec: ArtifactSpe
     """The student derived from the teacher by structured pruning to ``distill.derive.keep`` of its size
     (saved once as ``RUN/student_init``: the distillation runs start from these weights)."""
     path = run.run_dir / "student_init"
-    if reusable(path, log=log):
+    if reusable(path, spec_cls=ArtifactSpec, log=log):
         return load_artifact(path)
     dv = run.cfg.distill.derive
     assert dv is not None
@@ -173,7 +175,7 @@ def _student(run: Run, data: TrainData, *, distilled: bool, init: tuple[torch.nn
     cfg, run_dir = run.cfg, run.run_dir
     name = "student" if distilled else "student_labels_only"
     path = run_dir / name
-    if reusable(path, log=log):
+    if reusable(path, spec_cls=ArtifactSpec, log=log):
         log(f"{name}: reusing the saved model")
         return load_artifact(path)
     d = cfg.distill
@@ -218,24 +220,6 @@ class Run:
     @property
     def labels_data(self) -> TrainData:
         return TrainData(**self.refs, train_stream=self.stream)
-
-
-TEST_SAMPLE = "test_sample.safetensors"
-NUM_TEST_SAMPLE = 1024
-
-
-def write_test_sample(run_dir: Path, x: np.ndarray, y: np.ndarray) -> None:
-    """Up to NUM_TEST_SAMPLE held-out examples in raw units (a seeded pick): what ``slimray serve`` checks the endpoint with, and what
-    export checks against, without reading the user's data again."""
-    pick = np.random.default_rng(0).permutation(len(y))[:NUM_TEST_SAMPLE]  # shuffled: files may be sorted by class
-    tmp = run_dir / f".{TEST_SAMPLE}.tmp"
-    save_file({"x": torch.from_numpy(np.ascontiguousarray(x[pick])), "y": torch.from_numpy(np.ascontiguousarray(y[pick]))}, str(tmp))
-    tmp.replace(run_dir / TEST_SAMPLE)
-
-
-def read_test_sample(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    t = load_file(str(Path(run_dir) / TEST_SAMPLE))
-    return t["x"].numpy(), t["y"].numpy()
 
 
 def check_config(cfg: PipelineConfig) -> torch.nn.Module | None:
@@ -395,7 +379,7 @@ def distill_sweep_stage(run: Run, d: Distilled, *, resume: bool = True) -> dict[
     cfg, run_dir = run.cfg, run.run_dir
     space = cfg.distill_sweep
     summary_path = run_dir / "distill_sweep.json"
-    if summary_path.exists() and reusable(run_dir / BEST_STUDENT, log=log):
+    if summary_path.exists() and reusable(run_dir / BEST_STUDENT, spec_cls=ArtifactSpec, log=log):
         log("distillation sweep: reusing the finished sweep")
         return json.loads(summary_path.read_text())
     s = space.search

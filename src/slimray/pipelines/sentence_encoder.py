@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_np, save_file as save_np
 
-from slimray.artifacts import reusable, write_json_atomic
+from slimray.storage import reusable, write_json_atomic
 from slimray.schema import ConfigError
 from slimray.pipelines import Stages
 from slimray.runs import log

@@ -15,16 +15,19 @@ passed through Ray. ``deploy`` has two ingresses (``INGRESSES``; docs/serving-in
 ``host:port`` (``slimray.serving.direct``; Serve runs no proxy for it); ``proxy``: Serve's HTTP proxy on
 ``host:port`` (and, when asked, its gRPC proxy, which in Ray 2.60 binds every interface) routes to the replicas.
 ``undeploy`` deletes only that application (never ``serve.shutdown()``, which would remove every app of a shared
-cluster).
+cluster). A deployment that fails raises ``DeploymentFailedError`` with the replicas' exception, read from
+``serve.status()`` (Serve's own error names no cause; the cause is otherwise only in its controller log).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from ray import serve
 
+from slimray.schema import ConfigError, DeploymentFailedError
 from slimray.serving.direct import DirectIngress, Listen, check_free
 from slimray.serving.grpc_v2 import SERVICER_FUNCTION, GrpcInference
 from slimray.serving.codecs import RequestError, check_texts, parse_inputs, parse_v2_tensor  # noqa: F401  (re-exported)
@@ -92,12 +95,71 @@ def build_app(options: ServeOptions, *, loader: Callable | None = None, listen: 
     return app
 
 
+# where a Serve config file sets what `slimray serve` takes from these fields
+_SERVE_CONFIG_FILE_FIELDS = {"host": "http_options.host", "port": "http_options.port", "route_prefix": "the application's route_prefix",
+                             "grpc_port": "grpc_options.port"}
+
+
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Entry point for ``serve run`` / ``serve deploy``: ``import_path: slimray.serving.app:app_builder``.
 
-    ``request_timeout_s`` is an HTTP (proxy) option: in a Serve config file set ``http_options.request_timeout_s``.
+    ``args`` are the one serve schema (``ServeOptions``: ``ServeConfig`` + ``model_dir``/``name``), checked in full.
+    Serve's own proxy serves these apps, so ``ingress`` is ``proxy`` (the default here); where to listen is the
+    Serve config's (``http_options``, ``grpc_options``, ``route_prefix``), and ``request_timeout_s`` is an HTTP option:
+    set ``http_options.request_timeout_s`` there.
     """
-    return build_app(ServeOptions.from_dict(args, source="serve application args"))
+    given = sorted(set(args) & set(_SERVE_CONFIG_FILE_FIELDS))
+    if given:
+        raise ConfigError(f"serve application args: {given[0]} is set by the Serve config file here ({_SERVE_CONFIG_FILE_FIELDS[given[0]]}), "
+                         "not in the application's args")
+    if args.get("ingress", "proxy") != "proxy":
+        raise ConfigError("serve application args: ingress must be proxy (a Serve config deploys behind Serve's proxy; "
+                         "the direct ingress is `slimray serve`'s)")
+    return build_app(ServeOptions.from_dict({**args, "ingress": "proxy"}, source="serve application args"))
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(\([\w.]+\))?: ")
+
+
+def _exception_text(message: str) -> str:
+    """The exception a replica raised, from a deployment's status message (``... Error:\n<traceback>``): the last
+    ``Type: text`` line of the traceback and what follows it (a message of several lines), else the last line."""
+    tail = message.split("Error:\n", 1)[-1]
+    lines = [line for line in tail.splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if _EXCEPTION_LINE.match(lines[i]):
+            return "\n".join(lines[i:]).strip()
+    return lines[-1].strip() if lines else message.strip()
+
+
+def failure_cause(name: str) -> str | None:
+    """Why application ``name`` failed to deploy, read from ``serve.status()`` (what Serve's controller logs): each
+    failed deployment's replica exception; None when Serve says nothing more."""
+    try:
+        app = serve.status().applications.get(name)
+    except Exception:  # Serve gone
+        return None
+    if app is None:
+        return None
+    causes = [f"{dep}: {_exception_text(d.message)}" for dep, d in app.deployments.items()
+              if d.message and str(getattr(d.status, "value", d.status)) in ("DEPLOY_FAILED", "UNHEALTHY")]
+    if not causes:
+        causes = [f"{dep}: {_exception_text(d.message)}" for dep, d in app.deployments.items() if d.message]
+    if not causes and app.message:
+        causes = [app.message.strip()]
+    return "\n".join(causes) or None
+
+
+def _run(app: serve.Application, *, name: str, route_prefix: str | None) -> None:
+    """``serve.run`` that, when the application fails to deploy, raises ``DeploymentFailedError`` with the cause the
+    replicas raised (Serve's own error says only ``Deploying application ... failed``)."""
+    try:
+        serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    except RuntimeError as err:
+        cause = failure_cause(name)
+        if cause is None:
+            raise
+        raise DeploymentFailedError(f"Serve could not deploy {name!r}; its replica failed with:\n  " + cause.replace("\n", "\n  ")) from err
 
 
 def deploy(
@@ -148,7 +210,7 @@ def deploy(
     serve.start(http_options=http_options, grpc_options=grpc_options)
     if grpc_port is not None:
         _check_grpc_proxy(grpc_port)
-    serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    _run(app, name=name, route_prefix=route_prefix)
     return _url(host, port, route_prefix)
 
 
@@ -171,7 +233,7 @@ def _deploy_direct(app: serve.Application, *, name: str, listen: Listen) -> str:
         check_free(listen.host, listen.grpc_port, "gRPC port")
     serve.start(proxy_location="Disabled")  # no proxy when this call starts Serve; a running Serve keeps its own
     # route_prefix=None: no route on a proxy that may already run; the replicas apply the prefix themselves
-    serve.run(build_app(options, loader=loader, listen=listen), name=name, route_prefix=None, blocking=False)
+    _run(build_app(options, loader=loader, listen=listen), name=name, route_prefix=None)
     return _url(listen.host, listen.port, listen.route_prefix)
 
 
@@ -193,6 +255,6 @@ def _check_grpc_proxy(grpc_port: int) -> None:
 def undeploy(name: str) -> None:
     """Delete only the Serve application ``name`` (other applications on the cluster keep running)."""
     try:
-        serve.delete(name, _blocking=True)
+        serve.delete(name)  # returns once the application is gone (Serve's default)
     except Exception:  # Serve already gone (the cluster stopped first): nothing left to delete
         pass

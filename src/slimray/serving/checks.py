@@ -1,6 +1,7 @@
-"""What ``slimray run`` / ``slimray serve`` do right after deploying a finished run's winner, per model family:
-send one real request, compare the answer with the model run in-process, and print how to call the endpoint.
-A family names its check in the registry (``slimray.families``)."""
+"""What ``slimray run`` / ``slimray serve`` do around deploying a finished run's winner, per model family: before,
+``check_winner`` verifies the folder (spec, sha256 of every file); after, one real request is sent, the answer
+compared with the model run in-process, and how to call the endpoint printed. A family names its after-deploy
+check in the registry (``slimray.families``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,44 @@ def post_json(url: str, body: dict, *, key: str | None, timeout: float = 30.0, w
             time.sleep(0.5)
 
 
+def check_winner(path: str | Path) -> None:
+    """Verify a model folder before serving it, image or text model alike (``DamagedArtifactError`` names the file)."""
+    from slimray.artifacts import FORMAT, ArtifactSpec
+    from slimray.storage import SPEC, DamagedArtifactError, verify_artifact
+
+    path = Path(path)
+    if not (path / SPEC).exists() and (path / "slimray_lm.json").exists():  # a causal LM: an HF folder + its meta
+        _check_lm_winner(path)
+        return
+    verify_artifact(path)  # the spec parses as JSON and every recorded sha256 matches
+    fmt = json.loads((path / SPEC).read_text()).get("format")
+    if fmt == FORMAT:
+        verify_artifact(path, ArtifactSpec)
+    else:
+        from slimray.families.sentence_encoder.models import FORMAT as TEXT_FORMAT, TextArtifactSpec
+
+        if fmt != TEXT_FORMAT:
+            raise DamagedArtifactError(path / SPEC, f"unknown format {fmt!r} (expected {FORMAT!r} or {TEXT_FORMAT!r})")
+        verify_artifact(path, TextArtifactSpec)
+
+
+def _check_lm_winner(path: Path) -> None:
+    """A causal-LM folder: ``slimray_lm.json`` parses, and the HF folder passes the family's folder checks."""
+    from slimray.families.causal_lm.artifacts import META_FILE, WEIGHT_FILES, WEIGHTS, load_meta
+    from slimray.families.causal_lm.teacher import check_causal_lm_folder
+    from slimray.schema import ConfigError
+    from slimray.storage import DamagedArtifactError
+
+    try:
+        meta = load_meta(path)
+    except (ValueError, ConfigError) as err:
+        raise DamagedArtifactError(path / META_FILE, str(err).splitlines()[0]) from None
+    try:
+        check_causal_lm_folder(path, field="winner", weights=WEIGHT_FILES.get(meta.storage, WEIGHTS))
+    except ConfigError as err:
+        raise DamagedArtifactError(path / "config.json", str(err)) from None
+
+
 def _key(serve_cfg: Any) -> str | None:
     from slimray.serving.http import read_api_key
 
@@ -39,7 +78,7 @@ def check_classifier(url: str, run_dir: Path, serve_cfg: Any) -> None:
 
     from slimray.artifacts import load_runnable
     from slimray.data import normalize
-    from slimray.pipelines.classifier import read_test_sample
+    from slimray.data.sample import read_test_sample
 
     model, spec = load_runnable(run_dir / "winner")
     x, labels = read_test_sample(run_dir)
@@ -96,6 +135,12 @@ def check_causal_lm(url: str, run_dir: Path, serve_cfg: Any) -> None:
     body = {"model": model_id, "prompt": "The history of", "max_tokens": num_tokens, "temperature": 0}
     answer = post_json(f"{url}/v1/completions", body, key=key)
     served = answer["choices"][0]["text"]
+    from slimray.families.causal_lm.artifacts import load_meta
+
+    if load_meta(run_dir / "winner").runtime == "vllm":  # vLLM's kernels are not slimray's: no token-exact comparison
+        print(f"served greedy completion by vLLM {served!r} ({answer['usage']['completion_tokens']} tokens)")
+        _how_to_call(url, model_id, key)
+        return
     model, tokenizer, _ = load_lm(run_dir / "winner")
     limits = oa.Limits(context_len=int(model.config.max_position_embeddings), max_tokens_limit=num_tokens)
     session = make_session(model, "static", max_cache_len=min(int(model.config.max_position_embeddings), 512))
@@ -103,8 +148,12 @@ def check_causal_lm(url: str, run_dir: Path, serve_cfg: Any) -> None:
                         eos_token_ids=eos_ids(model, tokenizer))["choices"][0]["text"]
     print(f"served greedy completion {served!r} ({answer['usage']['completion_tokens']} tokens); "
           f"in-process {local!r}: {'same' if served == local else 'DIFFERENT'}")
+    _how_to_call(url, model_id, key)
+
+
+def _how_to_call(url: str, model_id: str, key: str | None) -> None:
     auth = " -H 'Authorization: Bearer $SLIMRAY_API_KEY'" if key else ""
-    print(f"\nServing {url}/v1/completions and {url}/v1/chat/completions (OpenAI API; models: {url}/v1/models, health: {url}/healthz)")
+    print(f"\nServing {url}/v1/completions and {url}/v1/chat/completions (OpenAI API; models: {url}/v1/models)")
     print(f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
     print(f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{'KEY' if key else 'none'}'); "

@@ -24,13 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-
-class RequestError(Exception):
-    """A bad request: ``status`` (4xx) and a message for the client."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
+from slimray.codec import RequestError
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -34,7 +34,7 @@ from slimray.schema import ConfigError
 from slimray.sweep.engine import (
     DRIVER_MEMORY_BYTES, ExplainedASHA, PlacementGroupReaper, make_tune_config, read_stops, run_tuner,
 )
-from slimray.sweep.space import SweepSpaceFile, domain_values, to_tune
+from slimray.sweep.space import LogUniform, RandInt, SweepSpaceFile, Uniform, domain_values
 from slimray.training.distill import TrainData, TrainJob, run_training
 
 METRIC = "val_accuracy"
@@ -93,6 +93,21 @@ def distill_trial(config: dict[str, Any], ctx: DistillSweepContext) -> None:
     (trial_dir / "settings.json").write_text(json.dumps({"config": config, "job": job.model_dump()}, indent=2, default=str))
     init_state = load_artifact(ctx.student_init_dir)[0].state_dict() if base.student is None else None
     run_training(job, ctx.data, init_state=init_state, callbacks=[TuneReportCallback()])
+
+
+def to_tune(domain: Any, *, grid: bool) -> Any:
+    """A Ray Tune search-space entry for one domain of a space file."""
+    if isinstance(domain, Uniform):
+        return tune.uniform(*domain.uniform)
+    if isinstance(domain, LogUniform):
+        return tune.loguniform(*domain.loguniform)
+    if isinstance(domain, RandInt):
+        lo, hi = domain.randint
+        return tune.randint(lo, hi + 1)
+    values = domain_values(domain)
+    if len(values) == 1:
+        return values[0]
+    return tune.grid_search(values) if grid else tune.choice(values)
 
 
 def _param_space(space: SweepSpaceFile) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import ray
 import torch
 from ray import tune
 
-from slimray.artifacts import write_json_atomic
+from slimray.storage import write_json_atomic
 from slimray.families.sentence_encoder.compress import count_params, prune_heads_ffn
 from slimray.families.sentence_encoder.evaluate import quality
 from slimray.families.sentence_encoder.kd import KDData, finetune_kd

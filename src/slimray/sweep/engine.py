@@ -134,11 +134,10 @@ class PlacementGroupReaper(tune.Callback):
         pg_hex = self._groups.pop(trial_id, None)
         if not pg_hex:
             return
-        from ray._raylet import PlacementGroupID
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
         try:
-            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex))))
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
         except Exception:  # already removed by the finished run
             pass
 

@@ -26,6 +26,7 @@ import torch
 from ray import tune
 
 from slimray.artifacts import write_json_atomic
+from slimray.families.causal_lm.vllm_engine import VLLM_QUANT_METHODS
 
 
 def candidate_key(model: str, quant: str, runtime: str, sparsity: str = "none") -> str:
@@ -40,8 +41,8 @@ def candidate_key(model: str, quant: str, runtime: str, sparsity: str = "none") 
 def candidate_grid(models: list[str], *, sparsities: list[str], quant_methods: list[str], runtimes: list[str],
                    compiled_quant_methods: list[str], sparse_quant_methods: list[str]) -> dict[str, tuple[str, str, str, str]]:
     """key -> (model, quantization, runtime, sparsity) for models x sparsities x runtimes x quant_methods, with
-    ``static_compiled`` only for ``compiled_quant_methods`` and a sparsity other than none only for
-    ``sparse_quant_methods``."""
+    ``static_compiled`` only for ``compiled_quant_methods``, a sparsity other than none only for
+    ``sparse_quant_methods``, and ``vllm`` only for the dense folders vLLM loads (``VLLM_QUANT_METHODS``)."""
     out = {}
     for m in models:
         for sp in sparsities:
@@ -50,6 +51,8 @@ def candidate_grid(models: list[str], *, sparsities: list[str], quant_methods: l
                     if rt == "static_compiled" and q not in compiled_quant_methods:
                         continue
                     if sp != "none" and q not in sparse_quant_methods:
+                        continue
+                    if rt == "vllm" and (q not in VLLM_QUANT_METHODS or sp != "none"):  # what vLLM loads as stored
                         continue
                     out[candidate_key(m, q, rt, sp)] = (m, q, rt, sp)
     return out
@@ -77,19 +80,34 @@ def measure_candidate(*, model_dir: str, model_name: str, quant: str, runtime: s
                           storage=compact_storage(quant, sparsity=sparsity), sparsity=sparsity,
                           sparsity_keep_dense=list(sparsity_keep_dense))
     Path(tmp_root).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=tmp_root) as d:
-        size = dir_size_bytes(save_lm(model, tokenizer, Path(d) / "candidate", meta=meta))
     num_params = sum(p.numel() for p in model.parameters())
-    model = quantize_lm(model, method=quant, keep_float=keep_float, inplace=True)
-    ppl, agree = perplexity_and_agreement(model, windows, reference_argmax=reference_argmax)
-    prefill = prefill_tokens_per_s(model, prompt_len=search["prefill_len"], num_repeats=search["num_repeats"])
-    decode = decode_tokens_per_s(model, runtime=runtime, batch_size=1, num_new_tokens=search["num_new_tokens"],
-                                 num_repeats=search["num_repeats"])
+    engine_load_s = None
+    with tempfile.TemporaryDirectory(dir=tmp_root) as d:
+        folder = save_lm(model, tokenizer, Path(d) / "candidate", meta=meta)
+        size = dir_size_bytes(folder)
+        if runtime == "vllm":  # the stored folder itself, in vLLM: what the winner would be served as
+            from slimray.families.causal_lm.vllm_engine import VllmModel
+
+            del model
+            engine = VllmModel(folder, quant_method=quant, num_threads=1,
+                               max_model_len=max(search["prefill_len"], windows.shape[1]) + search["num_new_tokens"] + 16)
+            engine_load_s = engine.load_seconds
+            ppl, agree = engine.perplexity_and_agreement(windows, reference_argmax=reference_argmax)
+            prefill = engine.prefill_tokens_per_s(prompt_len=search["prefill_len"], num_repeats=search["num_repeats"])
+            decode = engine.decode_tokens_per_s(batch_size=1, num_new_tokens=search["num_new_tokens"], num_repeats=search["num_repeats"])
+            num_layers = int(engine.llm.llm_engine.model_config.hf_config.num_hidden_layers)
+    if runtime != "vllm":
+        num_layers = int(model.config.num_hidden_layers)
+        model = quantize_lm(model, method=quant, keep_float=keep_float, inplace=True)
+        ppl, agree = perplexity_and_agreement(model, windows, reference_argmax=reference_argmax)
+        prefill = prefill_tokens_per_s(model, prompt_len=search["prefill_len"], num_repeats=search["num_repeats"])
+        decode = decode_tokens_per_s(model, runtime=runtime, batch_size=1, num_new_tokens=search["num_new_tokens"],
+                                     num_repeats=search["num_repeats"])
     return {
         "key": candidate_key(model_name, quant, runtime, sparsity), "status": "ok", "model": model_name, "model_dir": model_dir,
         "quantization": quant, "runtime": runtime, "sparsity": sparsity, "sparsity_report": sparse_report,
         "storage": meta.storage, "keep_float": keep_float,
-        "num_layers": int(model.config.num_hidden_layers), "params": int(num_params),
+        "num_layers": num_layers, "params": int(num_params), "engine_load_seconds": engine_load_s,
         "perplexity": ppl, "top1_agreement": agree, "prefill_tokens_per_s": prefill, "decode_tokens_per_s_b1": decode,
         "size_bytes": size, "trial_seconds": time.perf_counter() - t0,
     }
@@ -128,11 +146,13 @@ def run_search(*, run_dir: Path, candidates: dict[str, tuple[str, str, str, str]
            "search": search, "eval_ref": ray.put({"windows": windows, "reference_argmax": reference_argmax})}
     todo = [k for k in candidates if not (run_dir / "trials" / f"{k}.json").exists()]
     if todo:
+        tune_config = make_tune_config(algorithm="grid", num_samples=None, max_concurrent_trials=search["max_concurrent_trials"],
+                                       metric="decode_tokens_per_s_b1", mode="max")
+        tune_config.reuse_actors = False  # a vLLM engine patches its process's torch threads: one trial per process
         run_tuner(
             tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 1}),
             param_space={"candidate": tune.grid_search(todo)},
-            tune_config=make_tune_config(algorithm="grid", num_samples=None, max_concurrent_trials=search["max_concurrent_trials"],
-                                         metric="decode_tokens_per_s_b1", mode="max"),
+            tune_config=tune_config,
             run_name="lm-search", storage_path=str((run_dir / "ray").resolve()), resume=True,
             describe=lambda c: c["candidate"],
         )
@@ -147,3 +167,30 @@ def run_search(*, run_dir: Path, candidates: dict[str, tuple[str, str, str, str]
         rows.append({"key": key, "status": "error", "model": model_name, "quantization": quant, "runtime": runtime,
                      "sparsity": sparsity, "error": msg})
     return rows
+
+
+@ray.remote(num_cpus=0)
+class VllmTimer:
+    """One vLLM engine over a stored candidate folder in its own process (an engine patches its process's torch
+    threads), timed on request: the side-by-side rounds call ``time`` in turn with the HF models in the driver, so
+    no two timings overlap (hence no CPU reserved)."""
+
+    def __init__(self, folder: str, *, quant_method: str, num_threads: int, max_model_len: int):
+        from slimray.families.causal_lm.vllm_engine import VllmModel
+
+        warnings.filterwarnings("ignore")
+        self.model = VllmModel(folder, quant_method=quant_method, num_threads=num_threads, max_model_len=max_model_len)
+
+    def time(self, **kwargs: Any) -> dict[str, float]:
+        return self.model.time(**kwargs)
+
+
+def start_vllm_timer(folder: str | Path, *, quant_method: str, num_threads: int = 1, max_model_len: int = 1024):
+    """A ``VllmTimer`` actor on this node (the timings compare engines on one machine), loaded."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    actor = VllmTimer.options(scheduling_strategy=here).remote(str(folder), quant_method=quant_method, num_threads=num_threads,
+                                                              max_model_len=max_model_len)
+    ray.get(actor.__ray_ready__.remote())
+    return actor

@@ -34,7 +34,7 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from slimray.artifacts import artifact_bytes, load_artifact, load_runnable, reusable, save_artifact
+from slimray.artifacts import ArtifactSpec, artifact_bytes, load_artifact, load_runnable, save_artifact
 from slimray.compress import memprobe
 from slimray.compress.export import check_outputs
 from slimray.compress.measure import latency_ms, peak_memory_bytes
@@ -46,6 +46,7 @@ from slimray.evaluation import EvalConfig, load_metric
 from slimray.families.classifier.spec import count_params, spec_from_model
 from slimray.sweep.engine import make_tune_config, run_tuner
 from slimray.sweep.explain import explain
+from slimray.storage import reusable
 from slimray.sweep.lock import TimingLock, hold
 from slimray.families.classifier.kd import finetune
 
@@ -122,9 +123,9 @@ def _pruned(ctx: SweepContext, search: SearchConfig, ratio: float, *, epochs: in
 
     with open(root / f".{name}.lock", "w") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)
-        if reusable(cached(epochs), log=print):  # verified; a damaged cache entry is recomputed
+        if reusable(cached(epochs), spec_cls=ArtifactSpec, log=print):  # verified; a damaged cache entry is recomputed
             return load_artifact(cached(epochs))
-        done = max((k for k in range(epochs + 1) if reusable(cached(k), log=print)), default=None)
+        done = max((k for k in range(epochs + 1) if reusable(cached(k), spec_cls=ArtifactSpec, log=print)), default=None)
         x = torch.from_numpy(ray.get(ctx.x_train))
         y = torch.from_numpy(ray.get(ctx.y_train))
         logits = torch.from_numpy(ray.get(ctx.teacher_logits)) if ctx.teacher_logits is not None else None
@@ -191,7 +192,8 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
                 if search.space.device == "cuda":
                     peak, _ = peak_memory_bytes(lambda: _load_and_run(out, example, num_threads=search.num_threads), device="cuda")
                 else:  # in a fresh process: this one's allocator still holds what fine-tuning freed
-                    peak = memprobe.probe(out, batch_size=search.serving_batch_size, num_threads=search.num_threads)
+                    peak = memprobe.probe(out, loader="slimray.artifacts:load_runnable", input_shape=spec.input.shape,
+                                          batch_size=search.serving_batch_size, num_threads=search.num_threads)
                 stage = "timing"
                 with hold(ctx.lock, key):
                     runnable = _load_and_run(out, example, num_threads=search.num_threads)

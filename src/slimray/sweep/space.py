@@ -11,7 +11,8 @@ A value is one of: a number (fixed), a list (grid points, or a categorical choic
 
     slimray sweep --recipe mnist --space tune/mnist-distill.yaml
 
-Pure pydantic: no ray import (``to_tune`` imports ``ray.tune`` only when called).
+The compression space itself is ``SearchSpace`` (a recipe's ``search.space`` or a ``compress`` section). Pure
+pydantic, no ray: ``slimray.sweep.distill_search`` turns a space into Ray Tune's search space.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from slimray.compress.prune import PruneSpec
+from slimray.compress.quantize import QuantMethod, QuantSpec
+from slimray.compress.runtime import DEVICE_METHODS, Device, RuntimeName, RuntimeSpec, unsupported_reason
 from slimray.schema import ConfigError, StrictModel
 
 
@@ -159,6 +163,82 @@ class DistillSearch(StrictModel):
 COMPRESS_KEYS = {"device", "prune_ratios", "quantizations", "runtimes", "importance", "round_to"}
 
 
+class SearchSpace(StrictModel):
+    """Compression search space: prune ratio x quantization x runtime, for one device (files under tune/).
+
+    A quantization the device has no kernels for is an error at load; (quantization, runtime) pairs that
+    cannot run together are dropped from the space (listed in ``dropped``), e.g. bf16 in ONNX Runtime.
+    """
+
+    device: Device = Field("cpu", description="where the model will be served: cpu or cuda")
+    prune_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
+    quantizations: list[QuantMethod] = Field(default_factory=lambda: ["none", "dynamic_int8", "static_int8", "bf16"])
+    runtimes: list[RuntimeName] = Field(default_factory=lambda: ["torch"], description="torch, torch_compile, onnxruntime")
+    importance: Literal["l1", "l2", "taylor"] = "l1"
+    round_to: PositiveInt | None = None
+
+    @field_validator("prune_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("at least one prune ratio")
+        bad = [r for r in v if not 0.0 <= r < 1.0]
+        if bad:
+            raise ValueError(f"prune ratios must be in [0, 1): {bad}")
+        return sorted(set(v))
+
+    @field_validator("quantizations", "runtimes")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one entry")
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _device(self) -> SearchSpace:
+        bad = [q for q in self.quantizations if q not in DEVICE_METHODS[self.device]]
+        if bad:
+            raise ValueError(
+                f"quantizations {bad} cannot run on device {self.device!r} (it runs {sorted(DEVICE_METHODS[self.device])})"
+            )
+        if not self.settings:
+            reasons = "; ".join(f"{q} in {r}: {why}" for q, r, why in self.dropped)
+            raise ValueError(f"no (quantization, runtime) pair in this space can run: {reasons}")
+        return self
+
+    @property
+    def settings(self) -> list[tuple[str, str]]:
+        """The (quantization, runtime) pairs that can run on the device, in the order given."""
+        return [
+            (q, r) for r in self.runtimes for q in self.quantizations
+            if unsupported_reason(device=self.device, runtime=r, method=q) is None
+        ]
+
+    @property
+    def dropped(self) -> list[tuple[str, str, str]]:
+        """(quantization, runtime, why) for the pairs left out of the space."""
+        out = []
+        for r in self.runtimes:
+            for q in self.quantizations:
+                why = unsupported_reason(device=self.device, runtime=r, method=q)
+                if why is not None:
+                    out.append((q, r, why))
+        return out
+
+    def prune_spec(self, ratio: float) -> PruneSpec:
+        return PruneSpec(ratio=ratio, importance=self.importance, round_to=self.round_to)
+
+    def quant_spec(self, method: str) -> QuantSpec:
+        return QuantSpec(method=method)
+
+    def runtime_spec(self, name: str) -> RuntimeSpec:
+        return RuntimeSpec(name=name)
+
+    @property
+    def num_trials(self) -> int:
+        return len(self.prune_ratios) * len(self.settings)
+
+
 class SweepSpaceFile(StrictModel):
     """A ``tune/*.yaml`` file: a distillation space, a compression space, or both."""
 
@@ -171,8 +251,6 @@ class SweepSpaceFile(StrictModel):
         if self.distill is None and self.compress is None:
             raise ValueError("the file holds neither a 'distill' nor a 'compress' space")
         if self.compress is not None:
-            from slimray.config import SearchSpace
-
             SearchSpace.from_dict(self.compress, source="compress")
         d, s = self.distill, self.search
         if d is None:
@@ -216,20 +294,3 @@ def load_space_file(path: str | Path) -> SweepSpaceFile:
     if data and set(data) <= COMPRESS_KEYS:
         data = {"compress": data}
     return SweepSpaceFile.from_dict(data, source=str(path))
-
-
-def to_tune(domain: Any, *, grid: bool) -> Any:
-    """A Ray Tune search-space entry for one domain."""
-    from ray import tune
-
-    if isinstance(domain, Uniform):
-        return tune.uniform(*domain.uniform)
-    if isinstance(domain, LogUniform):
-        return tune.loguniform(*domain.loguniform)
-    if isinstance(domain, RandInt):
-        lo, hi = domain.randint
-        return tune.randint(lo, hi + 1)
-    values = domain_values(domain)
-    if len(values) == 1:
-        return values[0]
-    return tune.grid_search(values) if grid else tune.choice(values)

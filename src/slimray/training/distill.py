@@ -57,7 +57,6 @@ import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.execution import context as _ctx_module
 from safetensors.torch import load_file, save_file
 
 from slimray.artifacts import artifact_files, load_artifact
@@ -65,6 +64,7 @@ from slimray.families.base import EpochStats, TrainTask, describe_val, run_epoch
 from slimray.families.classifier.features import FeatureKDSpec, build_projection, find_layer
 from slimray.families.classifier.spec import build_model, parse_spec
 from slimray.families.classifier.train import example_input
+from slimray.raycompat import train_report_loggers
 from slimray.schema import ClusterTooSmallError, ConfigError, StrictModel
 
 MODEL_FILE = "model.safetensors"  # a checkpoint holds one safetensors file per TrainTask part (model, projection, ...)
@@ -100,8 +100,20 @@ class TrainData:
             "teacher_logits": self.teacher_logits if job.alpha > 0 and not in_loop else None,
             "teacher_files": ray.put(_teacher_files(job.teacher_dir)) if in_loop else None,
             "init_state": init_state,
+            "code_files": _code_files(job),
         }
         return shared, self.train_stream
+
+
+def _code_files(job: TrainJob) -> dict[str, bytes] | None:
+    """A user module's carried code, as bytes for the workers (they import it from there, not from any folder)."""
+    spec = parse_spec(job.spec)
+    code = getattr(spec, "code", None)
+    if not code:
+        return None
+    from slimray.families.classifier.carried import files_for
+
+    return files_for(code, search=tuple(d for d in (job.teacher_dir,) if d))
 
 
 def check_fits(*, num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str) -> None:
@@ -225,7 +237,7 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     from slimray import families
 
     torch.set_num_threads(1)
-    for name in ("ray.train", _ctx_module.__file__):  # Ray Train logs every report at INFO
+    for name in train_report_loggers():  # Ray Train logs every report at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     ctx = ray.train.get_context()

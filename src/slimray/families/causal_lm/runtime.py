@@ -24,6 +24,8 @@ import torch
 
 RuntimeName = Literal["hf_eager", "static", "static_compiled"]
 RUNTIMES: tuple[str, ...] = ("hf_eager", "static", "static_compiled")
+# what an artifact may name as its runtime: these, or ``vllm`` (the folder served by vLLM, ``vllm_engine.py``)
+ArtifactRuntime = Literal["hf_eager", "static", "static_compiled", "vllm"]
 
 
 class EagerSession:

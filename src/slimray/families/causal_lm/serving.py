@@ -15,10 +15,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from slimray.codec import Codec, RequestError
 from slimray.families.causal_lm.engine import BatchEngine
 from slimray.families.causal_lm.openai import Limits
-from slimray.serving.codecs import Codec
-from slimray.serving.http import RequestError
 
 OPENAI_ROUTES = "POST /v1/completions or POST /v1/chat/completions (OpenAI API)"
 

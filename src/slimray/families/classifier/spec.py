@@ -89,7 +89,13 @@ class ModuleSpec(StrictModel):
     kind: Literal["module"] = "module"
     factory: str = Field(description="import path 'package.module:function' returning the nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory (JSON values)")
-    code_dir: str | None = Field(None, description="folder put on sys.path to import the factory")
+    code_dir: str | None = Field(
+        None, description="folder put on sys.path to import the factory (the teacher's config; never written into an artifact)"
+    )
+    code: dict[str, str] = Field(
+        default_factory=dict,
+        description="the factory's module or package carried in the artifact: path relative to its code/ folder -> sha256",
+    )
     resized_modules: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="module attributes structured pruning changed (in_channels, out_features, ...)"
     )
@@ -103,6 +109,13 @@ class ModuleSpec(StrictModel):
         from slimray.families.classifier.usermodule import check_factory_path
 
         return check_factory_path(v)
+
+    @model_validator(mode="after")
+    def _code(self) -> ModuleSpec:
+        from slimray.families.classifier.carried import check_code_listing
+
+        check_code_listing(self.code, self.factory)
+        return self
 
 
 ModelSpec = Annotated[Union[CNNSpec, MLPSpec, ModuleSpec], Field(discriminator="kind")]
@@ -155,9 +168,9 @@ def build_model(spec: CNNSpec | MLPSpec | ModuleSpec) -> nn.Module:
     if isinstance(spec, MLPSpec):
         return MLPNet(spec)
     if isinstance(spec, ModuleSpec):
-        from slimray.families.classifier.usermodule import apply_structure, build_from_factory, drop_modules
+        from slimray.families.classifier.usermodule import apply_structure, build_from_spec, drop_modules
 
-        model = build_from_factory(spec.factory, spec.kwargs, code_dir=spec.code_dir)
+        model = build_from_spec(spec)
         drop_modules(model, spec.removed_modules)
         return apply_structure(model, spec.resized_modules, spec.resized_tensors)
     raise TypeError(f"unknown spec type {type(spec).__name__}")
@@ -170,9 +183,9 @@ def _linears(seq: nn.Sequential) -> list[nn.Linear]:
 def spec_from_model(model: nn.Module, like: CNNSpec | MLPSpec | ModuleSpec) -> CNNSpec | MLPSpec | ModuleSpec:
     """Read the layer widths of ``model`` (for instance after structured pruning) into a new spec."""
     if isinstance(like, ModuleSpec):
-        from slimray.families.classifier.usermodule import build_from_factory, drop_modules, removed_modules, structure_changes
+        from slimray.families.classifier.usermodule import build_from_spec, drop_modules, removed_modules, structure_changes
 
-        original = build_from_factory(like.factory, like.kwargs, code_dir=like.code_dir)
+        original = build_from_spec(like)
         removed = removed_modules(original, model)
         drop_modules(original, removed)
         attrs, shapes = structure_changes(original, model)

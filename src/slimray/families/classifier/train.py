@@ -85,6 +85,10 @@ class ClassifierTask(TrainTask):
 
     def __init__(self, config: dict[str, Any], data: dict[str, Any], **kwargs: Any):
         super().__init__(config, data, **kwargs)
+        if data.get("code_files"):  # a user module's carried code: this worker imports it from these bytes
+            from slimray.families.classifier.carried import remember
+
+            remember(data["code_files"])
         self.spec = parse_spec(config["spec"])
         self.input_shape = config["input_spec"]["shape"] if config.get("input_spec") else None
         self.feature = FeatureKDSpec.model_validate(config["feature_kd"]) if config.get("feature_kd") else None

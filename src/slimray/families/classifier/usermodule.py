@@ -1,7 +1,8 @@
 """The user's own model: a factory found by import path, weights from safetensors, rebuilt without pickle.
 
 A teacher is ``factory(**kwargs)`` (``"my_models.net:build"``, its folder given as ``code_dir``) with a
-safetensors state dict loaded into it. A structurally pruned copy (torch-pruning removes channels and
+safetensors state dict loaded into it; an artifact carries the factory's module itself (``carried``) and is
+rebuilt from that, never from ``code_dir``. A structurally pruned copy (torch-pruning removes channels and
 neurons) is described by what changed: the integer attributes of each module that pruning rewrote
 (``in_channels``, ``out_features``, ``num_features``, ...) and the new shapes of its tensors. Rebuilding calls
 the same factory, applies those changes and loads the weights, so an artifact of a derived student is the
@@ -49,7 +50,7 @@ def import_factory(factory: str, *, code_dir: str | None = None, field: str = "t
     """The callable named by ``factory`` (``module:attr``), importing ``module`` with ``code_dir`` on the path."""
     check_factory_path(factory)
     found = _add_code_dir(code_dir)
-    module_name, _, attr = factory.partition(":")
+    module_name = factory.partition(":")[0]
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
@@ -59,17 +60,38 @@ def import_factory(factory: str, *, code_dir: str | None = None, field: str = "t
         raise ConfigError(f"{field} {factory!r}: cannot import module {module_name!r}{where}: {err}") from None
     except Exception as err:  # the user's module failed while importing
         raise ConfigError(f"{field} {factory!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{field} {factory!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ConfigError(f"{field} {factory!r} is not callable")
-    return obj
+    from slimray.families.classifier.carried import factory_attribute
+
+    return factory_attribute(obj, factory, field=field, what=f"module {module_name!r}")
 
 
 def build_from_factory(factory: str, kwargs: dict[str, Any], *, code_dir: str | None = None, field: str = "teacher.factory") -> nn.Module:
-    fn = import_factory(factory, code_dir=code_dir, field=field)
+    return _call(import_factory(factory, code_dir=code_dir, field=field), factory, kwargs, field=field)
+
+
+def build_from_spec(spec: Any, *, field: str = "model.factory") -> nn.Module:
+    """``factory(**kwargs)`` of a ``ModuleSpec``: from the code the artifact carries (``spec.code``, imported under a
+    private name, see ``carried``), else the factory imported as installed or from ``code_dir`` (a teacher's config, or
+    an artifact written before the code was carried: while that folder still exists it is used; once it is gone the
+    error asks for a re-run, which writes the code into the artifact)."""
+    if spec.code:
+        from slimray.families.classifier.carried import import_carried
+
+        return _call(import_carried(spec.factory, spec.code, field=field), spec.factory, spec.kwargs, field=field)
+    if spec.code_dir is not None and not Path(spec.code_dir).is_dir():
+        try:
+            fn = import_factory(spec.factory, code_dir=spec.code_dir, field=field)
+        except ConfigError:
+            raise ConfigError(
+                f"{field} {spec.factory!r}: this model's spec names code_dir {spec.code_dir}, which is not a folder here (moved or "
+                "deleted), and carries no code of its own (it was written before slimray carried the model's code inside the "
+                "artifact): re-run `slimray run` (or `slimray sweep`) to rewrite it self-contained, or put the folder back"
+            ) from None
+        return _call(fn, spec.factory, spec.kwargs, field=field)
+    return build_from_factory(spec.factory, spec.kwargs, code_dir=spec.code_dir, field=field)
+
+
+def _call(fn: Any, factory: str, kwargs: dict[str, Any], *, field: str) -> nn.Module:
     try:
         model = fn(**kwargs)
     except Exception as err:

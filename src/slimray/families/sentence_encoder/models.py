@@ -1,7 +1,7 @@
 """MiniLM teacher, layer-dropped students, tokenisation, pooling and text artifacts (pure torch, no ray).
 
 A text artifact is a folder: ``model.safetensors`` (float, bf16 or dynamic-int8 state, quantized tensors
-stored as int values + scales through ``slimray.artifacts.encode_state``), ``spec.json``
+stored as int values + scales through ``slimray.storage.encode_state``), ``spec.json``
 (``TextArtifactSpec``: the BERT config, per-layer head and FFN widths after pruning, quantization, maximum
 sequence length, pooling) and the tokenizer files. Loading rebuilds the BERT from the config, shrinks the
 pruned layers to the recorded widths, re-applies the quantization and loads the tensors: no pickle.
@@ -22,7 +22,7 @@ from pydantic import Field
 from safetensors.torch import load_file
 from torch import nn
 
-from slimray.artifacts import decode_state, write_state_artifact
+from slimray.storage import decode_state, write_state_artifact
 from slimray.compress.quantize import QuantSpec, quant_methods, quantize, quantizer
 from slimray.families.sentence_encoder.quantize import FAMILY, EncoderQuantMethod
 from slimray.schema import StrictModel
@@ -297,7 +297,7 @@ def save_text_artifact(path: str | Path, model: nn.Module, spec: TextArtifactSpe
 
 def copy_text_artifact(src: str | Path, dst: str | Path, **update: Any) -> TextArtifactSpec:
     """Copy the artifact in ``src`` to ``dst`` atomically, with spec fields replaced by ``update``."""
-    from slimray.artifacts import _atomic_dir_write, write_spec_with_hashes
+    from slimray.storage import _atomic_dir_write, write_spec_with_hashes
 
     spec = load_text_spec(src).model_copy(update=update)
     TextArtifactSpec.model_validate(spec.model_dump())  # the updated spec must still be valid
