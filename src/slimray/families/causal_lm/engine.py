@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from slimray.families.causal_lm.openai import Decoding, Delta, Prepared
+from slimray.families.causal_lm.runtime import cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class BatchEngine:
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         self._cache = None  # DynamicCache of the active rows, or None when there are none
+        self._cache_kw = cache_kwarg(model)  # ``cache`` or ``past_key_values``, whichever this transformers takes
+        self._admitting: list[_Sequence] = []  # taken off the queue, not yet in the batch (failed with it if a prefill fails)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -174,9 +177,9 @@ class BatchEngine:
                 self._fail_all(err)
 
     def _fail_all(self, err: BaseException) -> None:
-        for seq in self._active + list(self._waiting):
+        for seq in self._admitting + self._active + list(self._waiting):
             seq.emit(err)
-        self._active, self._cache = [], None
+        self._active, self._cache, self._admitting = [], None, []
         self._waiting.clear()
 
     def _finish(self, seq: _Sequence, delta: Delta) -> None:
@@ -200,6 +203,7 @@ class BatchEngine:
                 group.append(seq)
         if not group:
             return
+        self._admitting = group
         prompts = [seq.decoding.prepared.prompt_ids for seq in group]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(group), width), self._pad_id, dtype=torch.long)
@@ -210,10 +214,10 @@ class BatchEngine:
             group[i].pad = width - len(p)
         cache = DynamicCache(config=self.model.config)
         if len(group) == 1:  # no padding: the plain path
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
         else:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{self._cache_kw: cache}, use_cache=True,
                              logits_to_keep=1)
         self.stats.num_prefills += len(group)
         self.stats.num_prefill_forwards += 1
@@ -227,6 +231,7 @@ class BatchEngine:
             self.on_tokens(len(group))
         if keep:
             self._join([group[i] for i in keep], cache, keep)
+        self._admitting = []
 
     def _join(self, group: list[_Sequence], cache, rows: list[int]) -> None:
         """Add ``group`` (rows ``rows`` of their prefilled, right-aligned ``cache``) at the end of the batch cache."""
@@ -284,7 +289,7 @@ class BatchEngine:
         mask = (torch.arange(width + 1)[None, :] >= pads[:, None]).long()  # 0 on each row's left padding
         positions = (width - pads)[:, None]  # the next token's position in its own sequence
         tokens = torch.tensor([[s.decoding.last_token] for s in self._active])
-        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self._cache,
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, **{self._cache_kw: self._cache},
                          use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()
         st = self.stats

