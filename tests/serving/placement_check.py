@@ -45,7 +45,7 @@ def main(model_dir: str) -> int:
             "half-gpu-one-per-node": dict(num_replicas=3, gpus_per_replica=0.5, max_replicas_per_node=1),
         }
         for name, placement in cases.items():
-            opts = ServeOptions(model_dir=model_dir, name=name, num_cpus_per_replica=0.25, **placement)
+            opts = ServeOptions(model_dir=model_dir, name=name, num_cpus_per_replica=0.25, ingress="proxy", **placement)
             start = time.monotonic()
             handle = serve.run(build_app(opts), name=name, route_prefix=None)
             replicas: dict[str, dict] = {}
