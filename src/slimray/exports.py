@@ -75,5 +75,7 @@ def export_run(run_dir: str | Path, *, fmt: ExportFormat, out: str | Path, trial
         candidate = load_program(out)
     check = {"format": fmt, "source": str(src), "runtime": spec.runtime.name, "quantization": spec.quantization.method,
              "bytes": out.stat().st_size, **check_outputs(reference, candidate, x)}
+    check["summary"] = (f"check on {check['num_examples']} held-out examples: max abs logit difference "
+                        f"{check['max_abs_diff']:.3g}, same class {check['class_agreement']:.2f}%")
     write_json_atomic(out.with_name(out.name + ".check.json"), check)
     return check

@@ -37,6 +37,8 @@ class Family:
     codec: str  # the serving codec (request decoding, answer encoding) of its artifacts
     artifact_format: str  # the ``format`` field of its artifacts' spec.json
     recipes: tuple[str, ...] = ()
+    export: str | None = None  # export(run_dir, fmt=, out=, trial=, **options) -> check dict with a "summary" line
+    export_formats: tuple[str, ...] = ()  # what ``slimray export --format`` takes for its runs
 
     def load(self, hook: str) -> Any:
         """The object a hook names, e.g. ``family.load("config")``."""
@@ -113,6 +115,8 @@ register(Family(
     codec="slimray.serving.codecs:ClassifierCodec",
     artifact_format="slimray.model/1",
     recipes=("mnist", "digits"),
+    export="slimray.exports:export_run",
+    export_formats=("onnx", "torch-export"),
 ))
 register(Family(
     name="sentence_encoder",
@@ -138,4 +142,6 @@ register(Family(
     codec="slimray.families.causal_lm.serving:CausalLMCodec",
     artifact_format="slimray.causal_lm/2",
     recipes=("smollm", "smollm-tiny"),
+    export="slimray.families.causal_lm.gguf_export:export_lm_run",
+    export_formats=("gguf",),
 ))
