@@ -14,8 +14,13 @@ subtracted); 8 streams (HF: a batch of 8; vLLM: 8 prompts at once, continuous ba
 Prompts are random token ids (fixed seed), EOS ignored, vLLM's prefix cache off. Each vLLM configuration lives in
 one persistent worker process (loaded once), so every round times every row in turn, order rotated per round; the
 table gives the best round, the median and the spread (best - worst) / best. Machines here are shared and noisy: a
-ratio inside the spread is a tie. llama.cpp is not part of this script (``llama-cpp-python`` builds from source in
-~15 min here; ``../shared/notes/llm-engines.md`` has its figures).
+ratio inside the spread is a tie.
+
+llama.cpp rows, when ``llama-cpp-python`` is installed (it builds from source, ~15 min on 2 cores; see
+docs/llm-vllm.md): the packaged SmolLM2 GGUF as shipped (Q4_1: the starting point of a user who has this model)
+and the winner exported by ``slimray export --format gguf`` in each ``--gguf-types`` (written once under
+``RUN/gguf/``), each with ``n_threads`` = the row's threads. Prefill and decode b1 as above (greedy, EOS ignored);
+llama-cpp-python runs one sequence at a time, so its 8-stream figure is not measured.
 """
 
 from __future__ import annotations
@@ -120,6 +125,69 @@ class HfRow:
         pass
 
 
+class LlamaCppRow:
+    """A GGUF file in llama.cpp (``llama-cpp-python``), in this process."""
+
+    def __init__(self, path: Path, *, threads: int):
+        from llama_cpp import Llama
+
+        t = time.perf_counter()
+        self.llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                         seed=0, verbose=False)
+        self.load_s = time.perf_counter() - t
+        self.vocab = self.llm.n_vocab()
+
+    def _ids(self, rng, n: int) -> list[int]:
+        return [rng.randrange(100, self.vocab - 100) for _ in range(n)]
+
+    def _gen(self, prompt: list[int], n: int) -> float:
+        t = time.perf_counter()
+        for i, _ in enumerate(self.llm.generate(prompt, top_k=1, temp=0.0, reset=True), 1):
+            if i == n:
+                break
+        return time.perf_counter() - t
+
+    def time(self) -> dict[str, float]:
+        import random
+        import statistics
+
+        rng = random.Random(0)
+        pre = []
+        for _ in range(3):
+            ids = self._ids(rng, PREFILL)
+            self.llm.reset()
+            t = time.perf_counter()
+            self.llm.eval(ids)
+            pre.append(PREFILL / (time.perf_counter() - t))
+        dec = []
+        for _ in range(3):
+            p = self._ids(rng, PROMPT)
+            dec.append(NEW / max(self._gen(p, NEW + 1) - self._gen(p, 1), 1e-9))
+        return {"prefill_tokens_per_s": statistics.median(pre), "decode_tokens_per_s_b1": statistics.median(dec)}
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def llama_cpp_rows(run_dir: Path, *, threads: int, gguf_types: list[str]) -> dict[str, LlamaCppRow]:
+    """The packaged GGUF and the winner's exports in llama.cpp, or none when llama-cpp-python is missing."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp rows", file=sys.stderr)
+        return {}
+    from slimray.families.causal_lm.gguf_export import write_gguf
+    from slimray.families.causal_lm.teacher import smollm2_gguf_path
+
+    rows = {"teacher GGUF as packaged (Q4_1), llama.cpp": LlamaCppRow(smollm2_gguf_path(), threads=threads)}
+    for qtype in gguf_types:
+        path = run_dir / "gguf" / f"winner-{qtype}.gguf"
+        if not path.exists():
+            write_gguf(run_dir / "winner", path, qtype=qtype)
+        rows[f"winner GGUF {qtype} (slimray export), llama.cpp"] = LlamaCppRow(path, threads=threads)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from slimray.sweep.select import rounds_summary
 
@@ -128,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--vllm-python", type=Path, default=Path(sys.executable), help="a Python with vLLM (default: this one)")
+    p.add_argument("--gguf-types", nargs="*", default=["q8_0", "q4_0"], help="llama.cpp rows: the winner exported in these")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
@@ -140,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["winner, vLLM"] = VllmRow(args.vllm_python, winner, dtype="auto", threads=threads)
         else:
             print(f"no Python at {args.vllm_python}: HF rows only", file=sys.stderr)
+        rows.update(llama_cpp_rows(args.run_dir, threads=threads, gguf_types=args.gguf_types))
         samples: dict[str, dict[str, list[float]]] = {k: {} for k in rows}
         keys = list(rows)
         for r in range(args.rounds):
@@ -156,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
              "| --- | --- | --- | --- | --- | --- |"]
     for key, r in results["rows"].items():
         name, threads = key.rsplit(" [", 1)
+        streams = f"{r['streams8_tokens_per_s']['best']:.1f}" if "streams8_tokens_per_s" in r else "-"
         lines.append(f"| {name} | {threads.rstrip('t]')} | {r['prefill_tokens_per_s']['best']:.0f} | "
-                     f"{r['decode_tokens_per_s_b1']['best']:.1f} | {r['streams8_tokens_per_s']['best']:.1f} | "
+                     f"{r['decode_tokens_per_s_b1']['best']:.1f} | {streams} | "
                      f"{100 * r['decode_tokens_per_s_b1']['spread']:.0f}% |")
     write_results(results, lines, args.out)
     return 0

@@ -43,7 +43,7 @@ def test_interleave_rotary_pairs_the_two_halves_of_each_head():
 def test_f32_gguf_reads_back_as_the_same_model(tmp_path, tiny_tokenizer, tiny_windows, overrides):
     src = _folder(tmp_path, tiny_tokenizer, **overrides)
     info = write_gguf(src, tmp_path / "m.gguf", qtype="f32")
-    assert info["architecture"] == "llama" and info["tokenizer_pre"] == "gpt2" and set(info["tensor_types"]) == {"f32"}
+    assert info["architecture"] == "llama" and info["tokenizer_pre"] == "gpt-2" and set(info["tensor_types"]) == {"f32"}
     check = check_gguf(src, tmp_path / "m.gguf", tiny_windows, texts=TEXTS)
     assert check["top1_agreement"] == 1.0
     assert check["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -62,7 +62,7 @@ def test_quantized_gguf_keeps_the_predictions(tmp_path, tiny_tokenizer, tiny_win
 
 
 def test_tokenizer_pre_is_read_from_the_pre_tokenizer():
-    assert tokenizer_pre({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt2"
+    assert tokenizer_pre({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                     {"type": "ByteLevel", "use_regex": True}]}
     assert tokenizer_pre({"pre_tokenizer": smollm}) == "smollm"
@@ -152,3 +152,12 @@ def test_smollm2_teacher_exports_to_a_gguf_that_reads_back(tmp_path):
     check = check_gguf(folder, tmp_path / "smollm2-q8_0.gguf", windows, texts=[d.text for d in split["test"][:8]])
     assert check["tokenizer_same_ids"] is True
     assert check["perplexity_ratio"] < 1.01 and check["top1_agreement"] > 0.95, check
+
+
+def test_llama_cpp_runs_the_file_where_installed(tmp_path, tiny_tokenizer, tiny_windows):
+    """llama.cpp itself (``llama-cpp-python``, built from source: not in CI) loads the file and predicts as the source."""
+    pytest.importorskip("llama_cpp")
+    src = _folder(tmp_path, tiny_tokenizer)
+    write_gguf(src, tmp_path / "m.gguf", qtype="f32")
+    check = check_gguf(src, tmp_path / "m.gguf", tiny_windows, llama_cpp=True)
+    assert check["llama_cpp"] == "loaded" and check["llama_cpp_top1_agreement"] >= 0.99, check

@@ -12,7 +12,7 @@ What is written, for Llama-architecture models (``llama``, ``mistral``: llama.cp
 - the hyperparameters llama.cpp reads (``llama.*``), and the tokenizer: byte-level BPE only (the GPT-2 family:
   SmolLM, Llama 3, Qwen), tokens with their types, merges, special ids and the chat template (``gguf.SpecialVocab``).
   llama.cpp picks its pre-tokenizer regex by name; the name is derived from the tokenizer's pre-tokenizer
-  (``gpt2``, ``smollm``), else ``default`` and the check says so.
+  (``gpt-2``, ``smollm``), else ``default`` and the check says so.
 
 :func:`check_gguf` reads the file back through ``transformers``' GGUF loader (independent of this writer) and
 compares it with the source on held-out windows: top-1 agreement, both perplexities, and whether the tokenizer
@@ -75,11 +75,11 @@ def interleave_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def tokenizer_pre(tokenizer_json: dict) -> str:
     """The llama.cpp pre-tokenizer name for this tokenizer.json, read from its structure (not a guess by model name):
-    byte-level alone is GPT-2's; individual digits then byte-level is SmolLM's; anything else ``default``."""
+    byte-level alone is GPT-2's (``gpt-2``); individual digits then byte-level is SmolLM's; anything else ``default``."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
     kind = pre.get("type")
     if kind == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kind == "Sequence":
         steps = pre.get("pretokenizers") or []
         kinds = [s.get("type") for s in steps]
