@@ -24,6 +24,22 @@ def test_token_int8_linear_matches_float():
         assert rel < 0.03, rows
 
 
+def test_token_int8_float_summed_path_gives_the_int_mm_result(monkeypatch):
+    """CPUs without int8 dot products sum the same integer products in float32: the same W8A8 numbers."""
+    from slimray.families.causal_lm import quantize
+
+    assert isinstance(quantize.int_mm_is_fast(), bool)  # the probe runs on this CPU
+    torch.manual_seed(0)
+    q = TokenInt8Linear(nn.Linear(256, 96))
+    x = torch.randn(3, 40, 256)
+    out = {}
+    for fast in (True, False):
+        monkeypatch.setattr(quantize, "int_mm_is_fast", lambda fast=fast: fast)
+        out[fast] = q(x)
+    assert out[True].shape == out[False].shape == (3, 40, 96)
+    assert torch.allclose(out[True], out[False], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["bf16", "dynamic_int8", "token_int8", "torchao_int8_weight_only"])
 def test_methods_keep_quality(tiny_model, tiny_windows, method):
     base = perplexity(tiny_model, tiny_windows[:4])

@@ -8,7 +8,11 @@ Methods (``QUANT_METHODS``):
   ``"*.down_proj"``, ``"lm_head"``, ``"model.layers.0.*"``) left in float32.
 - ``token_int8``: int8 weights per output channel and activations per token (one scale per row), with
   ``torch._int_mm`` for multi-token inputs and the quantize_dynamic kernel for single tokens (where per-tensor
-  is per-token); same ``keep_float``.
+  is per-token); same ``keep_float``. ``torch._int_mm`` is fast only where the CPU has int8 dot-product
+  instructions (AVX512-VNNI / AMX); on an AVX2-only CPU (the AMD EPYC these sessions moved to) it measured 50-150x
+  *slower* than a float32 matmul (a 256 x 576 by 576 x 49,152 LM head: 35 s against 0.4 s). :func:`int_mm_is_fast`
+  measures this once per process; where it is slow the same integer products are summed by a float32 matmul
+  (the weight dequantized per call), so the numerics stay W8A8 and no CPU hits the slow loop.
 - ``torchao_int8_weight_only`` / ``torchao_int8_dynamic``: torchao's configs (per-token activations for the
   dynamic one); in eager mode these were slower than fp32 here (issue #17).
 - ``bf16``: the whole model cast to bfloat16 (helps prefill and batching on AVX512-BF16 CPUs).
@@ -41,7 +45,9 @@ Per-token activation scales are what keeps quality: ``token_int8`` is the defaul
 from __future__ import annotations
 
 import copy
+import functools
 import fnmatch
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -78,6 +84,26 @@ def _qengine() -> None:
     torch.backends.quantized.engine = "x86" if "x86" in engines else ("fbgemm" if "fbgemm" in engines else engines[0])
 
 
+@functools.cache
+def int_mm_is_fast() -> bool:
+    """Whether ``torch._int_mm`` beats a float32 matmul of the same shape on this CPU (best of 3, once per process;
+    ~10-30 ms). False on CPUs without int8 dot-product instructions, where torch runs a reference loop."""
+    a = torch.randint(-127, 128, (64, 512), dtype=torch.int8)
+    b = torch.randint(-127, 128, (512, 512), dtype=torch.int8)
+    af, bf = a.float(), b.float()
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(lambda: torch._int_mm(a, b)) < best(lambda: af @ bf)
+
+
 class TokenInt8Linear(nn.Module):
     """int8 Linear with per-output-channel weight scales and per-token (per-row) activation scales."""
 
@@ -105,10 +131,14 @@ class TokenInt8Linear(nn.Module):
             return self.single(x2).reshape(*shape[:-1], self.out_features).to(x.dtype)
         s = x2.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127.0
         q = (x2 / s).round().clamp(-127, 127).to(torch.int8)
-        rows = q.shape[0]
-        if rows <= 16:  # _int_mm wants more than 16 rows
-            q = torch.cat([q, q.new_zeros(17 - rows, q.shape[1])])
-        y = torch._int_mm(q, self.weight_t)[:rows].float() * s * self.weight_scale
+        if int_mm_is_fast():
+            rows = q.shape[0]
+            if rows <= 16:  # _int_mm wants more than 16 rows
+                q = torch.cat([q, q.new_zeros(17 - rows, q.shape[1])])
+            acc = torch._int_mm(q, self.weight_t)[:rows].float()
+        else:  # the same integer products, summed in float32 (exact below 2**24, which K * 127 * 127 rarely reaches)
+            acc = q.float() @ self.weight_t.float()
+        y = acc * s * self.weight_scale
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
