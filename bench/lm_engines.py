@@ -40,7 +40,7 @@ PREFILL, PROMPT, NEW, STREAMS = 256, 16, 128, 8
 WORKER = r"""
 import json, statistics, sys, time, random
 from vllm import LLM, SamplingParams
-folder, dtype = sys.argv[1], sys.argv[2]
+folder, dtype, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
 llm = LLM(model=folder, dtype=dtype, enforce_eager=True, max_model_len=1024, enable_prefix_caching=False, seed=0)
 vocab = llm.get_tokenizer().vocab_size
 rng = random.Random(0)
@@ -53,12 +53,12 @@ def run(prompts, n):
 run([ids(PROMPT)], 8)  # warm-up
 print("READY", flush=True)
 for line in sys.stdin:
-    pre = statistics.median(PREFILL / run([ids(PREFILL)], 1) for _ in range(3))
+    pre = statistics.median(PREFILL / run([ids(PREFILL)], 1) for _ in range(repeats))
     dec = []
-    for _ in range(3):
+    for _ in range(repeats):
         p = ids(PROMPT)
         dec.append(NEW / max(run([p], NEW + 1) - run([p], 1), 1e-9))
-    streams = statistics.median(STREAMS * NEW / run([ids(PROMPT) for _ in range(STREAMS)], NEW) for _ in range(3))
+    streams = statistics.median(STREAMS * NEW / run([ids(PROMPT) for _ in range(STREAMS)], NEW) for _ in range(repeats))
     print("RESULT " + json.dumps({"prefill_tokens_per_s": pre, "decode_tokens_per_s_b1": statistics.median(dec),
                       "streams8_tokens_per_s": streams}), flush=True)
 """.replace("PREFILL", str(PREFILL)).replace("PROMPT", str(PROMPT)).replace("NEW", str(NEW)).replace("STREAMS", str(STREAMS))
@@ -67,12 +67,12 @@ for line in sys.stdin:
 class VllmRow:
     """One vLLM engine (folder, dtype, threads) in a worker process of the vLLM venv."""
 
-    def __init__(self, python: Path, folder: Path, *, dtype: str, threads: int):
+    def __init__(self, python: Path, folder: Path, *, dtype: str, threads: int, repeats: int = 3):
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0" if threads == 1 else f"0-{threads - 1}", "HF_HUB_OFFLINE": "1",
                "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "PYTHONPATH": ""}
         self.log = open(ROOT / "bench" / "results" / f"vllm-{folder.name}-{dtype}-{threads}t.log", "w")
         t = time.perf_counter()
-        self.proc = subprocess.Popen([str(python), "-c", WORKER, str(folder), dtype], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([str(python), "-c", WORKER, str(folder), dtype, str(repeats)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         if self._line("READY") is None:
             raise RuntimeError(f"vLLM did not load {folder} ({dtype}): see {self.log.name}")
@@ -103,10 +103,10 @@ class VllmRow:
 class HfRow:
     """A model loaded by slimray (``load_lm``), timed with the search's own functions."""
 
-    def __init__(self, folder: Path, *, threads: int):
+    def __init__(self, folder: Path, *, threads: int, repeats: int = 3):
         from slimray.families.causal_lm.artifacts import load_lm
 
-        self.threads = threads
+        self.threads, self.repeats = threads, repeats
         t = time.perf_counter()
         self.model = load_lm(folder)[0]
         self.load_s = time.perf_counter() - t
@@ -117,9 +117,10 @@ class HfRow:
         from slimray.families.causal_lm.evaluate import decode_tokens_per_s, prefill_tokens_per_s
 
         torch.set_num_threads(self.threads)
-        return {"prefill_tokens_per_s": prefill_tokens_per_s(self.model, prompt_len=PREFILL, num_repeats=3),
-                "decode_tokens_per_s_b1": decode_tokens_per_s(self.model, batch_size=1, num_new_tokens=NEW, num_repeats=3),
-                "streams8_tokens_per_s": decode_tokens_per_s(self.model, batch_size=STREAMS, num_new_tokens=NEW, num_repeats=3)}
+        n = self.repeats
+        return {"prefill_tokens_per_s": prefill_tokens_per_s(self.model, prompt_len=PREFILL, num_repeats=n),
+                "decode_tokens_per_s_b1": decode_tokens_per_s(self.model, batch_size=1, num_new_tokens=NEW, num_repeats=n),
+                "streams8_tokens_per_s": decode_tokens_per_s(self.model, batch_size=STREAMS, num_new_tokens=NEW, num_repeats=n)}
 
     def close(self) -> None:
         pass
@@ -128,9 +129,10 @@ class HfRow:
 class LlamaCppRow:
     """A GGUF file in llama.cpp (``llama-cpp-python``), in this process."""
 
-    def __init__(self, path: Path, *, threads: int):
+    def __init__(self, path: Path, *, threads: int, repeats: int = 3):
         from llama_cpp import Llama
 
+        self.repeats = repeats
         t = time.perf_counter()
         self.llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
                          seed=0, verbose=False)
@@ -153,14 +155,14 @@ class LlamaCppRow:
 
         rng = random.Random(0)
         pre = []
-        for _ in range(3):
+        for _ in range(self.repeats):
             ids = self._ids(rng, PREFILL)
             self.llm.reset()
             t = time.perf_counter()
             self.llm.eval(ids)
             pre.append(PREFILL / (time.perf_counter() - t))
         dec = []
-        for _ in range(3):
+        for _ in range(self.repeats):
             p = self._ids(rng, PROMPT)
             dec.append(NEW / max(self._gen(p, NEW + 1) - self._gen(p, 1), 1e-9))
         return {"prefill_tokens_per_s": statistics.median(pre), "decode_tokens_per_s_b1": statistics.median(dec)}
@@ -169,7 +171,7 @@ class LlamaCppRow:
         self.llm.close()
 
 
-def llama_cpp_rows(run_dir: Path, *, threads: int, gguf_types: list[str]) -> dict[str, LlamaCppRow]:
+def llama_cpp_rows(run_dir: Path, *, threads: int, gguf_types: list[str], repeats: int) -> dict[str, LlamaCppRow]:
     """The packaged GGUF and the winner's exports in llama.cpp, or none when llama-cpp-python is missing."""
     try:
         import llama_cpp  # noqa: F401
@@ -179,12 +181,12 @@ def llama_cpp_rows(run_dir: Path, *, threads: int, gguf_types: list[str]) -> dic
     from slimray.families.causal_lm.gguf_export import write_gguf
     from slimray.families.causal_lm.teacher import smollm2_gguf_path
 
-    rows = {"teacher GGUF as packaged (Q4_1), llama.cpp": LlamaCppRow(smollm2_gguf_path(), threads=threads)}
+    rows = {"teacher GGUF as packaged (Q4_1), llama.cpp": LlamaCppRow(smollm2_gguf_path(), threads=threads, repeats=repeats)}
     for qtype in gguf_types:
         path = run_dir / "gguf" / f"winner-{qtype}.gguf"
         if not path.exists():
             write_gguf(run_dir / "winner", path, qtype=qtype)
-        rows[f"winner GGUF {qtype} (slimray export), llama.cpp"] = LlamaCppRow(path, threads=threads)
+        rows[f"winner GGUF {qtype} (slimray export), llama.cpp"] = LlamaCppRow(path, threads=threads, repeats=repeats)
     return rows
 
 
@@ -197,19 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--vllm-python", type=Path, default=Path(sys.executable), help="a Python with vLLM (default: this one)")
     p.add_argument("--gguf-types", nargs="*", default=["q8_0", "q4_0"], help="llama.cpp rows: the winner exported in these")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per figure in a round (their median)")
+    p.add_argument("--vllm-teacher-dtypes", nargs="+", default=["bfloat16"],
+                   help="the uncompressed teacher in vLLM in these dtypes (float32 beats bfloat16 on CPUs without AVX512-BF16)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     teacher, winner = args.run_dir / "teacher", args.run_dir / "winner"
     results = {"load": os.getloadavg(), "rounds": args.rounds, "rows": {}}
     for threads in args.threads:
-        rows = {"teacher, HF eager (as given)": HfRow(teacher, threads=threads), "winner, HF eager": HfRow(winner, threads=threads)}
+        n = args.repeats
+        rows = {"teacher, HF eager (as given)": HfRow(teacher, threads=threads, repeats=n),
+                "winner, HF eager": HfRow(winner, threads=threads, repeats=n)}
         if args.vllm_python.exists():
-            rows["teacher bf16, vLLM"] = VllmRow(args.vllm_python, teacher, dtype="bfloat16", threads=threads)
-            rows["winner, vLLM"] = VllmRow(args.vllm_python, winner, dtype="auto", threads=threads)
+            for dtype in args.vllm_teacher_dtypes:
+                rows[f"teacher {dtype}, vLLM"] = VllmRow(args.vllm_python, teacher, dtype=dtype, threads=threads, repeats=n)
+            rows["winner, vLLM"] = VllmRow(args.vllm_python, winner, dtype="auto", threads=threads, repeats=n)
         else:
             print(f"no Python at {args.vllm_python}: HF rows only", file=sys.stderr)
-        rows.update(llama_cpp_rows(args.run_dir, threads=threads, gguf_types=args.gguf_types))
+        rows.update(llama_cpp_rows(args.run_dir, threads=threads, gguf_types=args.gguf_types, repeats=n))
         samples: dict[str, dict[str, list[float]]] = {k: {} for k in rows}
         keys = list(rows)
         for r in range(args.rounds):

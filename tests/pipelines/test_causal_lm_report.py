@@ -26,3 +26,41 @@ def test_student_distilled_before_targets_were_recorded_reads_as_the_cache():
     assert _distill_settings_of(old) == {"targets": "topk_cache", "hidden_weight": 0.0}
     assert _distill_settings_of({}) is None
     assert "cached top-k logits" in describe_distill(_distill_settings_of(old))
+
+
+def _row(key, model, ppl, tok_s, teacher_ppl=19.0):
+    return {"key": key, "model": model, "status": "ok", "perplexity": ppl, "perplexity_ratio": ppl / teacher_ppl,
+            "decode_tokens_per_s_b1": tok_s}
+
+
+def test_pareto_front_section_says_whether_a_student_is_on_it():
+    from slimray.pipelines.causal_lm import lm_pareto_front, render_markdown  # noqa: F401 (the section renders from trials)
+
+    rows = [_row("teacher-none", "teacher", 19.0, 15.0), _row("teacher-int8", "teacher", 19.7, 20.8),
+            _row("student24-int8", "student24", 21.0, 30.0), _row("student24-int4", "student24", 40.0, 35.0),
+            _row("student24-none", "student24", 21.5, 18.0)]  # beaten by teacher-int8 on both
+    assert [r["key"] for r in lm_pareto_front(rows)] == ["student24-int4", "student24-int8", "teacher-int8", "teacher-none"]
+    md = _section(rows, budget=1.15)
+    assert "| student24-int8 | student24 | 21.00 | 1.105 | 30.0 | yes |" in md
+    assert "within the perplexity budget student24-int8; beyond it student24-int4" in md
+    md = _section([r for r in rows if r["key"] != "student24-int8"], budget=1.15)
+    assert "none within the perplexity budget; beyond it student24-int4" in md
+    md = _section([r for r in rows if r["key"] in ("teacher-none", "teacher-int8", "student24-none")], budget=1.15)
+    assert "No distilled student is on the front: every trial of student24 is beaten" in md
+
+
+def _section(rows, *, budget):
+    """The Pareto section of report.md for these trials (the rest of the report from a minimal document)."""
+    from slimray.pipelines.causal_lm import render_markdown
+
+    speed = {"prefill_tokens_per_s": 1.0, "decode_tokens_per_s_b1": 1.0, "decode_tokens_per_s_b8": 1.0}
+    row = {"perplexity": 19.0, "top1_agreement": 1.0, "size_bytes": 1, **speed}
+    trial = {"top1_agreement": 1.0, "prefill_tokens_per_s": 1.0, "size_bytes": 1, "trial_seconds": 1.0}
+    r = {"name": "t", "recipe": "t", "data": {"documents": {"train": 1}, "split": "by article"},
+         "evaluation": {"perplexity": "p", "speed": "s"}, "teacher": row,
+         "winner": {**row, "key": "teacher-int8", "storage": "int8"}, "speedup_vs_teacher_as_given": speed,
+         "speedup_vs_teacher_same_runtime": None, "targets": {"perplexity_ratio": {"value": 1.0, "target": budget, "met": True}},
+         "students": [{"name": "student24", "num_layers": 24, "kept_layers": [], "width": None, "distill_metrics": []}],
+         "trials": [{**trial, **x} for x in rows], "int4": "n/a", "stage_seconds": {}, "wall_s": 1.0}
+    md = render_markdown(r)
+    return md[md.index("## Pareto front"):md.index("## Students")]

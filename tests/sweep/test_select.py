@@ -28,3 +28,16 @@ def test_feasible_excludes_errors():
 
 def test_pareto_front():
     assert [x["key"] for x in pareto_front(TRIALS, latency_key="lat")] == ["c", "d", "a"]
+
+
+def test_non_dominated_takes_a_direction_per_goal():
+    from slimray.sweep.select import non_dominated
+
+    rows = [{"key": "teacher", "ppl": 19.0, "tok_s": 15.0, "status": "ok"},
+            {"key": "int8", "ppl": 19.7, "tok_s": 21.0, "status": "ok"},
+            {"key": "student", "ppl": 22.4, "tok_s": 22.0, "status": "ok"},
+            {"key": "slow-student", "ppl": 22.5, "tok_s": 14.0, "status": "ok"},  # beaten on both by the teacher
+            {"key": "same-as-teacher", "ppl": 19.0, "tok_s": 15.0, "status": "ok"},  # equal: neither beats the other
+            {"key": "failed", "status": "error"}]
+    front = non_dominated(rows, goals={"ppl": "min", "tok_s": "max"})
+    assert [r["key"] for r in front] == ["teacher", "int8", "student", "same-as-teacher"]

@@ -534,7 +534,7 @@ class CausalLMStages(Stages):
             "students": [{"name": st.name, "num_layers": st.num_layers, "kept_layers": st.kept, "width": st.width,
                           "distill": _distill_settings_of(load_meta(st.folder).reports.get("distill", {})),
                           "distill_metrics": _read_jsonl(run_dir / f"distill_metrics_{st.name}.jsonl")} for st in self.students],
-            "trials": self.rows,
+            "trials": self.rows, "pareto_front": [row["key"] for row in lm_pareto_front(self.rows)],
             "int4": _int4_note(cfg), "sparsity": _sparsity_note(cfg),
             "stage_seconds": self.stage_s, "wall_s": wall,
         }
@@ -722,6 +722,26 @@ def render_markdown(r: dict[str, Any]) -> str:
     for k, v in r["targets"].items():
         op = "<=" if k in ("perplexity_ratio", "wall_time_s") else ">="
         lines.append(f"| {k} | {v['value']:.3f} | {op} {v['target']:g} | {'yes' if v['met'] else 'no'} |")
+    front = lm_pareto_front(r["trials"])
+    if front:
+        budget = r["targets"]["perplexity_ratio"]["target"]
+        lines += ["", "## Pareto front: perplexity vs decode b1", "",
+                  "Trials no other trial beats on both held-out perplexity and batch-1 decode speed (trial figures, "
+                  "first pass), fastest first:", "",
+                  "| key | model | perplexity | x teacher | decode b1 tok/s | within the budget |", "| --- | --- | --- | --- | --- | --- |"]
+        for row in front:
+            lines.append(f"| {row['key']} | {row['model']} | {row['perplexity']:.2f} | {row['perplexity_ratio']:.3f} | "
+                         f"{row['decode_tokens_per_s_b1']:.1f} | {'yes' if row['perplexity_ratio'] <= budget + 1e-9 else 'no'} |")
+        names = [st["name"] for st in r["students"]]
+        inside = sorted({row["key"] for row in front if row["model"] != "teacher" and row["perplexity_ratio"] <= budget + 1e-9})
+        outside = sorted({row["key"] for row in front if row["model"] != "teacher"} - set(inside))
+        if inside or outside:
+            lines += ["", "Distilled students on the front: "
+                      + (f"within the perplexity budget {', '.join(inside)}" if inside else "none within the perplexity budget")
+                      + (f"; beyond it {', '.join(outside)}" if outside else "") + "."]
+        elif names:
+            lines += ["", f"No distilled student is on the front: every trial of {', '.join(names)} is beaten on both "
+                      "perplexity and decode speed by a trial of the teacher."]
     if r["students"]:
         lines += ["", "## Students", ""]
         for st in r["students"]:
@@ -751,6 +771,14 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lm_pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials no other trial beats on both perplexity (lower) and batch-1 decode tok/s (higher), fastest first."""
+    from slimray.sweep.select import non_dominated
+
+    front = non_dominated(trials, goals={"perplexity": "min", "decode_tokens_per_s_b1": "max"})
+    return sorted(front, key=lambda t: -t["decode_tokens_per_s_b1"])
+
+
 def write_png(r: dict[str, Any], path: Path) -> None:
     """Perplexity vs batch-1 decode tok/s of every trial, the budget line, the teacher and the winner."""
     from slimray.report import _plt, _save_png
@@ -762,6 +790,14 @@ def write_png(r: dict[str, Any], path: Path) -> None:
         pts = [t for t in ok if (t["quantization"], t["runtime"], t.get("sparsity", "none")) == q]
         label = f"{q[0]} @ {q[1]}" + ("" if q[2] == "none" else f" ({q[2]})")
         ax.scatter([t["decode_tokens_per_s_b1"] for t in pts], [t["perplexity"] for t in pts], label=label, s=36)
+    front = sorted(lm_pareto_front(r["trials"]), key=lambda t: t["decode_tokens_per_s_b1"])
+    if front:
+        ax.plot([t["decode_tokens_per_s_b1"] for t in front], [t["perplexity"] for t in front], color="k", lw=0.8,
+                ls="--", drawstyle="steps-post", label="Pareto front", zorder=1)
+    students = [t for t in ok if t.get("model", "teacher") != "teacher"]
+    if students:
+        ax.scatter([t["decode_tokens_per_s_b1"] for t in students], [t["perplexity"] for t in students], s=90,
+                   facecolors="none", edgecolors="k", lw=0.8, label="distilled student", zorder=4)
     tp = r["teacher"]["perplexity"]
     ax.axhline(tp, color="grey", lw=0.8, label="teacher")
     budget = r["targets"]["perplexity_ratio"]["target"] * tp

@@ -29,21 +29,23 @@ def pick_winner(
     return max(done, key=lambda t: (t["accuracy"], -t[latency_key])), False
 
 
-def pareto_front(trials: list[dict[str, Any]], *, latency_key: str) -> list[dict[str, Any]]:
-    """Trials no other trial beats on both accuracy (higher) and latency (lower)."""
+def non_dominated(trials: list[dict[str, Any]], *, goals: dict[str, str]) -> list[dict[str, Any]]:
+    """The finished trials no other finished trial beats on every goal (``{key: "max" | "min"}``) and strictly on
+    one, in their original order."""
     done = [t for t in trials if t.get("status") == "ok"]
-    front = []
-    for t in done:
-        dominated = any(
-            o is not t
-            and o["accuracy"] >= t["accuracy"]
-            and o[latency_key] <= t[latency_key]
-            and (o["accuracy"] > t["accuracy"] or o[latency_key] < t[latency_key])
-            for o in done
-        )
-        if not dominated:
-            front.append(t)
-    return sorted(front, key=lambda t: t[latency_key])
+    sign = {k: (1 if g == "max" else -1) for k, g in goals.items()}
+    assert set(goals.values()) <= {"max", "min"}, goals
+
+    def beats(o: dict[str, Any], t: dict[str, Any]) -> bool:
+        diffs = [sign[k] * (o[k] - t[k]) for k in goals]
+        return all(d >= 0 for d in diffs) and any(d > 0 for d in diffs)
+
+    return [t for t in done if not any(o is not t and beats(o, t) for o in done)]
+
+
+def pareto_front(trials: list[dict[str, Any]], *, latency_key: str) -> list[dict[str, Any]]:
+    """Trials no other trial beats on both accuracy (higher) and latency (lower), fastest first."""
+    return sorted(non_dominated(trials, goals={"accuracy": "max", latency_key: "min"}), key=lambda t: t[latency_key])
 
 
 def failure_summary(trials: list[dict[str, Any]]) -> str:
