@@ -318,6 +318,9 @@ class CausalLMStages(Stages):
                                reference_argmax=self.teacher_argmax, search=s.model_dump())
         t_ppl = self.teacher_eval["perplexity"]
         ok = [r for r in self.rows if r["status"] == "ok"]
+        for r in self.rows:
+            if r["status"] != "ok":
+                log(f"trial {r['key']} failed: {str(r.get('error', ''))[:160]} -> {r.get('advice')}")
         if not ok:
             from slimray.sweep.select import sweep_failure
 
@@ -758,7 +761,8 @@ def render_markdown(r: dict[str, Any]) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in r["trials"]:
         if row["status"] != "ok":
-            lines.append(f"| {row['key']} | error: {str(row.get('error', ''))[:100]} | | | | | | |")
+            lines.append(f"| {row['key']} | error: {str(row.get('error', ''))[:100]}"
+                         + (f" -> {row['advice']}" if row.get("advice") else "") + " | | | | | | |")
             continue
         lines.append(f"| {row['key']} | {row['perplexity']:.2f} | {row['perplexity_ratio']:.3f} | {row['top1_agreement']:.3f} | "
                      f"{row['prefill_tokens_per_s']:.0f} | {row['decode_tokens_per_s_b1']:.1f} | {_mb(row['size_bytes'])} | "

@@ -132,8 +132,19 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             write_json_atomic(out, row)
         tune.report({"perplexity": row["perplexity"], "decode_tokens_per_s_b1": row["decode_tokens_per_s_b1"]})
     except Exception as err:  # a failing trial is recorded, the search goes on
-        write_json_atomic(out.with_suffix(".error.json"), {"error": repr(err), "traceback": traceback.format_exc()})
+        write_json_atomic(out.with_suffix(".error.json"), {"error": repr(err), "advice": trial_advice(repr(err), quant=quant, runtime=runtime),
+                                                           "traceback": traceback.format_exc()})
         raise
+
+
+def trial_advice(error: str, *, quant: str, runtime: str) -> str:
+    """What to change when a causal-LM trial fails (one line, for the console and the report)."""
+    if "cpu_gemm_wna16" in error:
+        return ("vLLM's CPU build has no int4 (W4A16) kernel on this CPU (its kernel needs AVX512): int4 runs in "
+                "hf_eager here; leave int4_weight_only out or drop vllm from search.runtimes")
+    if "Errno 28" in error or "no space left" in error.lower():
+        return "the disk is full: free space under the run folder and resume the run"
+    return f"leave {quant} out of search.quant_methods (or {runtime} out of search.runtimes)"
 
 
 def run_search(*, run_dir: Path, candidates: dict[str, tuple[str, str, str, str]], model_dirs: dict[str, str],
@@ -163,9 +174,11 @@ def run_search(*, run_dir: Path, candidates: dict[str, tuple[str, str, str, str]
             rows.append(json.loads(f.read_text()))
             continue
         err = f.with_suffix(".error.json")
-        msg = json.loads(err.read_text())["error"] if err.exists() else "trial did not finish"
+        saved = json.loads(err.read_text()) if err.exists() else {"error": "trial did not finish"}
+        msg = saved["error"]
         rows.append({"key": key, "status": "error", "model": model_name, "quantization": quant, "runtime": runtime,
-                     "sparsity": sparsity, "error": msg})
+                     "sparsity": sparsity, "error": msg,
+                     "advice": saved.get("advice") or trial_advice(msg, quant=quant, runtime=runtime)})
     return rows
 
 

@@ -66,3 +66,13 @@ def test_served_llm_config_places_a_cpu_replica_and_carries_no_secret(tmp_path, 
     assert "secret-not-in-config" not in repr(cfg.model_dump())
     gpu = llm_config(opts.model_copy(update={"gpus_per_replica": 1.0}), quant_method="bf16")
     assert gpu.placement_group_config == {"bundles": [{"GPU": 1.0, "CPU": 1.0}]}
+
+
+def test_a_failed_trial_says_what_to_change():
+    """vLLM's CPU build without its AVX512 int4 kernel (seen on an AVX2-only EPYC) gets a line naming the setting."""
+    from slimray.sweep.lm_search import trial_advice
+
+    missing = "AttributeError(\"'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'\")"
+    assert "no int4 (W4A16) kernel on this CPU" in trial_advice(missing, quant="int4_weight_only", runtime="vllm")
+    assert trial_advice("RuntimeError('boom')", quant="bf16", runtime="vllm") == (
+        "leave bf16 out of search.quant_methods (or vllm out of search.runtimes)")
