@@ -273,11 +273,12 @@ def check_gguf(folder: str | Path, gguf_file: str | Path, windows: torch.Tensor,
 
 
 def _model_folder(run_dir: Path, model: str | None) -> Path:
-    """The winner (default), ``teacher``, or a student under ``students/`` (checked names: no path traversal)."""
+    """The winner (default; its plain float ``export/`` copy when the run wrote one), ``teacher``, or a student under
+    ``students/`` (checked names: no path traversal)."""
     from slimray.schema import check_name
 
-    if model is None:
-        path = run_dir / "winner"
+    if model is None:  # a winner in slimray's own sparse packing has a plain float copy in export/ beside it
+        path = run_dir / "export" if (run_dir / "export" / "config.json").is_file() else run_dir / "winner"
     else:
         try:
             check_name(model, what="model")
