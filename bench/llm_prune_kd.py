@@ -18,7 +18,7 @@ from slimray.families.causal_lm import data as D
 from slimray.families.causal_lm import kd
 from slimray.families.causal_lm.evaluate import perplexity
 from slimray.families.causal_lm.prune import prune_depth
-from slimray.families.causal_lm.teacher import ensure_smollm2_teacher, load_causal_lm
+from smollm_setup import smollm_setup
 
 
 def emit(**kw):
@@ -34,12 +34,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    folder = ensure_smollm2_teacher(args.work / "teacher")
-    teacher, tok = load_causal_lm(folder)
-    splits = D.split_documents(D.load_wiki_summaries(), seed=0, val_fraction=0.05, test_fraction=0.05)
-    test = D.pack_windows(splits["test"], tok, window_len=256, num_windows=args.num_eval_windows)
-    calib = D.pack_windows(splits["val"], tok, window_len=128, num_windows=4)
-    train = D.pack_windows(splits["train"], tok, window_len=128, num_windows=4000)
+    _, teacher, tok, test, calib, train, splits = smollm_setup(args.work, num_eval_windows=args.num_eval_windows,
+                                                               train_len=128, num_train_windows=4000)
     emit(what="data", test_windows=list(test.shape), train_windows=list(train.shape), calib_windows=list(calib.shape))
     t0 = time.perf_counter()
     emit(what="teacher", perplexity=perplexity(teacher, test, batch_size=1), seconds=time.perf_counter() - t0)
