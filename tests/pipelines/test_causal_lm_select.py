@@ -23,3 +23,18 @@ def test_prefill_constraint():
     assert ok and w["key"] == "int8" and rows[0]["meets_prefill"] is False
     w, ok = choose_winner(rows, teacher_ppl=19.0, ppl_budget=1.15, teacher_prefill=318, min_prefill_speedup=10)
     assert not ok and w["key"] == "int4"  # no finalist reaches 10x: the perplexity rule alone, flagged infeasible
+
+
+def test_noise_rule_holds_when_no_finalist_meets_the_prefill_floor():
+    """The smollm run of 2026-12-06 on an AVX2 box: no finalist reached 1.5x prefill, and the student in bf16 led by
+    2.6% (median over 2 side-by-side rounds, under the 3% margin): a tie, so the smaller teacher in int8 wins."""
+    rows = [row("student27-bf16-vllm", ppl=21.72, b1=21.4, prefill=48, size=251_343_215),
+            row("teacher-token_int8-hf_eager", ppl=19.71, b1=20.8, prefill=244, size=223_800_000)]
+    rounds = {"student27-bf16-vllm": [21.4, 18.4], "teacher-token_int8-hf_eager": [20.8, 18.0]}
+    w, ok = choose_winner(rows, teacher_ppl=19.0, ppl_budget=1.15, teacher_prefill=307, min_prefill_speedup=1.5,
+                          rounds=rounds)
+    assert not ok and w["key"] == "teacher-token_int8-hf_eager" and w["tied_with"] == ["student27-bf16-vllm"]
+    rounds["student27-bf16-vllm"] = [23.0, 20.0]  # beyond the margin in both rounds: the faster wins
+    w, ok = choose_winner(rows, teacher_ppl=19.0, ppl_budget=1.15, teacher_prefill=307, min_prefill_speedup=1.5,
+                          rounds=rounds)
+    assert not ok and w["key"] == "student27-bf16-vllm" and w["tied_with"] == []

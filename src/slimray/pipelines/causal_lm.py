@@ -572,17 +572,17 @@ def choose_winner(finalists: list[dict[str, Any]], *, teacher_ppl: float, ppl_bu
         for r in finalists:
             r["meets_prefill"] = r["final"]["prefill_tokens_per_s"] >= min_prefill_speedup * teacher_prefill - 1e-9
         pool = [r for r in finalists if r["meets_prefill"]]
-    winner, ok = pick_winner(pool, teacher_accuracy=-teacher_ppl, max_drop=(ppl_budget - 1.0) * teacher_ppl,
-                             latency_key="ms_per_token_b1")
+    max_drop = (ppl_budget - 1.0) * teacher_ppl
+    winner, ok = pick_winner(pool, teacher_accuracy=-teacher_ppl, max_drop=max_drop, latency_key="ms_per_token_b1")
     if winner is None or not ok:  # nothing meets every constraint: the perplexity rule alone, flagged infeasible
-        return pick_winner(finalists, teacher_accuracy=-teacher_ppl, max_drop=(ppl_budget - 1.0) * teacher_ppl,
-                           latency_key="ms_per_token_b1")[0], False
-    if rounds:
-        ranked = rank_fastest(feasible(pool, teacher_accuracy=-teacher_ppl, max_drop=(ppl_budget - 1.0) * teacher_ppl),
-                              latency_key="ms_per_token_b1")
+        pool = finalists
+        winner, _ = pick_winner(pool, teacher_accuracy=-teacher_ppl, max_drop=max_drop, latency_key="ms_per_token_b1")
+        ok = False
+    ranked = rank_fastest(feasible(pool, teacher_accuracy=-teacher_ppl, max_drop=max_drop), latency_key="ms_per_token_b1")
+    if rounds and ranked:  # the noise rule holds on either path: a win inside the noise is a tie, the smaller wins
         winner, tied = pick_beyond_noise(ranked, rounds, margin=tie_margin)
         winner["tied_with"] = [r["key"] for r in [ranked[0], *tied] if r is not winner]
-    return winner, True
+    return winner, ok
 
 
 DISTILL_SETTINGS = ("targets", "top_k", "hidden_weight", "temperature", "ce_weight")
