@@ -130,6 +130,10 @@ def test_causal_lm_winner_served_through_the_cli_answers_the_openai_client(lm_ru
 
     run = lm_runs[kind]
     serve_port = free_port()
+    if kind == "vllm":  # Ray Serve LLM needs Serve's proxy; the direct-ingress tests before it start Serve without one
+        from ray import serve
+
+        serve.shutdown()
     served = Served(run, port=serve_port, address=ray_session.get_runtime_context().gcs_address)
     try:
         _wait(served, timeout=600 if kind == "vllm" else 240)
