@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from slimray.artifacts import ArtifactSpec, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
 from slimray.compress.measure import predict_logits
 from slimray.config import load_config
 from slimray.data import load_dataset

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from slimray.pipelines import classifier as pipeline
-from slimray.artifacts import load_runnable
+from slimray.families.classifier.artifacts import load_runnable
 from slimray.storage import write_json_atomic
 from slimray.compress.measure import accuracy, compare_latency
 from slimray.config import load_config

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests" / "zoo")]
 
-from slimray.artifacts import ArtifactSpec, load_runnable  # noqa: E402
+from slimray.families.classifier.artifacts import ArtifactSpec, load_runnable  # noqa: E402
 from slimray.compress.export import check_outputs  # noqa: E402
 from slimray.compress.measure import compare_latency, latency_ms  # noqa: E402
 from slimray.compress.prune import PruneSpec, prune  # noqa: E402

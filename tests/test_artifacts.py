@@ -1,4 +1,4 @@
-"""Artifact integrity and faults (``slimray.storage``, on the classifier's ``slimray.artifacts``): sha256 per file in spec.json, a damaged reused stage
+"""Artifact integrity and faults (``slimray.storage``, on the classifier's ``slimray.families.classifier.artifacts``): sha256 per file in spec.json, a damaged reused stage
 rebuilt alone with one line, a damaged winner refused by ``slimray serve`` naming the file, and a full disk
 (injected ENOSPC) leaving the previous artifact intact with a one-line message. No Ray."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from slimray import storage
-from slimray.artifacts import ArtifactSpec, load_artifact, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, load_artifact, save_artifact
 from slimray.storage import DamagedArtifactError, DiskFullError, reusable, sha256_file, verify_artifact, write_json_atomic
 from slimray.families.classifier import build_model
 

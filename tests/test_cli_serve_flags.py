@@ -14,7 +14,7 @@ def run_dir(tmp_path, monkeypatch):
     cfg["serve"].update(num_replicas=4, port=8123, host="127.0.0.1")
     from slimray.config import PipelineConfig
 
-    from slimray.artifacts import ArtifactSpec, save_artifact
+    from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
     from slimray.families.classifier import build_model
     from slimray.families.classifier.spec import InputSpec
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from slimray.artifacts import load_runnable
+from slimray.families.classifier.artifacts import load_runnable
 from slimray.compress.measure import accuracy
 from slimray.config import PipelineConfig
 from slimray.runs import prepare_run_dir

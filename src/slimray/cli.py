@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "sweep":
             from slimray.pipelines import classifier as pipeline
-            from slimray.artifacts import load_artifact
+            from slimray.families.classifier.artifacts import load_artifact
 
             cfg = _load(args)
             run = pipeline.open_run(cfg, out_dir=args.out, address=args.address, fresh=args.fresh)

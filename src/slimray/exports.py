@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from slimray.artifacts import load_artifact, load_runnable, load_spec
+from slimray.families.classifier.artifacts import load_artifact, load_runnable, load_spec
 from slimray.compress.export import check_outputs, export_onnx, export_program, load_program
 from slimray.compress.runtime import ONNX_FILE, OrtModel
 from slimray.config import check_name

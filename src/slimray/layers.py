@@ -60,8 +60,6 @@ LAYERS: tuple[Layer, ...] = (
     Layer("families", "model families: pure torch/transformers, no Ray, no serving, no stages", ("core",), ray=False,
           modules={
         "slimray.families": "one folder per family plus the registry, which names its hooks as import strings",
-        "slimray.artifacts": "the classifier's artifact format, still at the top level: the family contract moves it to "
-                             "families/classifier/ (about 30 importers use this name)",
         "slimray.evaluation": "the classifier's quality metric: accuracy or the user's function, imported like the "
                               "user's model",
     }),

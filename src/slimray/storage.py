@@ -9,7 +9,7 @@ the previous version stays.
 
 State dicts are stored as safetensors: quantized tensors as their int representation plus scales and zero
 points, non-tensor state (packed-parameter tuples, dtypes) described in the JSON (``encode_state`` /
-``decode_state``), so nothing is ever unpickled. A family's own spec (``slimray.artifacts.ArtifactSpec`` for
+``decode_state``), so nothing is ever unpickled. A family's own spec (``slimray.families.classifier.artifacts.ArtifactSpec`` for
 the classifier, ``TextArtifactSpec`` for the sentence encoder) says what the tensors build. Core: no family,
 no ray.
 """

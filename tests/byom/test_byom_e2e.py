@@ -22,7 +22,7 @@ import yaml
 
 import project
 
-from slimray.artifacts import load_runnable, load_spec
+from slimray.families.classifier.artifacts import load_runnable, load_spec
 from slimray.data import normalize
 from slimray.data.sample import read_test_sample
 

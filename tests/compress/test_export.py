@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimray.artifacts import ArtifactSpec, artifact_bytes, load_artifact, load_runnable, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, artifact_bytes, load_artifact, load_runnable, save_artifact
 from slimray.compress.export import check_outputs, export_onnx, export_program, load_program
 from slimray.compress.measure import accuracy, peak_memory_bytes
 from slimray.compress.quantize import QuantSpec, quantize

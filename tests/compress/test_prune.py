@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimray.artifacts import ArtifactSpec, load_artifact, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, load_artifact, save_artifact
 from slimray.compress.prune import PruneSpec, prunable_channels, prune
 from slimray.families.classifier import build_model, spec_from_model
 from slimray.families.classifier.spec import count_params

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimray.artifacts import ArtifactSpec, artifact_bytes, load_artifact, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, artifact_bytes, load_artifact, save_artifact
 from slimray.compress.measure import accuracy, compare_latency, latency_ms
 from slimray.compress.quantize import QuantSpec, quantize
 

@@ -45,7 +45,7 @@ def test_documents_name_their_family():
 
 
 def test_artifacts_name_their_family(tmp_path):
-    from slimray.artifacts import ArtifactSpec, save_artifact
+    from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
     from slimray.families.classifier.spec import InputSpec, MLPSpec, build_model
 
     spec = MLPSpec(in_features=4, hidden=[8], num_classes=3)
@@ -86,7 +86,7 @@ def test_a_family_task_trains_in_one_process_through_the_shared_epoch_loop():
 
 
 def test_registered_formats_are_the_ones_the_artifact_writers_write():
-    from slimray.artifacts import FORMAT as CLASSIFIER_FORMAT
+    from slimray.families.classifier.artifacts import FORMAT as CLASSIFIER_FORMAT
     from slimray.families.causal_lm.artifacts import LMArtifactMeta
     from slimray.families.sentence_encoder.models import FORMAT as TEXT_FORMAT
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimray.artifacts import load_runnable
+from slimray.families.classifier.artifacts import load_runnable
 from slimray.data import normalize
 from slimray.serving.app import RequestError, ServeOptions, build_app, deploy, parse_inputs
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from slimray.artifacts import ArtifactSpec, load_artifact, load_runnable, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, load_artifact, load_runnable, save_artifact
 from slimray.families.classifier.spec import InputSpec, ModuleSpec, build_model, spec_from_model
 from tests.byom.project import user_code_folder
 from tests.serving.conftest import free_port

@@ -78,7 +78,7 @@ def call(grpc_port: int, model: str, **spec) -> dict:
 
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory, digits):
-    from slimray.artifacts import ArtifactSpec, save_artifact
+    from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
     from slimray.families.classifier import build_model
 
     from tests.conftest import DIGITS_CNN
@@ -102,7 +102,7 @@ def encoder_dir(tmp_path_factory):
 
 
 def in_process_probabilities(model_dir, x: np.ndarray) -> np.ndarray:
-    from slimray.artifacts import load_runnable
+    from slimray.families.classifier.artifacts import load_runnable
     from slimray.data import normalize
 
     model, spec = load_runnable(model_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from slimray.artifacts import ArtifactSpec, load_artifact, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, load_artifact, save_artifact
 from slimray.config import DistillConfig, check_distill_space
 from slimray.families.classifier.spec import CNNSpec, MLPSpec, count_params, scale_spec
 from slimray.schema import ClusterTooSmallError, ConfigError
@@ -274,7 +274,7 @@ def test_optuna_and_asha_stop_weak_trials_and_free_their_workers(tmp_path, ray_s
 RESUME_DRIVER = """
 import sys, ray
 from slimray.runtime import init_ray
-from slimray.artifacts import load_artifact
+from slimray.families.classifier.artifacts import load_artifact
 from slimray.compress.measure import predict_logits
 from slimray.config import DistillConfig
 from slimray.data import load_digits

@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from slimray.artifacts import ArtifactSpec, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
 from slimray.sweep.search import read_trial_log
 
 from ..conftest import DIGITS_CNN

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import ray
 
-from slimray.artifacts import ArtifactSpec, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
 from slimray.config import SearchConfig
 from slimray.sweep.search import PENALTY_PER_POINT, SweepContext, objective, parse_setting, run_sweep, setting_name, trial_key
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimray.artifacts import ArtifactSpec, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
 
 from ..conftest import DIGITS_CNN
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from slimray.artifacts import ArtifactSpec, load_artifact, load_runnable, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, load_artifact, load_runnable, save_artifact
 from slimray.compress.export import check_outputs
 from slimray.compress.prune import PruneSpec, attention_heads, prune, prune_to_fraction
 from slimray.compress.quantize import QuantSpec, quantize

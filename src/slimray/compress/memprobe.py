@@ -5,7 +5,7 @@ freed, so its resident-set growth under-counts a later load. This probe starts c
 and ONNX Runtime, builds the input batch, records the resident set, then loads the artifact in its
 runtime and runs one batch; the growth of the peak resident set (Linux ``VmHWM``) is the figure.
 
-    python -m slimray.compress.memprobe ARTIFACT_DIR --loader slimray.artifacts:load_runnable --input-shape 1,8,8 \
+    python -m slimray.compress.memprobe ARTIFACT_DIR --loader slimray.families.classifier.artifacts:load_runnable --input-shape 1,8,8 \
         --batch-size 64 --num-threads 1
 
 prints one JSON line: ``{"peak_memory_bytes": N}`` (``null`` where the peak cannot be read). The family that

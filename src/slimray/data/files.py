@@ -368,7 +368,7 @@ class _TeacherLogits:
     def __init__(self, files: dict[str, bytes], input_spec: dict[str, Any]):
         import torch
 
-        from slimray.artifacts import load_artifact_bytes
+        from slimray.families.classifier.artifacts import load_artifact_bytes
 
         torch.set_num_threads(1)
         self.model = load_artifact_bytes(files)[0].eval()
@@ -387,7 +387,7 @@ def write_teacher_outputs(train, *, teacher_dir: Path, input_spec: InputSpec, ou
     ``out_dir`` (written to a temporary sibling, then renamed: a half-written folder never looks finished)."""
     import shutil
 
-    from slimray.artifacts import artifact_files
+    from slimray.families.classifier.artifacts import artifact_files
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from slimray.artifacts import write_json_atomic
+from slimray.storage import write_json_atomic
 from slimray.compress.measure import torch_threads
 from slimray.families.causal_lm.config import LMPipelineConfig
 from slimray.pipelines import Stages

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from slimray.artifacts import (
+from slimray.families.classifier.artifacts import (
     ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, load_spec, save_artifact,
 )
 from slimray.compress.prune import prune_to_fraction

@@ -31,7 +31,7 @@ def post_json(url: str, body: dict, *, key: str | None, timeout: float = 30.0, w
 
 def check_winner(path: str | Path) -> None:
     """Verify a model folder before serving it, image or text model alike (``DamagedArtifactError`` names the file)."""
-    from slimray.artifacts import FORMAT, ArtifactSpec
+    from slimray.families.classifier.artifacts import FORMAT, ArtifactSpec
     from slimray.storage import SPEC, DamagedArtifactError, verify_artifact
 
     path = Path(path)
@@ -76,7 +76,7 @@ def _key(serve_cfg: Any) -> str | None:
 def check_classifier(url: str, run_dir: Path, serve_cfg: Any) -> None:
     import torch
 
-    from slimray.artifacts import load_runnable
+    from slimray.families.classifier.artifacts import load_runnable
     from slimray.data import normalize
     from slimray.data.sample import read_test_sample
 

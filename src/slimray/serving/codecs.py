@@ -177,7 +177,7 @@ class ClassifierCodec(Codec):
 
     def __init__(self, options: Any, loader: Any = None):
         super().__init__(options)
-        from slimray.artifacts import load_runnable, load_spec
+        from slimray.families.classifier.artifacts import load_runnable, load_spec
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if loader is None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ray import tune
 
-from slimray.artifacts import load_artifact, load_spec
+from slimray.families.classifier.artifacts import load_artifact, load_spec
 from slimray.config import DistillConfig
 from slimray.families.classifier.spec import scale_spec
 from slimray.schema import ConfigError

@@ -25,7 +25,7 @@ import ray
 import torch
 from ray import tune
 
-from slimray.artifacts import write_json_atomic
+from slimray.storage import write_json_atomic
 from slimray.families.causal_lm.vllm_engine import VLLM_QUANT_METHODS
 
 

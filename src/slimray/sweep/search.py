@@ -34,7 +34,7 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from slimray.artifacts import ArtifactSpec, artifact_bytes, load_artifact, load_runnable, save_artifact
+from slimray.families.classifier.artifacts import ArtifactSpec, artifact_bytes, load_artifact, load_runnable, save_artifact
 from slimray.compress import memprobe
 from slimray.compress.export import check_outputs
 from slimray.compress.measure import latency_ms, peak_memory_bytes
@@ -192,7 +192,7 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
                 if search.space.device == "cuda":
                     peak, _ = peak_memory_bytes(lambda: _load_and_run(out, example, num_threads=search.num_threads), device="cuda")
                 else:  # in a fresh process: this one's allocator still holds what fine-tuning freed
-                    peak = memprobe.probe(out, loader="slimray.artifacts:load_runnable", input_shape=spec.input.shape,
+                    peak = memprobe.probe(out, loader="slimray.families.classifier.artifacts:load_runnable", input_shape=spec.input.shape,
                                           batch_size=search.serving_batch_size, num_threads=search.num_threads)
                 stage = "timing"
                 with hold(ctx.lock, key):

@@ -59,7 +59,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from slimray.artifacts import artifact_files, load_artifact
+from slimray.families.classifier.artifacts import artifact_files, load_artifact
 from slimray.families.base import EpochStats, TrainTask, describe_val, run_epoch
 from slimray.families.classifier.features import FeatureKDSpec, build_projection, find_layer
 from slimray.families.classifier.spec import build_model, parse_spec

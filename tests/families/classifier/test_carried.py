@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimray.artifacts import (
+from slimray.families.classifier.artifacts import (
     ArtifactSpec, artifact_files, copy_artifact, load_artifact, load_artifact_bytes, load_spec, save_artifact,
 )
 from slimray.families.classifier.spec import InputSpec, ModuleSpec, build_model, spec_from_model
@@ -69,7 +69,7 @@ def test_loads_after_the_code_folder_is_deleted_and_the_artifact_moved(tmp_path,
     files = sorted(spec.model.code)
     assert files == ([f"{module}/__init__.py", f"{module}/nets.py"] if package else [f"{module}.py"])
     # a fresh process (nothing imported, nothing on sys.path) rebuilds it from the folder alone
-    out = subprocess.run([sys.executable, "-c", "import sys; from slimray.artifacts import load_artifact; "
+    out = subprocess.run([sys.executable, "-c", "import sys; from slimray.families.classifier.artifacts import load_artifact; "
                           "m, _ = load_artifact(sys.argv[1]); print(type(m).__module__)", str(moved)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().startswith("_slimray_code_"), out.stderr[-2000:]

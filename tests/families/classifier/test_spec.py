@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimray.artifacts import ArtifactSpec
+from slimray.families.classifier.artifacts import ArtifactSpec
 from slimray.compress import PruneSpec, QuantSpec
 from slimray.families.classifier import CNNSpec, InputSpec, MLPSpec, build_model, spec_from_model
 from slimray.families.classifier.spec import count_params

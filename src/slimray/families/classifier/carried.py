@@ -202,7 +202,7 @@ def files_for(code: dict[str, str], *, search: tuple[str | Path, ...] = ()) -> d
         break
     if missing:
         raise ConfigError(f"the model's carried code ({', '.join(missing)}) is not loaded in this process: load the artifact "
-                          "that carries it first (slimray.artifacts.load_artifact)")
+                          "that carries it first (slimray.families.classifier.artifacts.load_artifact)")
     return {rel: _BLOBS[digest] for rel, digest in code.items()}
 
 

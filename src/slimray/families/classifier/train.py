@@ -102,7 +102,7 @@ class ClassifierTask(TrainTask):
         student = build_model(self.spec)
         projection = None
         if self.data.get("teacher_files") is not None:
-            from slimray.artifacts import load_artifact_bytes
+            from slimray.families.classifier.artifacts import load_artifact_bytes
 
             teacher_model = load_artifact_bytes(self.data["teacher_files"])[0]
             if self.feature:
@@ -192,7 +192,7 @@ class ClassifierTask(TrainTask):
     def save_artifact(self, path: str, student: nn.Module, metrics: dict[str, Any]) -> None:
         from pathlib import Path
 
-        from slimray.artifacts import ArtifactSpec, save_artifact
+        from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
 
         save_artifact(path, student.cpu(), ArtifactSpec(
             name=Path(path).name, model=self.spec, input=InputSpec.model_validate(self.config["input_spec"]),

@@ -15,8 +15,7 @@ private module name, so the folder serves after the user's code folder moved or 
 written). An artifact is code: load only artifacts you made (docs/artifacts.md).
 
 Writing, hashing and verifying the folder, and storing state dicts without pickle, are every family's
-(``slimray.storage``). This module is classifier code at the package's top level (layer ``families`` in
-``slimray.layers``) until the family contract moves it under ``families/classifier/``.
+(``slimray.storage``).
 """
 
 from __future__ import annotations
@@ -42,8 +41,6 @@ from slimray.schema import ConfigError, StrictModel
 from slimray.storage import (
     SPEC, WEIGHTS, DamagedArtifactError, _atomic_dir_write, decode_state, member, write_spec_with_hashes, write_state_artifact,
 )
-from slimray.storage import write_json_atomic  # noqa: F401 - still imported from here by pipelines/causal_lm.py and
-# sweep/lm_search.py (being rewritten for vLLM); they move to slimray.storage with that change
 
 FORMAT = "slimray.model/1"
 
