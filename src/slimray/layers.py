@@ -1,8 +1,8 @@
 """The layers of slimray, declared once, and the check that the source keeps to them (``tests/test_boundaries.py``).
 
-Every module of the package belongs to one layer (the longest module prefix in ``LAYERS`` wins; each prefix says why
-it is there). A layer may import its own modules and those of the layers it names in ``may_import``; ``ray`` says
-whether it may load Ray at all. The check reads the source with ``ast`` and follows every import, at module level
+Every module of the package belongs to one layer (the longest module prefix in ``LAYERS`` wins, a ``*`` standing for one
+name; each prefix says why it is there). A layer may import its own modules and those of the layers it names in
+``may_import``; ``ray`` says whether it may load Ray at all. The check reads the source with ``ast`` and follows every import, at module level
 and inside functions alike, **transitively**: if A may not use C, A importing B (allowed) that imports C is a
 violation too, reported with the chain. Importing ``a.b.c`` also runs ``a/__init__`` and ``a/b/__init__``: what
 those import counts against the importer (the package itself is passed through, not placed).
@@ -65,9 +65,9 @@ LAYERS: tuple[Layer, ...] = (
     }),
     Layer("config", "run documents: pure pydantic, checked in full before Ray starts", ("core", "families"), ray=False,
           modules={
-        "slimray.config": "the classifier's run document and the serve section every family embeds",
-        "slimray.families.causal_lm.config": "the causal_lm run document (embeds the shared serve section)",
-        "slimray.families.sentence_encoder.config": "the sentence_encoder run document (embeds the shared serve section)",
+        "slimray.config": "the classifier's run document",
+        "slimray.configbase": "the base every run document shares and the one loader of recipes and config files",
+        "slimray.families.*.config": "each family's run document (embeds the shared serve section), in its own folder",
         "slimray.sweep.space": "sweep space files and the compression search space (Ray Tune's form is built in the sweep)",
         "slimray.serving.options": "the serve schema a run document and `slimray serve` check",
         "slimray.data.files_config": "the `data: {source: files}` section",
@@ -250,6 +250,12 @@ def layer_of(module: str) -> Layer | None:
     (``slimray``) is an entry for its ``__init__`` only, not a prefix of everything."""
     best, best_len = None, -1
     for prefix, layer in _prefixes().items():
+        if "*" in prefix:  # one name segment: ``slimray.families.*.config`` is every family's config module
+            parts, pattern = module.split("."), prefix.split(".")
+            if len(parts) >= len(pattern) and all(p == "*" or p == m for p, m in zip(pattern, parts)) \
+                    and len(prefix) > best_len:
+                best, best_len = layer, len(prefix)
+            continue
         below = module.startswith(prefix + ".") and prefix != PACKAGE
         if (module == prefix or below) and len(prefix) > best_len:
             best, best_len = layer, len(prefix)

@@ -293,3 +293,41 @@ def write_distill_sweep(summary: dict[str, Any], run_dir: Path) -> None:
     tmp.write_text("\n".join(distill_sweep_md(summary)))
     tmp.replace(run_dir / "distill_sweep.md")
     write_distill_sweep_png(summary, run_dir / "distill_sweep.png")
+
+
+# --------------------------------------------------------------------------------------- one renderer for any family
+
+
+def rows_table(rows: list[dict[str, Any]], columns: list[Any], *, name_key: str = "key") -> str:
+    """A markdown table of ``rows``, one column per ``columns`` entry (objects with ``key``, ``header`` and
+    ``render(row)``: ``slimray.families.recipe.Column``). A failed row shows its error and advice instead."""
+    head = "| " + " | ".join(["model", *(c.header for c in columns)]) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for r in rows:
+        if r.get("status", "ok") != "ok":
+            why = str(r.get("error") or "")[:100] + (f"; {r['advice']}" if r.get("advice") else "")
+            lines.append(f"| {r.get(name_key)} | failed: {why} |" + " |" * (len(columns) - 1))
+            continue
+        lines.append("| " + " | ".join([str(r.get(name_key)), *(c.render(r) for c in columns)]) + " |")
+    return "\n".join(lines)
+
+
+def write_front_png(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path, *, quality_key: str,
+                    quality_label: str, speed_key: str, speed_label: str, winner: str | None, floor: float | None) -> None:
+    """Quality against speed for every finished row, the non-dominated front joined, the winner ringed and the
+    quality constraint drawn."""
+    plt = _plt()
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.scatter([r[speed_key] for r in ok], [r[quality_key] for r in ok], s=18, color="tab:gray", label="candidates")
+    pts = sorted(front, key=lambda r: r[speed_key])
+    ax.plot([r[speed_key] for r in pts], [r[quality_key] for r in pts], "-o", color="tab:blue", ms=4, label="Pareto front")
+    for r in ok:
+        if r.get("key") == winner:
+            ax.scatter([r[speed_key]], [r[quality_key]], s=120, facecolors="none", edgecolors="tab:red", label="winner")
+    if floor is not None:
+        ax.axhline(floor, ls="--", color="tab:red", lw=0.8, label="quality constraint")
+    ax.set_xlabel(speed_label)
+    ax.set_ylabel(quality_label)
+    ax.legend(fontsize=8)
+    _save_png(fig, path)

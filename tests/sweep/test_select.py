@@ -41,3 +41,27 @@ def test_non_dominated_takes_a_direction_per_goal():
             {"key": "failed", "status": "error"}]
     front = non_dominated(rows, goals={"ppl": "min", "tok_s": "max"})
     assert [r["key"] for r in front] == ["teacher", "int8", "student", "same-as-teacher"]
+
+
+def test_one_rule_for_either_direction_of_quality_and_speed():
+    from slimray.sweep.select import choose
+
+    rows = [{"key": "a", "r2": 0.95, "rps": 100.0, "size_bytes": 10}, {"key": "b", "r2": 0.80, "rps": 900.0, "size_bytes": 5},
+            {"key": "c", "r2": 0.93, "rps": 300.0, "size_bytes": 8}, {"key": "d", "status": "error"}]
+    w, ok, tied = choose(rows, quality_key="r2", higher_is_better=True, floor=0.9, speed_key="rps")
+    assert (w["key"], ok, tied) == ("c", True, [])
+    ppl = [{"key": "x", "perplexity": 20.0, "ms": 30.0}, {"key": "y", "perplexity": 25.0, "ms": 10.0}]
+    w, ok, _ = choose(ppl, quality_key="perplexity", higher_is_better=False, floor=21.0, speed_key="ms", faster="min")
+    assert (w["key"], ok) == ("x", True)
+    w, ok, _ = choose(ppl, quality_key="perplexity", higher_is_better=False, floor=15.0, speed_key="ms", faster="min")
+    assert (w["key"], ok) == ("x", False)  # nothing feasible: the best quality, said so
+
+
+def test_a_lead_inside_the_noise_is_a_tie_the_smaller_wins():
+    from slimray.sweep.select import choose
+
+    rows = [{"key": "big", "q": 1.0, "s": 103.0, "size_bytes": 100}, {"key": "small", "q": 1.0, "s": 100.0, "size_bytes": 50}]
+    rounds = {"big": [103, 101, 104, 102], "small": [100, 102, 101, 100]}
+    w, ok, tied = choose(rows, quality_key="q", higher_is_better=True, floor=0.5, speed_key="s", rounds=rounds, margin=0.03)
+    assert w["key"] == "small" and ok and [t["key"] for t in tied] == ["big"]
+

@@ -6,7 +6,9 @@ every sweep, one Serve builder (``slimray.serving.app``) serves every artifact t
 
 A family is registered here by name, with its hooks given as import paths (``"module:attribute"``), so that
 importing the registry loads neither ray nor a family's heavy dependencies (transformers). A new family is a
-folder under ``slimray/families/`` plus one ``register(Family(...))`` line below.
+folder under ``slimray/families/`` whose ``__init__`` declares its ``Family``, plus its package's name in ``DECLARED``
+below (the tabular family is built that way; the first three are registered here). A family with a ``recipe`` runs on
+the shared pipeline (``slimray.pipelines.flow``).
 
 Config documents name their family with ``family:`` (default ``classifier``); artifacts name theirs through
 their ``spec.json`` format.
@@ -39,6 +41,8 @@ class Family:
     recipes: tuple[str, ...] = ()
     export: str | None = None  # export(run_dir, fmt=, out=, trial=, **options) -> check dict with a "summary" line
     export_formats: tuple[str, ...] = ()  # what ``slimray export --format`` takes for its runs
+    recipe: str | None = None  # its hooks for the shared pipeline (slimray.families.recipe.Recipe)
+    artifact_spec: str | None = None  # the StrictModel of its artifacts' spec.json (checked before serving)
 
     def load(self, hook: str) -> Any:
         """The object a hook names, e.g. ``family.load("config")``."""
@@ -46,6 +50,22 @@ class Family:
 
 
 _REGISTRY: dict[str, Family] = {}
+
+#: families declared in their own package (its ``__init__`` defines ``FAMILY``, hooks named as strings), loaded on
+#: first use of the registry; a new family is one entry here
+DECLARED: tuple[str, ...] = (
+    "slimray.families.tabular",
+)
+_loaded = False
+
+
+def _load_declared() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for package in DECLARED:
+        register(importlib.import_module(package).FAMILY)
 
 
 def resolve(path: str) -> Any:
@@ -64,10 +84,12 @@ def register(family: Family) -> Family:
 
 
 def names() -> list[str]:
+    _load_declared()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> Family:
+    _load_declared()
     if name not in _REGISTRY:
         raise ConfigError(f"family: unknown model family {name!r}; known: {', '.join(names())}")
     return _REGISTRY[name]
@@ -85,6 +107,7 @@ def for_document(data: Any, *, source: str = "the config") -> Family:
 
 
 def for_recipe(name: str) -> Family | None:
+    _load_declared()
     return next((f for f in _REGISTRY.values() if name in f.recipes), None)
 
 
@@ -100,6 +123,7 @@ def for_artifact(model_dir: str | Path) -> Family:
             continue
     if fmt is None:
         return get("classifier")
+    _load_declared()
     kind = str(fmt).split("/")[0]  # any version of a family's format (its loader refuses one it no longer reads)
     return next((f for f in _REGISTRY.values() if f.artifact_format.split("/")[0] == kind), get("classifier"))
 
@@ -114,6 +138,7 @@ register(Family(
     serve_check="slimray.serving.checks:check_classifier",
     codec="slimray.serving.codecs:ClassifierCodec",
     artifact_format="slimray.model/1",
+    artifact_spec="slimray.families.classifier.artifacts:ArtifactSpec",
     recipes=("mnist", "digits"),
     export="slimray.exports:export_run",
     export_formats=("onnx", "torch-export"),
@@ -128,6 +153,7 @@ register(Family(
     serve_check="slimray.serving.checks:check_encoder",
     codec="slimray.serving.codecs:SentenceEncoderCodec",
     artifact_format="slimray.text-model/1",
+    artifact_spec="slimray.families.sentence_encoder.models:TextArtifactSpec",
     recipes=("minilm", "minilm-tiny"),
 ))
 

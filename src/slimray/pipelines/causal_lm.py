@@ -559,29 +559,27 @@ class CausalLMStages(Stages):
 def choose_winner(finalists: list[dict[str, Any]], *, teacher_ppl: float, ppl_budget: float, teacher_prefill: float,
                   min_prefill_speedup: float | None = None, rounds: dict[str, list[float]] | None = None,
                   tie_margin: float = 0.03) -> tuple[dict[str, Any] | None, bool]:
-    """The shared selection (``slimray.sweep.select.pick_winner``) on the finalists' side-by-side timing: the fastest
+    """The one winner rule (``slimray.sweep.select.choose``) on the finalists' side-by-side timing: the fastest
     batch-1 decode (``ms_per_token_b1``) with perplexity <= ``ppl_budget`` x the teacher's, ties to the smaller;
     with ``min_prefill_speedup`` only finalists whose ``final`` prefill tok/s reaches it count as feasible. Given the
     side-by-side ``rounds`` (decode tok/s per round, by key), a feasible finalist the fastest does not beat beyond
-    noise (``select.beats``) ties with it, and the smallest of the tied wins (``tied_with`` names the others). Rows
-    carry ``accuracy`` = -perplexity (the shared code maximises accuracy)."""
-    from slimray.sweep.select import feasible, pick_beyond_noise, pick_winner, rank_fastest
+    noise (``select.beats``) ties with it, and the smallest of the tied wins (``tied_with`` names the others)."""
+    from slimray.sweep.select import choose
 
     pool = finalists
     if min_prefill_speedup is not None:
         for r in finalists:
             r["meets_prefill"] = r["final"]["prefill_tokens_per_s"] >= min_prefill_speedup * teacher_prefill - 1e-9
         pool = [r for r in finalists if r["meets_prefill"]]
-    max_drop = (ppl_budget - 1.0) * teacher_ppl
-    winner, ok = pick_winner(pool, teacher_accuracy=-teacher_ppl, max_drop=max_drop, latency_key="ms_per_token_b1")
+    rule = dict(quality_key="perplexity", higher_is_better=False, floor=ppl_budget * teacher_ppl, speed_key="ms_per_token_b1",
+                faster="min", rounds=rounds, margin=tie_margin)
+    winner, ok, tied = choose(pool, **rule)
+    met = ok
     if winner is None or not ok:  # nothing meets every constraint: the perplexity rule alone, flagged infeasible
-        pool = finalists
-        winner, _ = pick_winner(pool, teacher_accuracy=-teacher_ppl, max_drop=max_drop, latency_key="ms_per_token_b1")
+        winner, met, tied = choose(finalists, **rule)
         ok = False
-    ranked = rank_fastest(feasible(pool, teacher_accuracy=-teacher_ppl, max_drop=max_drop), latency_key="ms_per_token_b1")
-    if rounds and ranked:  # the noise rule holds on either path: a win inside the noise is a tie, the smaller wins
-        winner, tied = pick_beyond_noise(ranked, rounds, margin=tie_margin)
-        winner["tied_with"] = [r["key"] for r in [ranked[0], *tied] if r is not winner]
+    if rounds and met:  # the noise rule held (on either path): a win inside the noise is a tie, the smaller wins
+        winner["tied_with"] = [r["key"] for r in tied]
     return winner, ok
 
 

@@ -31,7 +31,7 @@ def post_json(url: str, body: dict, *, key: str | None, timeout: float = 30.0, w
 
 def check_winner(path: str | Path) -> None:
     """Verify a model folder before serving it, image or text model alike (``DamagedArtifactError`` names the file)."""
-    from slimray.families.classifier.artifacts import FORMAT, ArtifactSpec
+    from slimray import families
     from slimray.storage import SPEC, DamagedArtifactError, verify_artifact
 
     path = Path(path)
@@ -40,14 +40,11 @@ def check_winner(path: str | Path) -> None:
         return
     verify_artifact(path)  # the spec parses as JSON and every recorded sha256 matches
     fmt = json.loads((path / SPEC).read_text()).get("format")
-    if fmt == FORMAT:
-        verify_artifact(path, ArtifactSpec)
-    else:
-        from slimray.families.sentence_encoder.models import FORMAT as TEXT_FORMAT, TextArtifactSpec
-
-        if fmt != TEXT_FORMAT:
-            raise DamagedArtifactError(path / SPEC, f"unknown format {fmt!r} (expected {FORMAT!r} or {TEXT_FORMAT!r})")
-        verify_artifact(path, TextArtifactSpec)
+    family = families.for_artifact(path)
+    if family.artifact_spec is None or family.artifact_format != fmt:
+        known = [families.get(n).artifact_format for n in families.names() if families.get(n).artifact_spec]
+        raise DamagedArtifactError(path / SPEC, f"unknown format {fmt!r} (expected one of {', '.join(map(repr, known))})")
+    verify_artifact(path, family.load("artifact_spec"))  # the family's spec schema
 
 
 def _check_lm_winner(path: Path) -> None:
@@ -158,3 +155,27 @@ def _how_to_call(url: str, model_id: str, key: str | None) -> None:
           f"-d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'")
     print(f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{'KEY' if key else 'none'}'); "
           f"print(c.completions.create(model='{model_id}', prompt='The history of', max_tokens=32).choices[0].text)\"")
+
+
+def check_with_codec(url: str, run_dir: Path, serve_cfg: Any) -> None:
+    """Any family's check, through its codec: the run's ``sample_request.json`` (held-out examples, written by the
+    shared pipeline's export stage) is sent to the native route and the answer compared with the same codec run
+    in-process on the winner folder."""
+    import numpy as np
+
+    from slimray.serving.codecs import make_codec
+    from slimray.serving.options import options_for_run
+
+    options = options_for_run(run_dir, serve_config=serve_cfg)
+    codec = make_codec(options)
+    sample = run_dir / "sample_request.json"
+    body = json.loads(sample.read_text())
+    local = codec.v1_answer(codec.forward(codec.parse_v1(body)))
+    route = f"{url}/v1/{codec.v1_verb}"
+    answer = post_json(route, body, key=_key(serve_cfg))
+    same = all(np.allclose(np.asarray(answer[k], dtype=np.float64), np.asarray(v, dtype=np.float64), rtol=1e-4, atol=1e-5)
+               for k, v in local.items())
+    first = next(iter(local))
+    print(f"served {first} {answer[first][:4]}...; in-process {local[first][:4]}...: {'same' if same else 'DIFFERENT'}")
+    print(f"\nServing {route}  (OpenAPI: {url}/docs, health: {url}/healthz)")
+    print(f"  curl -s -X POST {route} -H 'Content-Type: application/json' -d @{sample}")

@@ -6,24 +6,19 @@ A trial loads the distilled student, prunes ``ratio`` of every layer's heads and
 for every quantization (none, dynamic int8, bf16) and every inference sequence length measures quality
 on the held-out sentences (cosine to the teacher, neighbour recall, probe accuracy) and bytes on disk.
 Trials do not time anything: on a 2-core machine concurrent timings disturb each other, so the driver
-times every candidate afterwards, one at a time (``slimray.pipelines.sentence_encoder``). A trial whose result file
-already exists is not rerun.
+times every candidate afterwards, one at a time (``slimray.pipelines.sentence_encoder``). The shared trainable
+(``slimray.sweep.trials``) runs the ratios: a trial whose result file already exists is not rerun.
 """
 
 from __future__ import annotations
 
-import json
-import traceback
-import warnings
+import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
-from ray import tune
 
-from slimray.storage import write_json_atomic
 from slimray.families.sentence_encoder.compress import count_params, prune_heads_ffn
 from slimray.families.sentence_encoder.evaluate import quality
 from slimray.families.sentence_encoder.kd import KDData, finetune_kd
@@ -106,60 +101,32 @@ def _embed_at(model, tokenizer, texts: list[str], seq_len: int, full: dict[str, 
     return out
 
 
-def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    ratio = float(config["prune_ratio"])
-    out = Path(ctx["run_dir"]) / "trials" / f"{ratio_key(ratio)}.json"
-    try:
-        if out.exists():
-            rows = json.loads(out.read_text())
-        else:
-            refs = ctx["kd_refs"]
-            kd = KDData(**{k: ray.get(v) if k != "hidden" else [ray.get(h) for h in v] for k, v in refs.items()})
-            evalset = ray.get(ctx["eval_ref"])
-            rows = run_ratio(ratio, ctx, kd_data=kd, evalset=evalset)
-            write_json_atomic(out, rows)
-        best = max(r["cosine_to_teacher"] for r in rows)
-        tune.report({"done": 1, "best_cosine": best, "rows": len(rows)})
-    except Exception as err:  # a failing trial is recorded, the search goes on
-        write_json_atomic(out.with_suffix(".error.json"), {"error": repr(err), "traceback": traceback.format_exc()})
-        raise
+def _measure(key: str, shared: dict[str, Any], *, ratios: dict[str, float], ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """One prune ratio as a trial of the shared trainable (``slimray.sweep.trials``)."""
+    return run_ratio(ratios[key], ctx, kd_data=KDData(**shared["kd"]), evalset=shared["eval"])
 
 
 def run_search(*, ctx: dict[str, Any], kd_data: KDData, evalset: dict[str, Any], use_tune: bool,
                max_concurrent_trials: int = 2) -> list[dict[str, Any]]:
     """All candidates (one row per ratio x quantization x seq len); failed ratios give a row with status 'error'.
-    With ``use_tune`` each ratio is a trial of the shared Tune engine (``slimray.sweep.engine.run_tuner``: an
-    interrupted sweep resumes, finished trials are kept); without, the ratios run in the driver."""
-    ratios = ctx["search"]["prune_ratios"]
-    run_dir = Path(ctx["run_dir"])
-    if use_tune:
-        ctx = dict(ctx)
-        ctx["kd_refs"] = {"ids": ray.put(kd_data.ids), "lengths": ray.put(kd_data.lengths), "embeddings": ray.put(kd_data.embeddings),
-                          "hidden": [ray.put(h) for h in kd_data.hidden], "offsets": ray.put(kd_data.offsets)}
-        ctx["eval_ref"] = ray.put(evalset)
-        from slimray.sweep.engine import make_tune_config, run_tuner
+    With ``use_tune`` each ratio is a trial of the shared trainable (an interrupted search resumes, finished trials
+    are kept); without, the ratios run in the driver."""
+    from slimray.sweep.trials import run_trials
 
-        run_tuner(
-            tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 1}),
-            param_space={"prune_ratio": tune.grid_search(ratios)},
-            tune_config=make_tune_config(algorithm="grid", num_samples=None, max_concurrent_trials=max_concurrent_trials,
-                                         metric="best_cosine", mode="max"),
-            run_name="text-search", storage_path=str((run_dir / "ray").resolve()), resume=True,
-            describe=lambda c: ratio_key(float(c["prune_ratio"])),
-        )
+    ratios = {ratio_key(r): r for r in ctx["search"]["prune_ratios"]}
+    kd = {"ids": kd_data.ids, "lengths": kd_data.lengths, "embeddings": kd_data.embeddings, "hidden": list(kd_data.hidden),
+          "offsets": kd_data.offsets}
+    results = run_trials(
+        run_dir=ctx["run_dir"], keys=list(ratios), measure=functools.partial(_measure, ratios=ratios, ctx=ctx),
+        shared={"kd": kd, "eval": evalset}, run_name="text-search", max_concurrent_trials=max_concurrent_trials,
+        use_tune=use_tune,
+    )
     rows: list[dict[str, Any]] = []
-    for ratio in ratios:
-        f = run_dir / "trials" / f"{ratio_key(ratio)}.json"
-        if not f.exists() and not use_tune:
-            write_json_atomic(f, run_ratio(ratio, ctx, kd_data=kd_data, evalset=evalset))
-        if f.exists():
-            rows += json.loads(f.read_text())
+    for key, result in results.items():
+        if isinstance(result, dict) and result.get("status") == "error":
+            rows.append({"key": key, "prune_ratio": ratios[key], **result})
         else:
-            err = f.with_suffix(".error.json")
-            msg = json.loads(err.read_text())["error"] if err.exists() else "trial did not finish"
-            rows.append({"key": ratio_key(ratio), "status": "error", "prune_ratio": ratio, "error": msg})
+            rows += result
     return rows
 
 

@@ -8,24 +8,22 @@ and int4 in compressed-tensors, as the winner is stored), quantizes the model, t
 agreement with the teacher on the held-out evaluation windows, prefill tokens/s and batch-1 decode tokens/s in the
 candidate's runtime. Trials run ``max_concurrent_trials`` at once, so their speeds are a first pass: the driver
 re-times the finalists side by side (``slimray.pipelines.causal_lm``). A trial whose result file exists is not
-rerun; a failing trial leaves ``trials/<key>.error.json`` and the search goes on.
+rerun; a failing trial leaves ``trials/<key>.error.json`` (with a line of advice) and the search goes on: the shared
+trainable (``slimray.sweep.trials``) runs them.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
-from ray import tune
 
-from slimray.storage import write_json_atomic
 from slimray.families.causal_lm.vllm_engine import VLLM_QUANT_METHODS
 
 
@@ -113,28 +111,15 @@ def measure_candidate(*, model_dir: str, model_name: str, quant: str, runtime: s
     }
 
 
-def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    key = config["candidate"]
-    model_name, quant, runtime, sparsity = ctx["candidates"][key]
-    trials = Path(ctx["run_dir"]) / "trials"
-    out = trials / f"{key}.json"
-    try:
-        if out.exists():
-            row = json.loads(out.read_text())
-        else:
-            ev = ray.get(ctx["eval_ref"])
-            row = measure_candidate(model_dir=ctx["model_dirs"][model_name], model_name=model_name, quant=quant,
-                                    runtime=runtime, keep_float=ctx["keep_float"], windows=ev["windows"],
-                                    reference_argmax=ev["reference_argmax"], search=ctx["search"], tmp_root=trials / ".tmp",
-                                    sparsity=sparsity, sparsity_keep_dense=ctx["search"].get("sparsity_keep_dense", ["lm_head"]))
-            write_json_atomic(out, row)
-        tune.report({"perplexity": row["perplexity"], "decode_tokens_per_s_b1": row["decode_tokens_per_s_b1"]})
-    except Exception as err:  # a failing trial is recorded, the search goes on
-        write_json_atomic(out.with_suffix(".error.json"), {"error": repr(err), "advice": trial_advice(repr(err), quant=quant, runtime=runtime),
-                                                           "traceback": traceback.format_exc()})
-        raise
+def _measure(key: str, shared: dict[str, Any], *, candidates: dict[str, tuple[str, str, str, str]], model_dirs: dict[str, str],
+             search: dict[str, Any], tmp_root: str) -> dict[str, Any]:
+    """One candidate as a trial of the shared trainable (``slimray.sweep.trials``)."""
+    model_name, quant, runtime, sparsity = candidates[key]
+    ev = shared["eval"]
+    return measure_candidate(model_dir=model_dirs[model_name], model_name=model_name, quant=quant, runtime=runtime,
+                             keep_float=search["keep_float"], windows=ev["windows"], reference_argmax=ev["reference_argmax"],
+                             search=search, tmp_root=tmp_root, sparsity=sparsity,
+                             sparsity_keep_dense=search.get("sparsity_keep_dense", ["lm_head"]))
 
 
 def trial_advice(error: str, *, quant: str, runtime: str) -> str:
@@ -149,36 +134,25 @@ def trial_advice(error: str, *, quant: str, runtime: str) -> str:
 
 def run_search(*, run_dir: Path, candidates: dict[str, tuple[str, str, str, str]], model_dirs: dict[str, str],
                windows: torch.Tensor, reference_argmax: torch.Tensor, search: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every candidate (key -> (model, quantization, runtime, sparsity)) as one Tune trial; rows in ``candidates`` order, a
-    failed candidate as a row with status ``error``."""
-    from slimray.sweep.engine import make_tune_config, run_tuner
+    """Every candidate (key -> (model, quantization, runtime, sparsity)) as one trial of the shared trainable; rows in
+    ``candidates`` order, a failed candidate as a row with status ``error`` and a line of advice."""
+    from slimray.sweep.trials import run_trials
 
-    ctx = {"run_dir": str(run_dir), "candidates": candidates, "model_dirs": model_dirs, "keep_float": search["keep_float"],
-           "search": search, "eval_ref": ray.put({"windows": windows, "reference_argmax": reference_argmax})}
-    todo = [k for k in candidates if not (run_dir / "trials" / f"{k}.json").exists()]
-    if todo:
-        tune_config = make_tune_config(algorithm="grid", num_samples=None, max_concurrent_trials=search["max_concurrent_trials"],
-                                       metric="decode_tokens_per_s_b1", mode="max")
-        tune_config.reuse_actors = False  # a vLLM engine patches its process's torch threads: one trial per process
-        run_tuner(
-            tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"cpu": 1}),
-            param_space={"candidate": tune.grid_search(todo)},
-            tune_config=tune_config,
-            run_name="lm-search", storage_path=str((run_dir / "ray").resolve()), resume=True,
-            describe=lambda c: c["candidate"],
-        )
+    measure = functools.partial(_measure, candidates=candidates, model_dirs=model_dirs, search=search,
+                                tmp_root=str(run_dir / "trials" / ".tmp"))
+    advice = lambda msg, key: trial_advice(msg, quant=candidates[key][1], runtime=candidates[key][2])  # noqa: E731
+    results = run_trials(
+        run_dir=run_dir, keys=list(candidates), measure=measure, advice=advice, run_name="lm-search",
+        shared={"eval": {"windows": windows, "reference_argmax": reference_argmax}},
+        max_concurrent_trials=search["max_concurrent_trials"], metric="decode_tokens_per_s_b1",
+        reuse_actors=False,  # a vLLM engine patches its process's torch threads: one trial per process
+    )
     rows = []
-    for key, (model_name, quant, runtime, sparsity) in candidates.items():
-        f = run_dir / "trials" / f"{key}.json"
-        if f.exists():
-            rows.append(json.loads(f.read_text()))
-            continue
-        err = f.with_suffix(".error.json")
-        saved = json.loads(err.read_text()) if err.exists() else {"error": "trial did not finish"}
-        msg = saved["error"]
-        rows.append({"key": key, "status": "error", "model": model_name, "quantization": quant, "runtime": runtime,
-                     "sparsity": sparsity, "error": msg,
-                     "advice": saved.get("advice") or trial_advice(msg, quant=quant, runtime=runtime)})
+    for key, row in results.items():
+        model_name, quant, runtime, sparsity = candidates[key]
+        if row.get("status") == "error":
+            row = {"key": key, "model": model_name, "quantization": quant, "runtime": runtime, "sparsity": sparsity, **row}
+        rows.append(row)
     return rows
 
 

@@ -110,3 +110,28 @@ def ranking_stable(rounds: dict[str, list[float]], *, last: int = 2) -> bool:
         return False
     leaders = {max(rounds, key=lambda k: max(rounds[k][:i])) for i in range(n - last + 1, n + 1)}
     return len(leaders) == 1
+
+
+def choose(
+    rows: list[dict[str, Any]], *, quality_key: str, higher_is_better: bool, floor: float, speed_key: str,
+    faster: str = "max", rounds: dict[str, list[float]] | None = None, margin: float = 0.03, key: str = "key",
+) -> tuple[dict[str, Any] | None, bool, list[dict[str, Any]]]:
+    """The one winner rule: among finished rows whose quality is no worse than ``floor`` (the family's constraint),
+    the fastest by ``speed_key`` (``faster``: ``max`` for a throughput, ``min`` for a latency), ties to the smaller;
+    with side-by-side ``rounds`` (keyed by ``row[key]``, higher is faster) a lead inside the noise is a tie and the
+    smallest of the tied wins (``pick_beyond_noise``). Returns (winner, whether it meets the constraint, the other rows
+    of its tie). No feasible row: the best quality (then the fastest), ``False``."""
+    assert faster in ("max", "min"), faster
+    done = [r for r in rows if r.get("status", "ok") == "ok"]
+    sign = 1 if higher_is_better else -1
+    fast = -1 if faster == "max" else 1
+    ok = [r for r in done if sign * (r[quality_key] - floor) >= -1e-9]
+    if not ok:
+        if not done:
+            return None, False, []
+        return max(done, key=lambda r: (sign * r[quality_key], -fast * r[speed_key])), False, []
+    ranked = sorted(ok, key=lambda r: (fast * r[speed_key], r.get("size_bytes", 0)))
+    if rounds and all(r[key] in rounds for r in ranked):
+        winner, tied = pick_beyond_noise(ranked, rounds, margin=margin, key=key)
+        return winner, True, [r for r in [ranked[0], *tied] if r is not winner]
+    return ranked[0], True, []

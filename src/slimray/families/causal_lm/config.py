@@ -15,13 +15,12 @@ quantization x runtime, winner within a perplexity budget),
 from __future__ import annotations
 
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from slimray.config import ServeConfig
+from slimray.configbase import ServeConfig, load_family_config, recipe_file
 from slimray.schema import ConfigError, RunName, StrictModel
 
 SMOLLM2_DIMS = {"num_hidden_layers": 30, "num_key_value_heads": 3, "intermediate_size": 1536}  # SmolLM2-135M-Instruct (the GGUF's config)
@@ -344,37 +343,10 @@ class LMPipelineConfig(StrictModel):
 
 
 def lm_recipe_path(name: str) -> Path:
-    return Path(str(resources.files("slimray.recipes") / f"{name}.yaml"))
+    return recipe_file(name)
 
 
 def load_lm_config(*, recipe: str | None = None, config: str | Path | None = None) -> LMPipelineConfig:
     """A recipe (``smollm``, ``smollm-tiny``) or a config file; relative ``data.path`` / ``teacher.path`` in a file
     are relative to the file's folder."""
-    if (recipe is None) == (config is None):
-        raise ConfigError("give exactly one of recipe or config")
-    path = Path(config) if config is not None else lm_recipe_path(recipe)
-    if recipe is not None and not path.is_file():
-        raise ConfigError(f"unknown recipe {recipe!r}")
-    if config is None or not path.is_file():
-        return LMPipelineConfig.from_file(path)
-    import yaml
-
-    from slimray.schema import format_validation_error
-
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse {path}: {err}") from None
-    if not isinstance(raw, dict):
-        return LMPipelineConfig.from_file(path)
-    base = path.resolve().parent
-    for section in ("data", "teacher"):
-        sec = raw.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get("path"), str) and not Path(sec["path"]).is_absolute():
-            sec["path"] = str((base / sec["path"]).resolve())
-    from pydantic import ValidationError
-
-    try:
-        return LMPipelineConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source=str(path))) from None
+    return load_family_config(LMPipelineConfig, recipe=recipe, config=config, relative=(("data", "path"), ("teacher", "path")))

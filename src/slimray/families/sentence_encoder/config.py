@@ -6,13 +6,12 @@ a bad document fails with ``ConfigError`` naming the field before Ray starts.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from slimray.config import ServeConfig
+from slimray.configbase import ServeConfig, load_family_config, recipe_file
 from slimray.families.sentence_encoder.quantize import EncoderQuantMethod
 from slimray.schema import ConfigError, RunName, StrictModel
 
@@ -184,33 +183,10 @@ class TextPipelineConfig(StrictModel):
 
 
 def text_recipe_path(name: str) -> Path:
-    return Path(str(resources.files("slimray.recipes") / f"{name}.yaml"))
+    return recipe_file(name)
 
 
 def load_text_config(*, recipe: str | None = None, config: str | Path | None = None) -> TextPipelineConfig:
-    if (recipe is None) == (config is None):
-        raise ConfigError("give exactly one of recipe or config")
-    path = Path(config) if config is not None else text_recipe_path(recipe)
-    if recipe is not None and not path.is_file():
-        raise ConfigError(f"unknown recipe {recipe!r}")
-    if config is None:
-        return TextPipelineConfig.from_file(path)
-    # relative data and model paths are relative to the config file's folder
-    import yaml
-
-    from slimray.schema import format_validation_error
-
-    raw = yaml.safe_load(path.read_text()) if path.is_file() else None
-    if isinstance(raw, dict):
-        base = path.resolve().parent
-        for section, key in (("data", "path"), ("model", "path")):
-            sec = raw.get(section)
-            if isinstance(sec, dict) and isinstance(sec.get(key), str) and not Path(sec[key]).is_absolute():
-                sec[key] = str((base / sec[key]).resolve())
-        from pydantic import ValidationError
-
-        try:
-            return TextPipelineConfig.model_validate(raw)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, source=str(path))) from None
-    return TextPipelineConfig.from_file(path)
+    """A recipe (``minilm``, ``minilm-tiny``) or a config file; relative ``data.path`` / ``model.path`` in a file are
+    relative to the file's folder."""
+    return load_family_config(TextPipelineConfig, recipe=recipe, config=config, relative=(("data", "path"), ("model", "path")))

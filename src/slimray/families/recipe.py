@@ -1,0 +1,181 @@
+"""The family contract of the one shared pipeline (``slimray.pipelines.flow``): what a model family gives, as pure
+functions, so that one stage sequence, one Tune trainable, one winner rule and one report renderer run it.
+
+A family implements ``Recipe`` in its own folder and names it in its registry entry (``Family.recipe``). Every hook
+is pure torch/numpy: no Ray, no serving, no stage code. The pipeline calls them in this order:
+
+1. ``check(cfg)`` before Ray starts; ``prepare(cfg, run_dir)`` -> the family's data (arrays, tokenised text, ...), loaded once on the driver;
+2. ``teacher(cfg, data)`` -> the teacher ``nn.Module`` (loaded from the user's weights, or ``None`` when it is
+   trained first with ``teacher_job``); ``evaluate(cfg, model, data)`` -> its quality row;
+3. ``plan_students(cfg, teacher)`` -> the students to distil (a name and the spec the TrainTask builds);
+4. ``train_job(cfg, plan, distilled=)`` and ``train_data(cfg, data, teacher)``: the Ray Train job's family section
+   and the arrays its workers share (the shared loop runs the family's ``TrainTask``); each student is distilled and,
+   beside it, trained on labels only with the same budget: the search starts from whichever validates better;
+5. ``candidates(cfg)`` -> the compression candidates that apply (key -> settings); ``measure(cfg, candidate,
+   student, data)`` builds one and measures it into a row (quality keys, ``size_bytes``, ``params``, speed);
+6. ``quality``: which row key the constraint reads, its direction and the budget's field; ``speed``: the row key
+   the winner rule ranks by (higher is faster);
+7. ``time(models, data)`` re-times the finalists side by side (rounds, same process);
+8. ``save(path, model, spec)`` / ``load`` the artifact (safetensors + JSON spec) the codec serves;
+9. ``columns``: the report's columns.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The family's quality constraint: ``key`` of a row (e.g. ``r2``, ``accuracy``, ``perplexity``), whether higher is
+    better, and how the budget reads: ``drop`` (the teacher's value minus at most ``budget``, in the metric's units) or
+    ``ratio`` (at most ``budget`` times the teacher's value, for lower-is-better metrics such as perplexity)."""
+
+    key: str
+    label: str
+    higher_is_better: bool = True
+    budget: str = "drop"  # "drop" | "ratio"
+
+    def floor(self, teacher_value: float, budget: float) -> float:
+        """The worst value a feasible row may have."""
+        if self.budget == "ratio":
+            return teacher_value * budget if not self.higher_is_better else teacher_value / budget
+        return teacher_value - budget if self.higher_is_better else teacher_value + budget
+
+    def feasible(self, value: float, *, teacher_value: float, budget: float) -> bool:
+        limit = self.floor(teacher_value, budget)
+        return value >= limit - 1e-9 if self.higher_is_better else value <= limit + 1e-9
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
+
+
+@dataclass(frozen=True)
+class Column:
+    """One report column: the row key, its header and a format (``"{:.4f}"``; ``mb`` and ``x`` are special)."""
+
+    key: str
+    header: str
+    fmt: str = "{:.4g}"
+
+    def render(self, row: dict[str, Any]) -> str:
+        v = row.get(self.key)
+        if v is None:
+            return "-"
+        if self.fmt == "mb":
+            return f"{v / 1e6:.3f}"
+        if self.fmt == "x":
+            return f"{v:.2f}x"
+        if isinstance(v, str):
+            return v
+        return self.fmt.format(v)
+
+
+@dataclass(frozen=True)
+class StudentPlan:
+    """A student to distil: its name (the run folder's ``students/<name>``) and the spec its TrainTask builds."""
+
+    name: str
+    spec: dict[str, Any]
+    note: str = ""
+
+
+@dataclass
+class Measured:
+    """A model and the row that describes it (the teacher, a student, a finalist)."""
+
+    name: str
+    model: nn.Module
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+class Recipe(abc.ABC):
+    """One family's hooks for the shared pipeline (see the module docstring for the order). Subclasses set the class
+    attributes and implement the abstract methods; ``cfg`` is the family's run config."""
+
+    quality: Quality
+    speed_key: str = "examples_per_s"  # the row key the winner rule ranks by (higher is faster)
+    speed_label: str = "examples/s"
+    columns: tuple[Column, ...] = ()
+    trial_cpus: float = 1.0
+
+    # data and teacher
+    def check(self, cfg: Any) -> None:
+        """What can be checked before the run folder and Ray exist (files, columns, the user's code)."""
+
+    @abc.abstractmethod
+    def prepare(self, cfg: Any, run_dir: Path) -> Any:
+        """The family's data, loaded once on the driver (checked: a bad file fails here, naming it)."""
+
+    def teacher(self, cfg: Any, data: Any) -> nn.Module | None:
+        """The user's teacher, loaded; ``None`` when the teacher is trained first (``teacher_job``)."""
+        return None
+
+    def teacher_job(self, cfg: Any) -> tuple[StudentPlan, dict[str, Any]] | None:
+        """(plan, job fields) that train the teacher on labels on Ray Train, when ``teacher`` gives none."""
+        return None
+
+    @abc.abstractmethod
+    def evaluate(self, cfg: Any, model: nn.Module, data: Any) -> dict[str, Any]:
+        """Quality of a float model on the held-out split (the row's quality keys, ``params``)."""
+
+    # students
+    @abc.abstractmethod
+    def plan_students(self, cfg: Any, teacher: nn.Module) -> list[StudentPlan]:
+        """The students to distil from ``teacher``."""
+
+    @abc.abstractmethod
+    def train_job(self, cfg: Any, plan: StudentPlan, *, distilled: bool) -> dict[str, Any]:
+        """The Ray Train job's fields for ``plan`` (``task``, ``spec``, ``epochs``, ``lr``, ``batch_size``, ``alpha``, ...):
+        with ``distilled`` False, the same budget on labels only."""
+
+    def job_spec(self, plan: StudentPlan, data: Any) -> dict[str, Any]:
+        """The spec the TrainTask builds for ``plan`` once the data is known (e.g. the input width)."""
+        return plan.spec
+
+    @abc.abstractmethod
+    def train_data(self, cfg: Any, data: Any, teacher: nn.Module | None) -> dict[str, Any]:
+        """The arrays every Train worker shares (teacher outputs included when ``teacher`` is given)."""
+
+    # compression search
+    @abc.abstractmethod
+    def candidates(self, cfg: Any) -> dict[str, dict[str, Any]]:
+        """The compression candidates that apply: key -> settings (JSON values)."""
+
+    @abc.abstractmethod
+    def measure(self, cfg: Any, candidate: dict[str, Any], student: nn.Module, data: Any) -> tuple[nn.Module, dict[str, Any]]:
+        """Build ``candidate`` from ``student`` and measure it: (the compressed model, its row)."""
+
+    def build(self, candidate: dict[str, Any], student: nn.Module, data: Any) -> nn.Module:
+        """The compressed model alone (the finalists are rebuilt in the driver to be timed side by side)."""
+        return self.measure(None, candidate, student, data)[0]
+
+    def budget(self, cfg: Any) -> float:
+        """The quality budget the constraint allows (``quality.floor``)."""
+        return float(cfg.search.max_quality_drop)
+
+    def advice(self, error: str, candidate: dict[str, Any]) -> str:
+        """What to change when a candidate fails (one line for the console and the report)."""
+        return "leave " + ", ".join(f"{k} {v}" for k, v in candidate.items()) + " out of the search"
+
+    @abc.abstractmethod
+    def time(self, models: dict[str, nn.Module], data: Any, *, cfg: Any) -> dict[str, float]:
+        """One round of side-by-side timing: name -> speed (``speed_key``'s units), in this process."""
+
+    # artifacts
+    @abc.abstractmethod
+    def save(self, path: Path, model: nn.Module, *, candidate: dict[str, Any], cfg: Any, data: Any) -> None:
+        """Write the artifact (atomically; safetensors + JSON spec) that ``load`` and the family's codec read."""
+
+    @abc.abstractmethod
+    def load(self, path: Path) -> nn.Module:
+        """The served model from its artifact alone."""
+
+    def sample_request(self, data: Any) -> dict[str, Any]:
+        """A request body of held-out examples for the family's native route (the serve check sends it)."""
+        raise NotImplementedError

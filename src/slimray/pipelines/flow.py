@@ -1,0 +1,241 @@
+"""The shared stage sequence: any family with a ``Recipe`` (``slimray.families.recipe``) runs distil -> search ->
+serve through it, with no stage code of its own.
+
+Stages, one console line each: ``prepare`` (the family reads its data), ``evaluate_teacher`` (the user's teacher, or
+one trained on labels on Ray Train), ``derive_students`` (the family's plans), ``distil`` (each student on the one Ray
+Train loop, distilled and, with the same budget, on labels only; the search starts from whichever validates better and
+the report says what distillation gained or lost), ``search`` (every candidate x starting student as one trial of the
+one Tune trainable, ``slimray.sweep.trials``), ``finalists`` (the fastest feasible candidates and the teacher rebuilt in
+this process and timed side by side, in rounds), ``winner`` (the one rule, ``slimray.sweep.select.choose``: fastest
+under the family's quality constraint, a lead inside the noise is a tie that the smaller model wins), ``export`` (the
+winner's artifact and a sample request) and ``report`` (rows rendered with the family's columns, the Pareto front
+plotted). A rerun reuses the teacher, the students and every finished trial.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from slimray.pipelines import Stages
+from slimray.runs import log
+from slimray.storage import SPEC, write_json_atomic
+
+
+class FlowStages(Stages):
+    names = ("prepare", "evaluate_teacher", "derive_students", "distil", "search", "finalists", "winner", "export", "report")
+
+    def __init__(self, cfg: Any):
+        from slimray import families
+
+        super().__init__(cfg)
+        self.family = families.get(cfg.family)
+        self.recipe = self.family.load("recipe")()
+        self.quality = self.recipe.quality
+
+    def check(self) -> None:
+        self.recipe.check(self.cfg)
+
+    def open(self, run_dir: Path, t_start: float) -> None:
+        self.run_dir, self.t_start = run_dir, t_start
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def prepare(self) -> None:
+        self.data = self.recipe.prepare(self.cfg, self.run_dir)
+
+    def evaluate_teacher(self) -> None:
+        teacher = self.recipe.teacher(self.cfg, self.data)
+        if teacher is None:
+            path = self.run_dir / "teacher"
+            if (path / SPEC).exists():
+                teacher = self.recipe.load(path)
+                log(f"teacher: reused {path}")
+            else:
+                plan, fields = self.recipe.teacher_job(self.cfg)
+                teacher = self._train("teacher", plan, fields, self.recipe.train_data(self.cfg, self.data, None))
+                self.recipe.save(path, teacher, candidate={}, cfg=self.cfg, data=self.data)
+        self.teacher = teacher.eval()
+        self.teacher_row = {"key": "teacher", **self.recipe.evaluate(self.cfg, self.teacher, self.data)}
+        log(f"teacher: {self._q(self.teacher_row)}, {self.teacher_row.get('params', 0):,} params")
+
+    def derive_students(self) -> None:
+        self.plans = self.recipe.plan_students(self.cfg, self.teacher)
+        for p in self.plans:
+            log(f"student {p.name}: {json.dumps(p.spec)}" + (f" ({p.note})" if p.note else ""))
+
+    def distil(self) -> None:
+        d = self.cfg.distill
+        shared = self.recipe.train_data(self.cfg, self.data, self.teacher)
+        self.students: dict[str, Any] = {}
+        self.student_rows: list[dict[str, Any]] = []
+        self.bases: list[str] = []
+        for plan in self.plans:
+            rows = {}
+            for distilled in (True, False) if d.labels_only_baseline else (True,):
+                name = plan.name if distilled else f"{plan.name}-labels-only"
+                path = self.run_dir / "students" / name
+                if (path / SPEC).exists():
+                    model = self.recipe.load(path)
+                    log(f"{name}: reused {path}")
+                else:
+                    model = self._train(name, plan, self.recipe.train_job(self.cfg, plan, distilled=distilled), shared)
+                    self.recipe.save(path, model, candidate={}, cfg=self.cfg, data=self.data)
+                self.students[name] = model
+                rows[distilled] = {"key": name, "plan": plan.name, "distilled": distilled,
+                                   **self.recipe.evaluate(self.cfg, model, self.data)}
+                self.student_rows.append(rows[distilled])
+            best = rows[True]
+            if False in rows:
+                gain = rows[True][self.quality.key] - rows[False][self.quality.key]
+                rows[True]["kd_gain"] = gain if self.quality.higher_is_better else -gain
+                if self.quality.better(rows[False][self.quality.key], rows[True][self.quality.key]):
+                    best = rows[False]
+                log(f"{plan.name}: distilled {self._q(rows[True])} vs labels only {self._q(rows[False])}: distillation "
+                    f"{'gained' if rows[True]['kd_gain'] >= 0 else 'lost'} {abs(rows[True]['kd_gain']):.4g}; the search "
+                    f"starts from the {'distilled' if best is rows[True] else 'labels-only'} student")
+            best["search_base"] = True
+            self.bases.append(best["key"])
+
+    def search(self) -> None:
+        from slimray.sweep.trials import measure_with_recipe, run_trials
+
+        s = self.cfg.search
+        settings = self.recipe.candidates(self.cfg)
+        self.candidates = {f"{b}-{k}": (b, c) for b in self.bases for k, c in settings.items()}
+        log(f"search: {len(self.candidates)} candidates ({len(settings)} settings x {len(self.bases)} starting student(s))")
+        measure = functools.partial(measure_with_recipe, family=self.family.name, config_json=self.cfg.model_dump_json(),
+                                    candidates=self.candidates)
+        advice = lambda error, key: self.recipe.advice(error, self.candidates[key][1])  # noqa: E731
+        results = run_trials(
+            run_dir=self.run_dir, keys=list(self.candidates), measure=measure, advice=advice, run_name=f"{self.family.name}-search",
+            shared={"data": self.data, "students": {b: self.students[b] for b in self.bases}},
+            max_concurrent_trials=s.max_concurrent_trials, use_tune=s.use_tune, cpus_per_trial=self.recipe.trial_cpus,
+            metric=self.recipe.speed_key,
+        )
+        self.trials = [{"key": k, "student": self.candidates[k][0], **self.candidates[k][1], **r} for k, r in results.items()]
+        failed = [t for t in self.trials if t.get("status") != "ok"]
+        for t in failed:
+            log(f"trial {t['key']} failed: {str(t.get('error'))[:160]}; {t.get('advice') or ''}")
+        if len(failed) == len(self.trials):
+            from slimray.sweep.select import sweep_failure
+
+            raise sweep_failure(self.trials)
+
+    def finalists(self) -> None:
+        s = self.cfg.search
+        floor = self.quality.floor(self.teacher_row[self.quality.key], self.recipe.budget(self.cfg))
+        self.floor = floor
+        ok = [t for t in self.trials if t.get("status") == "ok"
+              and self.quality.feasible(t[self.quality.key], teacher_value=self.teacher_row[self.quality.key],
+                                        budget=self.recipe.budget(self.cfg))]
+        ranked = sorted(ok, key=lambda t: -t[self.recipe.speed_key])[: s.num_finalists]
+        if not ranked:  # nothing meets the constraint: the best quality is reported, not served silently as a winner
+            done = [t for t in self.trials if t.get("status") == "ok"]
+            sign = 1 if self.quality.higher_is_better else -1
+            ranked = [max(done, key=lambda t: sign * t[self.quality.key])]
+        models = {t["key"]: self.recipe.build(self.candidates[t["key"]][1], self.students[t["student"]], self.data) for t in ranked}
+        models["teacher"] = self.teacher
+        rounds: dict[str, list[float]] = {k: [] for k in models}
+        order = list(models)
+        rng = random.Random(0)
+        for _ in range(s.num_rounds):
+            rng.shuffle(order)  # no model always timed first (or last) in a round
+            speeds = self.recipe.time({k: models[k] for k in order}, self.data, cfg=self.cfg)
+            for k, v in speeds.items():
+                rounds[k].append(v)
+        self.rounds, self.finalist_models = rounds, models
+        from slimray.sweep.select import rounds_summary
+
+        teacher_speed = rounds_summary(rounds["teacher"])["median"]
+        self.teacher_row[self.recipe.speed_key] = teacher_speed
+        self.teacher_row["speedup"] = 1.0
+        self.finalist_rows = []
+        for t in ranked:
+            summary = rounds_summary(rounds[t["key"]])
+            self.finalist_rows.append({**t, self.recipe.speed_key: summary["median"], "speedup": summary["median"] / teacher_speed,
+                                       "rounds_spread": summary["spread"]})
+        for r in self.finalist_rows:
+            log(f"finalist {r['key']}: {self._q(r)}, {r[self.recipe.speed_key]:.4g} {self.recipe.speed_label} "
+                f"({r['speedup']:.2f}x the teacher, side by side, median of {s.num_rounds} rounds)")
+
+    def winner(self) -> None:
+        from slimray.sweep.select import choose
+
+        s = self.cfg.search
+        w, ok, tied = choose(self.finalist_rows, quality_key=self.quality.key, higher_is_better=self.quality.higher_is_better,
+                             floor=self.floor, speed_key=self.recipe.speed_key, rounds=self.rounds, margin=s.noise_margin)
+        assert w is not None
+        self.winner_row, self.feasible, self.tied = w, ok, [t["key"] for t in tied]
+        if ok:
+            log(f"winner {w['key']}: {self._q(w)} (constraint: {self.quality.label} no worse than {self.floor:.4g}), "
+                f"{w['speedup']:.2f}x the teacher" + (f"; tied within the noise with {', '.join(self.tied)}" if self.tied else ""))
+        else:
+            log(f"no candidate meets the constraint ({self.quality.label} no worse than {self.floor:.4g}); the best one is "
+                f"{w['key']} ({self._q(w)}): raise search.max_quality_drop or distil longer")
+
+    def export(self) -> None:
+        key = self.winner_row["key"]
+        self.recipe.save(self.run_dir / "winner", self.finalist_models[key], candidate=self.candidates[key][1], cfg=self.cfg,
+                         data=self.data)
+        try:
+            write_json_atomic(self.run_dir / "sample_request.json", self.recipe.sample_request(self.data))
+        except NotImplementedError:
+            pass
+        log(f"winner artifact: {self.run_dir / 'winner'}")
+
+    def report(self) -> dict[str, Any]:
+        import time
+
+        from slimray.report import rows_table, write_front_png
+        from slimray.sweep.select import non_dominated
+
+        q, speed = self.quality.key, self.recipe.speed_key
+        front = non_dominated(self.trials, goals={q: "max" if self.quality.higher_is_better else "min", speed: "max"})
+        report = {
+            "family": self.family.name, "name": self.cfg.name, "quality": {"key": q, "label": self.quality.label,
+            "higher_is_better": self.quality.higher_is_better, "floor": self.floor, "budget": self.recipe.budget(self.cfg)},
+            "speed": {"key": speed, "label": self.recipe.speed_label},
+            "teacher": self.teacher_row, "students": self.student_rows, "search_bases": self.bases,
+            "trials": self.trials, "finalists": self.finalist_rows, "rounds": self.rounds,
+            "winner": {**self.winner_row, "meets_constraint": self.feasible, "tied_with": self.tied},
+            "pareto_front": [t["key"] for t in front], "seconds": time.perf_counter() - self.t_start,
+        }
+        write_json_atomic(self.run_dir / "report.json", report)
+        cols = list(self.recipe.columns)
+        kd = [r for r in self.student_rows if "kd_gain" in r]
+        md = [f"# {self.cfg.name}: {self.family.name}", "",
+              f"Winner **{self.winner_row['key']}**: {self._q(self.winner_row)}, {self.winner_row['speedup']:.2f}x the teacher's "
+              f"{self.recipe.speed_label} (side by side), constraint {self.quality.label} no worse than {self.floor:.4g}"
+              + ("" if self.feasible else " **not met by any candidate**") + ".", "",
+              "## Teacher and students", "", rows_table([self.teacher_row, *self.student_rows], cols), ""]
+        md += [f"- {r['plan']}: distillation {'gained' if r['kd_gain'] >= 0 else 'lost'} {abs(r['kd_gain']):.4g} "
+               f"{self.quality.label} against the same student on labels only" for r in kd]
+        md += ["", f"Search started from: {', '.join(self.bases)}.", "", "## Finalists (timed side by side)", "",
+               rows_table([self.teacher_row, *self.finalist_rows], cols), "", "## Every trial", "", rows_table(self.trials, cols),
+               "", f"Pareto front ({self.quality.label} vs {self.recipe.speed_label}): {', '.join(report['pareto_front'])}", "",
+               "![front](pareto.png)", ""]
+        (self.run_dir / "report.md").write_text("\n".join(md))
+        write_front_png(self.trials, front, self.run_dir / "pareto.png", quality_key=q, quality_label=self.quality.label,
+                        speed_key=speed, speed_label=self.recipe.speed_label, winner=self.winner_row["key"], floor=self.floor)
+        log(f"report: {self.run_dir / 'report.md'}")
+        print("\n" + rows_table([self.teacher_row, *self.finalist_rows], cols), flush=True)
+        return report
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _q(self, row: dict[str, Any]) -> str:
+        return f"{self.quality.label} {row[self.quality.key]:.4f}"
+
+    def _train(self, label: str, plan: Any, fields: dict[str, Any], shared: dict[str, Any]) -> Any:
+        """One Ray Train run of the family's TrainTask (checkpoints under RUN/ray/<label>: a rerun resumes)."""
+        from slimray.training.distill import TrainJob, run_training
+
+        d = self.cfg.distill
+        job = TrainJob(label=label, run_name=f"train-{label}", storage_path=str((self.run_dir / "ray").resolve()),
+                       family=self.family.name, spec=self.recipe.job_spec(plan, self.data),
+                       batch_size=d.batch_size, num_workers=d.num_workers, seed=d.seed,
+                       metrics_path=str(self.run_dir / "logs" / f"{label}_metrics.jsonl"), **fields)
+        model, metrics = run_training(job, shared)
+        return model
