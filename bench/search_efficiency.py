@@ -33,7 +33,7 @@ from slimray.storage import write_json_atomic
 from slimray.compress.measure import accuracy, compare_latency
 from slimray.config import load_config
 from slimray.sweep.search import SweepContext, run_sweep
-from slimray.sweep.select import pick_winner
+from slimray.sweep.select import choose
 
 
 def _search(run: pipeline.Run, d: pipeline.Distilled, name: str, search: dict[str, Any], *, floor: float, concurrent: int) -> dict[str, Any]:
@@ -48,8 +48,8 @@ def _search(run: pipeline.Run, d: pipeline.Distilled, name: str, search: dict[st
     trials = run_sweep(ctx, run_name=f"bench-{name}", storage_path=str(folder / "ray"), max_concurrent_trials=concurrent, resume=True)
     wall = time.perf_counter() - t0
     b = search["serving_batch_size"]
-    winner, ok = pick_winner(trials, teacher_accuracy=floor + search["max_accuracy_drop"], max_drop=search["max_accuracy_drop"],
-                             latency_key=f"latency_ms_b{b}")
+    winner, ok, _ = choose(trials, quality_key="accuracy", higher_is_better=True, floor=floor, speed_key=f"latency_ms_b{b}",
+                           faster="min")
     return {
         "search": name, "algorithm": search["algorithm"], "scheduler": search["scheduler"], "num_trials": len(trials),
         "num_stopped_early": sum(bool(t.get("stopped_early")) for t in trials),

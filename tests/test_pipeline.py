@@ -27,6 +27,12 @@ def test_report_contract(digits_run):
             assert isinstance(r[field], (int, float)) and r[field] > 0, (role, field)
         assert set(r["latency_ms"]) == {"batch_1", "batch_64"} and all(v > 0 for v in r["latency_ms"].values())
     assert 0 < report["student"]["accuracy_without_distillation"] <= 100
+    # KD is not taken on trust: the search starts from the student that validates better, and the report says so
+    base = report["search_base"]
+    better = "student_labels_only" if base["val_accuracy_labels_only"] > base["val_accuracy_distilled"] else "student"
+    assert base["student"] == better and base["kd_gain_points"] == pytest.approx(
+        base["val_accuracy_distilled"] - base["val_accuracy_labels_only"])
+    assert "the search started from the" in (digits_run[0] / "report.md").read_text()
     assert report["winner"]["prune_ratio"] in (0.0, 0.5)
     assert report["winner"]["quantization"] in ("none", "static_int8")
     # 2 ratios x (none, static_int8) x (torch, onnxruntime)

@@ -152,6 +152,15 @@ def write_report(report: dict[str, Any], run_dir: Path) -> None:
         f"{report['timing']['num_threads']} thread(s)).",
         "",
     ]
+    base = report.get("search_base") or {}
+    if "kd_gain_points" in base:
+        gain = base["kd_gain_points"]
+        lines += [
+            f"Distillation {'gained' if gain >= 0 else 'lost'} {abs(gain):.2f} points of validation accuracy against the same "
+            f"student trained on labels only ({base['val_accuracy_distilled']:.2f}% vs {base['val_accuracy_labels_only']:.2f}%); "
+            f"the search started from the {'labels-only' if base['student'] == 'student_labels_only' else 'distilled'} student.",
+            "",
+        ]
     same = report.get("speedup_vs_teacher_same_runtime")
     if same:
         lines += [

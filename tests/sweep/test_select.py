@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slimray.sweep.select import feasible, pareto_front, pick_winner
+from slimray.sweep.select import choose, feasible, pareto_front
 
 
 def t(key, acc, lat, size=100, status="ok"):
@@ -13,12 +13,12 @@ TRIALS = [t("a", 99.0, 10.0), t("b", 98.8, 5.0), t("c", 98.0, 1.0), t("d", 98.9,
 
 
 def test_fastest_feasible_wins_and_ties_go_to_smaller():
-    w, ok = pick_winner(TRIALS, teacher_accuracy=99.1, max_drop=0.5, latency_key="lat")
+    w, ok, _ = choose(TRIALS, quality_key="accuracy", higher_is_better=True, floor=98.6, speed_key="lat", faster="min")
     assert ok and w["key"] == "d"  # b and d tie on latency; d is smaller
 
 
 def test_infeasible_falls_back_to_most_accurate():
-    w, ok = pick_winner(TRIALS, teacher_accuracy=100.0, max_drop=0.5, latency_key="lat")
+    w, ok, _ = choose(TRIALS, quality_key="accuracy", higher_is_better=True, floor=99.5, speed_key="lat", faster="min")
     assert not ok and w["key"] == "a"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from slimray.schema import ConfigError
 from slimray.storage import reusable
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
 from slimray.sweep.explain import most_failed
-from slimray.sweep.select import feasible, pareto_front, pick_winner, rank_fastest, sweep_failure
+from slimray.sweep.select import choose, feasible, pareto_front, rank_fastest, sweep_failure
 from slimray.training.distill import TrainData, TrainJob, check_teacher_layer, run_training
 
 
@@ -339,14 +340,29 @@ class ClassifierStages(Stages):
     def distil(self) -> None:
         cfg, run = self.cfg, self.run
         self.d = distill_stage(run)
-        self.base_dir, self.summary = run.run_dir / "student", None
+        self.base_dir, self.summary, self.search_base = run.run_dir / "student", None, None
         if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:
             self.summary = distill_sweep_stage(run, self.d)
             self.d.default_student, self.d.student = self.d.student, load_artifact(run.run_dir / BEST_STUDENT)[0]
             self.base_dir = run.run_dir / BEST_STUDENT
+        elif self.d.baseline is not None:
+            self.search_base = search_base(run, self.d)
+            if self.search_base["student"] == "student_labels_only":
+                self.base_dir = run.run_dir / "student_labels_only"
 
     def search(self) -> dict[str, Any]:
-        return sweep_stage(self.run, self.d, base_dir=self.base_dir, distill_sweep=self.summary)
+        return sweep_stage(self.run, self.d, base_dir=self.base_dir, distill_sweep=self.summary, search_base=self.search_base)
+
+
+def search_base(run: Run, d: Distilled) -> dict[str, Any]:
+    """KD is not taken on trust: the search starts from whichever student validates better, the distilled one or the
+    one trained on labels only with the same budget (a tie keeps the distilled one)."""
+    x, y = run.split["val"]
+    kd, labels = accuracy(d.student, x, y), accuracy(d.baseline, x, y)
+    student = "student_labels_only" if labels > kd else "student"
+    log(f"search base: distilled student {kd:.2f}% vs labels only {labels:.2f}% on validation: the search starts from the "
+        f"{'labels-only' if labels > kd else 'distilled'} student")
+    return {"student": student, "val_accuracy_distilled": kd, "val_accuracy_labels_only": labels, "kd_gain_points": kd - labels}
 
 
 BEST_STUDENT = "student_best"
@@ -448,13 +464,15 @@ def _teacher_in_runtime(teacher: torch.nn.Module, runtime: str, example: torch.T
 
 
 def sweep_stage(
-    run: Run, d: Distilled, *, base_dir: Path, resume: bool = True, distill_sweep: dict[str, Any] | None = None
+    run: Run, d: Distilled, *, base_dir: Path, resume: bool = True, distill_sweep: dict[str, Any] | None = None,
+    search_base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compress the model in ``base_dir`` (the student, or any artifact), pick the winner, write the report."""
     cfg, run_dir, t_start = run.cfg, run.run_dir, run.t_start
     (x_va, y_va), (x_te, y_te) = run.split["val"], run.split["test"]
     refs, logits_ref, teacher, baseline = run.refs, d.logits_ref, d.teacher, d.baseline
     student = d.student if d.student is not None else load_artifact(base_dir)[0]
+    student_dir = run_dir / "student" if search_base and search_base["student"] == "student_labels_only" else base_dir
     s = cfg.search
     b = s.serving_batch_size
     lat_key = f"latency_ms_b{b}"
@@ -502,8 +520,8 @@ def sweep_stage(
     # one entry per key (random search may draw a point twice)
     ok = list({t["key"]: t for t in rank_fastest(ok, latency_key=lat_key)[::-1]}.values())[::-1]
     finalists = rank_fastest(ok, latency_key=lat_key)[: s.num_finalists] if ok else []
-    if not finalists:
-        w, _ = pick_winner(trials, teacher_accuracy=teacher_ref, max_drop=drop, latency_key=lat_key)
+    if not finalists:  # nothing within the budget: the most accurate trial, reported as such
+        w, _, _ = choose(trials, quality_key="accuracy", higher_is_better=True, floor=floor, speed_key=lat_key, faster="min")
         if w is None:
             raise sweep_failure(trials)
         finalists = [w]
@@ -529,7 +547,10 @@ def sweep_stage(
     timed = compare_latency(models, x_te[:b], batch_sizes=batch_sizes, num_threads=s.num_threads)
     for t in finalists:
         t["retimed"] = timed[t["key"]]
-    winner = min(finalists, key=lambda t: (t["retimed"][b], t["size_bytes"], -t["accuracy"]))
+    pick, _, _ = choose([{"key": t["key"], "accuracy": t["accuracy"], "ms": t["retimed"][b], "size_bytes": t["size_bytes"]}
+                         for t in finalists], quality_key="accuracy", higher_is_better=True, floor=-math.inf, speed_key="ms",
+                        faster="min")  # the finalists are the feasible ones (or the one most accurate): fastest re-timed
+    winner = next(t for t in finalists if t["key"] == pick["key"])
     constraint_met = winner in ok
     w_runtime = winner.get("runtime", "torch")
 
@@ -550,7 +571,7 @@ def sweep_stage(
     winner_model = models[winner["key"]]  # scored in the runtime that serves it
 
     t_entry = entry("teacher", teacher, run_dir / "teacher") | {"params": count_params(teacher), "runtime": "torch"}
-    s_entry = entry("student", student, base_dir) | {"params": count_params(student), "source": str(base_dir)}
+    s_entry = entry("student", student, student_dir) | {"params": count_params(student), "source": str(student_dir)}
     if baseline is not None:
         s_entry["accuracy_without_distillation"] = accuracy(baseline, x_te, y_te)
         s_entry["labels_only"] = entry("student_labels_only", baseline, run_dir / "student_labels_only") | {"params": count_params(baseline)}
@@ -581,6 +602,7 @@ def sweep_stage(
         "constraint_met": constraint_met,
         "teacher": t_entry,
         "student": s_entry,
+        "search_base": search_base or {"student": base_dir.name},
         "winner": w_entry,
         "speedup_vs_teacher": {f"batch_{k}": timed["teacher"][k] / timed[winner["key"]][k] for k in batch_sizes},
         "speedup_vs_teacher_same_runtime": {

@@ -27,7 +27,7 @@ from slimray.storage import reusable, write_json_atomic
 from slimray.schema import ConfigError
 from slimray.pipelines import Stages
 from slimray.runs import log
-from slimray.sweep.select import pareto_front, pick_winner
+from slimray.sweep.select import choose, pareto_front
 from slimray.families.sentence_encoder.compress import bf16_slow_reason, count_params, cpu_has_native_bf16, sentences_per_s, timing_batches
 from slimray.families.sentence_encoder.config import TextPipelineConfig
 from slimray.families.sentence_encoder.data import split_by_article, split_jsonl, topic_names
@@ -320,9 +320,9 @@ class EncoderStages(Stages):
         for r in finalists:
             r["sentences_per_s"] = speeds[r["key"]]
             r["ms_per_sentence_b32"] = 1000.0 / speeds[r["key"]][big]
-        winner, feasible = pick_winner(
-            [r for r in finalists if r["meets_cosine"]] or finalists, teacher_accuracy=teacher_q["probe_accuracy"],
-            max_drop=teacher_q["probe_accuracy"] - probe_floor, latency_key="ms_per_sentence_b32",
+        winner, feasible, _ = choose(
+            [r for r in finalists if r["meets_cosine"]] or finalists, quality_key="probe_accuracy", higher_is_better=True,
+            floor=probe_floor, speed_key="ms_per_sentence_b32", faster="min",
         )
         feasible = feasible and bool(winner and winner["meets_cosine"])
         if winner is None:

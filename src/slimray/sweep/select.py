@@ -1,4 +1,5 @@
-"""Choosing from trials: the accuracy-constrained winner and the Pareto front (pure python)."""
+"""Choosing from trials (pure python): ``choose``, the one winner rule every family uses (fastest under the family's
+quality constraint, a lead inside the noise a tie the smaller wins), the Pareto front, failure summaries."""
 
 from __future__ import annotations
 
@@ -14,19 +15,6 @@ def feasible(trials: list[dict[str, Any]], *, teacher_accuracy: float, max_drop:
 def rank_fastest(trials: list[dict[str, Any]], *, latency_key: str) -> list[dict[str, Any]]:
     """Fastest first; ties (equal latency) go to the smaller model, then the more accurate."""
     return sorted(trials, key=lambda t: (t[latency_key], t["size_bytes"], -t["accuracy"]))
-
-
-def pick_winner(
-    trials: list[dict[str, Any]], *, teacher_accuracy: float, max_drop: float, latency_key: str
-) -> tuple[dict[str, Any] | None, bool]:
-    """The fastest feasible trial; if none is feasible, the most accurate trial and ``False``."""
-    ok = feasible(trials, teacher_accuracy=teacher_accuracy, max_drop=max_drop)
-    if ok:
-        return rank_fastest(ok, latency_key=latency_key)[0], True
-    done = [t for t in trials if t.get("status") == "ok"]
-    if not done:
-        return None, False
-    return max(done, key=lambda t: (t["accuracy"], -t[latency_key])), False
 
 
 def non_dominated(trials: list[dict[str, Any]], *, goals: dict[str, str]) -> list[dict[str, Any]]:
