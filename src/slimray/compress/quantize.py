@@ -72,7 +72,12 @@ def quantizer(method: str, family: str = "classifier") -> Quantizer:
         raise ValueError(f"unknown quantization {method!r} for {family} models; known: {', '.join(quant_methods(family))}") from None
 
 
+#: former names, read as the method they name now (a config or an artifact written with them still loads)
+ALIASES = {"fp8": "fp8_dynamic"}
+
+
 def check_method(method: str, family: str = "classifier") -> str:
+    method = ALIASES.get(method, method)
     quantizer(method, family)
     return method
 
@@ -126,23 +131,40 @@ def _fp16(model: nn.Module, spec: QuantSpec, calibration: Any) -> nn.Module:
     return HalfModel(model, torch.float16)
 
 
-def _torchao_config(method: str):
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+TORCHAO_INT4_GROUP_SIZE = 128
 
-    if method == "fp8":
-        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
-            raise ValueError("fp8 needs a CUDA GPU with compute capability 8.9 or newer")
-        return Float8DynamicActivationFloat8WeightConfig()
-    return Int8WeightOnlyConfig() if method == "torchao_int8_weight_only" else Int8DynamicActivationInt8WeightConfig()
+
+def torchao_config(method: str):
+    """The torchao config object of a method name, one place for every family (``quantize_(model, config)``):
+    ``torchao_int8_weight_only``, ``torchao_int8_dynamic``, and the GPU-only ``fp8_weight_only``, ``fp8_dynamic``
+    (per-row scales: per-token activations, per-channel weights; compute capability >= 8.9) and
+    ``torchao_int4_weight_only`` (the tinygemm CUDA kernel's tile-packed format)."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow)
+
+    table = {
+        "torchao_int8_weight_only": Int8WeightOnlyConfig,
+        "torchao_int8_dynamic": Int8DynamicActivationInt8WeightConfig,
+        "fp8_weight_only": Float8WeightOnlyConfig,
+        "fp8_dynamic": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        "torchao_int4_weight_only": lambda: Int4WeightOnlyConfig(group_size=TORCHAO_INT4_GROUP_SIZE,
+                                                                 int4_packing_format="tile_packed_to_4d"),
+    }
+    if method not in table:
+        raise ValueError(f"{method!r} has no torchao config; one of {sorted(table)}")
+    return table[method]()
 
 
 @register_quantizer("torchao_int8_dynamic", at_load=True)
 @register_quantizer("torchao_int8_weight_only", at_load=True)
-@register_quantizer("fp8", at_load=True)
+@register_quantizer("fp8_dynamic", at_load=True)
 def _torchao(model: nn.Module, spec: QuantSpec, calibration: Any) -> nn.Module:
     from torchao.quantization import quantize_
 
-    quantize_(model, _torchao_config(spec.method))
+    if spec.method.startswith("fp8") and (not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9)):
+        raise ValueError("fp8 needs a CUDA GPU with compute capability 8.9 or newer")
+    quantize_(model, torchao_config(spec.method))
     return model
 
 

@@ -37,15 +37,15 @@ ONNX_FILE = "model.onnx"
 # quantization methods each device's kernels can run (eager torch)
 DEVICE_METHODS: dict[str, set[str]] = {
     "cpu": {"none", "dynamic_int8", "static_int8", "bf16", "torchao_int8_dynamic"},
-    "cuda": {"none", "fp16", "bf16", "torchao_int8_weight_only", "fp8"},
+    "cuda": {"none", "fp16", "bf16", "torchao_int8_weight_only", "fp8_dynamic"},
 }
 # quantization methods each runtime can apply, per device
 RUNTIME_METHODS: dict[tuple[str, str], set[str]] = {
     ("cpu", "torch"): {"none", "dynamic_int8", "static_int8", "bf16"},
     ("cpu", "torch_compile"): {"none", "bf16", "torchao_int8_dynamic"},
     ("cpu", "onnxruntime"): {"none", "static_int8"},
-    ("cuda", "torch"): {"none", "fp16", "bf16", "torchao_int8_weight_only", "fp8"},
-    ("cuda", "torch_compile"): {"none", "fp16", "bf16", "torchao_int8_weight_only", "fp8"},
+    ("cuda", "torch"): {"none", "fp16", "bf16", "torchao_int8_weight_only", "fp8_dynamic"},
+    ("cuda", "torch_compile"): {"none", "fp16", "bf16", "torchao_int8_weight_only", "fp8_dynamic"},
     ("cuda", "onnxruntime"): {"none"},
 }
 

@@ -21,13 +21,14 @@ from typing import Literal
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from slimray.configbase import ServeConfig, load_family_config, recipe_file
+from slimray.families.causal_lm.quantize import GPU_QUANT_METHODS, QuantMethod
 from slimray.schema import ConfigError, RunName, StrictModel
 
 SMOLLM2_DIMS = {"num_hidden_layers": 30, "num_key_value_heads": 3, "intermediate_size": 1536}  # SmolLM2-135M-Instruct (the GGUF's config)
 
-LMQuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
-                        "torchao_int8_dynamic", "fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only"]
-GPU_ONLY_QUANT_METHODS = ("fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only")  # == quantize.GPU_QUANT_METHODS
+# the quantizations are declared once, with their code (families/causal_lm/quantize.py): no list copied by hand
+LMQuantMethod = QuantMethod
+GPU_ONLY_QUANT_METHODS = GPU_QUANT_METHODS
 # quantizations that keep a sparse weight's zeros (symmetric int8 maps 0 to 0; bf16 is exact on 0); int4 groups are
 # asymmetric (0 becomes a non-zero grid point) and torchao stores its own tensor subclasses
 SPARSE_QUANT_METHODS = ("none", "bf16", "token_int8", "dynamic_int8")

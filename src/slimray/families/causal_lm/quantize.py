@@ -60,7 +60,6 @@ QuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "int4_weight
 GPU_QUANT_METHODS: tuple[str, ...] = ("fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only")
 QUANT_METHODS: tuple[str, ...] = ("none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
                                   "torchao_int8_dynamic", *GPU_QUANT_METHODS)
-TORCHAO_INT4_GROUP_SIZE = 128
 INT4_GROUP_SIZE = 32
 
 
@@ -240,17 +239,12 @@ def replace_modules(model: nn.Module, names: Sequence[str], make) -> None:
 
 
 def gpu_quant_config(method: str):
-    """The torchao config object of a GPU-only ``method`` (see the module doc)."""
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, Int4WeightOnlyConfig, PerRow)
+    """The torchao config object of a GPU-only ``method`` (the shared table: ``slimray.compress.quantize.torchao_config``)."""
+    from slimray.compress.quantize import torchao_config
 
-    if method == "fp8_weight_only":
-        return Float8WeightOnlyConfig()
-    if method == "fp8_dynamic":
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    if method == "torchao_int4_weight_only":
-        return Int4WeightOnlyConfig(group_size=TORCHAO_INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d")
-    raise ValueError(f"{method!r} is not one of the GPU-only methods {GPU_QUANT_METHODS}")
+    if method not in GPU_QUANT_METHODS:
+        raise ValueError(f"{method!r} is not one of the GPU-only methods {GPU_QUANT_METHODS}")
+    return torchao_config(method)
 
 
 def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[str] = (),
