@@ -45,7 +45,7 @@ test: install
 
 # the multi-minute tests `make test` leaves out: multi-node training placement, 1 vs 2 workers, FSDP, Optuna + ASHA
 # (compression and distillation sweeps), sweep resume (both kinds), SIGTERM mid-sweep + CLI resume, the 30-epoch worker-kill test,
-# the user MLP on Parquet and the user residual CNN on PNGs end to end, a job submitted to the local multi-node cluster then served,
+# the user MLP on Parquet (code in a folder of its own, moved before serving) and the user residual CNN on PNGs end to end, a job submitted to the local multi-node cluster then served,
 # a killed driver resuming, a lost worker in a distillation sweep, the smollm-tiny recipe end to end (Train, Tune, report, Serve),
 # `slimray serve` of int4 / sparse LM and encoder winners, int8 / int4 SmolLM2 winner folders loaded by vLLM, the smollm-tiny
 # recipe with the vLLM runtime served through Ray Serve LLM,

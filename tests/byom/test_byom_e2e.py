@@ -119,17 +119,32 @@ def test_residual_cnn_on_an_image_folder_is_derived_distilled_searched_and_serve
 
 
 @pytest.mark.long
-def test_mlp_on_parquet_runs_end_to_end(tmp_path):
-    cfg = project.mlp_project(tmp_path)
+def test_mlp_on_parquet_runs_end_to_end_and_serves_after_its_code_folder_moves(tmp_path):
+    """`slimray run` on the user's MLP (Parquet data) whose code lives in a folder of its own: every stage's artifact
+    carries the code (no absolute path); the folder is then moved away and `slimray serve` still serves the winner
+    like in-process; after the folder is deleted the winner still loads."""
+    import shutil
+
+    code = project.user_code_folder(tmp_path / "code", module="user_models")
+    cfg = project.mlp_project(tmp_path / "proj", code_dir=code)
     out = _cli(["run", "--config", str(cfg), "--no-serve", "--out", str(tmp_path / "runs")], cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "user-mlp"
     _check_run(run_dir, factory="user_models:mlp")
+    for stage in ("teacher", "student", "winner"):
+        spec = load_spec(run_dir / stage)
+        assert list(spec.model.code) == ["user_models.py"] and spec.model.code_dir is None, stage
+        assert str(tmp_path) not in (run_dir / stage / "spec.json").read_text(), stage
     x, y = read_test_sample(run_dir)
     model, spec = load_runnable(run_dir / "winner")
     with torch.inference_mode():
         acc = (model(normalize(torch.from_numpy(x), spec.input)).argmax(1).numpy() == y).mean()
     assert acc > 0.85
+    code.rename(tmp_path / "code-moved")
+    _served_like_in_process(run_dir, cwd=tmp_path)
+    shutil.rmtree(tmp_path / "code-moved")
+    model, _ = load_runnable(run_dir / "winner")
+    assert type(model).__module__.startswith("_slimray_code_")
 
 
 @pytest.mark.long
@@ -174,26 +189,3 @@ def test_user_vit_with_the_starter_config_runs_every_trial_and_is_served(tmp_pat
     assert all(t["runtime_check"]["class_agreement"] >= 95.0 for t in trials if t["runtime"] == "onnxruntime" and t["quantization"] == "none")
     assert report["constraint_met"], "no trial within the starter config's accuracy budget"
     _served_like_in_process(run_dir, cwd=tmp_path)
-
-
-@pytest.mark.long
-def test_user_module_run_serves_after_its_code_folder_moves(tmp_path):
-    """`slimray run` on the user's MLP whose code lives in a folder of its own; the folder is then moved away and
-    `slimray serve` still serves the winner (its artifact carries the code); after the folder is deleted the winner
-    still loads."""
-    import shutil
-
-    code = project.user_code_folder(tmp_path / "code", module="user_models")
-    cfg = project.mlp_project(tmp_path / "proj", name="user-moved", code_dir=code, epochs=3)
-    out = _cli(["run", "--config", str(cfg), "--no-serve", "--out", str(tmp_path / "runs")], cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "user-moved"
-    for stage in ("teacher", "student", "winner"):
-        spec = load_spec(run_dir / stage)
-        assert list(spec.model.code) == ["user_models.py"] and spec.model.code_dir is None, stage
-        assert str(tmp_path) not in (run_dir / stage / "spec.json").read_text(), stage
-    code.rename(tmp_path / "code-moved")
-    _served_like_in_process(run_dir, cwd=tmp_path)
-    shutil.rmtree(tmp_path / "code-moved")
-    model, _ = load_runnable(run_dir / "winner")
-    assert type(model).__module__.startswith("_slimray_code_")

@@ -176,6 +176,7 @@ def test_a_builtin_dataset_streams_through_ray_data_like_files(ray_session, tmp_
     cfg = tiny_digits_config("digits-stream").model_dump()
     cfg["data"]["stream"] = True
     cfg["search"]["space"] = {"prune_ratios": [0.0], "quantizations": ["none"], "runtimes": ["torch"]}
+    cfg["distill"]["labels_only_baseline"] = False  # the stream is the point here, not the baseline (a third Train run)
     report = run_pipeline(PipelineConfig.model_validate(cfg), out_dir=tmp_path)
     run_dir = tmp_path / "digits-stream"
     digits = load_digits(seed=cfg["data"]["seed"])
