@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, PositiveInt, Tag, ValidationError, field_validator, model_validator
 
+from slimray.configbase import RunConfigBase
 from slimray.data.files_config import FilesDataConfig
 from slimray.evaluation import EvalConfig
 from slimray.families.classifier.spec import ModelSpec, ModuleSpec, build_model, scale_spec
@@ -241,10 +242,11 @@ class SearchConfig(StrictModel):
         return self.num_samples or max(1, self.space.num_trials // 2)
 
 
-class PipelineConfig(StrictModel):
+class PipelineConfig(RunConfigBase):
+    """The classifier's run document: the shared base (``slimray.configbase.RunConfigBase``) with its sections."""
+
     family: Literal["classifier"] = Field("classifier", description="the model family (slimray.families)")
     name: str = Field(description="run name: output goes to OUT/<name>/; a rerun reuses finished stages")
-    recipe: str | None = None
     data: DataConfig
     teacher: TeacherConfig
     distill: DistillConfig

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from slimray.configbase import ServeConfig, load_family_config, recipe_file
+from slimray.configbase import RunConfigBase, ServeConfig, load_family_config, recipe_file
 from slimray.families.causal_lm.quantize import GPU_QUANT_METHODS, QuantMethod
 from slimray.schema import ConfigError, RunName, StrictModel
 
@@ -314,10 +314,12 @@ class LMServeConfig(ServeConfig):
     max_text_chars: PositiveInt = Field(8192, description="longest prompt accepted, in characters")
 
 
-class LMPipelineConfig(StrictModel):
+class LMPipelineConfig(RunConfigBase):
+    """The shared run-document base (``slimray.configbase.RunConfigBase``: family, name, recipe, serve) with this
+    family's sections."""
+
     family: Literal["causal_lm"] = Field(description="the model family (slimray.families); required for this one")
     name: RunName = "smollm"
-    recipe: str | None = None
     teacher: LMTeacherConfig = Field(default_factory=LMTeacherConfig)
     data: LMDataConfig = Field(default_factory=LMDataConfig)
     student: LMStudentConfig = Field(default_factory=LMStudentConfig)

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from slimray.configbase import ServeConfig, load_family_config, recipe_file
+from slimray.configbase import RunConfigBase, ServeConfig, load_family_config, recipe_file
 from slimray.families.sentence_encoder.quantize import EncoderQuantMethod
 from slimray.schema import ConfigError, RunName, StrictModel
 
@@ -164,10 +164,12 @@ class TextServeConfig(ServeConfig):
     max_batch_examples: PositiveInt = Field(256, description="most texts one request may send (413 above)")
 
 
-class TextPipelineConfig(StrictModel):
+class TextPipelineConfig(RunConfigBase):
+    """The shared run-document base (``slimray.configbase.RunConfigBase``: family, name, recipe, serve) with this
+    family's sections."""
+
     family: Literal["sentence_encoder"] = Field(description="the model family (slimray.families); required for this one")
     name: RunName = "minilm"
-    recipe: str | None = None
     data: TextDataConfig = Field(default_factory=TextDataConfig)
     model: TextModelConfig = Field(default_factory=TextModelConfig)
     distill: TextDistillConfig = Field(default_factory=TextDistillConfig)
