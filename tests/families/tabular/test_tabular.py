@@ -155,6 +155,7 @@ def test_distil_search_serve_end_to_end_through_the_cli(tmp_path, ray_session):
         assert bad.status_code == 422 and "shape" in bad.json()["error"]
     finally:
         served.__exit__()
+        serve.shutdown()  # Serve as `slimray run` started it (its own ingress) must not outlive the test: later ones start their own
     assert served.proc.returncode == 130, "".join(served.lines[-40:])
 
 
