@@ -23,7 +23,7 @@ is pure torch/numpy: no Ray, no serving, no stage code. The pipeline calls them 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +83,6 @@ class StudentPlan:
     name: str
     spec: dict[str, Any]
     note: str = ""
-
-
-@dataclass
-class Measured:
-    """A model and the row that describes it (the teacher, a student, a finalist)."""
-
-    name: str
-    model: nn.Module
-    row: dict[str, Any] = field(default_factory=dict)
 
 
 class Recipe(abc.ABC):

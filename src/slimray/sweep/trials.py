@@ -36,16 +36,10 @@ def result_path(run_dir: str | Path, key: str) -> Path:
 
 
 def _fetch(value: Any) -> Any:
-    if isinstance(value, ray.ObjectRef):
-        return ray.get(value)
-    if isinstance(value, list) and value and all(isinstance(v, ray.ObjectRef) for v in value):
-        return ray.get(value)
-    return value
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
 def _put(value: Any) -> Any:
-    if isinstance(value, list) and value and all(hasattr(v, "shape") for v in value):
-        return [ray.put(v) for v in value]  # e.g. one hidden-state array per layer: fetched together
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return ray.put(value)

@@ -40,12 +40,6 @@ def build(spec: dict[str, Any]) -> MLPRegressor:
     return MLPRegressor(int(spec["in_dim"]), [int(h) for h in spec["hidden"]])
 
 
-def widths(model: nn.Module) -> list[int]:
-    """The hidden widths of a (possibly pruned) float MLP."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return [m.out_features for m in linears[:-1]]
-
-
 class Scaling(StrictModel):
     """Features and target are standardised with the training split's mean and std; the codec applies both."""
 
