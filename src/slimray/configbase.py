@@ -36,9 +36,9 @@ class DistillBase(StrictModel):
 
 
 class SearchBase(StrictModel):
-    """The compression search and the winner rule every family shares."""
+    """The compression search and the winner rule every family shares (the quality budget is the family's own field:
+    ``Recipe.budget`` reads it)."""
 
-    max_quality_drop: NonNegativeFloat = Field(description="how much quality the winner may lose against the teacher")
     max_concurrent_trials: PositiveInt = Field(2, description="Tune trials at once (one CPU each)")
     use_tune: bool = Field(True, description="one Ray Tune trial per candidate; false: candidates run in the driver")
     num_finalists: PositiveInt = Field(3, description="fastest feasible candidates re-timed side by side")

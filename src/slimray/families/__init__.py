@@ -148,12 +148,13 @@ register(Family(
     description="a BERT-class encoder from sentences to embeddings (mean-pooled), e.g. all-MiniLM-L6-v2",
     config="slimray.families.sentence_encoder.config:TextPipelineConfig",
     loader="slimray.families.sentence_encoder.config:load_text_config",
-    stages="slimray.pipelines.sentence_encoder:EncoderStages",
+    stages="slimray.pipelines.flow:FlowStages",
     train_task="slimray.families.sentence_encoder.train:EncoderTask",
     serve_check="slimray.serving.checks:check_encoder",
     codec="slimray.serving.codecs:SentenceEncoderCodec",
     artifact_format="slimray.text-model/1",
     artifact_spec="slimray.families.sentence_encoder.models:TextArtifactSpec",
+    recipe="slimray.families.sentence_encoder.recipe:EncoderRecipe",
     recipes=("minilm", "minilm-tiny"),
 ))
 

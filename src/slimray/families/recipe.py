@@ -11,11 +11,15 @@ is pure torch/numpy: no Ray, no serving, no stage code. The pipeline calls them 
 4. ``train_job(cfg, plan, distilled=)`` and ``train_data(cfg, data, teacher)``: the Ray Train job's family section
    and the arrays its workers share (the shared loop runs the family's ``TrainTask``); each student is distilled and,
    beside it, trained on labels only with the same budget: the search starts from whichever validates better;
-5. ``candidates(cfg)`` -> the compression candidates that apply (key -> settings); ``measure(cfg, candidate,
-   student, data)`` builds one and measures it into a row (quality keys, ``size_bytes``, ``params``, speed);
-6. ``quality``: which row key the constraint reads, its direction and the budget's field; ``speed``: the row key
-   the winner rule ranks by (higher is faster);
-7. ``time(models, data)`` re-times the finalists side by side (rounds, same process);
+5. ``candidates(cfg)`` -> the compression candidates that apply (key -> settings), one Tune trial each; ``measure(cfg,
+   candidate, student, data)`` builds one and measures it into a row (quality keys, ``size_bytes``, ``params``, speed).
+   A family whose trial shares costly work between settings (a fine-tune per prune ratio, then every quantization x
+   sequence length) implements ``measure_rows`` instead: several rows per trial, each with its ``variant`` and
+   ``settings``;
+6. ``quality``: which row key the constraint reads, its direction and the budget's field; ``admissible``: any further
+   hard constraint on a row; ``speed_key``: the row key the winner rule ranks by (higher is faster);
+7. ``time(models, data, settings=)`` times models side by side in this process: the finalists in rounds (and, when the
+   trials do not time, ``time_in_trials = False``, every finished candidate once first);
 8. ``save(path, model, spec)`` / ``load`` the artifact (safetensors + JSON spec) the codec serves;
 9. ``columns``: the report's columns.
 """
@@ -94,6 +98,7 @@ class Recipe(abc.ABC):
     speed_label: str = "examples/s"
     columns: tuple[Column, ...] = ()
     trial_cpus: float = 1.0
+    time_in_trials: bool = True  # False: the trials leave speed out, the driver times every candidate one at a time
 
     # data and teacher
     def check(self, cfg: Any) -> None:
@@ -125,6 +130,14 @@ class Recipe(abc.ABC):
         """The Ray Train job's fields for ``plan`` (``task``, ``spec``, ``epochs``, ``lr``, ``batch_size``, ``alpha``, ...):
         with ``distilled`` False, the same budget on labels only."""
 
+    def references(self, cfg: Any, teacher: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+        """Untrained models reported beside the students (name -> (model, what it is)), e.g. a truncated teacher."""
+        return {}
+
+    def init_state(self, cfg: Any, plan: StudentPlan, teacher: nn.Module) -> dict[str, Any] | None:
+        """The weights ``plan``'s student starts from on every Train worker (``None``: its TrainTask's own init)."""
+        return None
+
     def job_spec(self, plan: StudentPlan, data: Any) -> dict[str, Any]:
         """The spec the TrainTask builds for ``plan`` once the data is known (e.g. the input width)."""
         return plan.spec
@@ -138,9 +151,15 @@ class Recipe(abc.ABC):
     def candidates(self, cfg: Any) -> dict[str, dict[str, Any]]:
         """The compression candidates that apply: key -> settings (JSON values)."""
 
-    @abc.abstractmethod
     def measure(self, cfg: Any, candidate: dict[str, Any], student: nn.Module, data: Any) -> tuple[nn.Module, dict[str, Any]]:
         """Build ``candidate`` from ``student`` and measure it: (the compressed model, its row)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither measure nor measure_rows")
+
+    def measure_rows(self, cfg: Any, candidate: dict[str, Any], student: nn.Module, data: Any, *,
+                     out_dir: Path) -> list[dict[str, Any]]:
+        """The rows of one trial: by default the one ``measure`` gives. A family overriding this returns rows with a
+        ``variant`` (the key's suffix) and ``settings`` (merged into the candidate, e.g. the artifact ``out_dir`` holds)."""
+        return [self.measure(cfg, candidate, student, data)[1]]
 
     def build(self, candidate: dict[str, Any], student: nn.Module, data: Any) -> nn.Module:
         """The compressed model alone (the finalists are rebuilt in the driver to be timed side by side)."""
@@ -150,13 +169,24 @@ class Recipe(abc.ABC):
         """The quality budget the constraint allows (``quality.floor``)."""
         return float(cfg.search.max_quality_drop)
 
+    def admissible(self, cfg: Any, row: dict[str, Any]) -> bool:
+        """A hard constraint beyond ``quality`` (e.g. a minimum cosine to the teacher); rows failing it never win."""
+        return True
+
+    def notes(self, cfg: Any) -> list[str]:
+        """Lines for the report about the search (e.g. a setting left out on this machine, and why)."""
+        return []
+
     def advice(self, error: str, candidate: dict[str, Any]) -> str:
         """What to change when a candidate fails (one line for the console and the report)."""
         return "leave " + ", ".join(f"{k} {v}" for k, v in candidate.items()) + " out of the search"
 
     @abc.abstractmethod
-    def time(self, models: dict[str, nn.Module], data: Any, *, cfg: Any) -> dict[str, float]:
-        """One round of side-by-side timing: name -> speed (``speed_key``'s units), in this process."""
+    def time(self, models: dict[str, nn.Module], data: Any, *, cfg: Any,
+             settings: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """One round of side-by-side timing in this process: name -> speed (``speed_key``'s units), or name -> a dict
+        holding ``speed_key`` and further figures for the row (e.g. the speed at batch 1). ``settings``: each model's
+        candidate settings (the teacher's are empty)."""
 
     # artifacts
     @abc.abstractmethod

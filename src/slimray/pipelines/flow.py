@@ -25,6 +25,13 @@ from slimray.runs import log
 from slimray.storage import SPEC, write_json_atomic
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """A Train run's per-epoch metrics (one JSON object a line); none when the student was reused from elsewhere."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class FlowStages(Stages):
     names = ("prepare", "evaluate_teacher", "derive_students", "distil", "search", "finalists", "winner", "export", "report")
 
@@ -64,7 +71,12 @@ class FlowStages(Stages):
     def derive_students(self) -> None:
         self.plans = self.recipe.plan_students(self.cfg, self.teacher)
         for p in self.plans:
-            log(f"student {p.name}: {json.dumps(p.spec)}" + (f" ({p.note})" if p.note else ""))
+            log(f"student {p.name}: " + (p.note or json.dumps(p.spec)))
+        self.reference_rows = []
+        for name, (model, what) in self.recipe.references(self.cfg, self.teacher).items():
+            row = {"key": name, "what": what, **self.recipe.evaluate(self.cfg, model.eval(), self.data)}
+            self.reference_rows.append(row)
+            log(f"{name} ({what}): {self._q(row)}")
 
     def distil(self) -> None:
         d = self.cfg.distill
@@ -72,16 +84,18 @@ class FlowStages(Stages):
         self.students: dict[str, Any] = {}
         self.student_rows: list[dict[str, Any]] = []
         self.bases: list[str] = []
+        labels_only = getattr(d, "labels_only_baseline", False)  # a family without labels to train on has no such field
         for plan in self.plans:
             rows = {}
-            for distilled in (True, False) if d.labels_only_baseline else (True,):
+            for distilled in (True, False) if labels_only else (True,):
                 name = plan.name if distilled else f"{plan.name}-labels-only"
                 path = self.run_dir / "students" / name
                 if (path / SPEC).exists():
                     model = self.recipe.load(path)
                     log(f"{name}: reused {path}")
                 else:
-                    model = self._train(name, plan, self.recipe.train_job(self.cfg, plan, distilled=distilled), shared)
+                    model = self._train(name, plan, self.recipe.train_job(self.cfg, plan, distilled=distilled), shared,
+                                        init_state=self.recipe.init_state(self.cfg, plan, self.teacher))
                     self.recipe.save(path, model, candidate={}, cfg=self.cfg, data=self.data)
                 self.students[name] = model
                 rows[distilled] = {"key": name, "plan": plan.name, "distilled": distilled,
@@ -100,22 +114,34 @@ class FlowStages(Stages):
             self.bases.append(best["key"])
 
     def search(self) -> None:
-        from slimray.sweep.trials import measure_with_recipe, run_trials
+        from slimray.sweep.trials import advise_with_recipe, measure_with_recipe, run_trials
 
         s = self.cfg.search
         settings = self.recipe.candidates(self.cfg)
         self.candidates = {f"{b}-{k}": (b, c) for b in self.bases for k, c in settings.items()}
         log(f"search: {len(self.candidates)} candidates ({len(settings)} settings x {len(self.bases)} starting student(s))")
         measure = functools.partial(measure_with_recipe, family=self.family.name, config_json=self.cfg.model_dump_json(),
-                                    candidates=self.candidates)
-        advice = lambda error, key: self.recipe.advice(error, self.candidates[key][1])  # noqa: E731
+                                    run_dir=str(self.run_dir.resolve()), candidates=self.candidates)
+        advice = functools.partial(advise_with_recipe, family=self.family.name, candidates=self.candidates)
         results = run_trials(
             run_dir=self.run_dir, keys=list(self.candidates), measure=measure, advice=advice, run_name=f"{self.family.name}-search",
             shared={"data": self.data, "students": {b: self.students[b] for b in self.bases}},
             max_concurrent_trials=s.max_concurrent_trials, use_tune=s.use_tune, cpus_per_trial=self.recipe.trial_cpus,
             metric=self.recipe.speed_key,
         )
-        self.trials = [{"key": k, "student": self.candidates[k][0], **self.candidates[k][1], **r} for k, r in results.items()]
+        self.trials = []
+        for k, r in results.items():
+            base, settings = self.candidates[k]
+            if "rows" not in r:
+                self.trials.append({"key": k, "student": base, **settings, **r})
+                continue
+            for row in r["rows"]:  # one trial, several settings (e.g. every quantization x sequence length)
+                key, extra = f"{k}-{row['variant']}", row["settings"]
+                self.candidates[key] = (base, {**settings, **extra})
+                metrics = {m: v for m, v in row.items() if m not in ("variant", "settings")}
+                self.trials.append({"key": key, "student": base, "status": "ok", **settings, **extra, **metrics})
+        for note in self.recipe.notes(self.cfg):
+            log(f"search: {note}")
         failed = [t for t in self.trials if t.get("status") != "ok"]
         for t in failed:
             log(f"trial {t['key']} failed: {str(t.get('error'))[:160]}; {t.get('advice') or ''}")
@@ -125,56 +151,70 @@ class FlowStages(Stages):
             raise sweep_failure(self.trials)
 
     def finalists(self) -> None:
-        s = self.cfg.search
-        floor = self.quality.floor(self.teacher_row[self.quality.key], self.recipe.budget(self.cfg))
-        self.floor = floor
-        ok = [t for t in self.trials if t.get("status") == "ok"
-              and self.quality.feasible(t[self.quality.key], teacher_value=self.teacher_row[self.quality.key],
-                                        budget=self.recipe.budget(self.cfg))]
-        ranked = sorted(ok, key=lambda t: -t[self.recipe.speed_key])[: s.num_finalists]
+        s, q, speed = self.cfg.search, self.quality, self.recipe.speed_key
+        budget = self.recipe.budget(self.cfg)
+        self.floor = q.floor(self.teacher_row[q.key], budget)
+        done = [t for t in self.trials if t.get("status") == "ok"]
+        if not self.recipe.time_in_trials:  # the trials left speed out: every candidate timed here, one at a time
+            log(f"timing: {len(done)} candidates, one round, one at a time")
+            models = {t["key"]: self.recipe.build(self.candidates[t["key"]][1], self.students[t["student"]], self.data) for t in done}
+            quick = self.recipe.time(models, self.data, cfg=self.cfg, settings={k: self.candidates[k][1] for k in models})
+            for t in done:
+                t.update(self._speeds(quick[t["key"]]))
+        ok = [t for t in done if q.feasible(t[q.key], teacher_value=self.teacher_row[q.key], budget=budget)
+              and self.recipe.admissible(self.cfg, t)]
+        ranked = sorted(ok, key=lambda t: -t[speed])[: s.num_finalists]
         if not ranked:  # nothing meets the constraint: the best quality is reported, not served silently as a winner
-            done = [t for t in self.trials if t.get("status") == "ok"]
-            sign = 1 if self.quality.higher_is_better else -1
-            ranked = [max(done, key=lambda t: sign * t[self.quality.key])]
+            sign = 1 if q.higher_is_better else -1
+            ranked = [max(done, key=lambda t: sign * t[q.key])]
         models = {t["key"]: self.recipe.build(self.candidates[t["key"]][1], self.students[t["student"]], self.data) for t in ranked}
         models["teacher"] = self.teacher
-        rounds: dict[str, list[float]] = {k: [] for k in models}
+        for b in self.bases:  # the students the search started from, timed beside them
+            models.setdefault(b, self.students[b])
+        settings = {k: self.candidates[k][1] if k in self.candidates else {} for k in models}
+        samples: dict[str, dict[str, list[float]]] = {k: {} for k in models}
         order = list(models)
         rng = random.Random(0)
         for _ in range(s.num_rounds):
             rng.shuffle(order)  # no model always timed first (or last) in a round
-            speeds = self.recipe.time({k: models[k] for k in order}, self.data, cfg=self.cfg)
+            speeds = self.recipe.time({k: models[k] for k in order}, self.data, cfg=self.cfg, settings=settings)
             for k, v in speeds.items():
-                rounds[k].append(v)
-        self.rounds, self.finalist_models = rounds, models
+                for fig, x in self._speeds(v).items():
+                    samples[k].setdefault(fig, []).append(x)
         from slimray.sweep.select import rounds_summary
 
-        teacher_speed = rounds_summary(rounds["teacher"])["median"]
-        self.teacher_row[self.recipe.speed_key] = teacher_speed
-        self.teacher_row["speedup"] = 1.0
-        self.finalist_rows = []
-        for t in ranked:
-            summary = rounds_summary(rounds[t["key"]])
-            self.finalist_rows.append({**t, self.recipe.speed_key: summary["median"], "speedup": summary["median"] / teacher_speed,
-                                       "rounds_spread": summary["spread"]})
+        self.rounds = {k: figs[speed] for k, figs in samples.items()}
+        self.finalist_models = models
+
+        def timed(row: dict[str, Any]) -> dict[str, Any]:
+            figs = {fig: rounds_summary(xs)["median"] for fig, xs in samples[row["key"]].items()}
+            return {**row, **figs, "speedup": figs[speed] / teacher_speed,
+                    "rounds_spread": rounds_summary(samples[row["key"]][speed])["spread"]}
+
+        teacher_speed = rounds_summary(self.rounds["teacher"])["median"]
+        self.teacher_row = timed(self.teacher_row)
+        self.student_rows = [timed(r) if r["key"] in samples else r for r in self.student_rows]
+        self.finalist_rows = [timed(t) for t in ranked]
         for r in self.finalist_rows:
-            log(f"finalist {r['key']}: {self._q(r)}, {r[self.recipe.speed_key]:.4g} {self.recipe.speed_label} "
+            log(f"finalist {r['key']}: {self._q(r)}, {r[speed]:.4g} {self.recipe.speed_label} "
                 f"({r['speedup']:.2f}x the teacher, side by side, median of {s.num_rounds} rounds)")
 
     def winner(self) -> None:
         from slimray.sweep.select import choose
 
         s = self.cfg.search
-        w, ok, tied = choose(self.finalist_rows, quality_key=self.quality.key, higher_is_better=self.quality.higher_is_better,
+        pool = [r for r in self.finalist_rows if self.recipe.admissible(self.cfg, r)]
+        w, ok, tied = choose(pool or self.finalist_rows, quality_key=self.quality.key, higher_is_better=self.quality.higher_is_better,
                              floor=self.floor, speed_key=self.recipe.speed_key, rounds=self.rounds, margin=s.noise_margin)
         assert w is not None
+        ok = ok and bool(pool)
         self.winner_row, self.feasible, self.tied = w, ok, [t["key"] for t in tied]
         if ok:
             log(f"winner {w['key']}: {self._q(w)} (constraint: {self.quality.label} no worse than {self.floor:.4g}), "
                 f"{w['speedup']:.2f}x the teacher" + (f"; tied within the noise with {', '.join(self.tied)}" if self.tied else ""))
         else:
             log(f"no candidate meets the constraint ({self.quality.label} no worse than {self.floor:.4g}); the best one is "
-                f"{w['key']} ({self._q(w)}): raise search.max_quality_drop or distil longer")
+                f"{w['key']} ({self._q(w)}): loosen the search's quality budget or distil longer")
 
     def export(self) -> None:
         key = self.winner_row["key"]
@@ -198,9 +238,13 @@ class FlowStages(Stages):
             "family": self.family.name, "name": self.cfg.name, "quality": {"key": q, "label": self.quality.label,
             "higher_is_better": self.quality.higher_is_better, "floor": self.floor, "budget": self.recipe.budget(self.cfg)},
             "speed": {"key": speed, "label": self.recipe.speed_label},
-            "teacher": self.teacher_row, "students": self.student_rows, "search_bases": self.bases,
-            "trials": self.trials, "finalists": self.finalist_rows, "rounds": self.rounds,
-            "winner": {**self.winner_row, "meets_constraint": self.feasible, "tied_with": self.tied},
+            "teacher": self.teacher_row, "students": self.student_rows, "references": self.reference_rows,
+            "search_bases": self.bases, "trials": self.trials, "finalists": self.finalist_rows, "rounds": self.rounds,
+            "winner": {**self.winner_row, "meets_constraint": self.feasible, "tied_with": self.tied,
+                       "size_ratio": self.teacher_row["size_bytes"] / self.winner_row["size_bytes"]
+                       if self.teacher_row.get("size_bytes") and self.winner_row.get("size_bytes") else None},
+            "distill_metrics": {r["key"]: read_jsonl(self.run_dir / "logs" / f"{r['key']}_metrics.jsonl") for r in self.student_rows},
+            "notes": self.recipe.notes(self.cfg),
             "pareto_front": [t["key"] for t in front], "seconds": time.perf_counter() - self.t_start,
         }
         write_json_atomic(self.run_dir / "report.json", report)
@@ -210,10 +254,11 @@ class FlowStages(Stages):
               f"Winner **{self.winner_row['key']}**: {self._q(self.winner_row)}, {self.winner_row['speedup']:.2f}x the teacher's "
               f"{self.recipe.speed_label} (side by side), constraint {self.quality.label} no worse than {self.floor:.4g}"
               + ("" if self.feasible else " **not met by any candidate**") + ".", "",
-              "## Teacher and students", "", rows_table([self.teacher_row, *self.student_rows], cols), ""]
+              "## Teacher and students", "", rows_table([self.teacher_row, *self.student_rows, *self.reference_rows], cols), ""]
+        md += [f"- {r['key']}: {r['what']}" for r in self.reference_rows]
         md += [f"- {r['plan']}: distillation {'gained' if r['kd_gain'] >= 0 else 'lost'} {abs(r['kd_gain']):.4g} "
                f"{self.quality.label} against the same student on labels only" for r in kd]
-        md += ["", f"Search started from: {', '.join(self.bases)}.", "", "## Finalists (timed side by side)", "",
+        md += ["", f"Search started from: {', '.join(self.bases)}.", *[f"Note: {n}." for n in report["notes"]], "", "## Finalists (timed side by side)", "",
                rows_table([self.teacher_row, *self.finalist_rows], cols), "", "## Every trial", "", rows_table(self.trials, cols),
                "", f"Pareto front ({self.quality.label} vs {self.recipe.speed_label}): {', '.join(report['pareto_front'])}", "",
                "![front](pareto.png)", ""]
@@ -228,7 +273,11 @@ class FlowStages(Stages):
     def _q(self, row: dict[str, Any]) -> str:
         return f"{self.quality.label} {row[self.quality.key]:.4f}"
 
-    def _train(self, label: str, plan: Any, fields: dict[str, Any], shared: dict[str, Any]) -> Any:
+    def _speeds(self, value: Any) -> dict[str, float]:
+        """A ``Recipe.time`` answer for one model as row figures (the speed alone, or the speed and more)."""
+        return dict(value) if isinstance(value, dict) else {self.recipe.speed_key: float(value)}
+
+    def _train(self, label: str, plan: Any, fields: dict[str, Any], shared: dict[str, Any], *, init_state: Any = None) -> Any:
         """One Ray Train run of the family's TrainTask (checkpoints under RUN/ray/<label>: a rerun resumes)."""
         from slimray.training.distill import TrainJob, run_training
 
@@ -237,5 +286,5 @@ class FlowStages(Stages):
                        family=self.family.name, spec=self.recipe.job_spec(plan, self.data),
                        batch_size=d.batch_size, num_workers=d.num_workers, seed=d.seed,
                        metrics_path=str(self.run_dir / "logs" / f"{label}_metrics.jsonl"), **fields)
-        model, metrics = run_training(job, shared)
+        model, metrics = run_training(job, shared, init_state=init_state)
         return model

@@ -125,15 +125,25 @@ def run_trials(
     return {k: read_result(run_dir, k, advice=advice) for k in keys}
 
 
-def measure_with_recipe(key: str, shared: dict[str, Any], *, family: str, config_json: str,
+def measure_with_recipe(key: str, shared: dict[str, Any], *, family: str, config_json: str, run_dir: str,
                         candidates: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """A family's candidate as a trial: ``candidates[key]`` = (student name, settings); the family's ``Recipe.measure``
-    builds it from ``shared["students"][name]`` and measures it on ``shared["data"]``."""
+    """A family's candidate as a trial: ``candidates[key]`` = (student name, settings); the family's ``Recipe`` builds
+    it from ``shared["students"][name]`` and measures it on ``shared["data"]`` into one row, or into several
+    (``rows``, each with its ``variant``) when one trial covers several settings; artifacts go to ``RUN/trials/<key>/``."""
     from slimray import families
 
     fam = families.get(family)
     recipe = fam.load("recipe")()
     cfg = fam.load("config").model_validate_json(config_json)
     student, candidate = candidates[key]
-    _, row = recipe.measure(cfg, candidate, shared["students"][student], shared["data"])
-    return {"key": key, "status": "ok", "student": student, **row}
+    rows = recipe.measure_rows(cfg, candidate, shared["students"][student], shared["data"], out_dir=Path(run_dir) / "trials" / key)
+    if len(rows) == 1 and "variant" not in rows[0]:
+        return {"key": key, "status": "ok", "student": student, **rows[0]}
+    return {"key": key, "status": "ok", "student": student, "rows": rows}
+
+
+def advise_with_recipe(error: str, key: str, *, family: str, candidates: dict[str, tuple[str, dict[str, Any]]]) -> str:
+    """The family's ``Recipe.advice`` for a failed trial (a module-level function: it travels to the trials alone)."""
+    from slimray import families
+
+    return families.get(family).load("recipe")().advice(error, candidates[key][1])

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from slimray.configbase import RunConfigBase, ServeConfig, load_family_config, recipe_file
+from slimray.configbase import RunConfigBase, SearchBase, ServeConfig, load_family_config, recipe_file
 from slimray.families.sentence_encoder.quantize import EncoderQuantMethod
 from slimray.schema import ConfigError, RunName, StrictModel
 
@@ -102,8 +102,10 @@ class TextDistillConfig(StrictModel):
     seed: int = 0
 
 
-class TextSearchConfig(StrictModel):
-    use_tune: bool = Field(True, description="run the pruning trials on Ray Tune (False: in the driver)")
+class TextSearchConfig(SearchBase):
+    """The shared search section (trials at once, finalists, rounds of side-by-side timing, noise margin) with one
+    Tune trial per prune ratio, scored at every quantization x sequence length."""
+
     prune_ratios: list[float] = Field([0.0], min_length=1, description="fraction of heads and FFN neurons removed per layer")
     quantizations: list[EncoderQuantMethod] = Field(
         ["none", "dynamic_int8"], min_length=1,
@@ -119,8 +121,6 @@ class TextSearchConfig(StrictModel):
     min_probe_ratio: float = Field(0.99, gt=0, le=1.5, description="winner's probe accuracy / teacher's")
     num_threads: PositiveInt = Field(1, description="torch threads when timing")
     timing_sentences: PositiveInt = Field(256, description="held-out sentences per timing pass at batch 32")
-    timing_repeats: PositiveInt = 5
-    num_finalists: PositiveInt = 3
 
     @field_validator("prune_ratios")
     @classmethod

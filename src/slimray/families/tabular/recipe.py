@@ -153,7 +153,8 @@ class TabularRecipe(Recipe):
     def advice(self, error: str, candidate: dict[str, Any]) -> str:
         return f"leave {candidate['quantization']} out of search.quant_methods (or {candidate['prune_ratio']} out of search.prune_ratios)"
 
-    def time(self, models: dict[str, nn.Module], data: dict[str, Any], *, cfg: Any) -> dict[str, float]:
+    def time(self, models: dict[str, nn.Module], data: dict[str, Any], *, cfg: Any,
+             settings: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
         b = cfg.search.timing_batch_size
         x = torch.from_numpy(data["x_val"])
         with torch.inference_mode():
