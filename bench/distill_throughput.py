@@ -69,10 +69,11 @@ def plain_loop(cfg, x, y, logits, *, epochs: int, batch_size: int, threads: int)
 
 
 def ray_run(cfg, data, *, workers: int, epochs: int, batch_size: int, storage: Path, name: str, **extra) -> dict:
-    from slimray.training.distill import TrainJob, run_training
+    from slimray.training.classifier_data import classifier_job
+    from slimray.training.distill import run_training
 
     metrics = storage / f"{name}.jsonl"
-    job = TrainJob(
+    job = classifier_job(
         label=name, run_name=name, storage_path=str(storage / "ray"), spec=cfg.distill.student.model_dump(), epochs=epochs,
         batch_size=batch_size, lr=cfg.distill.lr, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha,
         num_workers=workers, seed=cfg.distill.seed, max_failures=0, profile=True, metrics_path=str(metrics), **extra,
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from slimray.runtime import init_ray
-    from slimray.training.distill import TrainData
+    from slimray.training.classifier_data import TrainData
 
     init_ray(num_cpus=os.cpu_count() or 1)
     try:

@@ -162,7 +162,7 @@ def _sweep_ctx(tmp_path, digits, trained_digits_cnn, *, space: dict, name: str, 
 
     from slimray.compress.measure import predict_logits
     from slimray.sweep.distill_search import DistillSweepContext
-    from slimray.training.distill import TrainData
+    from slimray.training.classifier_data import TrainData
 
     save_artifact(tmp_path / "teacher", trained_digits_cnn, ArtifactSpec(name="teacher", model=DIGITS_CNN, input=digits.input))
     (x, y), (xv, yv) = digits.normalized("train"), digits.normalized("val")
@@ -280,7 +280,7 @@ from slimray.config import DistillConfig
 from slimray.data import load_digits
 from slimray.sweep.distill_search import DistillSweepContext, run_distill_sweep
 from slimray.sweep.space import SweepSpaceFile
-from slimray.training.distill import TrainData
+from slimray.training.classifier_data import TrainData
 init_ray(num_cpus=2)
 run_dir = sys.argv[1]
 ds = load_digits(seed=0)

@@ -23,7 +23,8 @@ def main(out_dir: str, strategies: list[str]) -> int:
 
     from slimray.data import load_digits
     from slimray.runtime import FAIL_FAST_ENV
-    from slimray.training.distill import TrainData, TrainJob, run_training
+    from slimray.training.classifier_data import TrainData, classifier_job
+    from slimray.training.distill import run_training
 
     for key, value in FAIL_FAST_ENV.items():
         os.environ.setdefault(key, value)
@@ -47,7 +48,7 @@ def main(out_dir: str, strategies: list[str]) -> int:
         spec = {"kind": "cnn", "in_channels": 1, "image_size": 8, "conv_channels": [4, 8], "fc_hidden": [], "num_classes": 10}
         for strategy in strategies:
             metrics = os.path.join(out_dir, f"{strategy}.jsonl")
-            job = TrainJob(label=strategy, run_name=f"place-{strategy}", storage_path=os.path.join(out_dir, "ray"), spec=spec,
+            job = classifier_job(label=strategy, run_name=f"place-{strategy}", storage_path=os.path.join(out_dir, "ray"), spec=spec,
                            epochs=1, batch_size=64, lr=3e-3, num_workers=2, max_failures=0, placement_strategy=strategy,
                            metrics_path=metrics)
             run_training(job, data)

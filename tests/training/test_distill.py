@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from slimray.compress.measure import accuracy, predict_logits
-from slimray.training.distill import ClusterTooSmallError, TrainData, TrainJob, run_training
+from slimray.training.classifier_data import TrainData, classifier_job
+from slimray.training.distill import ClusterTooSmallError, run_training
 from slimray.families.classifier.kd import kd_loss
 
 from ..conftest import DIGITS_CNN
@@ -41,7 +42,7 @@ def _job(tmp_path, **kw):
         metrics_path=str(tmp_path / "metrics.jsonl"),
     )
     base.update(kw)
-    return TrainJob(**base)
+    return classifier_job(**base)
 
 
 def test_two_worker_distillation_learns_and_checkpoints(tmp_path, kd_data, digits):

@@ -12,7 +12,7 @@ def test_one_line_per_epoch_from_the_metrics_file(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("SLIMRAY_VERBOSE", "0")
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps({"epoch": 1, "loss": 9.0}) + "\n")  # an earlier run's line: not repeated
-    job = TrainJob(label="student", run_name="r", storage_path=str(tmp_path), spec={}, epochs=3, batch_size=8, lr=1e-3,
+    job = TrainJob(label="student", run_name="r", storage_path=str(tmp_path), spec={}, family="classifier", epochs=3, batch_size=8, lr=1e-3,
                    metrics_path=str(path))
     with EpochLines(job, poll_s=0.05):
         for e in (2, 3):
@@ -29,7 +29,7 @@ def test_one_line_per_epoch_from_the_metrics_file(tmp_path, capsys, monkeypatch)
 def test_verbose_mode_leaves_it_to_the_workers(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SLIMRAY_VERBOSE", "1")
     path = tmp_path / "m.jsonl"
-    job = TrainJob(label="s", run_name="r", storage_path=str(tmp_path), spec={}, epochs=1, batch_size=8, lr=1e-3, metrics_path=str(path))
+    job = TrainJob(label="s", run_name="r", storage_path=str(tmp_path), spec={}, family="classifier", epochs=1, batch_size=8, lr=1e-3, metrics_path=str(path))
     with EpochLines(job, poll_s=0.05):
         path.write_text(json.dumps({"epoch": 1, "loss": 1.0}) + "\n")
         time.sleep(0.2)

@@ -97,13 +97,14 @@ DRIVER = textwrap.dedent(
     import sys, ray
     from slimray.runtime import init_ray
     from slimray.data import load_digits
-    from slimray.training.distill import TrainData, TrainJob, run_training
+    from slimray.training.classifier_data import TrainData, classifier_job
+    from slimray.training.distill import run_training
     init_ray(num_cpus=2)
     ds = load_digits(seed=0)
     (x, y), (xv, yv) = ds.normalized("train"), ds.normalized("val")
     data = TrainData(ray.put(x.numpy()), ray.put(y.numpy()), ray.put(xv.numpy()), ray.put(yv.numpy()))
     spec = {"kind": "cnn", "in_channels": 1, "image_size": 8, "conv_channels": [8, 16], "fc_hidden": [32], "num_classes": 10}
-    job = TrainJob(label="driver", run_name="driver-run", storage_path=sys.argv[1] + "/ray", spec=spec, epochs=int(sys.argv[2]),
+    job = classifier_job(label="driver", run_name="driver-run", storage_path=sys.argv[1] + "/ray", spec=spec, epochs=int(sys.argv[2]),
                    batch_size=32, lr=3e-3, num_workers=1, metrics_path=sys.argv[1] + "/metrics.jsonl")
     run_training(job, data)
     print("DONE")

@@ -16,7 +16,8 @@ from slimray.config import DistillConfig
 from slimray.families.classifier import build_model
 from slimray.families.classifier.spec import MLPSpec
 from slimray.schema import ConfigError
-from slimray.training.distill import TrainData, TrainJob, run_training
+from slimray.training.classifier_data import TrainData, classifier_job
+from slimray.training.distill import run_training
 from slimray.families.classifier.features import FeatureKDSpec, KDStudent, TeacherInLoop, build_projection, layer_names
 from slimray.families.classifier.kd import train_epoch
 
@@ -133,9 +134,9 @@ def test_fsdp_feature_kd_with_teacher_in_loop_checkpoints_full_state_and_resumes
         feature_kd=fk, metrics_path=str(tmp_path / "metrics.jsonl"),
     )
     with pytest.raises(ConfigError, match="no module named 'features.7'"):  # refused on the driver, before Ray Train
-        run_training(TrainJob(**job, epochs=1).model_copy(update={"feature_kd": _fk("features.4", "features.7")}), labels_data)
-    run_training(TrainJob(**job, epochs=3), labels_data)
-    model, metrics = run_training(TrainJob(**job, epochs=5), labels_data)  # same name: resumes after epoch 3
+        run_training(classifier_job(**{**job, "feature_kd": _fk("features.4", "features.7")}, epochs=1), labels_data)
+    run_training(classifier_job(**job, epochs=3), labels_data)
+    model, metrics = run_training(classifier_job(**job, epochs=5), labels_data)  # same name: resumes after epoch 3
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3, 4, 5]
     assert lines[-1]["loss"] < lines[0]["loss"]
@@ -158,7 +159,7 @@ def test_fsdp_feature_kd_with_teacher_in_loop_checkpoints_full_state_and_resumes
 
 def test_pipeline_checks_the_teacher_layer_before_training_the_teacher():
     from slimray.config import PipelineConfig, load_config
-    from slimray.training.distill import check_teacher_layer
+    from slimray.training.classifier_data import check_teacher_layer
 
     data = load_config(recipe="digits").model_dump()
     data["distill"].update(loss="features", teacher_outputs="in_loop",

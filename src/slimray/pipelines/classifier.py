@@ -43,7 +43,8 @@ from slimray.storage import reusable
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
 from slimray.sweep.explain import most_failed
 from slimray.sweep.select import choose, feasible, pareto_front, rank_fastest, sweep_failure
-from slimray.training.distill import TrainData, TrainJob, check_teacher_layer, run_training
+from slimray.training.classifier_data import TrainData, check_teacher_layer, classifier_job
+from slimray.training.distill import run_training
 
 
 def _teacher(run: Run, data: TrainData) -> tuple[torch.nn.Module, ArtifactSpec]:
@@ -62,7 +63,7 @@ def _teacher(run: Run, data: TrainData) -> tuple[torch.nn.Module, ArtifactSpec]:
     else:
         log(f"teacher: training {cfg.teacher.model.conv_channels if cfg.teacher.model.kind == 'cnn' else cfg.teacher.model.hidden} on labels, {cfg.distill.num_workers} Ray Train workers")
         spec = cfg.teacher.model
-        job = TrainJob(
+        job = classifier_job(
             label="teacher", run_name=f"{cfg.name}-teacher", storage_path=str(run_dir / "ray"), spec=spec.model_dump(),
             epochs=cfg.teacher.epochs, batch_size=cfg.distill.batch_size, lr=cfg.teacher.lr, alpha=0.0,
             num_workers=cfg.distill.num_workers, use_gpu=cfg.distill.use_gpu, seed=cfg.distill.seed,
@@ -186,7 +187,7 @@ def _student(run: Run, data: TrainData, *, distilled: bool, init: tuple[torch.nn
     src = "Ray Data shards" if data.train_stream is not None else "the object store"
     log(f"{name}: {d.epochs} epochs, {how}, {d.num_workers} Ray Train workers ({d.strategy}, {d.placement_strategy}) reading {src}")
     model_spec = init[1].model if init is not None else d.student
-    job = TrainJob(
+    job = classifier_job(
         label=name, run_name=f"{cfg.name}-{name}", storage_path=str(run_dir / "ray"), spec=model_spec.model_dump(),
         epochs=d.epochs, batch_size=d.batch_size, lr=d.lr, lr_schedule=d.lr_schedule, weight_decay=d.weight_decay, temperature=d.temperature,
         alpha=d.alpha if kd else 0.0, num_workers=d.num_workers, use_gpu=d.use_gpu, seed=d.seed,

@@ -35,7 +35,8 @@ from slimray.sweep.engine import (
     DRIVER_MEMORY_BYTES, ExplainedASHA, PlacementGroupReaper, make_tune_config, read_stops, run_tuner,
 )
 from slimray.sweep.space import LogUniform, RandInt, SweepSpaceFile, Uniform, domain_values
-from slimray.training.distill import TrainData, TrainJob, run_training
+from slimray.training.classifier_data import TrainData, classifier_job
+from slimray.training.distill import TrainJob, run_training
 
 METRIC = "val_accuracy"
 TIME_ATTR = "epoch"
@@ -64,7 +65,7 @@ def trial_job(settings: dict[str, Any], *, base: DistillConfig, space: SweepSpac
     loss = settings.get("loss", base.loss)
     kd = loss != "labels"
     trial_dir = Path(ctx.run_dir) / "distill_trials" / trial_id
-    return TrainJob(
+    return classifier_job(
         label=f"trial {trial_id}", run_name=f"{ctx.sweep_name}-{trial_id}", storage_path=ctx.storage_path,
         spec=student.model_dump(), epochs=int(settings.get("epochs", base.epochs)),
         batch_size=int(settings.get("batch_size", base.batch_size)), lr=float(settings.get("lr", base.lr)),

@@ -2,27 +2,9 @@
 CPU, nccl on GPU) each run the family's ``TrainTask`` (``slimray.families.base``; the job's ``family`` picks
 it): the task builds the module, yields this worker's batches, computes the loss and validates; this loop owns
 the rest (DDP or FSDP2, the optimizer's state, the lr at every step, checkpoints, resume, fault recovery,
-metrics, console lines). What follows describes the classifier family's task (``families/classifier/train.py``);
-the sentence encoder's (``families/sentence_encoder/train.py``) trains on cached teacher embeddings and hidden
-states.
-
-Teacher outputs (``teacher_outputs``):
-
-- ``precomputed`` (default): the driver computes the teacher's logits once and shares them through Ray's
-  object store; each worker reads its shard through a ``DistributedSampler``. This is faster: the teacher's
-  forward pass is paid once instead of every epoch on every worker. Measured on MNIST (ccexam teacher,
-  2 workers, batch 128, ``bench/distill_throughput.py``, on a 2-core machine under heavy outside load, so
-  orders of magnitude only): with the teacher in the loop its forward took 39 s of a 71 s epoch (rank 0),
-  vs 44 s per epoch with precomputed logits, i.e. 1.6x slower per epoch. The teacher also never has to fit
-  on a worker.
-- ``in_loop``: each worker rebuilds the teacher from its artifact (``spec.json`` + ``model.safetensors``, whose
-  bytes travel through the object store as data: no pickled module, no shared disk needed), freezes it (eval,
-  no grads) and runs it under ``torch.inference_mode`` on every batch, in float16 on GPU if
-  ``teacher_half_precision``. Feature KD (``features.py``) needs this: a hidden layer of the teacher per
-  example is too large to precompute.
-
-With ``alpha == 0`` and no feature KD the same loop trains on labels only (teacher training for the digits
-recipe, and the labels-only baseline beside every distilled student).
+metrics, console lines). It knows no family: what a family's task needs (KD weights, where its teacher comes from,
+feature KD, its input spec) travels in ``TrainJob.task`` and in the data the family shares (a dict of arrays, or an
+object whose ``for_workers`` prepares them, as the classifier's ``slimray.training.classifier_data.TrainData``).
 
 ``strategy``: ``ddp`` wraps the model in DistributedDataParallel (``ray.train.torch.prepare_model``); ``fsdp``
 shards it with torch's FSDP2 ``fully_shard`` (each parameterised block, then the root). Ray's own
@@ -30,13 +12,13 @@ shards it with torch's FSDP2 ``fully_shard`` (each parameterised block, then the
 torch 2.13 (tested here) as well as on GPU with nccl. Checkpoints hold full state dicts either way: under FSDP
 every rank joins ``get_model_state_dict / get_optimizer_state_dict(full_state_dict=True)`` and rank 0 writes.
 
-Each epoch rank 0 reports a checkpoint (student safetensors, the feature projection if any, optimizer, epoch
-and RNG state). A rerun with the same run name resumes from the latest one, and ``max_failures`` lets Ray
-restart a lost worker group from it; since the sampler's order is a function of (seed, epoch) and the lr of
-the epoch, a resumed run repeats the uninterrupted one. ``placement_strategy`` goes to Ray Train's
-``ScalingConfig``; strict placements that the nodes cannot satisfy fail fast. Each metrics line records the
-node of every worker, how often each training sample was drawn that epoch (across workers), and with
-``profile`` a per-epoch time breakdown (see ``bench/distill_throughput.py``).
+Each epoch rank 0 reports a checkpoint (every part the task names: the student's safetensors, a feature projection,
+optimizer, epoch and RNG state). A rerun with the same run name resumes from the latest one, and ``max_failures`` lets
+Ray restart a lost worker group from it; since the sampler's order is a function of (seed, epoch) and the lr of the
+epoch, a resumed run repeats the uninterrupted one. ``placement_strategy`` goes to Ray Train's ``ScalingConfig``;
+strict placements that the nodes cannot satisfy fail fast. Each metrics line records the node of every worker, how
+often each training sample was drawn that epoch (across workers), and with ``profile`` a per-epoch time breakdown
+(see ``bench/distill_throughput.py``). With ``final_dir`` rank 0 also writes the task's artifact after the last epoch.
 """
 
 from __future__ import annotations
@@ -48,7 +30,6 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,61 +40,13 @@ import torch
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file, save_file
 
-from slimray.families.classifier.artifacts import artifact_files, load_artifact
 from slimray.families.base import EpochStats, TrainTask, describe_val, run_epoch
-from slimray.families.classifier.features import FeatureKDSpec, build_projection, find_layer
-from slimray.families.classifier.spec import build_model, parse_spec
-from slimray.families.classifier.train import example_input
 from slimray.raycompat import train_report_loggers
 from slimray.schema import ClusterTooSmallError, ConfigError, StrictModel
 
 MODEL_FILE = "model.safetensors"  # a checkpoint holds one safetensors file per TrainTask part (model, projection, ...)
 STATE_FILE = "train_state.pt"
 LOG_EVERY_S = 30.0  # rank 0 prints a progress line this often within a long epoch (to its worker log)
-
-
-@dataclass(frozen=True)
-class TrainData:
-    """Object-store references to normalised arrays: train (x, y[, teacher logits]) and val (x, y); or, for
-    data on disk, ``train_stream``: a Ray Dataset (raw x, y[, logits]) that workers read in shards."""
-
-    x_train: ray.ObjectRef | None
-    y_train: ray.ObjectRef | None
-    x_val: ray.ObjectRef
-    y_val: ray.ObjectRef
-    teacher_logits: ray.ObjectRef | None = None
-    train_stream: Any = None
-
-    def for_workers(self, job: TrainJob, *, init_state: Any) -> tuple[dict[str, Any], Any]:
-        """The classifier family's shared objects for the workers and its stream, checked on the driver (feature
-        layers, a teacher in the loop). Any family's data object may define this (``run_training``)."""
-        if job.final_dir is not None and job.input_spec is None:
-            raise ConfigError(f"{job.label}: final_dir needs input_spec (the artifact records its input)")
-        check_feature_layers(job)
-        in_loop = job.teacher_outputs == "in_loop" and (job.alpha > 0 or job.feature_kd is not None)
-        if job.teacher_outputs == "in_loop" and job.teacher_dir is None and in_loop:
-            raise ConfigError(f"{job.label}: teacher_outputs: in_loop needs teacher_dir (the teacher artifact)")
-        if self.train_stream is not None and job.input_spec is None:
-            raise ConfigError(f"{job.label}: streamed training data needs input_spec (inputs are normalised in the workers)")
-        shared = {
-            "x_train": self.x_train, "y_train": self.y_train, "x_val": self.x_val, "y_val": self.y_val,
-            "teacher_logits": self.teacher_logits if job.alpha > 0 and not in_loop else None,
-            "teacher_files": ray.put(_teacher_files(job.teacher_dir)) if in_loop else None,
-            "init_state": init_state,
-            "code_files": _code_files(job),
-        }
-        return shared, self.train_stream
-
-
-def _code_files(job: TrainJob) -> dict[str, bytes] | None:
-    """A user module's carried code, as bytes for the workers (they import it from there, not from any folder)."""
-    spec = parse_spec(job.spec)
-    code = getattr(spec, "code", None)
-    if not code:
-        return None
-    from slimray.families.classifier.carried import files_for
-
-    return files_for(code, search=tuple(d for d in (job.teacher_dir,) if d))
 
 
 def check_fits(*, num_workers: int, cpus_per_worker: float, use_gpu: bool, what: str) -> None:
@@ -350,39 +283,24 @@ class TrainJob(StrictModel):
     label: str
     run_name: str
     storage_path: str
-    family: str = "classifier"  # whose TrainTask runs on the workers (slimray.families)
-    task: dict[str, Any] = {}  # the family's own training options (TrainTask reads config["task"])
+    family: str  # whose TrainTask runs on the workers (slimray.families)
+    task: dict[str, Any] = {}  # the family's own training options (its TrainTask reads config["task"]: KD weights, teacher, ...)
     spec: dict[str, Any]
     epochs: int
     batch_size: int
     lr: float
     lr_schedule: str = "constant"
     weight_decay: float = 0.0
-    temperature: float = 4.0
-    alpha: float = 0.0
     num_workers: int = 2
     use_gpu: bool = False
     seed: int = 0
     max_failures: int = 2
     placement_strategy: PlacementStrategy = "PACK"
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    teacher_outputs: Literal["precomputed", "in_loop"] = "precomputed"
-    teacher_dir: str | None = None
-    teacher_half_precision: bool = True
-    feature_kd: FeatureKDSpec | None = None
     profile: bool = False
     metrics_path: str | None = None
     cpus_per_worker: float = 1.0
     final_dir: str | None = None  # rank 0 writes the trained student artifact here after the last epoch
-    input_spec: dict[str, Any] | None = None  # the artifact's input spec (needed with final_dir)
-
-
-def _teacher_files(path: str) -> dict[str, bytes]:
-    """The teacher artifact's files as bytes: each worker rebuilds the module from them (nodes need no shared disk)."""
-    try:
-        return artifact_files(path)
-    except FileNotFoundError as err:
-        raise ConfigError(f"teacher_outputs: in_loop needs a teacher artifact: {err}") from None
 
 
 def check_placement(*, num_workers: int, strategy: str, use_gpu: bool, what: str) -> None:
@@ -401,41 +319,6 @@ def check_placement(*, num_workers: int, strategy: str, use_gpu: bool, what: str
             f"{what}: STRICT_PACK puts all {num_workers} workers on one node, but no node has {num_workers} {key}s "
             f"(largest: {max(per_node, default=0.0):g})"
         )
-
-
-def check_feature_layers(job: TrainJob) -> None:
-    """Resolve the feature-KD layers and their projection on the driver, so a bad layer name or an
-    incompatible pair of shapes is a ConfigError before any worker starts."""
-    if job.feature_kd is None:
-        return
-    if job.teacher_outputs != "in_loop" or job.teacher_dir is None:
-        raise ConfigError("feature KD needs teacher_outputs: in_loop and a teacher artifact")
-    spec = parse_spec(job.spec)
-    teacher, _ = load_artifact(job.teacher_dir)
-    shape = job.input_spec["shape"] if job.input_spec else None
-    build_projection(build_model(spec), teacher, job.feature_kd, example_input(spec, shape))
-
-
-def check_teacher_layer(cfg: Any) -> None:
-    """For a ``PipelineConfig`` with feature KD: the teacher layer must name a module of the teacher's
-    architecture (the configured one, or the ccexam CNN's); checked before the teacher is trained."""
-    fk = cfg.distill.feature_kd
-    if fk is None:
-        return
-    from slimray.families.classifier.teachers import CCEXAM_MNIST_SPEC
-
-    if cfg.teacher.is_users:
-        spec = cfg.teacher.module_spec()
-    else:
-        spec = cfg.teacher.model if cfg.teacher.source == "train" else CCEXAM_MNIST_SPEC
-    teacher = build_model(spec)
-    find_layer(teacher, fk.teacher_layer, role="teacher")
-    if cfg.distill.student is None:  # a derived student has the teacher's module names
-        find_layer(teacher, fk.student_layer, role="student")
-        return
-    if cfg.teacher.is_users:  # the projection needs the data's input shape: checked before training
-        return
-    build_projection(build_model(cfg.distill.student), teacher, fk, example_input(cfg.distill.student))
 
 
 class EpochLines:

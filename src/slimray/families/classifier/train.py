@@ -11,7 +11,7 @@ projection (``KDStudent``); with ``alpha == 0`` it trains on labels alone. Valid
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from slimray.families.base import TrainTask
 from slimray.families.classifier.features import FeatureKDSpec, KDStudent, TeacherInLoop, build_projection
 from slimray.families.classifier.kd import batch_loss
 from slimray.families.classifier.spec import CNNSpec, InputSpec, build_model, parse_spec
+from slimray.schema import StrictModel
 
 
 class CountingSampler(torch.utils.data.Sampler[int]):
@@ -77,6 +78,19 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+class ClassifierTrainOptions(StrictModel):
+    """The classifier's section of a Train job (``TrainJob.task``): the KD loss's weights, where the teacher's outputs
+    come from, feature KD and the artifact's input spec."""
+
+    alpha: float = 0.0  # weight of the KD term; 0 (and no feature KD): labels only
+    temperature: float = 4.0
+    teacher_outputs: Literal["precomputed", "in_loop"] = "precomputed"
+    teacher_dir: str | None = None  # the teacher artifact, for a teacher in the loop
+    teacher_half_precision: bool = True  # a teacher in the loop runs in float16 on GPU
+    feature_kd: FeatureKDSpec | None = None
+    input_spec: dict[str, Any] | None = None  # the artifact's input spec (needed to write one, and for streamed data)
+
+
 class ClassifierTask(TrainTask):
     """Logit (and feature) KD, or labels alone, for any classifier spec. Data: ``x_train``/``y_train`` (and
     ``teacher_logits``) arrays or a shard; ``x_val``/``y_val``; ``teacher_files`` for a teacher in the loop."""
@@ -90,8 +104,9 @@ class ClassifierTask(TrainTask):
 
             remember(data["code_files"])
         self.spec = parse_spec(config["spec"])
-        self.input_shape = config["input_spec"]["shape"] if config.get("input_spec") else None
-        self.feature = FeatureKDSpec.model_validate(config["feature_kd"]) if config.get("feature_kd") else None
+        self.opts = ClassifierTrainOptions.model_validate(config["task"])
+        self.input_shape = self.opts.input_spec["shape"] if self.opts.input_spec else None
+        self.feature = self.opts.feature_kd
         self.teacher: TeacherInLoop | None = None
         self.use_cuda = self.device.type == "cuda"
         self.x_val = torch.from_numpy(data["x_val"])
@@ -107,7 +122,7 @@ class ClassifierTask(TrainTask):
             teacher_model = load_artifact_bytes(self.data["teacher_files"])[0]
             if self.feature:
                 projection = build_projection(student, teacher_model, self.feature, example_input(self.spec, self.input_shape))
-            half = self.use_cuda and self.config["teacher_half_precision"]
+            half = self.use_cuda and self.opts.teacher_half_precision
             self.teacher = TeacherInLoop(
                 teacher_model.to(self.device), feature_layer=self.feature.teacher_layer if self.feature else None,
                 dtype=torch.float16 if half else torch.float32,
@@ -138,10 +153,10 @@ class ClassifierTask(TrainTask):
     # data
     def _make_loader(self) -> None:
         cfg = self.config
-        self.use_logits = self.teacher is None and cfg["alpha"] > 0
+        self.use_logits = self.teacher is None and self.opts.alpha > 0
         if self.shard is not None:  # Ray Data: this worker's shard of the training files (raw units)
             self.loader = StreamLoader(self.shard, batch_size=cfg["batch_size"], seed=cfg["seed"],
-                                       input_spec=InputSpec.model_validate(cfg["input_spec"]), with_logits=self.use_logits)
+                                       input_spec=InputSpec.model_validate(self.opts.input_spec), with_logits=self.use_logits)
             self.sampler = self.loader
             return
         tensors = [torch.from_numpy(self.data["x_train"]), torch.from_numpy(self.data["y_train"])]
@@ -162,7 +177,7 @@ class ClassifierTask(TrainTask):
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
         return batch_loss(
-            model, batch, temperature=self.config["temperature"], alpha=self.config["alpha"], teacher=self.teacher,
+            model, batch, temperature=self.opts.temperature, alpha=self.opts.alpha, teacher=self.teacher,
             feature_weight=self.feature.weight if self.feature else 0.0,
             device=self.device if self.use_cuda else None, autocast_dtype=torch.bfloat16 if self.use_cuda else None,
         )
@@ -195,6 +210,6 @@ class ClassifierTask(TrainTask):
         from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
 
         save_artifact(path, student.cpu(), ArtifactSpec(
-            name=Path(path).name, model=self.spec, input=InputSpec.model_validate(self.config["input_spec"]),
+            name=Path(path).name, model=self.spec, input=InputSpec.model_validate(self.opts.input_spec),
             metadata={"val_accuracy": metrics["val_accuracy"], "epochs": self.config["epochs"]},
         ))

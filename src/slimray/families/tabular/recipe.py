@@ -104,7 +104,7 @@ class TabularRecipe(Recipe):
     def teacher_job(self, cfg: Any) -> tuple[StudentPlan, dict[str, Any]]:
         t = cfg.teacher
         plan = StudentPlan("teacher", {"in_dim": None, "hidden": list(t.hidden)})
-        return plan, {"epochs": t.epochs, "lr": t.lr, "alpha": 0.0}
+        return plan, {"epochs": t.epochs, "lr": t.lr, "task": {"alpha": 0.0}}
 
     def evaluate(self, cfg: Any, model: nn.Module, data: dict[str, Any]) -> dict[str, Any]:
         with torch.inference_mode():
@@ -119,7 +119,7 @@ class TabularRecipe(Recipe):
 
     def train_job(self, cfg: Any, plan: StudentPlan, *, distilled: bool) -> dict[str, Any]:
         d = cfg.distill
-        return {"epochs": d.epochs, "lr": d.lr, "alpha": d.alpha if distilled else 0.0}
+        return {"epochs": d.epochs, "lr": d.lr, "task": {"alpha": d.alpha if distilled else 0.0}}
 
     def job_spec(self, plan: StudentPlan, data: dict[str, Any]) -> dict[str, Any]:
         return {**plan.spec, "in_dim": int(data["x_train"].shape[1])}

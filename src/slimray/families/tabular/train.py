@@ -21,13 +21,14 @@ def r2_score(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class TabularTask(TrainTask):
-    """Data: ``x_train``, ``y_train``, ``t_train`` (teacher predictions, when alpha > 0), ``x_val``, ``y_val``."""
+    """Data: ``x_train``, ``y_train``, ``t_train`` (teacher predictions, when alpha > 0), ``x_val``, ``y_val``; its job's
+    ``task``: ``alpha``, the weight of the MSE to the teacher."""
 
     headline = "val_r2"
 
     def __init__(self, config: dict[str, Any], data: dict[str, Any], **kwargs: Any):
         super().__init__(config, data, **kwargs)
-        self.alpha = float(config["alpha"])
+        self.alpha = float(config["task"]["alpha"])
         parts = [torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])]
         if self.alpha > 0:
             parts.append(torch.from_numpy(data["t_train"]))
