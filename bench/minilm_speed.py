@@ -4,7 +4,7 @@ Run from the repository root with the virtual environment active, on a finished 
 
     python bench/minilm_speed.py --run-dir runs/minilm [--out bench-minilm.json]
 
-It loads the run's teacher (fp32, 6 layers) and distilled student (fp32, 4 layers) and builds, in memory, the
+It loads the run's teacher (fp32, 6 layers, from where the config names it) and distilled student (fp32, 4 layers) and builds, in memory, the
 variants between them: the teacher under each quantization (bf16, dynamic int8, torchao int8 + compile), the
 student at sequence length 64 and 48, under each quantization. Every variant is timed round-robin (one at a time,
 ``--repeats`` passes, median) on ``--threads`` torch threads over the same held-out sentences, tokenised once per
@@ -30,7 +30,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run-dir", type=Path, required=True, help="a finished minilm run (teacher/, student/, config.json)")
+    ap.add_argument("--run-dir", type=Path, required=True, help="a finished minilm run (students/student/, config.json)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sentences", type=int, default=256, help="held-out sentences per timing pass at batch 32")
     ap.add_argument("--repeats", type=int, default=5)
@@ -42,15 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     from slimray.families.sentence_encoder.compress import bf16_slow_reason, sentences_per_s, timing_batches
     from slimray.families.sentence_encoder.config import TextPipelineConfig
     from slimray.families.sentence_encoder.data import split_by_article
-    from slimray.families.sentence_encoder.models import embed_texts, load_text_artifact, load_tokenizer, quantize_text
+    from slimray.families.sentence_encoder.models import (embed_texts, load_teacher, load_text_artifact, load_tokenizer,
+                                                          quantize_text, teacher_dir)
 
     run_dir = args.run_dir
     cfg = TextPipelineConfig.from_file(run_dir / "config.json")
     _, held = split_by_article(heldout_fraction=cfg.data.heldout_fraction, seed=cfg.data.seed, max_train=1,
                                max_heldout=cfg.data.max_heldout_sentences, min_words=cfg.data.min_words)
     texts = held.texts
-    teacher, tspec = load_text_artifact(run_dir / "teacher")
-    student, _ = load_text_artifact(run_dir / "student")
+    tok_dir = teacher_dir(cfg.model)  # the teacher stays where the user keeps it (the MiniLM wheel, or their folder)
+    teacher = load_teacher(tok_dir)
+    student, _ = load_text_artifact(run_dir / "students" / "student")
     quants = ["none", "dynamic_int8", "torchao_int8_dynamic"] + ([] if bf16_slow_reason() else ["bf16"])
     variants: dict[str, tuple[torch.nn.Module, int]] = {}
     for q in quants:
@@ -61,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
             variants[f"student {q} seq{seq}"] = (m, seq)
 
     torch.set_num_threads(args.threads)
-    tok_dir = run_dir / "teacher"
     qual = texts[: args.quality_sentences]
     ref = embed_texts(teacher, load_tokenizer(tok_dir, max_seq_len=64), qual, max_seq_len=64)
     rows: dict[str, dict[str, float]] = {}
