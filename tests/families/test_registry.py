@@ -66,8 +66,8 @@ def test_a_family_task_trains_in_one_process_through_the_shared_epoch_loop():
     x = rng.normal(size=(256, 6)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     spec = MLPSpec(in_features=6, hidden=[16], num_classes=2)
-    cfg = {"spec": spec.model_dump(), "lr": 0.05, "epochs": 3, "batch_size": 32, "seed": 0, "alpha": 0.0, "temperature": 4.0,
-           "weight_decay": 0.0, "lr_schedule": "constant", "teacher_half_precision": True}
+    cfg = {"spec": spec.model_dump(), "lr": 0.05, "epochs": 3, "batch_size": 32, "seed": 0, "weight_decay": 0.0,
+           "lr_schedule": "constant", "task": {"alpha": 0.0, "temperature": 4.0}}
     task = ClassifierTask(cfg, {"x_train": x, "y_train": y, "x_val": x[:64], "y_val": y[:64]})
     torch.manual_seed(0)
     net = task.build()
