@@ -127,8 +127,8 @@ class Recipe(abc.ABC):
 
     @abc.abstractmethod
     def train_job(self, cfg: Any, plan: StudentPlan, *, distilled: bool) -> dict[str, Any]:
-        """The Ray Train job's fields for ``plan`` (``task``, ``spec``, ``epochs``, ``lr``, ``batch_size``, ``alpha``, ...):
-        with ``distilled`` False, the same budget on labels only."""
+        """The Ray Train job's fields for ``plan`` (``epochs``, ``lr``, ``task``: the family's own options, such as its KD
+        weight, that its TrainTask reads): with ``distilled`` False, the same budget on labels only."""
 
     def references(self, cfg: Any, teacher: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         """Untrained models reported beside the students (name -> (model, what it is)), e.g. a truncated teacher."""
