@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_np, save_file as save_np
 from torch import nn
 
+from slimray.compress.measure import torch_threads
 from slimray.families.recipe import Column, Quality, Recipe, StudentPlan
 from slimray.families.sentence_encoder.compress import (
     bf16_slow_reason,
@@ -73,20 +74,6 @@ def load_sentences(data: Any) -> tuple[Any, Any, list[str], str]:
         max_heldout=data.max_heldout_sentences, min_words=data.min_words,
     )
     return train, held, topic_names(), "by article"
-
-
-class torch_threads:
-    """Every core for the driver's one-off work (the teacher's outputs, evaluations), then back."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __enter__(self):
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
 
 
 def teacher_cache(cfg: Any, teacher: nn.Module, tokenizer: Any, train_texts: list[str], held_texts: list[str],
@@ -202,7 +189,7 @@ class EncoderRecipe(Recipe):
     def evaluate(self, cfg: Any, model: nn.Module, data: dict[str, Any], *, seq_len: int | None = None,
                  cache: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
         seq = seq_len or cfg.model.max_seq_len
-        tok = load_tokenizer(data["teacher_dir"], max_seq_len=cfg.model.max_seq_len)
+        tok = _tokenizer(data["teacher_dir"], cfg.model.max_seq_len)
         full = cache if cache is not None else {}
         with torch_threads(1 if cache is not None else os.cpu_count() or 1):
             held = _embed_at(model, tok, data["heldout_texts"], seq, full, "held")
@@ -254,7 +241,7 @@ class EncoderRecipe(Recipe):
         # a fresh module from the student's weights (a transformers model unpickled in a trial loses its output hooks)
         model = build_float(spec_for(student, name="student", base_config=data["base_config"], max_seq_len=cfg.model.max_seq_len))
         model.load_state_dict(student.state_dict())
-        tokenizer = load_tokenizer(data["teacher_dir"], max_seq_len=cfg.model.max_seq_len)
+        tokenizer = _tokenizer(data["teacher_dir"], cfg.model.max_seq_len)
         params_before = count_params(model)
         if ratio > 0:
             ids, mask = tokenize(tokenizer, data["heldout_texts"][:4], max_seq_len=cfg.model.max_seq_len)
@@ -342,4 +329,5 @@ class EncoderRecipe(Recipe):
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(directory: str, seq_len: int) -> Any:
+    """One tokenizer per (folder, length), read from disk once per process (every evaluation and timing pass uses it)."""
     return load_tokenizer(directory, max_seq_len=seq_len)
