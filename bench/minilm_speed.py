@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
 
-    from slimray.families.sentence_encoder.compress import bf16_slow_reason, sentences_per_s, timing_batches
+    from slimray.compress.cpu import bf16_slow_reason
+    from slimray.families.sentence_encoder.compress import sentences_per_s, timing_batches
     from slimray.families.sentence_encoder.config import TextPipelineConfig
     from slimray.families.sentence_encoder.data import split_by_article
     from slimray.families.sentence_encoder.models import (embed_texts, load_teacher, load_text_artifact, load_tokenizer,

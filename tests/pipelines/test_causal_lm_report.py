@@ -64,3 +64,22 @@ def _section(rows, *, budget):
          "trials": [{**trial, **x} for x in rows], "int4": "n/a", "stage_seconds": {}, "wall_s": 1.0}
     md = render_markdown(r)
     return md[md.index("## Pareto front"):md.index("## Students")]
+
+
+def test_search_leaves_bf16_out_on_a_cpu_without_native_bf16_and_says_so(monkeypatch):
+    """On an AVX2-only CPU bf16 prefill ran 41-49 tok/s against fp32's 316: the LM search leaves it out (as the encoder
+    search does) and the report says why; with native bf16, or bf16 alone, it stays."""
+    from slimray.compress import cpu
+    from slimray.families.causal_lm.config import load_lm_config
+    from slimray.pipelines.causal_lm import _bf16_note, searched_quant_methods
+
+    cfg = load_lm_config(recipe="smollm")
+    assert "bf16" in cfg.search.quant_methods
+    monkeypatch.setattr(cpu, "bf16_slow_reason", lambda: "this CPU has no AVX512-BF16 or AMX-BF16")
+    quants, why = searched_quant_methods(cfg)
+    assert "bf16" not in quants and quants == [q for q in cfg.search.quant_methods if q != "bf16"] and "AVX512-BF16" in why
+    assert "left out of the search" in _bf16_note(cfg)
+    only = cfg.model_copy(update={"search": cfg.search.model_copy(update={"quant_methods": ["bf16"]})})
+    assert searched_quant_methods(only) == (["bf16"], None)
+    monkeypatch.setattr(cpu, "bf16_slow_reason", lambda: None)
+    assert searched_quant_methods(cfg) == (list(cfg.search.quant_methods), None) and _bf16_note(cfg) is None

@@ -255,7 +255,7 @@ def test_frozen_word_embeddings_are_not_trained(small_student):
 
 
 def test_bf16_is_left_out_on_cpus_without_native_bf16():
-    from slimray.families.sentence_encoder.compress import bf16_slow_reason, cpu_has_native_bf16
+    from slimray.compress.cpu import bf16_slow_reason, cpu_has_native_bf16
 
     avx2 = "processor: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
     amx = "processor: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16\n"

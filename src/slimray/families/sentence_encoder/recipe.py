@@ -23,12 +23,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_np, save_file as save_np
 from torch import nn
 
+from slimray.compress.cpu import cpu_has_native_bf16, without_slow_bf16
 from slimray.compress.measure import torch_threads
 from slimray.families.recipe import Column, Quality, Recipe, StudentPlan
 from slimray.families.sentence_encoder.compress import (
-    bf16_slow_reason,
     count_params,
-    cpu_has_native_bf16,
     prune_heads_ffn,
     sentences_per_s,
     timing_batches,
@@ -112,10 +111,7 @@ def bf16_autocast(cfg: Any) -> bool:
 def searched_quantizations(cfg: Any) -> tuple[list[str], str | None]:
     """The quantizations the search scores, and why bf16 was left out (a CPU without native bf16, where it is ~20x
     slower than fp32), if it was."""
-    quants = list(cfg.search.quantizations)
-    if "bf16" in quants and len(quants) > 1 and (why := bf16_slow_reason()):
-        return [q for q in quants if q != "bf16"], why
-    return quants, None
+    return without_slow_bf16(list(cfg.search.quantizations))
 
 
 def _embed_at(model: nn.Module, tokenizer: Any, texts: list[str], seq_len: int, full: dict[str, np.ndarray], tag: str) -> np.ndarray:
