@@ -30,6 +30,20 @@ def check_name(value: str, *, what: str = "name") -> str:
 RunName = Annotated[str, AfterValidator(check_name)]  # a run's name: its folder under the output folder
 
 
+def check_prune_ratios(value: list[float]) -> list[float]:
+    """Fractions removed by structured pruning: each in [0, 1) (0 keeps the model whole), at least one; sorted,
+    repeats dropped."""
+    if not value:
+        raise ValueError("at least one prune ratio")
+    bad = [r for r in value if not 0.0 <= r < 1.0]
+    if bad:
+        raise ValueError(f"prune ratios must be in [0, 1): {bad}")
+    return sorted(set(value))
+
+
+PruneRatios = Annotated[list[float], AfterValidator(check_prune_ratios)]  # every family's search.prune_ratios
+
+
 class ConfigError(ValueError):
     """A config or spec that does not validate; the message names the file and fields."""
 

@@ -28,7 +28,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from slimray.compress.prune import PruneSpec
 from slimray.compress.quantize import QuantMethod, QuantSpec
 from slimray.compress.runtime import DEVICE_METHODS, Device, RuntimeName, RuntimeSpec, unsupported_reason
-from slimray.schema import ConfigError, StrictModel
+from slimray.schema import ConfigError, PruneRatios, StrictModel
 
 
 class Uniform(StrictModel):
@@ -171,21 +171,11 @@ class SearchSpace(StrictModel):
     """
 
     device: Device = Field("cpu", description="where the model will be served: cpu or cuda")
-    prune_ratios: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
+    prune_ratios: PruneRatios = Field(default_factory=lambda: [0.0, 0.25, 0.5])
     quantizations: list[QuantMethod] = Field(default_factory=lambda: ["none", "dynamic_int8", "static_int8", "bf16"])
     runtimes: list[RuntimeName] = Field(default_factory=lambda: ["torch"], description="torch, torch_compile, onnxruntime")
     importance: Literal["l1", "l2", "taylor"] = "l1"
     round_to: PositiveInt | None = None
-
-    @field_validator("prune_ratios")
-    @classmethod
-    def _ratios(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("at least one prune ratio")
-        bad = [r for r in v if not 0.0 <= r < 1.0]
-        if bad:
-            raise ValueError(f"prune ratios must be in [0, 1): {bad}")
-        return sorted(set(v))
 
     @field_validator("quantizations", "runtimes")
     @classmethod

@@ -13,7 +13,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from slimray.configbase import RunConfigBase, SearchBase, ServeConfig, load_family_config, recipe_file
 from slimray.families.sentence_encoder.quantize import EncoderQuantMethod
-from slimray.schema import ConfigError, RunName, StrictModel
+from slimray.schema import ConfigError, PruneRatios, RunName, StrictModel
 
 
 
@@ -106,7 +106,7 @@ class TextSearchConfig(SearchBase):
     """The shared search section (trials at once, finalists, rounds of side-by-side timing, noise margin) with one
     Tune trial per prune ratio, scored at every quantization x sequence length."""
 
-    prune_ratios: list[float] = Field([0.0], min_length=1, description="fraction of heads and FFN neurons removed per layer")
+    prune_ratios: PruneRatios = Field([0.0], description="fraction of heads and FFN neurons removed per layer")
     quantizations: list[EncoderQuantMethod] = Field(
         ["none", "dynamic_int8"], min_length=1,
         description="none, dynamic_int8 (torch.ao), bf16 (fast only with AVX512-BF16/AMX; ~20x slower than fp32 on "
@@ -121,13 +121,6 @@ class TextSearchConfig(SearchBase):
     min_probe_ratio: float = Field(0.99, gt=0, le=1.5, description="winner's probe accuracy / teacher's")
     num_threads: PositiveInt = Field(1, description="torch threads when timing")
     timing_sentences: PositiveInt = Field(256, description="held-out sentences per timing pass at batch 32")
-
-    @field_validator("prune_ratios")
-    @classmethod
-    def _ratios(cls, v: list[float]) -> list[float]:
-        if any(not 0 <= r < 1 for r in v):
-            raise ValueError("prune ratios must lie in [0, 1)")
-        return sorted(set(v))
 
     @field_validator("quantizations")
     @classmethod

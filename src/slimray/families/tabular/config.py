@@ -11,7 +11,7 @@ from pydantic import Field, PositiveInt, field_validator
 
 from slimray.compress.quantize import QuantMethod
 from slimray.configbase import DistillBase, RunConfigBase, SearchBase, load_family_config
-from slimray.schema import RunName, StrictModel
+from slimray.schema import PruneRatios, RunName, StrictModel
 
 
 class TabularData(StrictModel):
@@ -41,17 +41,10 @@ class TabularDistill(DistillBase):
 
 class TabularSearch(SearchBase):
     max_quality_drop: float = Field(0.02, ge=0, description="R² the winner may lose against the teacher (0.02: 2 points)")
-    prune_ratios: list[float] = Field([0.0, 0.5], min_length=1)
+    prune_ratios: PruneRatios = Field([0.0, 0.5])
     quant_methods: list[QuantMethod] = Field(["none", "dynamic_int8"], min_length=1,
                                              description="names in the shared quantization registry (slimray.compress.quantize)")
     timing_batch_size: PositiveInt = Field(256, description="rows per forward when speeds are measured")
-
-    @field_validator("prune_ratios")
-    @classmethod
-    def _ratios(cls, v: list[float]) -> list[float]:
-        if any(not 0.0 <= r < 1.0 for r in v):
-            raise ValueError("each prune ratio must be in [0, 1)")
-        return sorted(set(v))
 
 
 class TabularConfig(RunConfigBase):
