@@ -42,7 +42,11 @@ class SearchBase(StrictModel):
     max_concurrent_trials: PositiveInt = Field(2, description="Tune trials at once (one CPU each)")
     use_tune: bool = Field(True, description="one Ray Tune trial per candidate; false: candidates run in the driver")
     num_finalists: PositiveInt = Field(3, description="fastest feasible candidates re-timed side by side")
-    num_rounds: PositiveInt = Field(5, description="rounds of side-by-side timing")
+    num_rounds: PositiveInt = Field(5, description="rounds of side-by-side timing, at least")
+    max_rounds: PositiveInt | None = Field(None, description="more rounds, up to this, until the same finalist leads two "
+                                           "rounds running; None: num_rounds exactly")
+    include_teacher: bool = Field(False, description="also search the teacher's own compressions (is a student needed "
+                                  "at all?), beside the students'")
     noise_margin: NonNegativeFloat = Field(0.03, description="a lead under this fraction is a tie (the smaller wins)")
 
 

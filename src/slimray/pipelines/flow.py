@@ -5,11 +5,13 @@ Stages, one console line each: ``prepare`` (the family reads its data), ``evalua
 one trained on labels on Ray Train), ``derive_students`` (the family's plans), ``distil`` (each student on the one Ray
 Train loop, distilled and, with the same budget, on labels only; the search starts from whichever validates better and
 the report says what distillation gained or lost), ``search`` (every candidate x starting student as one trial of the
-one Tune trainable, ``slimray.sweep.trials``), ``finalists`` (the fastest feasible candidates and the teacher rebuilt in
-this process and timed side by side, in rounds), ``winner`` (the one rule, ``slimray.sweep.select.choose``: fastest
-under the family's quality constraint, a lead inside the noise is a tie that the smaller model wins), ``export`` (the
-winner's artifact and a sample request) and ``report`` (rows rendered with the family's columns, the Pareto front
-plotted). A rerun reuses the teacher, the students and every finished trial.
+one Tune trainable, ``slimray.sweep.trials``; with ``include_teacher`` the teacher is a starting model too),
+``finalists`` (the fastest feasible candidates and the teacher rebuilt in this process and timed side by side, in
+rounds: ``num_rounds`` at least, up to ``max_rounds`` until one finalist leads two rounds running), ``winner`` (the
+one rule, ``slimray.sweep.select.choose``: fastest under the family's quality constraint, a lead inside the noise is a
+tie that the smaller model wins), ``export`` (the winner's artifact and a sample request) and ``report`` (rows
+rendered with the family's columns, the Pareto front plotted). A rerun reuses the teacher, the students and every
+finished trial.
 """
 
 from __future__ import annotations
@@ -118,14 +120,17 @@ class FlowStages(Stages):
 
         s = self.cfg.search
         settings = self.recipe.candidates(self.cfg)
-        self.candidates = {f"{b}-{k}": (b, c) for b in self.bases for k, c in settings.items()}
-        log(f"search: {len(self.candidates)} candidates ({len(settings)} settings x {len(self.bases)} starting student(s))")
+        self.searched = self.bases + (["teacher"] if s.include_teacher else [])
+        self.students["teacher"] = self.teacher  # a search base like the students when include_teacher is set
+        self.candidates = {f"{b}-{k}": (b, c) for b in self.searched for k, c in settings.items()}
+        log(f"search: {len(self.candidates)} candidates ({len(settings)} settings x {len(self.searched)} starting model(s): "
+            f"{', '.join(self.searched)})")
         measure = functools.partial(measure_with_recipe, family=self.family.name, config_json=self.cfg.model_dump_json(),
                                     run_dir=str(self.run_dir.resolve()), candidates=self.candidates)
         advice = functools.partial(advise_with_recipe, family=self.family.name, candidates=self.candidates)
         results = run_trials(
             run_dir=self.run_dir, keys=list(self.candidates), measure=measure, advice=advice, run_name=f"{self.family.name}-search",
-            shared={"data": self.data, "students": {b: self.students[b] for b in self.bases}},
+            shared={"data": self.data, "students": {b: self.students[b] for b in self.searched}},
             max_concurrent_trials=s.max_concurrent_trials, use_tune=s.use_tune, cpus_per_trial=self.recipe.trial_cpus,
             metric=self.recipe.speed_key,
         )
@@ -175,13 +180,17 @@ class FlowStages(Stages):
         samples: dict[str, dict[str, list[float]]] = {k: {} for k in models}
         order = list(models)
         rng = random.Random(0)
-        for _ in range(s.num_rounds):
+        from slimray.sweep.select import ranking_stable, rounds_summary
+
+        for i in range(max(s.num_rounds, s.max_rounds or 0)):
             rng.shuffle(order)  # no model always timed first (or last) in a round
             speeds = self.recipe.time({k: models[k] for k in order}, self.data, cfg=self.cfg, settings=settings)
             for k, v in speeds.items():
                 for fig, x in self._speeds(v).items():
                     samples[k].setdefault(fig, []).append(x)
-        from slimray.sweep.select import rounds_summary
+            if i + 1 >= s.num_rounds and (len(ranked) == 1 or ranking_stable({t["key"]: samples[t["key"]][speed] for t in ranked})):
+                break  # the same finalist led the last two rounds: more rounds would not change the ranking
+        num_rounds = i + 1
 
         self.rounds = {k: figs[speed] for k, figs in samples.items()}
         self.finalist_models = models
@@ -197,7 +206,7 @@ class FlowStages(Stages):
         self.finalist_rows = [timed(t) for t in ranked]
         for r in self.finalist_rows:
             log(f"finalist {r['key']}: {self._q(r)}, {r[speed]:.4g} {self.recipe.speed_label} "
-                f"({r['speedup']:.2f}x the teacher, side by side, median of {s.num_rounds} rounds)")
+                f"({r['speedup']:.2f}x the teacher, side by side, median of {num_rounds} rounds)")
 
     def winner(self) -> None:
         from slimray.sweep.select import choose
@@ -239,7 +248,7 @@ class FlowStages(Stages):
             "higher_is_better": self.quality.higher_is_better, "floor": self.floor, "budget": self.recipe.budget(self.cfg)},
             "speed": {"key": speed, "label": self.recipe.speed_label},
             "teacher": self.teacher_row, "students": self.student_rows, "references": self.reference_rows,
-            "search_bases": self.bases, "trials": self.trials, "finalists": self.finalist_rows, "rounds": self.rounds,
+            "search_bases": self.searched, "trials": self.trials, "finalists": self.finalist_rows, "rounds": self.rounds,
             "winner": {**self.winner_row, "meets_constraint": self.feasible, "tied_with": self.tied,
                        "size_ratio": self.teacher_row["size_bytes"] / self.winner_row["size_bytes"]
                        if self.teacher_row.get("size_bytes") and self.winner_row.get("size_bytes") else None},
@@ -258,7 +267,7 @@ class FlowStages(Stages):
         md += [f"- {r['key']}: {r['what']}" for r in self.reference_rows]
         md += [f"- {r['plan']}: distillation {'gained' if r['kd_gain'] >= 0 else 'lost'} {abs(r['kd_gain']):.4g} "
                f"{self.quality.label} against the same student on labels only" for r in kd]
-        md += ["", f"Search started from: {', '.join(self.bases)}.", *[f"Note: {n}." for n in report["notes"]], "", "## Finalists (timed side by side)", "",
+        md += ["", f"Search started from: {', '.join(self.searched)}.", *[f"Note: {n}." for n in report["notes"]], "", "## Finalists (timed side by side)", "",
                rows_table([self.teacher_row, *self.finalist_rows], cols), "", "## Every trial", "", rows_table(self.trials, cols),
                "", f"Pareto front ({self.quality.label} vs {self.recipe.speed_label}): {', '.join(report['pareto_front'])}", "",
                "![front](pareto.png)", ""]

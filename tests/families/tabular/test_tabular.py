@@ -123,7 +123,7 @@ def test_distil_search_serve_end_to_end_through_the_cli(tmp_path, ray_session):
 
     serve.shutdown()  # `slimray run` starts Serve with its own ingress
     port = free_port()
-    config = write_config(tmp_path, serve={"port": port})
+    config = write_config(tmp_path, serve={"port": port}, search={"include_teacher": True, "max_rounds": 6})
     served = Served(None, port=port, address=ray_session.get_runtime_context().gcs_address,
                     command=["run", "--config", str(config), "--out", str(tmp_path / "runs")])
     try:
@@ -138,8 +138,14 @@ def test_distil_search_serve_end_to_end_through_the_cli(tmp_path, ray_session):
         students = {r["key"]: r for r in report["students"]}
         assert set(students) == {"student-32x32", "student-32x32-labels-only"}
         assert "kd_gain" in students["student-32x32"] and report["search_bases"][0] in students
-        assert len(report["trials"]) == 4 and all(t["status"] == "ok" for t in report["trials"])
+        # include_teacher: the teacher's own compressions are searched beside the student's
+        assert report["search_bases"][-1] == "teacher" and len(report["search_bases"]) == 2
+        assert len(report["trials"]) == 8 and all(t["status"] == "ok" for t in report["trials"])
+        assert sum(t["key"].startswith("teacher-") for t in report["trials"]) == 4
         assert report["winner"]["key"] in {t["key"] for t in report["finalists"]}
+        # side-by-side rounds: at least num_rounds (3), more up to max_rounds (6) until one finalist leads two rounds
+        counts = {len(v) for v in report["rounds"].values()}
+        assert len(counts) == 1 and 3 <= counts.pop() <= 6
         assert (run / "pareto.png").stat().st_size > 0 and "distillation" in (run / "report.md").read_text()
         # served: the same predictions as the winner run in-process, and a bad row is a 4xx with a message
         from slimray.families.tabular.codec import TabularCodec
