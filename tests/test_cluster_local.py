@@ -68,3 +68,22 @@ def test_down_reports_gone_pids_and_unverifiable_old_state(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_down_forgets_rays_record_of_the_cluster_it_stopped_and_only_that(tmp_path, monkeypatch):
+    """Every ``ray start`` writes the cluster's address to Ray's ``ray_current_cluster`` (with the machine's address,
+    not 127.0.0.1); left after ``down`` it sent Ray Train's State API lookups to the dead cluster (a 12 s wait at the
+    end of every later Train run) and a plain ``ray.init()`` to it. ``down`` removes it when it names the stopped
+    cluster's port; another cluster's record stays."""
+    record_file = tmp_path / "ray_current_cluster"
+    monkeypatch.setattr("slimray.raycompat.ray_address_file", lambda: record_file)
+    state = LocalCluster(state_dir=str(tmp_path), gcs_address="127.0.0.1:36385", dashboard_url="http://127.0.0.1:2",
+                         token_file=str(tmp_path / "t"), pids=[], num_workers=0, procs=[])
+    record_file.write_text("192.0.2.2:36385")
+    (tmp_path / "state.json").write_text(json.dumps(asdict(state)))
+    cluster_local.down(state_dir=tmp_path, report=lambda msg: None)
+    assert not record_file.exists() and not (tmp_path / "state.json").exists()
+    record_file.write_text("10.0.0.5:6379")  # someone else's cluster
+    assert not cluster_local.forget_ray_address("127.0.0.1:36385") and record_file.read_text() == "10.0.0.5:6379"
+    record_file.unlink()
+    assert not cluster_local.forget_ray_address("127.0.0.1:36385")  # nothing recorded: nothing to do

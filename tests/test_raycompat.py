@@ -47,6 +47,13 @@ def test_session_dir_is_the_running_rays(ray_session):
     assert path.name.startswith("session_")
 
 
+def test_ray_address_file_is_where_ray_start_records_its_cluster():
+    from ray._common.utils import get_ray_address_file
+
+    path = raycompat.ray_address_file()
+    assert path.name == "ray_current_cluster" and str(path) == get_ray_address_file(None)
+
+
 def test_train_report_loggers_name_the_logger_ray_train_uses():
     names = raycompat.train_report_loggers()
     from ray.train.v2._internal.execution import context  # the private module, read here only to check the shim

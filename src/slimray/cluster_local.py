@@ -228,5 +228,26 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 30, report=N
                     pass
         if not any(_alive(p) for p in ours):
             break
+    forget_ray_address(state.gcs_address)
     (Path(state_dir) / "state.json").unlink(missing_ok=True)
     return ours
+
+
+def forget_ray_address(gcs_address: str, *, address_file: Path | None = None) -> bool:
+    """Remove Ray's record of the last cluster started on this machine (``ray_current_cluster`` in Ray's temp folder,
+    written by every ``ray start``) when it names the cluster just stopped (same GCS port; Ray writes the machine's
+    address there, not 127.0.0.1). Left behind, it sends a later plain ``ray.init()`` to the dead cluster, and Ray
+    Train's controller, whose State API lookups resolve it, waits out a 12 s timeout at the end of every run. A record
+    of another cluster is left alone. True when it was removed."""
+    if address_file is None:
+        from slimray.raycompat import ray_address_file
+
+        address_file = ray_address_file()
+    try:
+        recorded = Path(address_file).read_text().strip()
+    except OSError:
+        return False
+    if recorded.rpartition(":")[2] != gcs_address.rpartition(":")[2]:
+        return False
+    Path(address_file).unlink(missing_ok=True)
+    return True

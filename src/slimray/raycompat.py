@@ -7,6 +7,7 @@ outside this module). What lives here is private to Ray and may change in any re
 * ``reload_ray_config()`` and ``token_auth_enabled()``: token authentication of the embedded Ray
   (``ray._raylet.Config``, ``ray._private.authentication``);
 * ``session_dir()``: the local Ray session's folder (``ray._private.worker._global_node``);
+* ``ray_address_file()``: where ``ray start`` records the last cluster on this machine (``ray._common.utils``);
 * ``train_report_loggers()``: the loggers Ray Train V2 writes every report to (``ray.train.v2._internal``);
 * the environment variables Serve reads when its processes start (constants below).
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 CHECKED_RAY_VERSION = "2.60.0"
@@ -104,6 +106,22 @@ def token_auth_enabled() -> bool:
     if not isinstance(enabled, bool):
         raise RayCompatError("token_auth_enabled", internal, f"returned {enabled!r}, not a bool")
     return enabled
+
+
+def ray_address_file() -> Path:
+    """Where ``ray start`` records the last cluster started on this machine (``ray_current_cluster`` in Ray's default
+    temp folder), which a plain ``ray.init()`` and the State API fall back to."""
+    check_ray_version()
+    internal = "ray._common.utils.get_ray_address_file(None)"
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        path = get_ray_address_file(None)
+    except (ImportError, AttributeError, TypeError) as err:
+        raise RayCompatError("ray_address_file", internal, err) from err
+    if not isinstance(path, str) or not path.endswith("ray_current_cluster"):
+        raise RayCompatError("ray_address_file", internal, f"returned {path!r}")
+    return Path(path)
 
 
 def session_dir() -> str | None:
