@@ -87,3 +87,22 @@ def test_down_forgets_rays_record_of_the_cluster_it_stopped_and_only_that(tmp_pa
     assert not cluster_local.forget_ray_address("127.0.0.1:36385") and record_file.read_text() == "10.0.0.5:6379"
     record_file.unlink()
     assert not cluster_local.forget_ray_address("127.0.0.1:36385")  # nothing recorded: nothing to do
+
+
+def test_down_signals_the_leader_then_kills_what_is_left_of_its_group(tmp_path):
+    """SIGTERM goes to the recorded leader alone (``ray start --block`` stops its node in order: 4 s, where a SIGTERM
+    to the whole group took 31 s); a member that outlives it, or a leader ignoring SIGTERM, gets SIGKILL with its
+    group once ``timeout_s`` is over."""
+    import sys
+
+    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[1] == 'deaf' "
+            "else signal.SIG_DFL); subprocess.Popen(['sleep', '120']); time.sleep(120)")
+    for mode in ("deaf", "plain"):
+        args = [sys.executable, "-c", code, mode]
+        leader = subprocess.Popen(args, start_new_session=True)
+        time.sleep(1.0)  # its child is started
+        _write_state(tmp_path, [record(leader.pid, args)])
+        t0 = time.monotonic()
+        assert cluster_local.down(state_dir=tmp_path, report=lambda msg: None, timeout_s=2) == [leader.pid]
+        assert leader.wait(timeout=10) is not None and not cluster_local._group_alive(leader.pid), mode
+        assert time.monotonic() - t0 < 10

@@ -75,6 +75,17 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether any process is still in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
 def _nodes_alive(dashboard: str, token: str) -> int:
     req = urllib.request.Request(f"{dashboard}/nodes?view=summary", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=5) as resp:
@@ -204,30 +215,42 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 30, report=N
     """Stop the process groups this module started (workers first, then the head); returns the PIDs it stopped.
 
     Each recorded pid is checked first (``is_ours``): one that is gone or belongs to another process now is
-    reported through ``report`` (default: stderr) and never signalled."""
+    reported through ``report`` (default: stderr) and never signalled. SIGTERM goes to each ``ray start --block``
+    alone, which stops its node's processes in order (4 s for a head and a worker here; a SIGTERM to every process
+    of the group at once left the raylet and the GCS server waiting on each other for 30 s); whatever of a group is
+    left after ``timeout_s`` gets SIGKILL."""
     report = report or (lambda msg: print(f"slimray cluster down: {msg}", file=sys.stderr))
     state = load_state(state_dir)
     if state is None:
         return []
     ours = _verified(state, report)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in reversed(ours):
-            if sig == signal.SIGKILL and not any(is_ours(r) for r in state.procs if r.get("pid") == pid):
-                continue  # exited after SIGTERM: its pid may already be someone else's
+    for pid in reversed(ours):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def left() -> list[int]:
+        for p in ours:  # reap our own children
             try:
-                os.killpg(pid, sig)
+                os.waitpid(p, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        return [p for p in ours if _alive(p) or _group_alive(p)]
+
+    deadline = time.monotonic() + timeout_s
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    for pid in left():
+        # the leader still ours, or gone with members left: a group id is not reused while it has members
+        if any(is_ours(r) for r in state.procs if r.get("pid") == pid) or not _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 5)
-        while time.monotonic() < deadline and any(_alive(p) for p in ours):
-            time.sleep(0.3)
-            for p in ours:  # reap our own children
-                try:
-                    os.waitpid(p, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-        if not any(_alive(p) for p in ours):
-            break
+    deadline = time.monotonic() + 5
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.3)
     forget_ray_address(state.gcs_address)
     (Path(state_dir) / "state.json").unlink(missing_ok=True)
     return ours
