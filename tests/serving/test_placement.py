@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # a 4-node Cluster in a subprocess: about a minute
 
 HERE = Path(__file__).resolve().parent
 

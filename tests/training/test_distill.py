@@ -57,6 +57,7 @@ def test_two_worker_distillation_learns_and_checkpoints(tmp_path, kd_data, digit
     assert len(ckpts) == 2 and (ckpts[-1] / "model.safetensors").exists() and (ckpts[-1] / "train_state.pt").exists()
 
 
+@pytest.mark.long  # a minute; the killed-driver test (test_fault.py) resumes from a checkpoint too
 def test_rerun_with_same_name_resumes_from_last_checkpoint(tmp_path, kd_data):
     run_training(_job(tmp_path, epochs=3), kd_data)
     # the same run name, now asked for 5 epochs: only epochs 4 and 5 run

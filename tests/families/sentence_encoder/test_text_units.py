@@ -182,6 +182,7 @@ def test_torchao_artifact_stores_int8_weights_and_reloads_deterministically(smal
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 45 s of torch.compile
 def test_compiled_torchao_model_answers_like_the_eager_one(small_student, tmp_path):
     """The path the winner runs in: torchao int8 under torch.compile (dynamic shapes: batch sizes and lengths vary)."""
     from slimray.families.sentence_encoder.models import encode_batch, load_text_artifact, save_text_artifact, spec_for, teacher_config, teacher_dir, tokenize
