@@ -104,5 +104,5 @@ def test_down_signals_the_leader_then_kills_what_is_left_of_its_group(tmp_path):
         _write_state(tmp_path, [record(leader.pid, args)])
         t0 = time.monotonic()
         assert cluster_local.down(state_dir=tmp_path, report=lambda msg: None, timeout_s=2) == [leader.pid]
-        assert leader.wait(timeout=10) is not None and not cluster_local._group_alive(leader.pid), mode
+        assert leader.wait(timeout=10) is not None and not cluster_local._alive(leader.pid, group=True), mode
         assert time.monotonic() - t0 < 10

@@ -65,20 +65,10 @@ def load_state(state_dir: Path = DEFAULT_STATE_DIR) -> LocalCluster | None:
     return LocalCluster(**json.loads(path.read_text()))
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, *, group: bool = False) -> bool:
+    """Whether process ``pid`` exists (with ``group``: whether any process is left in process group ``pid``)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any process is still in process group ``pgid``."""
-    try:
-        os.killpg(pgid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
         return True
     except ProcessLookupError:
         return False
@@ -236,7 +226,7 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 30, report=N
                 os.waitpid(p, os.WNOHANG)
             except ChildProcessError:
                 pass
-        return [p for p in ours if _alive(p) or _group_alive(p)]
+        return [p for p in ours if _alive(p) or _alive(p, group=True)]
 
     deadline = time.monotonic() + timeout_s
     while left() and time.monotonic() < deadline:
