@@ -63,3 +63,28 @@ def test_embedded_ray_refuses_unauthenticated_job_submission_and_starts_the_dash
     assert out["submit_without_token"] == 401
     assert out["submit_wrong_token"] in (401, 403)
     assert out["list_with_token"] == 200
+
+
+def test_a_stale_cluster_record_is_reported_and_a_live_one_is_not(tmp_path, monkeypatch):
+    """A ``ray_current_cluster`` naming a cluster that no longer answers made every Ray Train run wait 12 s: the
+    embedded Ray's start reports it (the record is Ray's, shared by the machine: reported, never removed)."""
+    import socket
+
+    from slimray.runtime import stale_cluster_record
+
+    record = tmp_path / "ray_current_cluster"
+    monkeypatch.setattr("slimray.raycompat.ray_address_file", lambda: record)
+    assert stale_cluster_record() is None  # no record
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # nothing listens once this socket closes
+    record.write_text(f"127.0.0.1:{dead}")
+    why = stale_cluster_record()
+    assert why and str(record) in why and f"127.0.0.1:{dead}" in why and "12 s" in why and record.exists()
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        record.write_text(f"127.0.0.1:{live.getsockname()[1]}")
+        assert stale_cluster_record() is None
+    record.write_text("garbage")
+    assert stale_cluster_record() is not None  # unreadable as host:port: reported too

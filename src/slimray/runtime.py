@@ -10,7 +10,8 @@ The embedded Ray:
   127.0.0.1: ``slimray run`` needs none of them;
 * keeps worker output out of the console (``log_to_driver=False``) unless ``--verbose``: it stays in Ray's
   session folder, which ``slimray.console.link_ray_logs`` links from ``RUN/logs/``.
-Ray Train is told to fail fast: worker groups that cannot start give up after a bounded time.
+Ray Train is told to fail fast: worker groups that cannot start give up after a bounded time. A stale record of a
+killed ``ray start`` cluster on this machine is reported before the embedded Ray starts (it costs every Train run 12 s).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
         console.install_signal_handlers()  # ray.init replaced the SIGTERM handler
         return False
     _require_token_auth()
+    if why := stale_cluster_record():
+        from slimray.runs import log
+
+        log(f"warning: {why}")
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count() or 1,
@@ -64,6 +69,31 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
         ray.shutdown()
         raise RuntimeError("the embedded Ray started without token authentication; refusing to run it open")
     return True
+
+
+def stale_cluster_record(*, connect_timeout_s: float = 0.5) -> str | None:
+    """Why Ray's record of the last cluster started on this machine (``ray_current_cluster``, written by ``ray start``)
+    will slow the embedded Ray down, when it names a cluster that no longer answers: Ray Train's State API lookups
+    resolve it, hang, and every Train run then waits 12 s at its end. ``None`` when there is no record or its GCS
+    port answers. The record is Ray's, shared by every Ray on the machine: it is reported, not removed."""
+    import socket
+
+    from slimray.raycompat import ray_address_file
+
+    path = ray_address_file()
+    try:
+        recorded = path.read_text().strip()
+    except OSError:
+        return None
+    host, _, port = recorded.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=connect_timeout_s):
+            return None
+    except (OSError, ValueError):
+        pass
+    return (f"{path} records a Ray cluster at {recorded} that does not answer (left by a `ray start` whose processes "
+            f"were killed): Ray Train waits 12 s at the end of every run while it is there; `ray stop` or deleting "
+            f"the file removes it")
 
 
 def _require_token_auth() -> None:
