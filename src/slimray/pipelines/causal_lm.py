@@ -311,12 +311,13 @@ class CausalLMStages(Stages):
 
         s = self.cfg.search
         model_dirs = {TEACHER: str(self.teacher_dir), **{st.name: str(st.folder) for st in self.students}}
+        searched = [m for m in model_dirs if m != TEACHER or s.include_teacher] or [TEACHER]  # no student: the teacher
         quants, why = searched_quant_methods(self.cfg)
         if why:
             log(f"search: bf16 left out: {why}")
-        candidates = candidate_grid(list(model_dirs), sparsities=s.sparsities, quant_methods=quants, runtimes=s.runtimes,
+        candidates = candidate_grid(searched, sparsities=s.sparsities, quant_methods=quants, runtimes=s.runtimes,
                                     compiled_quant_methods=s.compiled_quant_methods, sparse_quant_methods=s.sparse_quant_methods)
-        log(f"search: {len(candidates)} candidates = {list(model_dirs)} x {s.sparsities} x {quants} x {s.runtimes} on Ray Tune "
+        log(f"search: {len(candidates)} candidates = {searched} x {s.sparsities} x {quants} x {s.runtimes} on Ray Tune "
             f"({s.max_concurrent_trials} at once, 1 thread each)")
         self.rows = run_search(run_dir=self.run_dir, candidates=candidates, model_dirs=model_dirs, windows=self.eval_windows,
                                reference_argmax=self.teacher_argmax, search=s.model_dump())
@@ -342,7 +343,7 @@ class CausalLMStages(Stages):
             finalists += [r for r in feasible if r["prefill_tokens_per_s"] >= floor and r not in finalists][: s.num_finalists]
         finalists = finalists or sorted(ok, key=lambda r: r["perplexity"])[:1]
         log(f"search: {len(ok)}/{len(self.rows)} trials ok, {len(feasible)} within {s.ppl_budget}x the teacher's perplexity; "
-            f"re-timing {[r['key'] for r in finalists]} side by side with the teacher ({s.num_timing_rounds} round(s))")
+            f"re-timing {[r['key'] for r in finalists]} side by side with the teacher ({s.num_rounds} round(s) at least)")
 
         # the teacher as given, the finalists, and the teacher in each student finalist's quantization + runtime
         timed: dict[str, tuple[str, str, str, str]] = {AS_GIVEN: (TEACHER, "none", "hf_eager", "none")}
@@ -359,7 +360,7 @@ class CausalLMStages(Stages):
         decode_rounds = {k: r["decode_tokens_per_s_b1"] for k, r in self.timing_rounds.items()}
         winner, is_feasible = choose_winner(finalists, teacher_ppl=t_ppl, ppl_budget=s.ppl_budget,
                                             teacher_prefill=speeds[AS_GIVEN]["prefill_tokens_per_s"],
-                                            min_prefill_speedup=s.min_prefill_speedup, rounds=decode_rounds, tie_margin=s.tie_margin)
+                                            min_prefill_speedup=s.min_prefill_speedup, rounds=decode_rounds, noise_margin=s.noise_margin)
         if winner.get("tied_with"):
             log(f"search: {winner['key']} ties on decode speed with {winner['tied_with']} (within noise over "
                 f"{len(decode_rounds[winner['key']])} side-by-side rounds): the smallest of them wins")
@@ -420,14 +421,14 @@ class CausalLMStages(Stages):
 
         rounds: dict[str, dict[str, list[float]]] = {key: collections.defaultdict(list) for key in timed}
         keys = list(timed)
-        max_rounds = max(s.max_timing_rounds, s.num_timing_rounds)
+        max_rounds = max(s.max_rounds or 0, s.num_rounds)
         with torch_threads(1):
             for i in range(max_rounds):
                 for key in keys[i % len(keys):] + keys[:i % len(keys)]:  # interleaved, the order rotated each round
                     for k, v in _time_model(models[key], runtime=timed[key][2], search=s.model_dump()).items():
                         rounds[key][k].append(v)
                 decode = {k: r["decode_tokens_per_s_b1"] for k, r in rounds.items()}
-                if i + 1 >= s.num_timing_rounds and (len(keys) == 1 or ranking_stable(decode)):
+                if i + 1 >= s.num_rounds and (len(keys) == 1 or ranking_stable(decode)):
                     break
         self.timing_rounds = {key: dict(r) for key, r in rounds.items()}
         best = {key: {k: max(v) for k, v in r.items()} for key, r in rounds.items()}
@@ -480,7 +481,7 @@ class CausalLMStages(Stages):
 
         w, speeds, t = self.final["winner"], self.final["speeds"], self.teacher_eval
         rounds = self.final.get("timing_rounds", {})
-        num_rounds = min((len(r["decode_tokens_per_s_b1"]) for r in rounds.values()), default=s.num_timing_rounds)
+        num_rounds = min((len(r["decode_tokens_per_s_b1"]) for r in rounds.values()), default=s.num_rounds)
         reloaded, _, meta = load_lm(run_dir / "winner")
         with torch_threads(1):
             w_ppl, w_agree = perplexity_and_agreement(reloaded, self.eval_windows, reference_argmax=self.teacher_argmax)
@@ -526,9 +527,9 @@ class CausalLMStages(Stages):
                                          "(stride = window, first token unscored)",
                            "speed": f"1 torch thread; prefill one [1, {s.prefill_len}] forward; decode {s.num_new_tokens} new tokens "
                                     f"after a 16-token prompt, prefill subtracted; median of {s.num_repeats}, best of "
-                                    f"{num_rounds} interleaved side-by-side round(s) (at least {s.num_timing_rounds}, more "
-                                    f"until the leader held two rounds, at most {s.max_timing_rounds}); a finalist not faster "
-                                    f"beyond noise ({s.tie_margin:.0%} median gap, 3 rounds in 4) ties, the smaller wins"},
+                                    f"{num_rounds} interleaved side-by-side round(s) (at least {s.num_rounds}, more "
+                                    f"until the leader held two rounds, at most {max(s.max_rounds or 0, s.num_rounds)}); a finalist not faster "
+                                    f"beyond noise ({s.noise_margin:.0%} median gap, 3 rounds in 4) ties, the smaller wins"},
             "teacher": teacher_row, "winner": winner_row, "winner_feasible": self.final["feasible"],
             "speedup_vs_teacher_as_given": vs_given,
             "speedup_vs_teacher_same_runtime": vs_same, "teacher_same_runtime_key": same_key if teacher_same else None,
@@ -562,7 +563,7 @@ class CausalLMStages(Stages):
 
 def choose_winner(finalists: list[dict[str, Any]], *, teacher_ppl: float, ppl_budget: float, teacher_prefill: float,
                   min_prefill_speedup: float | None = None, rounds: dict[str, list[float]] | None = None,
-                  tie_margin: float = 0.03) -> tuple[dict[str, Any] | None, bool]:
+                  noise_margin: float = 0.03) -> tuple[dict[str, Any] | None, bool]:
     """The one winner rule (``slimray.sweep.select.choose``) on the finalists' side-by-side timing: the fastest
     batch-1 decode (``ms_per_token_b1``) with perplexity <= ``ppl_budget`` x the teacher's, ties to the smaller;
     with ``min_prefill_speedup`` only finalists whose ``final`` prefill tok/s reaches it count as feasible. Given the
@@ -576,7 +577,7 @@ def choose_winner(finalists: list[dict[str, Any]], *, teacher_ppl: float, ppl_bu
             r["meets_prefill"] = r["final"]["prefill_tokens_per_s"] >= min_prefill_speedup * teacher_prefill - 1e-9
         pool = [r for r in finalists if r["meets_prefill"]]
     rule = dict(quality_key="perplexity", higher_is_better=False, floor=ppl_budget * teacher_ppl, speed_key="ms_per_token_b1",
-                faster="min", rounds=rounds, margin=tie_margin)
+                faster="min", rounds=rounds, margin=noise_margin)
     winner, ok, tied = choose(pool, **rule)
     met = ok
     if winner is None or not ok:  # nothing meets every constraint: the perplexity rule alone, flagged infeasible

@@ -45,6 +45,8 @@ def test_recipes_load_through_the_registry():
     ({"search": {"quant_methods": ["int3"]}}, "search.quant_methods"),
     ({"search": {"runtimes": ["tensorrt"]}}, "search.runtimes"),
     ({"search": {"ppl_budget": 0.9}}, "search.ppl_budget"),
+    ({"search": {"num_timing_rounds": 3}}, "search.num_rounds"),  # renamed: the error names the new field
+    ({"search": {"tie_margin": 0.05}}, "search.noise_margin"),
     ({"serve": {"port": 0}}, "serve.port"),
 ])
 def test_errors_name_the_field(patch, field):
@@ -97,3 +99,11 @@ def test_teacher_in_loop_with_hidden_loss_round_trips():
     again = LMPipelineConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))), source="again.yaml")
     assert again == cfg
     assert LMPipelineConfig.from_dict({"family": "causal_lm"}, source="t.yaml").distill.targets == "topk_cache"
+
+
+def test_search_section_is_the_shared_one_with_the_lms_defaults():
+    from slimray.configbase import SearchBase
+
+    s = load_lm_config(recipe="smollm").search
+    assert isinstance(s, SearchBase) and s.include_teacher and s.use_tune
+    assert (s.num_rounds, s.max_rounds, s.noise_margin, s.num_finalists) == (2, 4, 0.03, 2)  # the recipe's rounds

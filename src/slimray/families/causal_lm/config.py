@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from slimray.configbase import RunConfigBase, ServeConfig, load_family_config, recipe_file
+from slimray.configbase import RunConfigBase, SearchBase, ServeConfig, load_family_config, recipe_file
 from slimray.families.causal_lm.quantize import GPU_QUANT_METHODS, QuantMethod
 from slimray.schema import ConfigError, RunName, StrictModel
 
@@ -206,8 +206,12 @@ class LMDistillConfig(StrictModel):
         return -(-self.num_steps // self.epochs) * self.batch_size * self.num_workers
 
 
-class LMSearchConfig(StrictModel):
-    """Ray Tune over {teacher, each distilled student} x ``quant_methods`` x ``runtimes`` (``static_compiled`` only
+RENAMED_SEARCH_FIELDS = {"num_timing_rounds": "num_rounds", "max_timing_rounds": "max_rounds", "tie_margin": "noise_margin"}
+
+
+class LMSearchConfig(SearchBase):
+    """The shared search section (``configbase.SearchBase``: trials at once, finalists, side-by-side rounds, noise
+    margin, the teacher as a search base) with this family's axes. Ray Tune over {teacher, each distilled student} x ``quant_methods`` x ``runtimes`` (``static_compiled`` only
     for ``compiled_quant_methods``). Each trial scores perplexity and top-1 agreement on the evaluation windows,
     prefill tok/s and batch-1 decode tok/s (1 torch thread) and the bytes its artifact would take on disk. The
     fastest finalists are re-timed side by side in the driver (batch 1 and 8); the winner is the fastest batch-1
@@ -236,18 +240,28 @@ class LMSearchConfig(StrictModel):
     min_prefill_speedup: float | None = Field(
         None, gt=0, description="also require the winner's prefill tok/s >= this x the teacher's as given (side-by-side "
         "timing of the finalists); None: decode speed alone decides")
-    max_concurrent_trials: PositiveInt = Field(2, description="trials at once (1 CPU and 1 torch thread each)")
-    num_finalists: PositiveInt = Field(3, description="fastest feasible trials re-timed side by side with the teacher")
-    num_timing_rounds: PositiveInt = Field(2, description="side-by-side rounds of the finalists (interleaved, order rotated "
-                                           "each round) at least; the fastest round is the figure, the rounds give its spread")
-    max_timing_rounds: PositiveInt = Field(6, description="more rounds, up to this, until the leader stays the leader for two "
-                                           "rounds")
-    tie_margin: float = Field(0.03, ge=0, le=0.5, description="a finalist faster than another by less than this (median "
-                              "round-by-round ratio), or in fewer than 3 rounds of 4, ties with it: the smaller model wins")
+    num_rounds: PositiveInt = Field(2, description="side-by-side rounds of the finalists (interleaved, order rotated "
+                                    "each round) at least; the fastest round is the figure, the rounds give its spread")
+    max_rounds: PositiveInt | None = Field(6, description="more rounds, up to this, until the leader stays the leader "
+                                           "for two rounds")
+    noise_margin: float = Field(0.03, ge=0, le=0.5, description="a finalist faster than another by less than this "
+                                "(median round-by-round ratio), or in fewer than 3 rounds of 4, ties with it: the smaller "
+                                "model wins")
+    include_teacher: bool = Field(True, description="also search the teacher's own quantizations x runtimes; without "
+                                  "them the prefill floor has no trial of the teacher to compare against")
     num_repeats: PositiveInt = Field(3, description="timings per measurement (median)")
     prefill_len: int = Field(256, ge=2, description="prompt tokens of the prefill timing")
     num_new_tokens: int = Field(32, ge=2, description="tokens generated per decode timing")
     peak_memory: bool = Field(True, description="measure the teacher's and winner's peak memory in a fresh process")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict):
+            for old, new in RENAMED_SEARCH_FIELDS.items():
+                if old in data:
+                    raise ValueError(f"search.{old} is now search.{new} (the name every family's search section uses)")
+        return data
 
     @field_validator("quant_methods", "runtimes", "compiled_quant_methods", "keep_float", "sparse_quant_methods",
                      "sparsity_keep_dense")
