@@ -44,7 +44,8 @@ test: install
 	$(PY) -m pytest -q --durations=25
 
 # the multi-minute tests `make test` leaves out: multi-node training placement, Serve replicas spread over fake-GPU nodes,
-# a Train rerun resuming from its checkpoint, the encoder compiled with torch.compile against eager, 1 vs 2 workers, FSDP, Optuna + ASHA
+# a Train rerun resuming from its checkpoint, the encoder compiled with torch.compile against eager, the tabular test
+# family end to end through the CLI, 1 vs 2 workers, FSDP, Optuna + ASHA
 # (compression and distillation sweeps), sweep resume (both kinds), SIGTERM mid-sweep + CLI resume, the 30-epoch worker-kill test,
 # the user MLP on Parquet (code in a folder of its own, moved before serving) and the user residual CNN on PNGs end to end, a job submitted to the local multi-node cluster then served,
 # a killed driver resuming, a lost worker in a distillation sweep, the smollm-tiny recipe end to end (Train, Tune, report, Serve),

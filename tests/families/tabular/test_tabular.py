@@ -115,6 +115,7 @@ def test_the_codec_answers_in_the_targets_units_and_refuses_bad_rows(tmp_path):
         assert err.value.status == status, (body, err.value.message)
 
 
+@pytest.mark.long  # two minutes (three Ray Train runs); the encoder's end to end runs the shared stages in make test
 def test_distil_search_serve_end_to_end_through_the_cli(tmp_path, ray_session):
     from ray import serve
 
