@@ -207,7 +207,7 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 10, report=N
     Each recorded pid is checked first (``is_ours``): one that is gone or belongs to another process now is
     reported through ``report`` (default: stderr) and never signalled. SIGTERM goes to each ``ray start --block``
     alone, which stops its node's processes in order (4 s for a head and a worker here; a SIGTERM to every process
-    of the group at once left the raylet and the GCS server waiting on each other for 30 s); whatever of a group is
+    of the group at once kept the raylet and the GCS server alive for 30 s); whatever of a group is
     left after ``timeout_s`` gets SIGKILL (a head with a live detached actor did not start stopping in 20 s: its
     orderly stop has a 30 s timeout of its own, which a throwaway local cluster need not wait for)."""
     report = report or (lambda msg: print(f"slimray cluster down: {msg}", file=sys.stderr))
@@ -227,7 +227,7 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 10, report=N
                 os.waitpid(p, os.WNOHANG)
             except ChildProcessError:
                 pass
-        return [p for p in ours if _alive(p) or _alive(p, group=True)]
+        return [p for p in ours if _alive(p, group=True)]  # the leader, while alive, is in its group
 
     deadline = time.monotonic() + timeout_s
     while left() and time.monotonic() < deadline:
@@ -247,21 +247,20 @@ def down(*, state_dir: Path = DEFAULT_STATE_DIR, timeout_s: float = 10, report=N
     return ours
 
 
-def forget_ray_address(gcs_address: str, *, address_file: Path | None = None) -> bool:
+def forget_ray_address(gcs_address: str) -> bool:
     """Remove Ray's record of the last cluster started on this machine (``ray_current_cluster`` in Ray's temp folder,
     written by every ``ray start``) when it names the cluster just stopped (same GCS port; Ray writes the machine's
     address there, not 127.0.0.1). Left behind, it sends a later plain ``ray.init()`` to the dead cluster, and Ray
     Train's controller, whose State API lookups resolve it, waits out a 12 s timeout at the end of every run. A record
     of another cluster is left alone. True when it was removed."""
-    if address_file is None:
-        from slimray.raycompat import ray_address_file
+    from slimray.raycompat import ray_address_file
 
-        address_file = ray_address_file()
+    address_file = ray_address_file()
     try:
-        recorded = Path(address_file).read_text().strip()
+        recorded = address_file.read_text().strip()
     except OSError:
         return False
     if recorded.rpartition(":")[2] != gcs_address.rpartition(":")[2]:
         return False
-    Path(address_file).unlink(missing_ok=True)
+    address_file.unlink(missing_ok=True)
     return True

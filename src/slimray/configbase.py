@@ -49,6 +49,11 @@ class SearchBase(StrictModel):
                                   "at all?), beside the students'")
     noise_margin: NonNegativeFloat = Field(0.03, description="a lead under this fraction is a tie (the smaller wins)")
 
+    @property
+    def most_rounds(self) -> int:
+        """The side-by-side rounds a search may time: ``max_rounds``, never fewer than ``num_rounds``."""
+        return max(self.num_rounds, self.max_rounds or 0)
+
 
 class RunConfigBase(StrictModel):
     family: str

@@ -421,7 +421,7 @@ class CausalLMStages(Stages):
 
         rounds: dict[str, dict[str, list[float]]] = {key: collections.defaultdict(list) for key in timed}
         keys = list(timed)
-        max_rounds = max(s.max_rounds or 0, s.num_rounds)
+        max_rounds = s.most_rounds
         with torch_threads(1):
             for i in range(max_rounds):
                 for key in keys[i % len(keys):] + keys[:i % len(keys)]:  # interleaved, the order rotated each round
@@ -528,7 +528,7 @@ class CausalLMStages(Stages):
                            "speed": f"1 torch thread; prefill one [1, {s.prefill_len}] forward; decode {s.num_new_tokens} new tokens "
                                     f"after a 16-token prompt, prefill subtracted; median of {s.num_repeats}, best of "
                                     f"{num_rounds} interleaved side-by-side round(s) (at least {s.num_rounds}, more "
-                                    f"until the leader held two rounds, at most {max(s.max_rounds or 0, s.num_rounds)}); a finalist not faster "
+                                    f"until the leader held two rounds, at most {s.most_rounds}); a finalist not faster "
                                     f"beyond noise ({s.noise_margin:.0%} median gap, 3 rounds in 4) ties, the smaller wins"},
             "teacher": teacher_row, "winner": winner_row, "winner_feasible": self.final["feasible"],
             "speedup_vs_teacher_as_given": vs_given,

@@ -182,7 +182,7 @@ class FlowStages(Stages):
         rng = random.Random(0)
         from slimray.sweep.select import ranking_stable, rounds_summary
 
-        for i in range(max(s.num_rounds, s.max_rounds or 0)):
+        for i in range(s.most_rounds):
             rng.shuffle(order)  # no model always timed first (or last) in a round
             speeds = self.recipe.time({k: models[k] for k in order}, self.data, cfg=self.cfg, settings=settings)
             for k, v in speeds.items():

@@ -144,7 +144,7 @@ def run_search(*, run_dir: Path, candidates: dict[str, tuple[str, str, str, str]
     results = run_trials(
         run_dir=run_dir, keys=list(candidates), measure=measure, advice=advice, run_name="lm-search",
         shared={"eval": {"windows": windows, "reference_argmax": reference_argmax}},
-        max_concurrent_trials=search["max_concurrent_trials"], metric="decode_tokens_per_s_b1", use_tune=search.get("use_tune", True),
+        max_concurrent_trials=search["max_concurrent_trials"], metric="decode_tokens_per_s_b1", use_tune=search["use_tune"],
         reuse_actors=False,  # a vLLM engine patches its process's torch threads: one trial per process
     )
     rows = []

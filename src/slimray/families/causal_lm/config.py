@@ -211,8 +211,8 @@ RENAMED_SEARCH_FIELDS = {"num_timing_rounds": "num_rounds", "max_timing_rounds":
 
 class LMSearchConfig(SearchBase):
     """The shared search section (``configbase.SearchBase``: trials at once, finalists, side-by-side rounds, noise
-    margin, the teacher as a search base) with this family's axes. Ray Tune over {teacher, each distilled student} x ``quant_methods`` x ``runtimes`` (``static_compiled`` only
-    for ``compiled_quant_methods``). Each trial scores perplexity and top-1 agreement on the evaluation windows,
+    margin, the teacher as a search base) with this family's axes. Ray Tune over {teacher, each distilled student} x
+    ``quant_methods`` x ``runtimes`` (``static_compiled`` only for ``compiled_quant_methods``). Each trial scores perplexity and top-1 agreement on the evaluation windows,
     prefill tok/s and batch-1 decode tok/s (1 torch thread) and the bytes its artifact would take on disk. The
     fastest finalists are re-timed side by side in the driver (batch 1 and 8); the winner is the fastest batch-1
     decode with perplexity <= ``ppl_budget`` x the teacher's, ties to the smaller.
