@@ -233,7 +233,7 @@ def test_two_trials_one_worker_each_and_a_lost_worker_retries(tmp_path, ray_sess
     assert any(m["resumed_after_epoch"] > 0 for m in lines), "the killed worker's trial did not resume from a checkpoint"
     for r in rows:
         settings = json.loads((tmp_path / "distill_trials" / r["trial_id"] / "settings.json").read_text())
-        assert settings["job"]["num_workers"] == 1 and settings["job"]["temperature"] == r["settings"]["temperature"]
+        assert settings["job"]["num_workers"] == 1 and settings["job"]["task"]["temperature"] == r["settings"]["temperature"]
     _wait(lambda: ray.available_resources().get("CPU", 0) == 2, 30, "both CPUs free after the sweep")  # no leaked workers
 
 
