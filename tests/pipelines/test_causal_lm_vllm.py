@@ -67,7 +67,8 @@ def test_smollm_tiny_with_vllm_runtime_serves_its_winner_to_the_openai_client(tm
         vllm_trials = [t for t in report["trials"] if t["runtime"] == "vllm" and t["status"] == "ok"]
         assert len(vllm_trials) == 2, report["trials"]  # {teacher, student} x token_int8
         assert all(t["perplexity"] > 1 and t["decode_tokens_per_s_b1"] > 0 for t in vllm_trials)
-        assert "teacher-bf16-vllm" in report["side_by_side"]  # the uncompressed teacher in the same engine
+        beside = {r["key"]: r for r in report["beside"]}  # the uncompressed teacher in the same engine, in its own process
+        assert beside["teacher-bf16-vllm"]["decode_tokens_per_s_b1"] > 0 and report["teacher_vllm_key"] in (None, "teacher-bf16-vllm")
         url = f"http://127.0.0.1:{port}"
         client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
         (model_id,) = [m.id for m in client.models.list().data]

@@ -17,11 +17,15 @@ is pure torch/numpy: no Ray, no serving, no stage code. The pipeline calls them 
    sequence length) implements ``measure_rows`` instead: several rows per trial, each with its ``variant`` and
    ``settings``;
 6. ``quality``: which row key the constraint reads, its direction and the budget's field; ``admissible``: any further
-   hard constraint on a row; ``speed_key``: the row key the winner rule ranks by (higher is faster);
+   hard constraint on a row, judged against the teacher measured the same way; ``speed_key``: the row key the winner
+   rule ranks by (higher is faster);
 7. ``time(models, data, settings=)`` times models side by side in this process: the finalists in rounds (and, when the
-   trials do not time, ``time_in_trials = False``, every finished candidate once first);
-8. ``save(path, model, spec)`` / ``load`` the artifact (safetensors + JSON spec) the codec serves;
-9. ``columns``: the report's columns.
+   trials do not time, ``time_in_trials = False``, every finished candidate once first); a candidate the family
+   times in a process of its own (``time_apart``, e.g. an engine that patches its process) is built and timed in
+   one; ``timed_beside`` names reference models timed with a finalist (the teacher in the finalist's runtime);
+8. ``save(path, model, spec)`` / ``load`` the artifact (safetensors + JSON spec) the codec serves; ``export`` writes
+   the winner (by default ``save`` of the finalist);
+9. ``columns``: the report's columns; ``report_extras`` adds the family's own sections (targets, memory).
 """
 
 from __future__ import annotations
@@ -99,6 +103,14 @@ class Recipe(abc.ABC):
     columns: tuple[Column, ...] = ()
     trial_cpus: float = 1.0
     time_in_trials: bool = True  # False: the trials leave speed out, the driver times every candidate one at a time
+    fresh_trial_process: bool = False  # True: every trial in a new process (an engine that patches its process)
+    identity: str | None = None  # the candidate (settings key) that leaves a model as it is, if the family has one
+
+    def is_saved(self, path: Path) -> bool:
+        """Whether ``path`` holds a finished artifact of this family (a rerun reuses it)."""
+        from slimray.storage import SPEC
+
+        return (path / SPEC).exists()
 
     # data and teacher
     def check(self, cfg: Any) -> None:
@@ -169,9 +181,26 @@ class Recipe(abc.ABC):
         """The quality budget the constraint allows (``quality.floor``)."""
         return float(cfg.search.max_quality_drop)
 
-    def admissible(self, cfg: Any, row: dict[str, Any]) -> bool:
-        """A hard constraint beyond ``quality`` (e.g. a minimum cosine to the teacher); rows failing it never win."""
+    def admissible(self, cfg: Any, row: dict[str, Any], *, teacher: dict[str, Any]) -> bool:
+        """A hard constraint beyond ``quality`` (e.g. a minimum cosine to the teacher, a prefill floor); rows failing it
+        never win. ``teacher``: the teacher's row measured as ``row`` was (its identity trial beside the trials, the
+        side-by-side figures beside the finalists)."""
         return True
+
+    def trial_input(self, name: str, model: nn.Module, *, folder: Path | None, data: Any) -> Any:
+        """What a trial receives for the starting model ``name``: by default the model itself (through the object
+        store); a family with large models may hand over its folder (``folder``; ``None`` for the user's teacher)
+        and load it in the trial. ``build`` and ``measure_rows`` accept either."""
+        return model
+
+    def time_apart(self, cfg: Any, settings: dict[str, Any]) -> bool:
+        """Whether a candidate is built and timed in a process of its own (the pipeline runs it in an actor)."""
+        return False
+
+    def timed_beside(self, cfg: Any, row: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Reference models timed side by side with finalist ``row``: key -> (starting model, candidate settings),
+        e.g. the dense teacher in the finalist's quantization and runtime (what the compression adds beyond it)."""
+        return {}
 
     def notes(self, cfg: Any) -> list[str]:
         """Lines for the report about the search (e.g. a setting left out on this machine, and why)."""
@@ -196,6 +225,17 @@ class Recipe(abc.ABC):
     @abc.abstractmethod
     def load(self, path: Path) -> nn.Module:
         """The served model from its artifact alone."""
+
+    def export(self, path: Path, model: Any, *, candidate: dict[str, Any], base: nn.Module, cfg: Any, data: Any) -> None:
+        """Write the winner's artifact: ``model`` as timed (by default ``save``), or rebuilt from ``base``, the
+        starting model it was compressed from."""
+        self.save(path, model, candidate=candidate, cfg=cfg, data=data)
+
+    def report_extras(self, cfg: Any, result: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The family's own report sections: (keys added to report.json, markdown lines). ``result``: ``run_dir``,
+        ``teacher``, ``winner``, ``finalists``, ``beside`` (key -> timed row), ``students``, ``meets_constraint``,
+        ``trials``, ``pareto_front`` (keys), ``seconds``, ``data``."""
+        return {}, []
 
     def sample_request(self, data: Any) -> dict[str, Any]:
         """A request body of held-out examples for the family's native route (the serve check sends it)."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from slimray.pipelines import Stages
 from slimray.runs import log
-from slimray.storage import SPEC, write_json_atomic
+from slimray.storage import write_json_atomic
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -56,10 +56,10 @@ class FlowStages(Stages):
         self.data = self.recipe.prepare(self.cfg, self.run_dir)
 
     def evaluate_teacher(self) -> None:
-        teacher = self.recipe.teacher(self.cfg, self.data)
+        teacher = given = self.recipe.teacher(self.cfg, self.data)
+        path = self.run_dir / "teacher"
         if teacher is None:
-            path = self.run_dir / "teacher"
-            if (path / SPEC).exists():
+            if self.recipe.is_saved(path):
                 teacher = self.recipe.load(path)
                 log(f"teacher: reused {path}")
             else:
@@ -67,6 +67,8 @@ class FlowStages(Stages):
                 teacher = self._train("teacher", plan, fields, self.recipe.train_data(self.cfg, self.data, None))
                 self.recipe.save(path, teacher, candidate={}, cfg=self.cfg, data=self.data)
         self.teacher = teacher.eval()
+        # the starting models' folders (a trial may load its model from there: Recipe.trial_input); the user's teacher has none
+        self.folders: dict[str, Path | None] = {"teacher": path if given is None else None}
         self.teacher_row = {"key": "teacher", **self.recipe.evaluate(self.cfg, self.teacher, self.data)}
         log(f"teacher: {self._q(self.teacher_row)}, {self.teacher_row.get('params', 0):,} params")
 
@@ -82,7 +84,7 @@ class FlowStages(Stages):
 
     def distil(self) -> None:
         d = self.cfg.distill
-        shared = self.recipe.train_data(self.cfg, self.data, self.teacher)
+        shared: dict[str, Any] | None = None  # the workers' arrays, made once a student is to be trained
         self.students: dict[str, Any] = {}
         self.student_rows: list[dict[str, Any]] = []
         self.bases: list[str] = []
@@ -92,10 +94,13 @@ class FlowStages(Stages):
             for distilled in (True, False) if labels_only else (True,):
                 name = plan.name if distilled else f"{plan.name}-labels-only"
                 path = self.run_dir / "students" / name
-                if (path / SPEC).exists():
+                self.folders[name] = path
+                if self.recipe.is_saved(path):
                     model = self.recipe.load(path)
                     log(f"{name}: reused {path}")
                 else:
+                    if shared is None:
+                        shared = self.recipe.train_data(self.cfg, self.data, self.teacher)
                     model = self._train(name, plan, self.recipe.train_job(self.cfg, plan, distilled=distilled), shared,
                                         init_state=self.recipe.init_state(self.cfg, plan, self.teacher))
                     self.recipe.save(path, model, candidate={}, cfg=self.cfg, data=self.data)
@@ -120,7 +125,7 @@ class FlowStages(Stages):
 
         s = self.cfg.search
         settings = self.recipe.candidates(self.cfg)
-        self.searched = self.bases + (["teacher"] if s.include_teacher else [])
+        self.searched = self.bases + (["teacher"] if s.include_teacher else []) or ["teacher"]  # no student: the teacher
         self.students["teacher"] = self.teacher  # a search base like the students when include_teacher is set
         self.candidates = {f"{b}-{k}": (b, c) for b in self.searched for k, c in settings.items()}
         log(f"search: {len(self.candidates)} candidates ({len(settings)} settings x {len(self.searched)} starting model(s): "
@@ -130,9 +135,9 @@ class FlowStages(Stages):
         advice = functools.partial(advise_with_recipe, family=self.family.name, candidates=self.candidates)
         results = run_trials(
             run_dir=self.run_dir, keys=list(self.candidates), measure=measure, advice=advice, run_name=f"{self.family.name}-search",
-            shared={"data": self.data, "students": {b: self.students[b] for b in self.searched}},
+            shared={"data": self.data, "students": {b: self._trial_input(b) for b in self.searched}},
             max_concurrent_trials=s.max_concurrent_trials, use_tune=s.use_tune, cpus_per_trial=self.recipe.trial_cpus,
-            metric=self.recipe.speed_key,
+            metric=self.recipe.speed_key, reuse_actors=not self.recipe.fresh_trial_process,
         )
         self.trials = []
         for k, r in results.items():
@@ -166,31 +171,54 @@ class FlowStages(Stages):
             quick = self.recipe.time(models, self.data, cfg=self.cfg, settings={k: self.candidates[k][1] for k in models})
             for t in done:
                 t.update(self._speeds(quick[t["key"]]))
-        ok = [t for t in done if q.feasible(t[q.key], teacher_value=self.teacher_row[q.key], budget=budget)
-              and self.recipe.admissible(self.cfg, t)]
-        ranked = sorted(ok, key=lambda t: -t[speed])[: s.num_finalists]
+        # the teacher as the trials measured it (its identity trial), for constraints relative to the teacher's speed
+        as_trial = next((t for t in done if self.recipe.identity and t["key"] == f"teacher-{self.recipe.identity}"), self.teacher_row)
+        feasible = sorted((t for t in done if q.feasible(t[q.key], teacher_value=self.teacher_row[q.key], budget=budget)),
+                          key=lambda t: -t[speed])
+        ranked = [t for t in feasible if self.recipe.admissible(self.cfg, t, teacher=as_trial)][: s.num_finalists]
+        if not ranked:  # nothing admissible in the trials' first pass: the fastest feasible, checked again side by side
+            ranked = feasible[: s.num_finalists]
         if not ranked:  # nothing meets the constraint: the best quality is reported, not served silently as a winner
             sign = 1 if q.higher_is_better else -1
             ranked = [max(done, key=lambda t: sign * t[q.key])]
-        models = {t["key"]: self.recipe.build(self.candidates[t["key"]][1], self.students[t["student"]], self.data) for t in ranked}
-        models["teacher"] = self.teacher
+        identity = f"teacher-{self.recipe.identity}" if self.recipe.identity else None
+        plan: dict[str, tuple[str, dict[str, Any]]] = {"teacher": ("teacher", {})}
+        plan.update({t["key"]: (t["student"], self.candidates[t["key"]][1]) for t in ranked if t["key"] != identity})
         for b in self.bases:  # the students the search started from, timed beside them
-            models.setdefault(b, self.students[b])
-        settings = {k: self.candidates[k][1] if k in self.candidates else {} for k in models}
-        samples: dict[str, dict[str, list[float]]] = {k: {} for k in models}
-        order = list(models)
+            plan.setdefault(b, (b, {}))
+        self.beside: list[str] = []
+        for t in ranked:  # the family's reference models for each finalist (e.g. the teacher in its runtime)
+            for k, ref in self.recipe.timed_beside(self.cfg, t).items():
+                if k not in plan:
+                    plan[k] = ref
+                    self.beside.append(k)
+        settings = {k: st for k, (_, st) in plan.items()}
+        models, apart = self._timing_models(plan)
+
+        def plan_key(t: dict[str, Any]) -> str:
+            return "teacher" if t["key"] == identity else t["key"]
+
+        samples: dict[str, dict[str, list[float]]] = {k: {} for k in plan}
+        order = list(plan)
         rng = random.Random(0)
         from slimray.sweep.select import ranking_stable, rounds_summary
 
-        for i in range(s.most_rounds):
-            rng.shuffle(order)  # no model always timed first (or last) in a round
-            speeds = self.recipe.time({k: models[k] for k in order}, self.data, cfg=self.cfg, settings=settings)
-            for k, v in speeds.items():
-                for fig, x in self._speeds(v).items():
-                    samples[k].setdefault(fig, []).append(x)
-            if i + 1 >= s.num_rounds and (len(ranked) == 1 or ranking_stable({t["key"]: samples[t["key"]][speed] for t in ranked})):
-                break  # the same finalist led the last two rounds: more rounds would not change the ranking
+        try:
+            for i in range(s.most_rounds):
+                rng.shuffle(order)  # no model always timed first (or last) in a round
+                for k, v in self._time_round(order, models, apart, settings).items():
+                    for fig, x in self._speeds(v).items():
+                        samples[k].setdefault(fig, []).append(x)
+                if i + 1 >= s.num_rounds and (len(ranked) == 1 or ranking_stable({t["key"]: samples[plan_key(t)][speed] for t in ranked})):
+                    break  # the same finalist led the last two rounds: more rounds would not change the ranking
+        finally:
+            import ray
+
+            for actor in apart.values():
+                ray.kill(actor)
         num_rounds = i + 1
+        if identity in {t["key"] for t in ranked}:  # the teacher as it is, timed once under both names
+            samples[identity], models[identity] = samples["teacher"], models["teacher"]
 
         self.rounds = {k: figs[speed] for k, figs in samples.items()}
         self.finalist_models = models
@@ -204,15 +232,18 @@ class FlowStages(Stages):
         self.teacher_row = timed(self.teacher_row)
         self.student_rows = [timed(r) if r["key"] in samples else r for r in self.student_rows]
         self.finalist_rows = [timed(t) for t in ranked]
+        self.beside_rows = [timed({"key": k, "student": plan[k][0], **plan[k][1]}) for k in self.beside]
         for r in self.finalist_rows:
             log(f"finalist {r['key']}: {self._q(r)}, {r[speed]:.4g} {self.recipe.speed_label} "
                 f"({r['speedup']:.2f}x the teacher, side by side, median of {num_rounds} rounds)")
+        for r in self.beside_rows:
+            log(f"beside them, {r['key']}: {r[speed]:.4g} {self.recipe.speed_label} ({r['speedup']:.2f}x the teacher)")
 
     def winner(self) -> None:
         from slimray.sweep.select import choose
 
         s = self.cfg.search
-        pool = [r for r in self.finalist_rows if self.recipe.admissible(self.cfg, r)]
+        pool = [r for r in self.finalist_rows if self.recipe.admissible(self.cfg, r, teacher=self.teacher_row)]
         w, ok, tied = choose(pool or self.finalist_rows, quality_key=self.quality.key, higher_is_better=self.quality.higher_is_better,
                              floor=self.floor, speed_key=self.recipe.speed_key, rounds=self.rounds, margin=s.noise_margin)
         assert w is not None
@@ -227,8 +258,8 @@ class FlowStages(Stages):
 
     def export(self) -> None:
         key = self.winner_row["key"]
-        self.recipe.save(self.run_dir / "winner", self.finalist_models[key], candidate=self.candidates[key][1], cfg=self.cfg,
-                         data=self.data)
+        self.recipe.export(self.run_dir / "winner", self.finalist_models.get(key), candidate=self.candidates[key][1],
+                           base=self.students[self.candidates[key][0]], cfg=self.cfg, data=self.data)
         try:
             write_json_atomic(self.run_dir / "sample_request.json", self.recipe.sample_request(self.data))
         except NotImplementedError:
@@ -248,7 +279,8 @@ class FlowStages(Stages):
             "higher_is_better": self.quality.higher_is_better, "floor": self.floor, "budget": self.recipe.budget(self.cfg)},
             "speed": {"key": speed, "label": self.recipe.speed_label},
             "teacher": self.teacher_row, "students": self.student_rows, "references": self.reference_rows,
-            "search_bases": self.searched, "trials": self.trials, "finalists": self.finalist_rows, "rounds": self.rounds,
+            "search_bases": self.searched, "trials": self.trials, "finalists": self.finalist_rows, "beside": self.beside_rows,
+            "rounds": self.rounds,
             "winner": {**self.winner_row, "meets_constraint": self.feasible, "tied_with": self.tied,
                        "size_ratio": self.teacher_row["size_bytes"] / self.winner_row["size_bytes"]
                        if self.teacher_row.get("size_bytes") and self.winner_row.get("size_bytes") else None},
@@ -256,6 +288,11 @@ class FlowStages(Stages):
             "notes": self.recipe.notes(self.cfg),
             "pareto_front": [t["key"] for t in front], "seconds": time.perf_counter() - self.t_start,
         }
+        extra, extra_md = self.recipe.report_extras(self.cfg, {
+            "run_dir": self.run_dir, "teacher": self.teacher_row, "winner": report["winner"], "finalists": self.finalist_rows,
+            "beside": {r["key"]: r for r in self.beside_rows}, "students": self.student_rows, "meets_constraint": self.feasible,
+            "trials": self.trials, "pareto_front": report["pareto_front"], "seconds": report["seconds"], "data": self.data})
+        report.update(extra)
         write_json_atomic(self.run_dir / "report.json", report)
         cols = list(self.recipe.columns)
         kd = [r for r in self.student_rows if "kd_gain" in r]
@@ -268,7 +305,9 @@ class FlowStages(Stages):
         md += [f"- {r['plan']}: distillation {'gained' if r['kd_gain'] >= 0 else 'lost'} {abs(r['kd_gain']):.4g} "
                f"{self.quality.label} against the same student on labels only" for r in kd]
         md += ["", f"Search started from: {', '.join(self.searched)}.", *[f"Note: {n}." for n in report["notes"]], "", "## Finalists (timed side by side)", "",
-               rows_table([self.teacher_row, *self.finalist_rows], cols), "", "## Every trial", "", rows_table(self.trials, cols),
+               rows_table([self.teacher_row, *self.finalist_rows, *self.beside_rows], cols), "",
+               *(["Timed beside them: " + ", ".join(self.beside) + ".", ""] if self.beside else []),
+               *extra_md, "## Every trial", "", rows_table(self.trials, cols),
                "", f"Pareto front ({self.quality.label} vs {self.recipe.speed_label}): {', '.join(report['pareto_front'])}", "",
                "![front](pareto.png)", ""]
         (self.run_dir / "report.md").write_text("\n".join(md))
@@ -279,6 +318,52 @@ class FlowStages(Stages):
         return report
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _trial_input(self, name: str) -> Any:
+        return self.recipe.trial_input(name, self.students[name], folder=self.folders.get(name), data=self.data)
+
+    def _timing_models(self, plan: dict[str, tuple[str, dict[str, Any]]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(models built here, actors of the candidates the family times apart), by key."""
+        models: dict[str, Any] = {}
+        apart: dict[str, Any] = {}
+        data_ref = None
+        for k, (base, settings) in plan.items():
+            if not settings:  # a starting model as it is
+                models[k] = self.students[base]
+            elif self.recipe.time_apart(self.cfg, settings):
+                import ray
+
+                from slimray.sweep.timers import start_apart_timer
+
+                data_ref = data_ref if data_ref is not None else ray.put(self.data)
+                log(f"timing: building {k} in a process of its own")
+                apart[k] = start_apart_timer(family=self.family.name, config_json=self.cfg.model_dump_json(), key=k,
+                                             settings=settings, student=self._trial_input(base), data_ref=data_ref)
+            else:
+                models[k] = self.recipe.build(settings, self.students[base], self.data)
+        return models, apart
+
+    def _time_round(self, order: list[str], models: dict[str, Any], apart: dict[str, Any],
+                    settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """One round in ``order``: the models here timed together by ``Recipe.time``, each apart one on its own in turn."""
+        import ray
+
+        out: dict[str, Any] = {}
+        here: list[str] = []
+
+        def flush() -> None:
+            if here:
+                out.update(self.recipe.time({k: models[k] for k in here}, self.data, cfg=self.cfg, settings=settings))
+                here.clear()
+
+        for k in order:
+            if k in apart:
+                flush()
+                out[k] = ray.get(apart[k].time.remote())
+            else:
+                here.append(k)
+        flush()
+        return out
+
     def _q(self, row: dict[str, Any]) -> str:
         return f"{self.quality.label} {row[self.quality.key]:.4f}"
 

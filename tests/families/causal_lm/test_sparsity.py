@@ -207,7 +207,7 @@ def test_config_rejects_bad_sparsity_and_gpu_methods(search, field, words):
 
 def test_config_sparsity_axis_and_grid():
     from slimray.families.causal_lm.config import LMPipelineConfig, load_lm_config
-    from slimray.sweep.lm_search import candidate_grid
+    from slimray.families.causal_lm.search import candidate_grid
 
     for recipe in ("smollm", "smollm-tiny"):  # the recipes' grids are unchanged: no sparsity unless asked
         assert load_lm_config(recipe=recipe).search.sparsities == ["none"]
@@ -227,7 +227,7 @@ def test_config_sparsity_axis_and_grid():
 
 def test_measure_candidate_sparse(tiny_folder, tiny_windows, tmp_path):
     """One sparse trial's row: pruned, packed artifact size counted, perplexity measured (CPU speed timed, not claimed)."""
-    from slimray.sweep.lm_search import measure_candidate
+    from slimray.families.causal_lm.search import measure_candidate
 
     search = {"prefill_len": 8, "num_repeats": 1, "num_new_tokens": 2}
     ref = torch.zeros(tiny_windows.shape[0], tiny_windows.shape[1] - 1, dtype=torch.long)
@@ -242,11 +242,11 @@ def test_measure_candidate_sparse(tiny_folder, tiny_windows, tmp_path):
 
 def test_report_note_claims_no_cpu_speedup():
     from slimray.families.causal_lm.config import LMPipelineConfig
-    from slimray.pipelines.causal_lm import _sparsity_note
+    from slimray.families.causal_lm.report import sparsity_note
 
-    assert _sparsity_note(LMPipelineConfig.from_dict({"family": "causal_lm"}, source="t.yaml")) is None
+    assert sparsity_note(LMPipelineConfig.from_dict({"family": "causal_lm"}, source="t.yaml")) is None
     cfg = LMPipelineConfig.from_dict({"family": "causal_lm", "search": {"sparsities": ["none", "2:4"]}}, source="t.yaml")
-    note = _sparsity_note(cfg)
+    note = sparsity_note(cfg)
     assert "'2:4'" in note and "no CPU speedup is claimed" in note and "GPU" in note and "['none', 'token_int8']" in note
 
 

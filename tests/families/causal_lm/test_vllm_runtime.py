@@ -13,7 +13,7 @@ from slimray.schema import ConfigError
 
 
 def test_the_grid_gives_vllm_only_the_dense_folders_it_loads():
-    from slimray.sweep.lm_search import candidate_grid
+    from slimray.families.causal_lm.search import candidate_grid
 
     grid = candidate_grid(["teacher", "student"], sparsities=["none", "2:4"],
                           quant_methods=["none", "bf16", "token_int8", "dynamic_int8", "int4_weight_only"],
@@ -70,7 +70,7 @@ def test_served_llm_config_places_a_cpu_replica_and_carries_no_secret(tmp_path, 
 
 def test_a_failed_trial_says_what_to_change():
     """vLLM's CPU build without its AVX512 int4 kernel (seen on an AVX2-only EPYC) gets a line naming the setting."""
-    from slimray.sweep.lm_search import trial_advice
+    from slimray.families.causal_lm.search import trial_advice
 
     missing = "AttributeError(\"'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'\")"
     assert "no int4 (W4A16) kernel on this CPU" in trial_advice(missing, quant="int4_weight_only", runtime="vllm")

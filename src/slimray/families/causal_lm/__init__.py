@@ -8,8 +8,8 @@ JSONL text, packed windows), ``evaluate`` (perplexity, agreement, prefill/decode
 torchao int4 for a model on CUDA), ``sparsity`` (2:4 and unstructured magnitude pruning, packed storage, the CUDA
 2:4 swap), ``artifacts`` (HF folders + ``slimray_lm.json``; int8 / int4 in compressed-tensors, sparse packing, plain HF export), ``config`` (the pipeline's
 strict config and the ``smollm`` / ``smollm-tiny`` recipes) and ``openai`` (OpenAI-compatible request models,
-sampling generator, response and SSE shapes). Its stages on the one pipeline (Ray Train, Tune) live in
-``slimray.pipelines.causal_lm``, the Tune trial in ``slimray.sweep.lm_search``.
+sampling generator, response and SSE shapes). ``recipe`` gives the shared pipeline (``slimray.pipelines.flow``) its
+hooks, ``search`` the candidate grid and how one candidate is measured, ``report`` the family's report sections.
 
 Entry points the family plug-in wires (all keyword arguments beyond the first one or two):
 - teacher: ``ensure_smollm2_teacher(out_dir) -> Path``, ``convert_gguf(gguf_path, out_dir)``,

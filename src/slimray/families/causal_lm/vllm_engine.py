@@ -115,7 +115,7 @@ class VllmModel:
         return batch_size * (num_new_tokens - 1) / step_time
 
     def time(self, *, prefill_len: int, num_new_tokens: int, num_repeats: int, batch_sizes: tuple[int, ...] = (1, 8)) -> dict[str, float]:
-        """The side-by-side figures (the keys ``pipelines.causal_lm`` times every model with)."""
+        """The side-by-side figures (the keys ``CausalLMRecipe.time`` times every model with)."""
         out = {"prefill_tokens_per_s": self.prefill_tokens_per_s(prompt_len=prefill_len, num_repeats=num_repeats)}
         for b in batch_sizes:
             out[f"decode_tokens_per_s_b{b}"] = self.decode_tokens_per_s(batch_size=b, num_new_tokens=num_new_tokens,

@@ -276,7 +276,7 @@ class EncoderRecipe(Recipe):
     def budget(self, cfg: Any) -> float:
         return 1.0 / cfg.search.min_probe_ratio
 
-    def admissible(self, cfg: Any, row: dict[str, Any]) -> bool:
+    def admissible(self, cfg: Any, row: dict[str, Any], *, teacher: dict[str, Any]) -> bool:
         return row["cosine_to_teacher"] >= cfg.search.min_cosine - 1e-9
 
     def advice(self, error: str, candidate: dict[str, Any]) -> str:

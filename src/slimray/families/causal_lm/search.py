@@ -1,27 +1,22 @@
-"""The compression search for causal LMs: one Ray Tune trial per (model, sparsity, quantization, runtime), on the
-shared Tune engine (``slimray.sweep.engine.run_tuner``).
+"""The causal-LM compression candidates, pure torch: the grid (model x sparsity x quantization x runtime), the key
+of a candidate, how one candidate is built and measured into a row, and the advice for a failed one.
 
-A trial (1 CPU, 1 torch thread) loads a float model folder (the teacher, or a distilled student), prunes it to the
-candidate's sparsity (``sparsity.sparsify_lm``; magnitude, no recovery training; sparse layers stored packed), writes the
-artifact this candidate would be into a temporary folder to count its bytes on disk (``artifacts.save_lm``: int8
-and int4 in compressed-tensors, as the winner is stored), quantizes the model, then measures perplexity and top-1
-agreement with the teacher on the held-out evaluation windows, prefill tokens/s and batch-1 decode tokens/s in the
-candidate's runtime. Trials run ``max_concurrent_trials`` at once, so their speeds are a first pass: the driver
-re-times the finalists side by side (``slimray.pipelines.causal_lm``). A trial whose result file exists is not
-rerun; a failing trial leaves ``trials/<key>.error.json`` (with a line of advice) and the search goes on: the shared
-trainable (``slimray.sweep.trials``) runs them.
+A candidate's trial (1 CPU, 1 torch thread, its own process: ``CausalLMRecipe.fresh_trial_process``) loads a float
+model folder (the teacher, or a distilled student), prunes it to the candidate's sparsity (``sparsity.sparsify_lm``;
+magnitude, no recovery training; sparse layers stored packed), writes the artifact this candidate would be into a
+temporary folder to count its bytes on disk (``artifacts.save_lm``: int8 and int4 in compressed-tensors, as the
+winner is stored), quantizes the model, then measures perplexity and top-1 agreement with the teacher on the held-out
+evaluation windows, prefill tokens/s and batch-1 decode tokens/s in the candidate's runtime. Trials run several at
+once, so their speeds are a first pass: the shared pipeline re-times the finalists side by side.
 """
 
 from __future__ import annotations
 
-import functools
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 from slimray.families.causal_lm.vllm_engine import VLLM_QUANT_METHODS
@@ -111,17 +106,6 @@ def measure_candidate(*, model_dir: str, model_name: str, quant: str, runtime: s
     }
 
 
-def _measure(key: str, shared: dict[str, Any], *, candidates: dict[str, tuple[str, str, str, str]], model_dirs: dict[str, str],
-             search: dict[str, Any], tmp_root: str) -> dict[str, Any]:
-    """One candidate as a trial of the shared trainable (``slimray.sweep.trials``)."""
-    model_name, quant, runtime, sparsity = candidates[key]
-    ev = shared["eval"]
-    return measure_candidate(model_dir=model_dirs[model_name], model_name=model_name, quant=quant, runtime=runtime,
-                             keep_float=search["keep_float"], windows=ev["windows"], reference_argmax=ev["reference_argmax"],
-                             search=search, tmp_root=tmp_root, sparsity=sparsity,
-                             sparsity_keep_dense=search.get("sparsity_keep_dense", ["lm_head"]))
-
-
 def trial_advice(error: str, *, quant: str, runtime: str) -> str:
     """What to change when a causal-LM trial fails (one line, for the console and the report)."""
     if "cpu_gemm_wna16" in error:
@@ -130,54 +114,3 @@ def trial_advice(error: str, *, quant: str, runtime: str) -> str:
     if "Errno 28" in error or "no space left" in error.lower():
         return "the disk is full: free space under the run folder and resume the run"
     return f"leave {quant} out of search.quant_methods (or {runtime} out of search.runtimes)"
-
-
-def run_search(*, run_dir: Path, candidates: dict[str, tuple[str, str, str, str]], model_dirs: dict[str, str],
-               windows: torch.Tensor, reference_argmax: torch.Tensor, search: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every candidate (key -> (model, quantization, runtime, sparsity)) as one trial of the shared trainable; rows in
-    ``candidates`` order, a failed candidate as a row with status ``error`` and a line of advice."""
-    from slimray.sweep.trials import run_trials
-
-    measure = functools.partial(_measure, candidates=candidates, model_dirs=model_dirs, search=search,
-                                tmp_root=str(run_dir / "trials" / ".tmp"))
-    advice = lambda msg, key: trial_advice(msg, quant=candidates[key][1], runtime=candidates[key][2])  # noqa: E731
-    results = run_trials(
-        run_dir=run_dir, keys=list(candidates), measure=measure, advice=advice, run_name="lm-search",
-        shared={"eval": {"windows": windows, "reference_argmax": reference_argmax}},
-        max_concurrent_trials=search["max_concurrent_trials"], metric="decode_tokens_per_s_b1", use_tune=search["use_tune"],
-        reuse_actors=False,  # a vLLM engine patches its process's torch threads: one trial per process
-    )
-    rows = []
-    for key, row in results.items():
-        model_name, quant, runtime, sparsity = candidates[key]
-        if row.get("status") == "error":
-            row = {"key": key, "model": model_name, "quantization": quant, "runtime": runtime, "sparsity": sparsity, **row}
-        rows.append(row)
-    return rows
-
-
-@ray.remote(num_cpus=0)
-class VllmTimer:
-    """One vLLM engine over a stored candidate folder in its own process (an engine patches its process's torch
-    threads), timed on request: the side-by-side rounds call ``time`` in turn with the HF models in the driver, so
-    no two timings overlap (hence no CPU reserved)."""
-
-    def __init__(self, folder: str, *, quant_method: str, num_threads: int, max_model_len: int):
-        from slimray.families.causal_lm.vllm_engine import VllmModel
-
-        warnings.filterwarnings("ignore")
-        self.model = VllmModel(folder, quant_method=quant_method, num_threads=num_threads, max_model_len=max_model_len)
-
-    def time(self, **kwargs: Any) -> dict[str, float]:
-        return self.model.time(**kwargs)
-
-
-def start_vllm_timer(folder: str | Path, *, quant_method: str, num_threads: int = 1, max_model_len: int = 1024):
-    """A ``VllmTimer`` actor on this node (the timings compare engines on one machine), loaded."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    actor = VllmTimer.options(scheduling_strategy=here).remote(str(folder), quant_method=quant_method, num_threads=num_threads,
-                                                              max_model_len=max_model_len)
-    ray.get(actor.__ray_ready__.remote())
-    return actor
