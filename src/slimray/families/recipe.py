@@ -187,6 +187,10 @@ class Recipe(abc.ABC):
         side-by-side figures beside the finalists)."""
         return True
 
+    def admissible_rule(self, cfg: Any) -> str | None:
+        """``admissible`` in words, for the console and the report (``None``: no further constraint)."""
+        return None
+
     def trial_input(self, name: str, model: nn.Module, *, folder: Path | None, data: Any) -> Any:
         """What a trial receives for the starting model ``name``: by default the model itself (through the object
         store); a family with large models may hand over its folder (``folder``; ``None`` for the user's teacher)

@@ -6,12 +6,14 @@ one trained on labels on Ray Train), ``derive_students`` (the family's plans), `
 Train loop, distilled and, with the same budget, on labels only; the search starts from whichever validates better and
 the report says what distillation gained or lost), ``search`` (every candidate x starting student as one trial of the
 one Tune trainable, ``slimray.sweep.trials``; with ``include_teacher`` the teacher is a starting model too),
-``finalists`` (the fastest feasible candidates and the teacher rebuilt in this process and timed side by side, in
-rounds: ``num_rounds`` at least, up to ``max_rounds`` until one finalist leads two rounds running), ``winner`` (the
-one rule, ``slimray.sweep.select.choose``: fastest under the family's quality constraint, a lead inside the noise is a
-tie that the smaller model wins), ``export`` (the winner's artifact and a sample request) and ``report`` (rows
-rendered with the family's columns, the Pareto front plotted). A rerun reuses the teacher, the students and every
-finished trial.
+``finalists`` (the fastest feasible candidates, the teacher, the starting students and the family's reference models
+for them (``timed_beside``) rebuilt in this process, or in an actor of their own when the family says so
+(``time_apart``, ``slimray.sweep.timers``), and timed side by side in rounds: ``num_rounds`` at least, up to
+``max_rounds`` until one finalist leads two rounds running), ``winner`` (the one rule,
+``slimray.sweep.select.choose``: fastest under the family's quality constraint and ``admissible``, a lead inside the
+noise is a tie that the smaller model wins), ``export`` (the winner's artifact, ``Recipe.export``, and a sample
+request) and ``report`` (rows rendered with the family's columns, the Pareto front plotted, the family's own
+sections). A rerun reuses the teacher, the students and every finished trial.
 """
 
 from __future__ import annotations
@@ -252,6 +254,11 @@ class FlowStages(Stages):
         if ok:
             log(f"winner {w['key']}: {self._q(w)} (constraint: {self.quality.label} no worse than {self.floor:.4g}), "
                 f"{w['speedup']:.2f}x the teacher" + (f"; tied within the noise with {', '.join(self.tied)}" if self.tied else ""))
+        elif not pool and self.quality.feasible(w[self.quality.key], teacher_value=self.teacher_row[self.quality.key],
+                                                budget=self.recipe.budget(self.cfg)):
+            log(f"no finalist meets {self.recipe.admissible_rule(self.cfg) or 'the further constraint'} side by side; the "
+                f"fastest within the quality budget is {w['key']} ({self._q(w)}, {w['speedup']:.2f}x the teacher), "
+                "reported as not meeting it")
         else:
             log(f"no candidate meets the constraint ({self.quality.label} no worse than {self.floor:.4g}); the best one is "
                 f"{w['key']} ({self._q(w)}): loosen the search's quality budget or distil longer")
@@ -299,6 +306,7 @@ class FlowStages(Stages):
         md = [f"# {self.cfg.name}: {self.family.name}", "",
               f"Winner **{self.winner_row['key']}**: {self._q(self.winner_row)}, {self.winner_row['speedup']:.2f}x the teacher's "
               f"{self.recipe.speed_label} (side by side), constraint {self.quality.label} no worse than {self.floor:.4g}"
+              + (f" and {self.recipe.admissible_rule(self.cfg)}" if self.recipe.admissible_rule(self.cfg) else "")
               + ("" if self.feasible else " **not met by any candidate**") + ".", "",
               "## Teacher and students", "", rows_table([self.teacher_row, *self.student_rows, *self.reference_rows], cols), ""]
         md += [f"- {r['key']}: {r['what']}" for r in self.reference_rows]

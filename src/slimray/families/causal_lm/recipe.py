@@ -382,6 +382,10 @@ class CausalLMRecipe(Recipe):
             return True
         return row["prefill_tokens_per_s"] >= floor * teacher["prefill_tokens_per_s"] - 1e-9
 
+    def admissible_rule(self, cfg: Any) -> str | None:
+        floor = cfg.search.min_prefill_speedup
+        return None if floor is None else f"prefill at least {floor:g}x the teacher's (search.min_prefill_speedup)"
+
     def advice(self, error: str, candidate: dict[str, Any]) -> str:
         return trial_advice(error, quant=candidate["quantization"], runtime=candidate["runtime"])
 

@@ -276,6 +276,9 @@ class EncoderRecipe(Recipe):
     def budget(self, cfg: Any) -> float:
         return 1.0 / cfg.search.min_probe_ratio
 
+    def admissible_rule(self, cfg: Any) -> str | None:
+        return f"cosine to the teacher at least {cfg.search.min_cosine:g} (search.min_cosine)"
+
     def admissible(self, cfg: Any, row: dict[str, Any], *, teacher: dict[str, Any]) -> bool:
         return row["cosine_to_teacher"] >= cfg.search.min_cosine - 1e-9
 
