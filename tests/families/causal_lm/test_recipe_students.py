@@ -52,3 +52,15 @@ def test_derive_students_depth_times_width(tmp_path):
     assert "student2" not in recipe._cut and state["model.layers.0.mlp.up_proj.weight"].shape == (128, 64)
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # the teacher is never cut in place
     assert teacher.config.num_hidden_layers == 4 and teacher.config.intermediate_size == 128
+
+    # a rerun where one student of a depth is distilled already: the other is still cut from that depth, not the teacher
+    from slimray.families.causal_lm.artifacts import META_FILE, LMArtifactMeta
+
+    done = tmp_path / "run" / "students" / "student2"
+    done.mkdir(parents=True)
+    (done / META_FILE).write_text(LMArtifactMeta(reports={"distill": {"kept_layers": kept, "width": None}}).model_dump_json())
+    again = CausalLMRecipe()
+    again._run_dir, again._data = recipe._run_dir, recipe._data
+    plans = {p.name: p for p in again.plan_students(cfg, teacher)}
+    assert "student2" not in again._cut and plans["student2"].spec["kept_layers"] == kept
+    assert again._cut["student2-kv1-ff48"].config.num_hidden_layers == 2

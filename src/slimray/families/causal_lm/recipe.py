@@ -202,6 +202,7 @@ class CausalLMRecipe(Recipe):
                                              "what": "mean per-token KL(teacher || teacher without the layer), nats"})
         depth_cut: dict[int, tuple[list[int], nn.Module | None]] = {}  # one depth cut per count, shared by its widths
         uses = collections.Counter(count for _, count, _ in plans)
+        to_train = {count for name, count, _ in plans if not self.is_saved(self._run_dir / "students" / name)}
         out = []
         for name, count, w in plans:
             folder = self._run_dir / "students" / name
@@ -209,13 +210,15 @@ class CausalLMRecipe(Recipe):
             if count not in depth_cut:
                 if count == n:
                     depth_cut[count] = (list(range(n)), None)
-                elif st.iterative:
+                elif st.iterative and count in to_train:
                     model = copy.deepcopy(teacher)
                     with torch_threads(os.cpu_count() or 1):
                         depth_cut[count] = (prune_depth(model, calib, num_layers_to_drop=n - count, iterative=True).kept, model)
+                elif st.iterative:  # every student of this depth is distilled already: its layers are in its report
+                    depth_cut[count] = (load_meta(folder).reports.get("distill", {}).get("kept_layers", []), None)
                 else:
                     kept = sorted(sorted(range(n), key=lambda i: -self.importance[i])[:count])
-                    depth_cut[count] = (kept, None if done else drop_layers(copy.deepcopy(teacher), keep=kept))
+                    depth_cut[count] = (kept, drop_layers(copy.deepcopy(teacher), keep=kept) if count in to_train else None)
             kept, cut = depth_cut[count]
             uses[count] -= 1
             width, hf_config = None, None
