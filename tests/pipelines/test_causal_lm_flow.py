@@ -59,6 +59,9 @@ def test_lm_end_to_end_on_the_shared_stages(ray_session, tmp_path):
     for r in report["finalists"]:  # a student finalist is timed beside the dense teacher in its quantization
         if r["student"] == "student2" and r["quantization"] == "token_int8":
             assert "teacher-token_int8-hf_eager" in {b["key"] for b in report["beside"]} | {f["key"] for f in report["finalists"]}
+    for b in report["beside"]:  # the teacher as it is is timed once, as "teacher", whatever name a finalist asks for
+        if b["key"] == "teacher-none-hf_eager":
+            assert b["decode_tokens_per_s_b1"] == t["decode_tokens_per_s_b1"] and b["perplexity"] == t["perplexity"]
     assert set(report["targets"]) == {"decode_b1_speedup", "prefill_speedup", "perplexity_ratio", "size_ratio", "wall_time_s"}
     assert report["lm_students"][0]["kept_layers"] == report["lm_students"][0]["kept_layers"][:2] and len(report["importance"]) == 4
     winner, _, meta = load_lm(run / "winner")

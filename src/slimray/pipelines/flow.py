@@ -191,7 +191,9 @@ class FlowStages(Stages):
         self.beside: list[str] = []
         for t in ranked:  # the family's reference models for each finalist (e.g. the teacher in its runtime)
             for k, ref in self.recipe.timed_beside(self.cfg, t).items():
-                if k not in plan:
+                if k == identity and k not in self.beside and k not in {r["key"] for r in ranked}:
+                    self.beside.append(k)  # the teacher as it is: timed once, as "teacher"
+                elif k not in plan and k != identity:
                     plan[k] = ref
                     self.beside.append(k)
         settings = {k: st for k, (_, st) in plan.items()}
@@ -219,7 +221,7 @@ class FlowStages(Stages):
             for actor in apart.values():
                 ray.kill(actor)
         num_rounds = i + 1
-        if identity in {t["key"] for t in ranked}:  # the teacher as it is, timed once under both names
+        if identity in {t["key"] for t in ranked} | set(self.beside):  # the teacher as it is, timed once under both names
             samples[identity], models[identity] = samples["teacher"], models["teacher"]
 
         self.rounds = {k: figs[speed] for k, figs in samples.items()}
@@ -231,10 +233,12 @@ class FlowStages(Stages):
                     "rounds_spread": rounds_summary(samples[row["key"]][speed])["spread"]}
 
         teacher_speed = rounds_summary(self.rounds["teacher"])["median"]
+        untimed_teacher = self.teacher_row
         self.teacher_row = timed(self.teacher_row)
         self.student_rows = [timed(r) if r["key"] in samples else r for r in self.student_rows]
         self.finalist_rows = [timed(t) for t in ranked]
-        self.beside_rows = [timed({"key": k, "student": plan[k][0], **plan[k][1]}) for k in self.beside]
+        self.beside_rows = [timed({**untimed_teacher, "key": k, "student": "teacher"} if k == identity else
+                                  {"key": k, "student": plan[k][0], **plan[k][1]}) for k in self.beside]
         for r in self.finalist_rows:
             log(f"finalist {r['key']}: {self._q(r)}, {r[speed]:.4g} {self.recipe.speed_label} "
                 f"({r['speedup']:.2f}x the teacher, side by side, median of {num_rounds} rounds)")
