@@ -173,8 +173,9 @@ class FlowStages(Stages):
             quick = self.recipe.time(models, self.data, cfg=self.cfg, settings={k: self.candidates[k][1] for k in models})
             for t in done:
                 t.update(self._speeds(quick[t["key"]]))
+        identity = f"teacher-{self.recipe.identity}" if self.recipe.identity else None  # the teacher as it is, as a candidate
         # the teacher as the trials measured it (its identity trial), for constraints relative to the teacher's speed
-        as_trial = next((t for t in done if self.recipe.identity and t["key"] == f"teacher-{self.recipe.identity}"), self.teacher_row)
+        as_trial = next((t for t in done if t["key"] == identity), self.teacher_row)
         feasible = sorted((t for t in done if q.feasible(t[q.key], teacher_value=self.teacher_row[q.key], budget=budget)),
                           key=lambda t: -t[speed])
         ranked = [t for t in feasible if self.recipe.admissible(self.cfg, t, teacher=as_trial)][: s.num_finalists]
@@ -183,7 +184,6 @@ class FlowStages(Stages):
         if not ranked:  # nothing meets the constraint: the best quality is reported, not served silently as a winner
             sign = 1 if q.higher_is_better else -1
             ranked = [max(done, key=lambda t: sign * t[q.key])]
-        identity = f"teacher-{self.recipe.identity}" if self.recipe.identity else None
         plan: dict[str, tuple[str, dict[str, Any]]] = {"teacher": ("teacher", {})}
         plan.update({t["key"]: (t["student"], self.candidates[t["key"]][1]) for t in ranked if t["key"] != identity})
         for b in self.bases:  # the students the search started from, timed beside them
@@ -191,11 +191,11 @@ class FlowStages(Stages):
         self.beside: list[str] = []
         for t in ranked:  # the family's reference models for each finalist (e.g. the teacher in its runtime)
             for k, ref in self.recipe.timed_beside(self.cfg, t).items():
-                if k == identity and k not in self.beside and k not in {r["key"] for r in ranked}:
-                    self.beside.append(k)  # the teacher as it is: timed once, as "teacher"
-                elif k not in plan and k != identity:
+                if k in plan or k in self.beside or any(r["key"] == k for r in ranked):
+                    continue
+                self.beside.append(k)
+                if k != identity:  # the teacher as it is is timed once, as "teacher"
                     plan[k] = ref
-                    self.beside.append(k)
         settings = {k: st for k, (_, st) in plan.items()}
         models, apart = self._timing_models(plan)
 
@@ -307,10 +307,11 @@ class FlowStages(Stages):
         write_json_atomic(self.run_dir / "report.json", report)
         cols = list(self.recipe.columns)
         kd = [r for r in self.student_rows if "kd_gain" in r]
+        rule = self.recipe.admissible_rule(self.cfg)
         md = [f"# {self.cfg.name}: {self.family.name}", "",
               f"Winner **{self.winner_row['key']}**: {self._q(self.winner_row)}, {self.winner_row['speedup']:.2f}x the teacher's "
               f"{self.recipe.speed_label} (side by side), constraint {self.quality.label} no worse than {self.floor:.4g}"
-              + (f" and {self.recipe.admissible_rule(self.cfg)}" if self.recipe.admissible_rule(self.cfg) else "")
+              + (f" and {rule}" if rule else "")
               + ("" if self.feasible else " **not met by any candidate**") + ".", "",
               "## Teacher and students", "", rows_table([self.teacher_row, *self.student_rows, *self.reference_rows], cols), ""]
         md += [f"- {r['key']}: {r['what']}" for r in self.reference_rows]

@@ -189,8 +189,7 @@ class CausalLMRecipe(Recipe):
         if not plans:
             log("students: none configured (the search compresses the teacher only)")
             return []
-        data_val = self._val_windows
-        calib = data_val[: st.num_importance_windows]
+        calib = self._val_windows[: st.num_importance_windows]
         imp_file = self._run_dir / "importance.json"
         if any(count < n for _, count, _ in plans):
             if imp_file.exists():

@@ -58,10 +58,10 @@ def sparsity_note(cfg: Any) -> str | None:
 def lm_notes(cfg: Any) -> list[str]:
     """The search's notes for the shared report (and the console)."""
     notes = [f"int4: {int4_note(cfg)}"]
-    if bf16_note(cfg):
-        notes.append(f"bf16: {bf16_note(cfg)}")
-    if sparsity_note(cfg):
-        notes.append(f"sparsity: {sparsity_note(cfg)}")
+    if bf16 := bf16_note(cfg):
+        notes.append(f"bf16: {bf16}")
+    if sparse := sparsity_note(cfg):
+        notes.append(f"sparsity: {sparse}")
     return notes
 
 
@@ -162,10 +162,9 @@ def report_extras(cfg: Any, result: dict[str, Any], *, importance: list[float] |
         targets["decode_b1_speedup_vs_vllm_teacher"] = (vs_vllm["decode_tokens_per_s_b1"], 1.5, ">=")
     students = []
     for name, plan in plans.items():
-        folder = run_dir / "students" / name
+        distilled = load_meta(run_dir / "students" / name).reports.get("distill", {})
         students.append({"name": name, "num_layers": plan.spec["num_layers"], "kept_layers": plan.spec["kept_layers"],
-                         "width": plan.spec["width"] or load_meta(folder).reports.get("distill", {}).get("width"),
-                         "distill": distill_settings_of(load_meta(folder).reports.get("distill", {}))})
+                         "width": plan.spec["width"] or distilled.get("width"), "distill": distill_settings_of(distilled)})
     extra: dict[str, Any] = {
         "data": data.info,
         "evaluation": {"perplexity": f"token-level over {len(data.eval_windows)} held-out windows of {cfg.data.window_len} "
