@@ -45,7 +45,7 @@ def _search(run: pipeline.Run, d: pipeline.Distilled, name: str, search: dict[st
         temperature=cfg.distill.temperature, alpha=cfg.distill.alpha, seed=cfg.distill.seed, **run.refs, teacher_logits=d.logits_ref,
     )
     t0 = time.perf_counter()
-    trials = run_sweep(ctx, run_name=f"bench-{name}", storage_path=str(folder / "ray"), max_concurrent_trials=concurrent, resume=True)
+    trials = run_sweep(ctx, run_name=f"bench-{name}", max_concurrent_trials=concurrent, resume=True)
     wall = time.perf_counter() - t0
     b = search["serving_batch_size"]
     winner, ok, _ = choose(trials, quality_key="accuracy", higher_is_better=True, floor=floor, speed_key=f"latency_ms_b{b}",

@@ -17,7 +17,7 @@ import yaml
 
 from slimray.console import find_temp_files, remove_temp_files, resume_command
 from slimray.runlock import LOCK_NAME
-from slimray.sweep.search import read_trial_log
+from slimray.sweep.trials import read_trial_log
 
 from .conftest import tiny_digits_config
 

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
-from slimray.sweep.search import read_trial_log
+from slimray.sweep.trials import read_trial_log
 
 from ..conftest import DIGITS_CNN
 
@@ -35,7 +35,7 @@ DRIVER = textwrap.dedent(
     ctx = SweepContext(run_dir=run_dir, base_model_dir=run_dir + "/student", x_train=ray.put(x.numpy()), y_train=ray.put(y.numpy()),
                        teacher_logits=None, x_val=ray.put(xv.numpy()), y_val=ray.put(yv.numpy()), search=search.model_dump(),
                        temperature=4.0, alpha=0.0, seed=0)
-    trials = run_sweep(ctx, run_name="resume-sweep", storage_path=run_dir + "/ray", max_concurrent_trials=1, resume=True)
+    trials = run_sweep(ctx, run_name="resume-sweep", max_concurrent_trials=1, resume=True)
     print("DONE", len(trials), sum(t["status"] == "ok" for t in trials))
     """
 )

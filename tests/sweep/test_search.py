@@ -40,12 +40,14 @@ def test_optuna_with_asha_stops_weak_trials_on_the_epoch_budget(tmp_path, digits
         teacher_logits=None, x_val=ray.put(xv.numpy()), y_val=ray.put(yv.numpy()), search=search.model_dump(),
         temperature=4.0, alpha=0.0, seed=0, accuracy_floor=90.0,
     )
-    trials = run_sweep(ctx, run_name="adaptive", storage_path=str(tmp_path / "ray"), max_concurrent_trials=2, resume=False)
-    assert len(trials) == 4 and all(t["status"] == "ok" for t in trials), trials
+    trials = run_sweep(ctx, run_name="adaptive", max_concurrent_trials=2, resume=False)
+    # four draws; a point drawn twice is one trial (its result is kept once and reused)
+    assert 1 <= len(trials) <= 4 and all(t["status"] == "ok" for t in trials), trials
+    assert len({t["key"] for t in trials}) == len(trials)
     for t in trials:
         assert 1 <= t["finetune_epochs"] <= 3
         assert t["stopped_early"] == (t["finetune_epochs"] < 3)
         assert t["trial_seconds"] > 0 and t["latency_ms_b64"] > 0
     assert any(t["finetune_epochs"] == 3 for t in trials)  # the best ran the whole budget
     with pytest.raises(FileExistsError, match="--resume"):
-        run_sweep(ctx, run_name="adaptive", storage_path=str(tmp_path / "ray"), max_concurrent_trials=2, resume=False)
+        run_sweep(ctx, run_name="adaptive", max_concurrent_trials=2, resume=False)

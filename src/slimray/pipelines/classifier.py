@@ -506,7 +506,7 @@ def sweep_stage(
         evaluation=cfg.eval.model_dump(), code_dir=cfg.teacher.code_dir,
     )
     t_sweep = time.perf_counter()
-    trials = run_sweep(ctx, run_name=f"{cfg.name}-sweep", storage_path=str(run_dir / "ray"), max_concurrent_trials=concurrent, resume=resume)
+    trials = run_sweep(ctx, run_name=f"{cfg.name}-sweep", max_concurrent_trials=concurrent, resume=resume)
     sweep_wall_s = time.perf_counter() - t_sweep
     n_ok = sum(t["status"] == "ok" for t in trials)
     log(f"sweep: {n_ok}/{len(trials)} trials finished")

@@ -139,7 +139,7 @@ class FlowStages(Stages):
             run_dir=self.run_dir, keys=list(self.candidates), measure=measure, advice=advice, run_name=f"{self.family.name}-search",
             shared={"data": self.data, "students": {b: self._trial_input(b) for b in self.searched}},
             max_concurrent_trials=s.max_concurrent_trials, use_tune=s.use_tune, cpus_per_trial=self.recipe.trial_cpus,
-            metric=self.recipe.speed_key, reuse_actors=not self.recipe.fresh_trial_process,
+            reuse_actors=not self.recipe.fresh_trial_process,
         )
         self.trials = []
         for k, r in results.items():

@@ -1,4 +1,5 @@
-"""The compression sweep on Ray Tune: one trial per (prune ratio, quantization, runtime).
+"""The classifier's compression sweep: one trial per (prune ratio, quantization, runtime), run as trials of the one
+shared trainable (``slimray.sweep.trials.run_trials``: result files, error records, resume, the timing lock).
 
 A trial prunes the student (structured, torch-pruning), fine-tunes it epoch by epoch with KD from the
 cached teacher logits, quantizes it, and after every fine-tune epoch reports held-out accuracy (the
@@ -6,7 +7,7 @@ epochs are ASHA's budget). At its first report it also measures what does not ch
 fine-tuning: bytes on disk, peak memory to load the artifact and run one serving batch (measured in a
 fresh process, ``slimray.compress.memprobe``), and latency at
 batch 1 and the serving batch size in the trial's runtime, on the replica's thread count. Timing is
-serialised across trials by ``TimingLock`` so that two trials never time at once on the same cores.
+serialised across trials by the sweep's timing lock so that two trials never time at once on the same cores.
 
 The pruned model of a ratio after ``k`` fine-tune epochs is computed once and cached in the run folder
 (under a file lock), so every quantization/runtime trial of one ratio, and every epoch count, shares it.
@@ -15,23 +16,21 @@ Search: ``grid`` (every point), ``random`` or ``optuna`` (TPE over accuracy and 
 with ``num_samples`` trials; ``asha`` stops trials early on ``objective`` = -latency, minus a steep penalty
 per point below the accuracy floor (so "fastest within the floor" is what survives).
 
-A rerun with ``resume`` restores the Tune experiment and does not rerun finished trials.
+A rerun with ``resume`` restores the Tune experiment; a finished trial (its result file) never runs again.
 """
 
 from __future__ import annotations
 
 import fcntl
-import os
+import functools
 import time
 import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import ray
 import torch
-from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from slimray.families.classifier.artifacts import ArtifactSpec, artifact_bytes, load_artifact, load_runnable, save_artifact
@@ -44,10 +43,9 @@ from slimray.compress.runtime import ONNX_FILE, onnx_for
 from slimray.config import SearchConfig
 from slimray.evaluation import EvalConfig, load_metric
 from slimray.families.classifier.spec import count_params, spec_from_model
-from slimray.sweep.engine import make_tune_config, run_tuner
 from slimray.sweep.explain import explain
 from slimray.storage import reusable
-from slimray.sweep.lock import TimingLock, hold
+from slimray.sweep.trials import Sampling, run_trials
 from slimray.families.classifier.kd import finetune
 
 PENALTY_PER_POINT = 1000.0  # objective units (ms) lost per accuracy point below the floor
@@ -58,19 +56,20 @@ NUM_GRADIENT_BATCHES = 8  # labelled batches the taylor criterion accumulates gr
 class SweepContext:
     run_dir: str
     base_model_dir: str  # artifact to compress (the distilled student)
-    x_train: ray.ObjectRef
-    y_train: ray.ObjectRef
-    teacher_logits: ray.ObjectRef | None
-    x_val: ray.ObjectRef
-    y_val: ray.ObjectRef
+    x_train: Any  # arrays, or their object-store references
+    y_train: Any
+    teacher_logits: Any
+    x_val: Any
+    y_val: Any
     search: dict[str, Any]
     temperature: float
     alpha: float
     seed: int
     accuracy_floor: float | None = None  # for the early-stopping objective (in quality units)
-    lock: Any = None
     evaluation: dict[str, Any] | None = None  # EvalConfig: the metric trials are scored on (default: accuracy)
     code_dir: str | None = None  # where a metric of the user's own is imported from
+
+    ARRAYS = ("x_train", "y_train", "teacher_logits", "x_val", "y_val")
 
 
 def setting_name(method: str, runtime: str) -> str:
@@ -87,34 +86,23 @@ def trial_key(prune_ratio: float, method: str, runtime: str = "torch") -> str:
     return base if runtime == "torch" else f"{base}-{runtime}"
 
 
+def config_key(config: dict[str, Any]) -> str:
+    """The key of a trial's config (``prune_ratio`` and ``setting``, the axes Tune samples)."""
+    return trial_key(float(config["prune_ratio"]), *parse_setting(str(config["setting"])))
+
+
 def objective(accuracy_pct: float, latency: float, floor: float | None) -> float:
     """Higher is better: -latency, minus PENALTY_PER_POINT per accuracy point under the floor."""
     short = 0.0 if floor is None else max(0.0, floor - accuracy_pct)
     return -latency - PENALTY_PER_POINT * short
 
 
-def trial_log(run_dir: str | Path, key: str, event: str) -> None:
-    """One line per trial start/end in ``RUN/trials.log`` (progress at a glance; shows reruns)."""
-    path = Path(run_dir) / "trials.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {event} {key} pid={os.getpid()}\n")
-
-
-def read_trial_log(run_dir: str | Path) -> list[tuple[str, str]]:
-    """(event, key) pairs from ``RUN/trials.log``, in order."""
-    path = Path(run_dir) / "trials.log"
-    if not path.exists():
-        return []
-    return [(parts[1], parts[2]) for parts in (line.split() for line in path.read_text().splitlines()) if len(parts) >= 3]
-
-
-def _pruned(ctx: SweepContext, search: SearchConfig, ratio: float, *, epochs: int):
+def _pruned(ctx: dict[str, Any], data: dict[str, Any], search: SearchConfig, ratio: float, *, epochs: int):
     """The base model pruned at ``ratio`` and fine-tuned ``epochs`` epochs; each epoch count cached on disk."""
-    base, base_spec = load_artifact(ctx.base_model_dir)
+    base, base_spec = load_artifact(ctx["base_model_dir"])
     if ratio == 0.0:
         return base, base_spec
-    root = Path(ctx.run_dir) / "pruned"
+    root = Path(ctx["run_dir"]) / "pruned"
     root.mkdir(parents=True, exist_ok=True)
     name = f"prune{ratio:.2f}"
 
@@ -126,12 +114,11 @@ def _pruned(ctx: SweepContext, search: SearchConfig, ratio: float, *, epochs: in
         if reusable(cached(epochs), spec_cls=ArtifactSpec, log=print):  # verified; a damaged cache entry is recomputed
             return load_artifact(cached(epochs))
         done = max((k for k in range(epochs + 1) if reusable(cached(k), spec_cls=ArtifactSpec, log=print)), default=None)
-        x = torch.from_numpy(ray.get(ctx.x_train))
-        y = torch.from_numpy(ray.get(ctx.y_train))
-        logits = torch.from_numpy(ray.get(ctx.teacher_logits)) if ctx.teacher_logits is not None else None
+        x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
+        logits = torch.from_numpy(data["teacher_logits"]) if data.get("teacher_logits") is not None else None
         prune_spec = search.space.prune_spec(ratio)
         if done is None:
-            torch.manual_seed(ctx.seed)
+            torch.manual_seed(ctx["seed"])
             grads = [(x[i * 128 : (i + 1) * 128], y[i * 128 : (i + 1) * 128]) for i in range(NUM_GRADIENT_BATCHES)]
             model = prune(base.train(), prune_spec, example_inputs=x[:1], gradient_batches=grads)
             spec = base_spec.model_copy(update={"model": spec_from_model(model, base_spec.model), "prune": prune_spec})
@@ -140,8 +127,8 @@ def _pruned(ctx: SweepContext, search: SearchConfig, ratio: float, *, epochs: in
         model, spec = load_artifact(cached(done))
         for k in range(done + 1, epochs + 1):
             finetune(
-                model.train(), x, y, logits, epochs=1, lr=search.finetune_lr, temperature=ctx.temperature,
-                alpha=ctx.alpha if logits is not None else 0.0, seed=ctx.seed + k,
+                model.train(), x, y, logits, epochs=1, lr=search.finetune_lr, temperature=ctx["temperature"],
+                alpha=ctx["alpha"] if logits is not None else 0.0, seed=ctx["seed"] + k,
             )
             save_artifact(cached(k), model.eval(), spec.model_copy(update={"name": f"{name}-e{k}", "metadata": {"finetune_epochs": k}}))
         return load_artifact(cached(epochs))
@@ -160,29 +147,30 @@ def save_trial(out: Path, model, qmodel, spec, search: SearchConfig, *, method: 
         save_artifact(out, qmodel, tspec)
 
 
-def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
+def compression_steps(key: str, data: dict[str, Any], *, ctx: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """One trial of the shared trainable (``slimray.sweep.trials``): prune, then after every fine-tune epoch quantize,
+    save, score and yield a row (the epochs are ASHA's budget); size, memory and latency measured at the first.
+    ``data``: the arrays (``SweepContext.ARRAYS``) and ``timing`` (the sweep's timing lock); ``ctx``: the rest of the
+    ``SweepContext``. A failure is a row too (``status`` error, with the stage and a line of advice)."""
     t_start = time.perf_counter()
-    torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    search = SearchConfig.model_validate(ctx.search)
-    metric = load_metric(EvalConfig.model_validate(ctx.evaluation or {}), default_max_drop=search.max_accuracy_drop, code_dir=ctx.code_dir)
-    ratio = float(config["prune_ratio"])
-    method, runtime = parse_setting(str(config["setting"]))
-    key = trial_key(ratio, method, runtime)
-    out = Path(ctx.run_dir) / "trials" / key
+    search = SearchConfig.model_validate(ctx["search"])
+    metric = load_metric(EvalConfig.model_validate(ctx["evaluation"] or {}), default_max_drop=search.max_accuracy_drop,
+                         code_dir=ctx["code_dir"])
+    ratio, method, runtime = ctx["candidates"][key]
+    out = Path(ctx["run_dir"]) / "trials" / key
     epochs = search.finetune_epochs if ratio > 0 else 0
     fixed: dict[str, Any] = {}
     stage = "prune"  # what the trial is doing, for the explanation of a failure
-    trial_log(ctx.run_dir, key, "start")
     try:
-        x_train = torch.from_numpy(ray.get(ctx.x_train))
-        x_val, y_val = torch.from_numpy(ray.get(ctx.x_val)), torch.from_numpy(ray.get(ctx.y_val))
+        x_train = torch.from_numpy(data["x_train"])
+        x_val, y_val = torch.from_numpy(data["x_val"]), torch.from_numpy(data["y_val"])
         qspec = search.space.quant_spec(method)
         calib = [x_train[i * 64 : (i + 1) * 64] for i in range(qspec.num_calibration_batches)]
         example = x_val[: search.serving_batch_size]
         for epoch in range(min(epochs, 1), epochs + 1):
             stage = "prune" if epoch <= 1 else "finetune"
-            model, spec = _pruned(ctx, search, ratio, epochs=epoch)
+            model, spec = _pruned(ctx, data, search, ratio, epochs=epoch)
             stage = "quantize"
             qmodel = quantize(model, qspec, calibration=calib) if runtime != "onnxruntime" else model
             stage = "export" if runtime == "onnxruntime" else "quantize"
@@ -195,7 +183,7 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
                     peak = memprobe.probe(out, loader="slimray.families.classifier.artifacts:load_runnable", input_shape=spec.input.shape,
                                           batch_size=search.serving_batch_size, num_threads=search.num_threads)
                 stage = "timing"
-                with hold(ctx.lock, key):
+                with data["timing"](key):
                     runnable = _load_and_run(out, example, num_threads=search.num_threads)
                     fixed = {
                         f"latency_ms_b{b}": latency_ms(
@@ -213,23 +201,18 @@ def compression_trial(config: dict[str, Any], ctx: SweepContext) -> None:
             value = metric.value(runnable, x_val, y_val, batch_size=search.serving_batch_size if runtime == "torch_compile" else 1024)
             acc = metric.quality(value)  # "accuracy" below: the signed quality every selection rule compares
             lat = fixed[f"latency_ms_b{search.serving_batch_size}"]
-            tune.report(
-                {
-                    "key": key, "status": "ok", "accuracy": acc, "metric_value": value, "finetune_epochs": epoch, "artifact": str(out),
-                    "objective": objective(acc, lat, ctx.accuracy_floor), "trial_seconds": time.perf_counter() - t_start, **fixed,
-                }
-            )
-        trial_log(ctx.run_dir, key, "end")
+            yield {
+                "key": key, "status": "ok", "accuracy": acc, "metric_value": value, "finetune_epochs": epoch, "artifact": str(out),
+                "objective": objective(acc, lat, ctx["accuracy_floor"]), "trial_seconds": time.perf_counter() - t_start, **fixed,
+            }
     except Exception as err:  # a broken setting is a result, not a crashed sweep
         why = explain(err, stage=stage, ratio=ratio, method=method, runtime=runtime)
         print(f"trial {key}: {why['line']}", flush=True)
-        tune.report(
-            {
-                "key": key, "status": "error", "error": why["error"], "where": why["where"], "stage": stage, "advice": why["advice"],
-                "explanation": why["line"], "traceback": traceback.format_exc()[-2000:],
-                "objective": -1e12, "trial_seconds": time.perf_counter() - t_start,
-            }
-        )
+        yield {
+            "key": key, "status": "error", "error": why["error"], "where": why["where"], "stage": stage, "advice": why["advice"],
+            "explanation": why["line"], "traceback": traceback.format_exc()[-2000:],
+            "objective": -1e12, "trial_seconds": time.perf_counter() - t_start,
+        }
 
 
 def _load_and_run(path: Path, example: torch.Tensor, *, num_threads: int):
@@ -239,65 +222,45 @@ def _load_and_run(path: Path, example: torch.Tensor, *, num_threads: int):
     return model
 
 
-def _param_space(search: SearchConfig) -> dict[str, Any]:
+def run_sweep(ctx: SweepContext, *, run_name: str, max_concurrent_trials: int, resume: bool = True) -> list[dict[str, Any]]:
+    """Run (or, with ``resume``, continue) the search on the shared trainable; returns one dict per trial with its
+    settings, metrics and status (a trial ASHA stopped early: its last epoch, ``stopped_early``).
+
+    Without ``resume`` an earlier experiment of the same name is an error rather than silently reused.
+    """
+    search = SearchConfig.model_validate(ctx.search)
+    lat_key = f"latency_ms_b{search.serving_batch_size}"
     settings = [setting_name(q, r) for q, r in search.space.settings]
-    if search.algorithm == "grid":
-        return {"prune_ratio": tune.grid_search(search.space.prune_ratios), "setting": tune.grid_search(settings)}
-    return {"prune_ratio": tune.choice(search.space.prune_ratios), "setting": tune.choice(settings)}
-
-
-def _tune_config(search: SearchConfig, *, max_concurrent_trials: int, lat_key: str) -> tune.TuneConfig:
+    axes = {"prune_ratio": list(search.space.prune_ratios), "setting": settings}
+    candidates = {config_key({"prune_ratio": p, "setting": st}): (float(p), *parse_setting(st)) for p in axes["prune_ratio"] for st in settings}
     scheduler = None
     if search.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="finetune_epochs", metric="objective", mode="max", max_t=search.finetune_epochs,
             grace_period=search.grace_period, reduction_factor=search.reduction_factor,
         )
-    return make_tune_config(
-        algorithm=search.algorithm, num_samples=search.num_trials, max_concurrent_trials=max_concurrent_trials,
-        metric=["accuracy", lat_key], mode=["max", "min"], seed=0, scheduler=scheduler, num_startup_trials=search.num_startup_trials,
+    sampling = Sampling(algorithm=search.algorithm, num_samples=search.num_trials, metric=["accuracy", lat_key], mode=["max", "min"],
+                        num_startup_trials=search.num_startup_trials, seed=0, scheduler=scheduler)
+    fields = {k: v for k, v in ctx.__dict__.items() if k not in SweepContext.ARRAYS} | {"candidates": candidates}
+    results = run_trials(
+        run_dir=ctx.run_dir, keys=list(candidates), measure=functools.partial(compression_steps, ctx=fields),
+        shared={k: getattr(ctx, k) for k in SweepContext.ARRAYS}, run_name=run_name,
+        max_concurrent_trials=max_concurrent_trials, axes=axes, key_of=config_key, sampling=sampling, timing_lock=True, resume=resume,
     )
-
-
-def run_sweep(ctx: SweepContext, *, run_name: str, storage_path: str, max_concurrent_trials: int, resume: bool = True) -> list[dict[str, Any]]:
-    """Run (or, with ``resume``, continue) the search; returns one dict per trial with its settings, metrics and status.
-
-    Without ``resume`` an earlier experiment of the same name is an error rather than silently reused.
-    """
-    search = SearchConfig.model_validate(ctx.search)
-    lat_key = f"latency_ms_b{search.serving_batch_size}"
-    lock = TimingLock.remote()
-    ctx = SweepContext(**{**ctx.__dict__, "lock": lock})
-    trainable = tune.with_resources(tune.with_parameters(compression_trial, ctx=ctx), {"cpu": 1})
-    try:
-        grid = run_tuner(
-            trainable, param_space=_param_space(search),
-            tune_config=_tune_config(search, max_concurrent_trials=max_concurrent_trials, lat_key=lat_key),
-            run_name=run_name, storage_path=storage_path, resume=resume,
-            describe=lambda c: trial_key(float(c["prune_ratio"]), *parse_setting(str(c["setting"]))),
-        )
-    except FileExistsError:
-        ray.kill(lock)
-        raise
     trials = []
-    for result in grid:
-        m = dict(result.metrics or {})
-        method, runtime = parse_setting(str(result.config["setting"]))
-        row: dict[str, Any] = {
-            "prune_ratio": result.config["prune_ratio"], "quantization": method, "runtime": runtime,
-            "trial_id": getattr(result, "path", None) and Path(result.path).name,
-            "trial_seconds": m.get("trial_seconds"),
-        }
-        if result.error is not None or m.get("status") != "ok":
-            row.update(status="error", error=m.get("error") or str(result.error))
-            row.update({k: m[k] for k in ("key", "stage", "where", "advice", "explanation") if m.get(k)})
+    for key, m in results.items():
+        ratio, method, runtime = candidates[key]
+        row: dict[str, Any] = {"prune_ratio": ratio, "quantization": method, "runtime": runtime, "key": key,
+                               "trial_seconds": m.get("trial_seconds")}
+        if m.get("status") != "ok":
+            row.update(status="error", error=m.get("error"))
+            row.update({k: m[k] for k in ("stage", "where", "advice", "explanation") if m.get(k)})
         else:
             row.update(
-                {k: m[k] for k in ("key", "status", "accuracy", "metric_value", "params", "size_bytes", "peak_memory_bytes", "artifact",
+                {k: m[k] for k in ("status", "accuracy", "metric_value", "params", "size_bytes", "peak_memory_bytes", "artifact",
                                    "finetune_epochs", "runtime_check") if k in m}
             )
             row.update({k: v for k, v in m.items() if k.startswith("latency_ms_b")})
-            row["stopped_early"] = m.get("finetune_epochs", 0) < (search.finetune_epochs if row["prune_ratio"] > 0 else 0)
+            row["stopped_early"] = m.get("finetune_epochs", 0) < (search.finetune_epochs if ratio > 0 else 0)
         trials.append(row)
-    ray.kill(lock)
     return sorted(trials, key=lambda t: (t["prune_ratio"], t["runtime"], t["quantization"]))
