@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             d = pipeline.teacher_stage(run)
             summary = None
             if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:
-                from slimray.report import best_vs_default_table, distill_sweep_table
+                from slimray.families.classifier.report import best_vs_default_table, distill_sweep_table
 
                 summary = pipeline.distill_sweep_stage(run, d, resume=args.resume)
                 print(best_vs_default_table(summary) + "\n\n" + distill_sweep_table(summary))

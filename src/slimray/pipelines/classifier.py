@@ -35,11 +35,11 @@ from slimray.evaluation import load_metric
 from slimray.families.classifier import load_ccexam_mnist_teacher
 from slimray.families.classifier.spec import InputSpec, ModuleSpec, count_params, spec_from_model
 from slimray.families.classifier.usermodule import block_importance, build_from_factory, drop_modules, load_weights, repeated_blocks
-from slimray.report import results_table, write_report
+from slimray.families.classifier.report import headline_table, write_report_files
 from slimray.pipelines import Stages
 from slimray.runs import log
 from slimray.schema import ConfigError
-from slimray.storage import reusable
+from slimray.storage import reusable, write_json_atomic
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
 from slimray.sweep.explain import most_failed
 from slimray.sweep.select import choose, feasible, pareto_front, rank_fastest, sweep_failure
@@ -389,7 +389,7 @@ def distill_sweep_stage(run: Run, d: Distilled, *, resume: bool = True) -> dict[
     """Tune over Train: one Ray Train run per point of the distillation space; the best student (held-out
     accuracy; ties: smaller, then faster) is copied to ``RUN/student_best``. The recipe-settings student
     (``d.student``, if trained) competes too. Returns the summary (also ``RUN/distill_sweep.{json,md,png}``)."""
-    from slimray.report import write_distill_sweep
+    from slimray.families.classifier.report import write_distill_sweep
     from slimray.sweep.distill_search import DistillSweepContext, pick_best, run_distill_sweep
     from slimray.sweep.engine import plan_train_trials
 
@@ -637,8 +637,9 @@ def sweep_stage(
             latency_key=lat_key,
         )
     ]
-    write_report(report, run_dir)
-    log("results (test accuracy; latencies re-timed side by side):\n" + results_table(report))
+    write_json_atomic(run_dir / "report.json", report)
+    write_report_files(report, run_dir)
+    log("results (test accuracy; latencies re-timed side by side):\n" + headline_table(report))
     log(f"report: {run_dir / 'report.md'}  plot: {run_dir / 'pareto.png'}  ({report['elapsed_s']:.0f} s)")
     return report
 

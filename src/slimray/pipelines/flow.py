@@ -280,7 +280,7 @@ class FlowStages(Stages):
     def report(self) -> dict[str, Any]:
         import time
 
-        from slimray.report import rows_table, write_front_png
+        from slimray.report import rows_table, write_front_png, write_text_atomic
         from slimray.sweep.select import non_dominated
 
         q, speed = self.quality.key, self.recipe.speed_key
@@ -323,7 +323,7 @@ class FlowStages(Stages):
                *extra_md, "## Every trial", "", rows_table(self.trials, cols),
                "", f"Pareto front ({self.quality.label} vs {self.recipe.speed_label}): {', '.join(report['pareto_front'])}", "",
                "![front](pareto.png)", ""]
-        (self.run_dir / "report.md").write_text("\n".join(md))
+        write_text_atomic(self.run_dir / "report.md", "\n".join(md))
         write_front_png(self.trials, front, self.run_dir / "pareto.png", quality_key=q, quality_label=self.quality.label,
                         speed_key=speed, speed_label=self.recipe.speed_label, winner=self.winner_row["key"], floor=self.floor)
         log(f"report: {self.run_dir / 'report.md'}")
