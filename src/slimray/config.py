@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, PositiveInt, Tag, ValidationError, field_validator, model_validator
 
-from slimray.configbase import RunConfigBase
+from slimray.configbase import DistillBase, RunConfigBase, SearchBase
 from slimray.data.files_config import FilesDataConfig
 from slimray.evaluation import EvalConfig
 from slimray.families.classifier.spec import ModelSpec, ModuleSpec, build_model, scale_spec
@@ -129,8 +129,9 @@ class DeriveConfig(StrictModel):
     round_to: PositiveInt | None = Field(None, description="keep widths a multiple of this")
 
 
-class DistillConfig(StrictModel):
-    """Ray Train distillation of the student: logit KD, feature KD or labels only (see ``loss``)."""
+class DistillConfig(DistillBase):
+    """Ray Train distillation of the student: logit KD, feature KD or labels only (see ``loss``); the budget, KD weight,
+    workers and labels-only baseline are every family's (``DistillBase``), with the classifier's defaults."""
 
     student: ModelSpec | None = Field(
         None, description="a built-in student architecture; leave out to derive the student from the teacher (see derive)"
@@ -138,7 +139,7 @@ class DistillConfig(StrictModel):
     derive: DeriveConfig | None = Field(None, description="derive the student by pruning the teacher (the default without student)")
     epochs: PositiveInt = 6
     batch_size: PositiveInt = 128
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)  # type: ignore[assignment]
     lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="per-epoch learning-rate schedule")
     weight_decay: float = Field(0.0, ge=0)
     temperature: float = Field(4.0, gt=0)
@@ -193,7 +194,10 @@ class DistillConfig(StrictModel):
         return self
 
 
-class SearchConfig(StrictModel):
+class SearchConfig(SearchBase):
+    """The classifier's compression search; the trials at once, finalists, side-by-side rounds and noise margin are every
+    family's (``SearchBase``)."""
+
     space: SearchSpace = Field(default_factory=SearchSpace)
     space_file: str | None = Field(None, description="YAML search space (like tune/*.yaml); replaces space")
     algorithm: Literal["grid", "random", "optuna"] = Field(
@@ -221,7 +225,7 @@ class SearchConfig(StrictModel):
     serving_batch_size: PositiveInt = 64
     num_threads: PositiveInt = Field(1, description="torch threads for latency (what a replica gets)")
     num_timing_repeats: PositiveInt = 30
-    max_concurrent_trials: PositiveInt | None = Field(None, description="default: CPUs available to Ray")
+    max_concurrent_trials: PositiveInt | None = Field(None, description="default: CPUs available to Ray")  # type: ignore[assignment]
     num_finalists: PositiveInt = Field(4, description="trials re-timed side by side with the teacher")
 
     @model_validator(mode="after")
@@ -233,6 +237,11 @@ class SearchConfig(StrictModel):
             raise ValueError("scheduler 'asha' needs finetune_epochs >= 2 (its budget is fine-tune epochs)")
         if self.algorithm == "grid" and self.num_samples is not None:
             raise ValueError("num_samples applies to algorithm random/optuna; grid runs every point once")
+        if not self.use_tune and (self.algorithm != "grid" or self.scheduler != "none"):
+            raise ValueError("use_tune: false runs every point in the driver: it needs algorithm grid and scheduler none")
+        if self.include_teacher:
+            raise ValueError("include_teacher: the classifier searches its student (or, without one, the teacher through "
+                             "`slimray sweep`); set include_teacher: false")
         return self
 
     @property

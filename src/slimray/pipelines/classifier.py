@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from slimray.schema import ConfigError
 from slimray.storage import reusable, write_json_atomic
 from slimray.sweep.search import SweepContext, run_sweep, trial_key
 from slimray.sweep.explain import most_failed
-from slimray.sweep.select import choose, feasible, pareto_front, rank_fastest, sweep_failure
+from slimray.sweep.select import choose, feasible, pareto_front, rank_fastest, sweep_failure, timed_rounds
 from slimray.training.classifier_data import TrainData, check_teacher_layer, classifier_job
 from slimray.training.distill import run_training
 
@@ -543,15 +544,27 @@ def sweep_stage(
     for r in runtimes:
         log(f"teacher in runtime {r} (fp32), for the same-runtime speedup")
         models[f"teacher@{r}"] = _teacher_in_runtime(teacher, r, x_te[:b], num_threads=s.num_threads)
-    log(f"timing {len(models)} models side by side ({s.num_threads} thread(s), batch 1 and {b})")
     batch_sizes = sorted({1, b})
-    timed = compare_latency(models, x_te[:b], batch_sizes=batch_sizes, num_threads=s.num_threads)
+
+    def one_round(order: list[str]) -> dict[str, dict[str, float]]:
+        ms = compare_latency({k: models[k] for k in order}, x_te[:b], batch_sizes=batch_sizes, num_threads=s.num_threads, num_rounds=1)
+        return {k: {**{f"ms_b{bb}": v for bb, v in per.items()}, "per_s": 1e3 * b / per[b]} for k, per in ms.items()}
+
+    samples, num_rounds = timed_rounds(list(models), one_round, num_rounds=s.num_rounds, most_rounds=s.most_rounds,
+                                       leaders=[t["key"] for t in finalists], speed_key="per_s")
+    log(f"timed {len(models)} models side by side in {num_rounds} rounds ({s.num_threads} thread(s), batch 1 and {b})")
+    timed = {k: {bb: statistics.median(figs[f"ms_b{bb}"]) for bb in batch_sizes} for k, figs in samples.items()}
     for t in finalists:
         t["retimed"] = timed[t["key"]]
-    pick, _, _ = choose([{"key": t["key"], "accuracy": t["accuracy"], "ms": t["retimed"][b], "size_bytes": t["size_bytes"]}
-                         for t in finalists], quality_key="accuracy", higher_is_better=True, floor=-math.inf, speed_key="ms",
-                        faster="min")  # the finalists are the feasible ones (or the one most accurate): fastest re-timed
+    # the one winner rule on the side-by-side rounds: the finalists are the feasible ones (or the one most accurate), so
+    # the fastest wins unless its lead is inside the noise (search.noise_margin), where the smaller of the tied wins
+    pick, _, tied = choose([{"key": t["key"], "accuracy": t["accuracy"], "per_s": 1e3 * b / t["retimed"][b], "size_bytes": t["size_bytes"]}
+                            for t in finalists], quality_key="accuracy", higher_is_better=True, floor=-math.inf, speed_key="per_s",
+                           rounds={t["key"]: samples[t["key"]]["per_s"] for t in finalists}, margin=s.noise_margin)
     winner = next(t for t in finalists if t["key"] == pick["key"])
+    if tied:
+        log(f"winner {winner['key']}: tied within the noise ({s.noise_margin:.0%}) with {', '.join(t['key'] for t in tied)}; "
+            "the smaller wins")
     constraint_met = winner in ok
     w_runtime = winner.get("runtime", "torch")
 
@@ -614,7 +627,8 @@ def sweep_stage(
         "gain_breakdown": [
             {"step": label, "model": key, "latency_ms": timed[key][b], "speedup_vs_teacher": t_b / timed[key][b]} for label, key in breakdown
         ],
-        "timing": {"num_threads": s.num_threads, "batch_sizes": batch_sizes, "method": "median of interleaved rounds, one process"},
+        "timing": {"num_threads": s.num_threads, "batch_sizes": batch_sizes, "num_rounds": num_rounds, "noise_margin": s.noise_margin,
+                   "tied_with": [t["key"] for t in tied], "method": "median of interleaved rounds, order shuffled each round, one process"},
         "search": {
             "algorithm": s.algorithm, "scheduler": s.scheduler, "num_trials": len(trials), "wall_s": sweep_wall_s,
             "trial_seconds": sum(t.get("trial_seconds") or 0.0 for t in trials),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -202,25 +201,18 @@ class FlowStages(Stages):
         def plan_key(t: dict[str, Any]) -> str:
             return "teacher" if t["key"] == identity else t["key"]
 
-        samples: dict[str, dict[str, list[float]]] = {k: {} for k in plan}
-        order = list(plan)
-        rng = random.Random(0)
-        from slimray.sweep.select import ranking_stable, rounds_summary
+        from slimray.sweep.select import rounds_summary, timed_rounds
 
         try:
-            for i in range(s.most_rounds):
-                rng.shuffle(order)  # no model always timed first (or last) in a round
-                for k, v in self._time_round(order, models, apart, settings).items():
-                    for fig, x in self._speeds(v).items():
-                        samples[k].setdefault(fig, []).append(x)
-                if i + 1 >= s.num_rounds and (len(ranked) == 1 or ranking_stable({t["key"]: samples[plan_key(t)][speed] for t in ranked})):
-                    break  # the same finalist led the last two rounds: more rounds would not change the ranking
+            samples, num_rounds = timed_rounds(
+                list(plan), lambda order: {k: self._speeds(v) for k, v in self._time_round(order, models, apart, settings).items()},
+                num_rounds=s.num_rounds, most_rounds=s.most_rounds, leaders=list(dict.fromkeys(plan_key(t) for t in ranked)),
+                speed_key=speed)
         finally:
             import ray
 
             for actor in apart.values():
                 ray.kill(actor)
-        num_rounds = i + 1
         if identity in {t["key"] for t in ranked} | set(self.beside):  # the teacher as it is, timed once under both names
             samples[identity], models[identity] = samples["teacher"], models["teacher"]
 

@@ -246,6 +246,7 @@ def run_sweep(ctx: SweepContext, *, run_name: str, max_concurrent_trials: int, r
         run_dir=ctx.run_dir, keys=list(candidates), measure=functools.partial(compression_steps, ctx=fields),
         shared={k: getattr(ctx, k) for k in SweepContext.ARRAYS}, run_name=run_name,
         max_concurrent_trials=max_concurrent_trials, axes=axes, key_of=config_key, sampling=sampling, timing_lock=True, resume=resume,
+        use_tune=search.use_tune,
     )
     trials = []
     for key, m in results.items():

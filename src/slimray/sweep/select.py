@@ -3,7 +3,8 @@ quality constraint, a lead inside the noise a tie the smaller wins), the Pareto 
 
 from __future__ import annotations
 
-from typing import Any
+import random
+from typing import Any, Callable
 
 
 def feasible(trials: list[dict[str, Any]], *, teacher_accuracy: float, max_drop: float, accuracy_key: str = "accuracy") -> list[dict[str, Any]]:
@@ -98,6 +99,25 @@ def ranking_stable(rounds: dict[str, list[float]], *, last: int = 2) -> bool:
         return False
     leaders = {max(rounds, key=lambda k: max(rounds[k][:i])) for i in range(n - last + 1, n + 1)}
     return len(leaders) == 1
+
+
+def timed_rounds(keys: list[str], time_round: Callable[[list[str]], dict[str, dict[str, float]]], *, num_rounds: int,
+                 most_rounds: int, leaders: list[str], speed_key: str, seed: int = 0) -> tuple[dict[str, dict[str, list[float]]], int]:
+    """Side-by-side timing in rounds, the same for every family: ``time_round(order)`` times every model once, in
+    ``order`` (shuffled each round, so no model is always first or last), and returns key -> figures (``speed_key``
+    higher is faster). At least ``num_rounds``; more, up to ``most_rounds``, until the same one of ``leaders`` led the
+    last two rounds (``ranking_stable``). Returns (key -> figure -> one value per round, rounds timed)."""
+    samples: dict[str, dict[str, list[float]]] = {k: {} for k in keys}
+    order, rng = list(keys), random.Random(seed)
+    n = 0
+    for n in range(1, max(num_rounds, most_rounds) + 1):
+        rng.shuffle(order)
+        for k, figs in time_round(list(order)).items():
+            for fig, x in figs.items():
+                samples[k].setdefault(fig, []).append(x)
+        if n >= num_rounds and (len(leaders) <= 1 or ranking_stable({k: samples[k][speed_key] for k in leaders})):
+            break
+    return samples, n
 
 
 def choose(
