@@ -36,8 +36,8 @@ from slimray.compress.prune import PruneSpec, prune  # noqa: E402
 from slimray.compress.quantize import QuantSpec, quantize  # noqa: E402
 from slimray.config import SearchConfig  # noqa: E402
 from slimray.families.classifier.spec import InputSpec, ModuleSpec, build_model, count_params, spec_from_model  # noqa: E402
-from slimray.sweep.explain import explain  # noqa: E402
-from slimray.sweep.search import save_trial  # noqa: E402
+from slimray.families.classifier.explain import explain  # noqa: E402
+from slimray.families.classifier.search import save_trial  # noqa: E402
 from zoo_models import ZOO  # noqa: E402
 
 RATIOS = (0.0, 0.25, 0.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from slimray.sweep.engine import TrialLines
-from slimray.sweep.search import parse_setting, trial_key
+from slimray.families.classifier.search import parse_setting, trial_key
 
 
 def test_one_line_per_trial_start_and_end_named_by_its_key(capsys):

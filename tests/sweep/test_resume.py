@@ -44,7 +44,7 @@ DRIVER = textwrap.dedent(
 def _finished_in_experiment(path: str) -> set[str]:
     from ray.tune import ExperimentAnalysis
 
-    from slimray.sweep.search import parse_setting, trial_key
+    from slimray.families.classifier.search import parse_setting, trial_key
 
     ea = ExperimentAnalysis(path)
     return {

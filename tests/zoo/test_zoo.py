@@ -30,7 +30,7 @@ from slimray.families.classifier.spec import InputSpec, ModuleSpec, build_model,
 from slimray.serving.options import ServeOptions
 from slimray.serving.model import ModelServer
 from slimray.serving.protocols import build_api
-from slimray.sweep.search import save_trial
+from slimray.families.classifier.search import save_trial
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_models import ZOO  # noqa: E402

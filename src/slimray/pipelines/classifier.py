@@ -41,8 +41,9 @@ from slimray.pipelines import Stages
 from slimray.runs import log
 from slimray.schema import ConfigError
 from slimray.storage import reusable, write_json_atomic
-from slimray.sweep.search import SweepContext, run_sweep, trial_key
-from slimray.sweep.explain import most_failed
+from slimray.families.classifier.search import trial_key
+from slimray.sweep.search import SweepContext, run_sweep
+from slimray.families.classifier.explain import most_failed
 from slimray.sweep.select import choose, feasible, pareto_front, rank_fastest, sweep_failure, timed_rounds
 from slimray.training.classifier_data import TrainData, check_teacher_layer, classifier_job
 from slimray.training.distill import run_training

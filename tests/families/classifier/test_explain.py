@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from slimray.compress.memprobe import failure_cause
-from slimray.sweep.explain import explain, most_failed
+from slimray.families.classifier.explain import explain, most_failed
 
 
 def _raise(err: Exception) -> Exception:
