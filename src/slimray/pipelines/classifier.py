@@ -7,7 +7,6 @@ Serving is left to the caller (``slimray.cli``), so the pipeline is usable headl
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -26,8 +25,6 @@ from safetensors.torch import load_file, save_file
 from slimray.families.classifier.artifacts import (
     ArtifactSpec, artifact_bytes, copy_artifact, load_artifact, load_runnable, load_spec, save_artifact,
 )
-from slimray.compress.prune import prune_to_fraction
-from slimray.compress.runtime import OrtModel, compile_model, onnx_for
 from slimray.compress.measure import accuracy, compare_latency, predict_logits, torch_threads
 from slimray.config import PipelineConfig
 from slimray.data import load_dataset
@@ -35,13 +32,13 @@ from slimray.data.sample import write_test_sample
 from slimray.evaluation import load_metric
 from slimray.families.classifier import load_ccexam_mnist_teacher
 from slimray.families.classifier.spec import InputSpec, ModuleSpec, count_params, spec_from_model
-from slimray.families.classifier.usermodule import block_importance, build_from_factory, drop_modules, load_weights, repeated_blocks
 from slimray.families.classifier.report import headline_table, write_report_files
 from slimray.pipelines import Stages
 from slimray.runs import log
-from slimray.schema import ConfigError
 from slimray.storage import reusable, write_json_atomic
-from slimray.families.classifier.search import trial_key
+from slimray.families.classifier.derive import derive
+from slimray.families.classifier.search import in_runtime, trial_key
+from slimray.families.classifier.teachers import check_takes_examples, load_user_teacher
 from slimray.sweep.search import SweepContext, run_sweep
 from slimray.families.classifier.explain import most_failed
 from slimray.sweep.select import choose, feasible, pareto_front, rank_fastest, sweep_failure, timed_rounds
@@ -78,37 +75,6 @@ def _teacher(run: Run, data: TrainData) -> tuple[torch.nn.Module, ArtifactSpec]:
     return load_artifact(path)
 
 
-def load_user_teacher(cfg: PipelineConfig) -> torch.nn.Module:
-    """The user's teacher: ``factory(**kwargs)`` (or the HF folder's architecture) with its safetensors weights
-    (mismatches listed), in eval mode."""
-    from slimray.families.classifier.hf import HFImageClassifier
-
-    t = cfg.teacher
-    spec = t.module_spec()
-    field = "teacher.factory" if t.source == "module" else "teacher.path"
-    model = build_from_factory(spec.factory, spec.kwargs, code_dir=spec.code_dir, field=field)
-    field = "teacher.weights" if t.source == "module" else "teacher.path"
-    load_weights(model.model if isinstance(model, HFImageClassifier) else model, t.weights_file(), field=field)
-    return model.eval()
-
-
-def check_takes_examples(model: torch.nn.Module, cfg: PipelineConfig, input_shape: list[int]) -> None:
-    """One forward pass on zeros: the user's module must take the data's examples and return (batch, classes) logits."""
-    label = "teacher.factory" if cfg.teacher.source == "module" else "teacher.path"
-    factory = cfg.teacher.factory or cfg.teacher.path
-    try:
-        with torch.inference_mode():
-            out = model(torch.zeros(2, *input_shape))
-    except Exception as err:
-        raise ConfigError(
-            f"{label} {factory!r}: the module fails on a batch of examples shaped {input_shape} "
-            f"(from the data): {type(err).__name__}: {err}"
-        ) from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise ConfigError(f"{label} {factory!r}: a classifier must return logits shaped (batch, classes), got "
-                          f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else list(out.shape)}")
-
-
 def _teacher_logits(teacher: torch.nn.Module, x_train: torch.Tensor, run_dir: Path) -> np.ndarray:
     path = run_dir / "teacher_logits.safetensors"
     if path.exists():
@@ -125,20 +91,6 @@ def _teacher_logits(teacher: torch.nn.Module, x_train: torch.Tensor, run_dir: Pa
     return logits.numpy()
 
 
-def choose_blocks(model: torch.nn.Module, x: torch.Tensor, *, num_drop: int) -> tuple[list[str], list[str], dict[str, float]]:
-    """(dropped, kept, importance) of the model's repeated blocks: the ``num_drop`` whose removal alone moves
-    the output least (KL on ``x``) are dropped. Fails when the model has too few droppable blocks."""
-    names = repeated_blocks(model, x[:2])
-    if len(names) <= num_drop:
-        raise ConfigError(
-            f"distill.derive.drop_blocks {num_drop}: the teacher has {len(names)} repeated shape-preserving blocks "
-            f"({names or 'none'}); at least one must stay"
-        )
-    importance = block_importance(model, names, x)
-    dropped = sorted(names, key=importance.get)[:num_drop]
-    return sorted(dropped), [n for n in names if n not in dropped], importance
-
-
 def derive_student(run: Run, teacher: torch.nn.Module, teacher_spec: ArtifactSpec) -> tuple[torch.nn.Module, ArtifactSpec]:
     """The student derived from the teacher by structured pruning to ``distill.derive.keep`` of its size
     (saved once as ``RUN/student_init``: the distillation runs start from these weights)."""
@@ -148,24 +100,7 @@ def derive_student(run: Run, teacher: torch.nn.Module, teacher_spec: ArtifactSpe
     dv = run.cfg.distill.derive
     assert dv is not None
     x, y = run.split["val"] if run.split.get("train") is None else run.split["train"]
-    grads = [(x[i * 64 : (i + 1) * 64], y[i * 64 : (i + 1) * 64]) for i in range(min(8, max(1, len(x) // 64)))]
-    student = copy.deepcopy(teacher)
-    info: dict[str, Any] = {}
-    notes = []
-    if dv.drop_blocks:
-        dropped, kept, importance = choose_blocks(student, x[:256], num_drop=dv.drop_blocks)
-        drop_modules(student, dropped)
-        info.update(dropped_blocks=dropped, kept_blocks=kept, block_importance=importance)
-        notes.append(f"dropped blocks {dropped} (kept {kept})")
-    if dv.keep < 1.0:
-        student, width = prune_to_fraction(
-            student.train(), keep=dv.keep, by=dv.by, importance=dv.importance, round_to=dv.round_to,
-            example_inputs=x[:1], gradient_batches=grads if dv.importance == "taylor" else None,
-        )
-        info.update(width)
-        notes.append(f"pruned to {100 * width['kept_fraction']:.1f}% of its {dv.by} (channel ratio {width['channel_ratio']:.3f}, {dv.importance})")
-    pruned = student.eval()
-    note = "teacher " + "; ".join(notes)
+    pruned, info, note = derive(teacher, x, y, dv)
     log(f"student: derived from the {note}; {count_params(teacher)} -> {count_params(pruned)} params")
     model_spec = spec_from_model(pruned, teacher_spec.model)
     if isinstance(model_spec, ModuleSpec):
@@ -457,15 +392,6 @@ def distill_sweep_stage(run: Run, d: Distilled, *, resume: bool = True) -> dict[
     return summary
 
 
-def _teacher_in_runtime(teacher: torch.nn.Module, runtime: str, example: torch.Tensor, *, num_threads: int) -> torch.nn.Module:
-    """The fp32 teacher in another runtime, to tell what the runtime bought from what compression bought."""
-    if runtime == "onnxruntime":
-        return OrtModel(onnx_for(teacher, example, method="none"), num_threads=num_threads)
-    if runtime == "torch_compile":
-        return compile_model(teacher)
-    return teacher
-
-
 def sweep_stage(
     run: Run, d: Distilled, *, base_dir: Path, resume: bool = True, distill_sweep: dict[str, Any] | None = None,
     search_base: dict[str, Any] | None = None,
@@ -544,7 +470,7 @@ def sweep_stage(
     runtimes = sorted({t.get("runtime", "torch") for t in finalists} - {"torch"})
     for r in runtimes:
         log(f"teacher in runtime {r} (fp32), for the same-runtime speedup")
-        models[f"teacher@{r}"] = _teacher_in_runtime(teacher, r, x_te[:b], num_threads=s.num_threads)
+        models[f"teacher@{r}"] = in_runtime(teacher, r, x_te[:b], num_threads=s.num_threads)
     batch_sizes = sorted({1, b})
 
     def one_round(order: list[str]) -> dict[str, dict[str, float]]:

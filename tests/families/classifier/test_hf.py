@@ -35,7 +35,7 @@ def _cfg(path) -> PipelineConfig:
 
 
 def test_the_folder_teacher_answers_like_the_hf_model(hf_folder):
-    from slimray.pipelines.classifier import load_user_teacher
+    from slimray.families.classifier.teachers import load_user_teacher
 
     folder, hf = hf_folder
     teacher = load_user_teacher(_cfg(folder))
@@ -47,7 +47,7 @@ def test_the_folder_teacher_answers_like_the_hf_model(hf_folder):
 def test_a_derived_student_is_rebuilt_from_its_json_record(hf_folder):
     from slimray.compress.prune import prune_to_fraction
     from slimray.families.classifier.spec import ModuleSpec, build_model, count_params, spec_from_model
-    from slimray.pipelines.classifier import load_user_teacher
+    from slimray.families.classifier.teachers import load_user_teacher
 
     folder, _ = hf_folder
     cfg = _cfg(folder)

@@ -27,7 +27,7 @@ from slimray.compress.export import check_outputs
 from slimray.compress.measure import latency_ms, peak_memory_bytes
 from slimray.compress.prune import prune
 from slimray.compress.quantize import QUANTIZE_AT_LOAD, quantize
-from slimray.compress.runtime import ONNX_FILE, onnx_for
+from slimray.compress.runtime import ONNX_FILE, OrtModel, compile_model, onnx_for
 from slimray.evaluation import EvalConfig, load_metric
 from slimray.families.classifier.artifacts import ArtifactSpec, artifact_bytes, load_artifact, load_runnable, save_artifact
 from slimray.families.classifier.explain import explain
@@ -188,3 +188,12 @@ def load_and_run(path: Path, example: torch.Tensor, *, num_threads: int):
     with torch.inference_mode():
         model(example)
     return model
+
+
+def in_runtime(teacher: torch.nn.Module, runtime: str, example: torch.Tensor, *, num_threads: int) -> torch.nn.Module:
+    """An fp32 model (the teacher) in another runtime, to tell what the runtime bought from what compression bought."""
+    if runtime == "onnxruntime":
+        return OrtModel(onnx_for(teacher, example, method="none"), num_threads=num_threads)
+    if runtime == "torch_compile":
+        return compile_model(teacher)
+    return teacher
