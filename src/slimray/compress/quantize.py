@@ -16,9 +16,10 @@
 under ``torch.compile`` on this CPU (see the project notes), so the eager FX path stays the default.
 
 A quantization is a config object (``QuantSpec``: the method and its options, JSON round trip) and a handler
-in one registry keyed by (method, model family), torchao's ``quantize_(model, Config)`` style: a new method is
-one ``@register_quantizer("name")`` function here (or in a family's module, with ``family=``); configs,
-artifacts and sweeps accept exactly the registered methods and refuse others at load, naming the field.
+in one registry keyed by (method, model family), torchao's ``quantize_(model, Config)`` style, for every family (the
+sentence encoder's and the causal LM's handlers register from their own folders, with ``family=``): a new method is
+one ``@register_quantizer("name")`` function; configs, artifacts and sweeps accept exactly the registered methods of
+their family (``method_type(family)``, ``quant_methods(family)``) and refuse others at load, naming the field.
 """
 
 from __future__ import annotations
@@ -46,23 +47,26 @@ class Quantizer:
     family: str
     fn: Callable[..., nn.Module]
     at_load: bool = False
+    gpu_only: bool = False  # needs a model on CUDA (its handler refuses another device)
 
 
 _QUANTIZERS: dict[tuple[str, str], Quantizer] = {}
 
 
-def register_quantizer(method: str, *, family: str = "classifier", at_load: bool = False):
-    """Decorator: ``fn`` quantizes ``family``'s models with ``method``."""
+def register_quantizer(method: str, *, family: str = "classifier", at_load: bool = False, gpu_only: bool = False):
+    """Decorator: ``fn(model, spec, calibration, **options)`` quantizes ``family``'s models with ``method``."""
 
     def add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _QUANTIZERS[(method, family)] = Quantizer(method, family, fn, at_load)
+        _QUANTIZERS[(method, family)] = Quantizer(method, family, fn, at_load, gpu_only)
         return fn
 
     return add
 
 
-def quant_methods(family: str = "classifier") -> list[str]:
-    return [m for (m, f) in _QUANTIZERS if f == family]
+def quant_methods(family: str | None = "classifier", *, gpu_only: bool | None = None) -> list[str]:
+    """The methods registered for ``family`` (``None``: for any family), in registration order; ``gpu_only`` filters."""
+    out = [m for (m, f), q in _QUANTIZERS.items() if (family is None or f == family) and gpu_only in (None, q.gpu_only)]
+    return list(dict.fromkeys(out))
 
 
 def quantizer(method: str, family: str = "classifier") -> Quantizer:
@@ -76,17 +80,30 @@ def quantizer(method: str, family: str = "classifier") -> Quantizer:
 ALIASES = {"fp8": "fp8_dynamic"}
 
 
-def check_method(method: str, family: str = "classifier") -> str:
+def check_method(method: str, family: str | None = "classifier") -> str:
+    """``method`` as registered for ``family`` (a former name read as its current one); ``None``: for any family."""
     method = ALIASES.get(method, method)
+    if family is None:
+        if method not in quant_methods(None):
+            raise ValueError(f"unknown quantization {method!r}; known: {', '.join(quant_methods(None))}")
+        return method
     quantizer(method, family)
     return method
 
 
-QuantMethod = Annotated[str, AfterValidator(check_method)]
+def method_type(family: str | None) -> Any:
+    """The config type of a family's quantization field: a string checked against the registry at load."""
+    return Annotated[str, AfterValidator(lambda m: check_method(m, family))]
+
+
+QuantMethod = method_type("classifier")
 
 
 class QuantSpec(StrictModel):
-    method: QuantMethod = "none"
+    """A quantization as a config object: the method (registered for some family; ``quantize`` checks it against the
+    model's) and the int8 options of the classifier's torch.ao methods."""
+
+    method: Annotated[str, AfterValidator(lambda m: check_method(m, None))] = "none"
     backend: Literal["x86", "fbgemm", "qnnpack"] = Field("x86", description="int8 kernel backend")
     num_calibration_batches: int = Field(16, ge=1, description="batches observed for static_int8")
 
@@ -107,13 +124,12 @@ Bf16Model = HalfModel  # the name earlier artifacts' code used
 
 
 def quantize(model: nn.Module, spec: QuantSpec, *, calibration: Iterable[torch.Tensor] | None = None,
-             family: str = "classifier", **options: Any) -> nn.Module:
-    """Return a quantized copy of ``model`` (in eval mode); ``model`` itself is left as it was.
-
-    ``calibration`` yields input batches (already normalised); required for ``static_int8``.
-    """
+             family: str = "classifier", inplace: bool = False, **options: Any) -> nn.Module:
+    """Return a quantized copy of ``model`` (in eval mode); ``model`` itself is left as it was, unless ``inplace`` (a
+    loader's own model: the copy would double the float model's memory). ``calibration`` yields input batches
+    (already normalised); required for ``static_int8``. ``options`` go to the family's handler (e.g. ``keep_float``)."""
     q = quantizer(spec.method, family)
-    return q.fn(copy.deepcopy(model).eval(), spec, calibration, **options).eval()
+    return q.fn((model if inplace else copy.deepcopy(model)).eval(), spec, calibration, **options).eval()
 
 
 @register_quantizer("none")

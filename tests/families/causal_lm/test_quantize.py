@@ -89,3 +89,23 @@ def test_int4_weight_only_close_to_float(tiny_model):
     with torch.inference_mode():
         want = x.bfloat16().float() @ deq.t() + lin.bias
         assert torch.allclose(q4(x), want, atol=0.05 * want.abs().max().item())
+
+
+def test_lm_methods_are_the_registry_s():
+    """The causal LM's methods, GPU-only ones and config type are read from the one registry: a method registered for
+    the family is accepted by its search config; one of another family is refused, naming it."""
+    from pydantic import ValidationError
+
+    from slimray.compress.quantize import _QUANTIZERS, quant_methods, register_quantizer
+    from slimray.families.causal_lm import quantize as q
+    from slimray.families.causal_lm.config import LMSearchConfig
+
+    assert q.QUANT_METHODS == tuple(quant_methods("causal_lm")) and set(q.GPU_QUANT_METHODS) < set(q.QUANT_METHODS)
+    assert LMSearchConfig(quant_methods=["token_int8"]).quant_methods == ["token_int8"]
+    with pytest.raises(ValidationError, match="unknown quantization 'static_int8' for causal_lm"):
+        LMSearchConfig(quant_methods=["static_int8"])  # a classifier method
+    register_quantizer("halved_lm", family="causal_lm")(lambda model, spec, calibration, **o: model)
+    try:
+        assert LMSearchConfig(quant_methods=["halved_lm"]).quant_methods == ["halved_lm"]
+    finally:
+        del _QUANTIZERS[("halved_lm", "causal_lm")]

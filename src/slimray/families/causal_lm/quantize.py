@@ -1,5 +1,7 @@
 """Post-training quantization of causal LMs (pure torch, no ray): int8 with sensitive projections kept in float,
-torchao int8 weight-only / dynamic, and bf16.
+torchao int8 weight-only / dynamic, and bf16. Each method is a handler in the one quantization registry
+(``slimray.compress.quantize``, family ``causal_lm``); ``QUANT_METHODS``, ``GPU_QUANT_METHODS`` and the config type
+``QuantMethod`` are read from it, and ``quantize_lm`` applies one through it.
 
 Methods (``QUANT_METHODS``):
 - ``dynamic_int8``: ``torch.ao.quantization.quantize_dynamic`` on the Linear layers (int8 weights, per output
@@ -50,16 +52,14 @@ import fnmatch
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-QuantMethod = Literal["none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
-                      "torchao_int8_dynamic", "fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only"]
-GPU_QUANT_METHODS: tuple[str, ...] = ("fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only")
-QUANT_METHODS: tuple[str, ...] = ("none", "bf16", "dynamic_int8", "token_int8", "int4_weight_only", "torchao_int8_weight_only",
-                                  "torchao_int8_dynamic", *GPU_QUANT_METHODS)
+from slimray.compress.quantize import QuantSpec, method_type, quant_methods, quantize, register_quantizer
+
+FAMILY = "causal_lm"
 INT4_GROUP_SIZE = 32
 
 
@@ -247,41 +247,69 @@ def gpu_quant_config(method: str):
     return torchao_config(method)
 
 
-def quantize_lm(model: nn.Module, *, method: QuantMethod, keep_float: Sequence[str] = (),
+def _none(model: nn.Module, spec: QuantSpec, calibration: Any, **options: Any) -> nn.Module:
+    return model
+
+
+def _bf16(model: nn.Module, spec: QuantSpec, calibration: Any, **options: Any) -> nn.Module:
+    return model.to(torch.bfloat16)
+
+
+def _layerwise(model: nn.Module, spec: QuantSpec, calibration: Any, *, keep_float: Sequence[str] = (), per_channel: bool = True,
+               **options: Any) -> nn.Module:
+    if "lm_head" not in keep_float:
+        untie_lm_head(model)
+    replace_modules(model, quantized_linear_names(model, method=spec.method, keep_float=keep_float),
+                    lambda linear: quantize_linear(linear, method=spec.method, per_channel=per_channel))
+    return model
+
+
+def _torchao_int8(model: nn.Module, spec: QuantSpec, calibration: Any, *, keep_float: Sequence[str] = (), **options: Any) -> nn.Module:
+    from torchao.quantization import quantize_
+
+    from slimray.compress.quantize import torchao_config
+
+    if keep_float:
+        raise ValueError(f"keep_float is not supported with {spec.method}")
+    untie_lm_head(model)
+    quantize_(model, torchao_config(spec.method))
+    return model
+
+
+def _gpu(model: nn.Module, spec: QuantSpec, calibration: Any, *, keep_float: Sequence[str] = (), **options: Any) -> nn.Module:
+    from torchao.quantization import quantize_
+
+    from slimray.families.causal_lm.sparsity import NeedsGPUError
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise NeedsGPUError(f"quant_method {spec.method!r} needs a GPU (CUDA): the model is on {device.type}")
+    if keep_float:
+        raise ValueError(f"keep_float is not supported with {spec.method}")
+    untie_lm_head(model)
+    quantize_(model.to(torch.bfloat16), gpu_quant_config(spec.method))
+    return model
+
+
+for _method, _fn in (("none", _none), ("bf16", _bf16), ("dynamic_int8", _layerwise), ("token_int8", _layerwise),
+                    ("int4_weight_only", _layerwise), ("torchao_int8_weight_only", _torchao_int8),
+                    ("torchao_int8_dynamic", _torchao_int8)):
+    register_quantizer(_method, family=FAMILY)(_fn)
+for _method in ("fp8_weight_only", "fp8_dynamic", "torchao_int4_weight_only"):
+    register_quantizer(_method, family=FAMILY, gpu_only=True)(_gpu)
+
+#: read from the registry (in the order registered above): what configs and artifacts accept
+QUANT_METHODS: tuple[str, ...] = tuple(quant_methods(FAMILY))
+GPU_QUANT_METHODS: tuple[str, ...] = tuple(quant_methods(FAMILY, gpu_only=True))
+QuantMethod = method_type(FAMILY)
+
+
+def quantize_lm(model: nn.Module, *, method: str, keep_float: Sequence[str] = (),
                 per_channel: bool = True, inplace: bool = False) -> nn.Module:
     """A quantized copy of ``model`` (eval mode; ``model`` itself untouched unless ``inplace``: use that when
-    loading for serving, the copy doubles the float model's memory). Not saveable with safetensors except
-    ``none``/``bf16``: store the float folder plus the method and re-quantize at load."""
+    loading for serving, the copy doubles the float model's memory), through the registry. Not saveable with
+    safetensors except ``none``/``bf16``: store the float folder plus the method and re-quantize at load."""
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; one of {QUANT_METHODS}")
-    model = (model if inplace else copy.deepcopy(model)).eval()
-    if method == "none":
-        return model
-    if method == "bf16":
-        return model.to(torch.bfloat16)
-    if method in GPU_QUANT_METHODS:
-        from slimray.families.causal_lm.sparsity import NeedsGPUError
-
-        device = next(model.parameters()).device
-        if device.type != "cuda":
-            raise NeedsGPUError(f"quant_method {method!r} needs a GPU (CUDA): the model is on {device.type}")
-        if keep_float:
-            raise ValueError(f"keep_float is not supported with {method}")
-        from torchao.quantization import quantize_
-
-        untie_lm_head(model)
-        quantize_(model.to(torch.bfloat16), gpu_quant_config(method))
-        return model
-    if keep_float and method.startswith("torchao"):
-        raise ValueError(f"keep_float is not supported with {method}")
-    if "lm_head" not in keep_float or method.startswith("torchao"):
-        untie_lm_head(model)
-    if method in LAYERWISE_METHODS:
-        replace_modules(model, quantized_linear_names(model, method=method, keep_float=keep_float),
-                 lambda linear: quantize_linear(linear, method=method, per_channel=per_channel))
-        return model
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
-
-    config = Int8WeightOnlyConfig() if method == "torchao_int8_weight_only" else Int8DynamicActivationInt8WeightConfig()
-    quantize_(model, config)
-    return model
+    return quantize(model, QuantSpec(method=method), family=FAMILY, inplace=inplace, keep_float=tuple(keep_float),
+                    per_channel=per_channel)
