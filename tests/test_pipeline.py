@@ -91,6 +91,21 @@ def test_rerun_reuses_stages_and_refuses_a_changed_config(digits_run):
         prepare_run_dir(changed, run_dir.parent)
 
 
+def test_distill_runs_the_stages_up_to_distillation_and_reuses_them(digits_run, capsys):
+    """`slimray distill` is ``run_pipeline(until="distil")`` for every family: here the finished run's teacher and students
+    are reused, no search runs and the report stays as it was; an unknown stage is refused."""
+    from slimray.pipelines import run_pipeline
+
+    run_dir, _ = digits_run
+    before = (run_dir / "report.json").stat().st_mtime_ns
+    run_pipeline(tiny_digits_config(), out_dir=run_dir.parent, until="distil")
+    out = capsys.readouterr().out + capsys.readouterr().err
+    assert "stage 1/2: distil" in out and "stage 2/2" not in out and "reusing the saved" in out
+    assert (run_dir / "report.json").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="no stage 'derive'"):
+        run_pipeline(tiny_digits_config(), out_dir=run_dir.parent, until="derive")
+
+
 @pytest.mark.parametrize(
     ("fmt", "trial", "suffix"),
     [("onnx", None, "onnx"), ("onnx", "prune0.50-none", "onnx"), ("onnx", "prune0.50-static_int8-onnxruntime", "onnx"),

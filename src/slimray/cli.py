@@ -55,7 +55,8 @@ def _load_any(args):
         if getattr(args, "space", None) or getattr(args, "space_env", None):
             raise ConfigError(f"--space: sweep-space files apply to the classifier family; {family.name} runs take their search from the config")
         return family, with_overrides(family, cfg, name=args.name, port=getattr(args, "port", None),
-                                      grpc_port=getattr(args, "grpc_port", None))
+                                      grpc_port=getattr(args, "grpc_port", None), num_workers=getattr(args, "num_workers", None),
+                                      use_gpu=getattr(args, "use_gpu", False))
     return family, _load(args, cfg)
 
 
@@ -415,17 +416,12 @@ def main(argv: list[str] | None = None) -> int:
 
             init_ray(args.address)
             return _serve_until_interrupted((args.out / cfg.name).resolve(), cfg.serve, name=cfg.name, family=family)
-        if args.command == "distill":
-            from slimray.pipelines import classifier as pipeline
+        if args.command == "distill":  # the stages up to distillation, for every family; the run folder holds the students
+            family, cfg = _load_any(args)
+            from slimray.pipelines import run_pipeline
 
-            run = pipeline.open_run(_load(args), out_dir=args.out, address=args.address, fresh=args.fresh)
-            d = pipeline.distill_stage(run)
-            from slimray.compress.measure import accuracy
-
-            x, y = run.split["test"]
-            print(f"teacher {accuracy(d.teacher, x, y):.2f}%  student {accuracy(d.student, x, y):.2f}% (test)"
-                  + (f"  labels-only student {accuracy(d.baseline, x, y):.2f}%" if d.baseline is not None else ""))
-            print(f"student: {run.run_dir / 'student'}  metrics: {run.run_dir / 'student_metrics.jsonl'}")
+            run_pipeline(cfg, out_dir=args.out, address=args.address, fresh=args.fresh, until="distil")
+            print(f"students: {(args.out / cfg.name).resolve()} (their Train metrics under logs/ and *_metrics.jsonl)")
             return 0
         if args.command == "sweep":
             from slimray.pipelines import classifier as pipeline

@@ -52,8 +52,14 @@ def config_from_json(text: str, *, source: str) -> tuple[families.Family, Any]:
 
 
 def with_overrides(family: families.Family, cfg: Any, **fields: Any) -> Any:
-    """``cfg`` with top-level command-line overrides (``name``, ``port``, ``grpc_port``) applied and validated again."""
+    """``cfg`` with command-line overrides (``name``, ``port``, ``grpc_port``, ``num_workers``, ``use_gpu``) applied and
+    validated again (an override the family's config has no field for fails, naming it)."""
     data = cfg.model_dump()
+    for key in ("num_workers", "use_gpu"):
+        if fields.get(key):
+            if key not in type(cfg.distill).model_fields:
+                raise ConfigError(f"--{key.replace('_', '-')}: the {family.name} family's distill section has no {key}")
+            data["distill"][key] = fields[key]
     if fields.get("name"):
         data["name"] = fields["name"]
     if fields.get("port"):

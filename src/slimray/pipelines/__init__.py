@@ -3,7 +3,8 @@
 ``run_pipeline(cfg)`` looks up the config's family (``slimray.families``), asks its ``Stages`` to check what can
 be checked before anything starts (the user's code and weights, cross-field constraints), opens the run folder
 and Ray the same way for every family (``start_run``), then runs the family's stages in order with one console
-line per stage. A family's stages (``pipelines/<family>.py``) use the shared engines: Ray Train through
+line per stage (``until``: the stages up to one, e.g. ``slimray distill``). The stages (``pipelines/flow.py`` for a
+family with a ``Recipe``; the classifier's own glue, ``pipelines/classifier.py``) use the shared engines: Ray Train through
 ``slimray.training.distill.run_training`` (the family's ``TrainTask``), Ray Tune through
 ``slimray.sweep.engine.run_tuner``, the shared winner selection (``slimray.sweep.select``) and the run-folder
 conventions (``slimray.runs``: reused finished stages, atomic artifacts).
@@ -54,17 +55,24 @@ class Stages(abc.ABC):
         """Open the run's data (Ray is up, the folder prepared)."""
 
 
-def run_pipeline(cfg: Any, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False) -> dict[str, Any]:
-    """Run every stage of ``cfg``'s family (finished stages of an earlier run of the same name are reused);
-    returns the report (also ``OUT/<name>/report.json``)."""
+def run_pipeline(cfg: Any, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False,
+                 until: str | None = None) -> dict[str, Any]:
+    """Run every stage of ``cfg``'s family (finished stages of an earlier run of the same name are reused), or the
+    stages up to and including ``until`` (e.g. ``distil``: ``slimray distill``); returns the last stage's answer (the
+    report, also ``OUT/<name>/report.json``, when every stage ran)."""
     from slimray import families
 
     stages: Stages = families.get(cfg.family).load("stages")(cfg)
+    names = stages.names
+    if until is not None:
+        if until not in names:
+            raise ValueError(f"the {cfg.family} stages are {', '.join(names)}: no stage {until!r}")
+        names = names[: names.index(until) + 1]
     stages.check()
     run_dir, t_start = start_run(cfg, out_dir=out_dir, address=address, fresh=fresh)
     stages.open(run_dir, t_start)
     report: Any = None
-    for i, name in enumerate(stages.names, 1):
+    for i, name in enumerate(names, 1):
         log(f"stage {i}/{len(stages.names)}: {name}")
         report = getattr(stages, name)()
     return report

@@ -275,8 +275,10 @@ def test_run_config_picks_the_family_of_the_document(tmp_path):
 
     family, cfg = load_run_config(recipe="minilm")
     assert family.name == "sentence_encoder" and isinstance(cfg, TextPipelineConfig)
-    cfg = with_overrides(family, cfg, name="other", port=8123)
-    assert cfg.name == "other" and cfg.serve.port == 8123
+    cfg = with_overrides(family, cfg, name="other", port=8123, num_workers=1)
+    assert cfg.name == "other" and cfg.serve.port == 8123 and cfg.distill.num_workers == 1
+    with pytest.raises(ConfigError, match="--use-gpu: the sentence_encoder family's distill section has no use_gpu"):
+        with_overrides(family, cfg, use_gpu=True)  # `slimray distill --use-gpu` on a family without the field
     assert load_run_config(recipe="digits")[0].name == "classifier"
     other = tmp_path / "x.yaml"
     other.write_text("family: sentence_encoder\nname: x\nmodel: {max_seq_len: 64}\nsearch: {seq_lens: [64]}\n")
