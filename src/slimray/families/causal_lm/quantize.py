@@ -46,7 +46,6 @@ Per-token activation scales are what keeps quality: ``token_int8`` is the defaul
 
 from __future__ import annotations
 
-import copy
 import functools
 import fnmatch
 import time
