@@ -78,3 +78,17 @@ def test_sampled_search_over_axes_under_a_scheduler_returns_the_keys_drawn(tmp_p
         run_trials(run_dir=tmp_path, keys=keys, measure=_epochs, shared={"base": 1}, run_name="s", max_concurrent_trials=1,
                    axes={"ratio": [1, 2, 3], "q": ["x", "y"]}, key_of=_axes_key, resume=False,
                    sampling=Sampling(algorithm="random", num_samples=4))
+
+
+def test_in_the_driver_a_measure_sees_what_a_trial_sees(tmp_path, ray_session):
+    """use_tune=False: object-store references in ``shared`` are fetched and ``shared["timing"]`` is a no-op hold."""
+    import numpy as np
+    import ray
+
+    def measure(key: str, shared: dict) -> dict:
+        with shared["timing"](key):
+            return {"key": key, "status": "ok", "score": int(shared["base"].sum())}
+
+    out = run_trials(run_dir=tmp_path, keys=["a"], measure=measure, shared={"base": ray.put(np.arange(4))},
+                     run_name="d", max_concurrent_trials=1, use_tune=False)
+    assert out["a"]["score"] == 6

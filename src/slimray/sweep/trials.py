@@ -227,12 +227,12 @@ def run_trials(
             if lock is not None:
                 ray.kill(lock)
     elif todo:
-        hold = TimingHold()
+        local = {k: _fetch(v) for k, v in shared.items()} | {"timing": TimingHold()}  # as a trial sees them
         for key in todo:
             out = result_path(run_dir, key)
             try:
                 trial_log(run_dir, key, "start")
-                _steps(run_dir, key, measure(key, shared | {"timing": hold}), None)
+                _steps(run_dir, key, measure(key, local), None)
                 trial_log(run_dir, key, "end")
             except Exception as err:  # as in a trial: recorded, the search goes on
                 _record_error(out, err, key=key, advice=advice)
