@@ -23,11 +23,17 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def placement(digits_run):
-    run_dir, _ = digits_run
+def placement(digits, trained_digits_cnn, tmp_path_factory):
+    # a classifier artifact to serve: the small trained CNN saved as one (placement needs no pipeline run)
+    from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
+
+    from ..conftest import DIGITS_CNN
+
+    winner = tmp_path_factory.mktemp("placement") / "winner"
+    save_artifact(winner, trained_digits_cnn, ArtifactSpec(name="winner", model=DIGITS_CNN, input=digits.input))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
-        [sys.executable, str(HERE / "placement_check.py"), str(run_dir / "winner")],
+        [sys.executable, str(HERE / "placement_check.py"), str(winner)],
         capture_output=True, text=True, timeout=420, env=env, cwd=HERE.parents[1],
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("PLACEMENT ")]
