@@ -1,10 +1,10 @@
 """The machinery both sweeps share: Tune config (grid / random / Optuna, ASHA), run-or-resume, resource
 planning, and clean-up of Ray Train placement groups left by trials that Tune stopped.
 
-The compression sweep (``search.py``: one trial per prune ratio x quantization x runtime) and the
-distillation sweep (``distill_search.py``: one trial = one Ray Train run) differ only in their trainable,
-their parameter space and their metric; ``run_tuner`` runs either, and resumes it when its experiment
-folder exists. The console gets one line per trial start and end (``TrialLines``); Tune's own tables only
+The compression searches of every family (``trials.py``: one trial per candidate, a grid or a sampled search
+over its axes) and the classifier's distillation sweep (``distill_search.py``: one trial = one Ray Train run)
+differ only in their trainable, their parameter space and their metric; ``run_tuner`` runs either, and resumes it
+when its experiment folder exists. The console gets one line per trial start and end (``TrialLines``); Tune's own tables only
 with ``--verbose``. A stop signal during ``fit`` lets Tune save the experiment, then raises
 ``slimray.console.Interrupted`` (see ``slimray.console``).
 """
