@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from slimray.families.base import EpochStats, TrainTask, describe_val, run_epoch
 from slimray.raycompat import train_report_loggers
-from slimray.schema import ClusterTooSmallError, ConfigError, StrictModel
+from slimray.schema import ClusterTooSmallError, StrictModel
 
 MODEL_FILE = "model.safetensors"  # a checkpoint holds one safetensors file per TrainTask part (model, projection, ...)
 STATE_FILE = "train_state.pt"

@@ -13,7 +13,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from slimray.configbase import RunConfigBase, SearchBase, ServeConfig, load_family_config, recipe_file
 from slimray.families.sentence_encoder.quantize import EncoderQuantMethod
-from slimray.schema import ConfigError, PruneRatios, RunName, StrictModel
+from slimray.schema import PruneRatios, RunName, StrictModel
 
 
 
