@@ -1,18 +1,13 @@
 """The one report renderer of every family: markdown tables of rows (``rows_table``, a family's ``Column`` list), the
-quality-against-speed plot with its front (``write_front_png``), per-epoch curves (``write_curves_png``), written
-atomically. A family's own sections are rows and columns too (``slimray.families.<family>.report``). Pure python.
+quality-against-speed plot with its front (``write_front_png``) and per-epoch curves (``write_curves_png``), each plot
+written atomically (the markdown through ``slimray.storage.write_text_atomic``). A family's own sections are rows and
+columns too (``slimray.families.<family>.report``). Pure python.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _plt():

@@ -252,11 +252,16 @@ def write_state_artifact(path: str | Path, state: dict[str, Any], spec: Any, *, 
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)

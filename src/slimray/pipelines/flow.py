@@ -272,7 +272,8 @@ class FlowStages(Stages):
     def report(self) -> dict[str, Any]:
         import time
 
-        from slimray.report import rows_table, write_front_png, write_text_atomic
+        from slimray.report import rows_table, write_front_png
+        from slimray.storage import write_text_atomic
         from slimray.sweep.select import non_dominated
 
         q, speed = self.quality.key, self.recipe.speed_key

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimray.compress.quantize import QuantSpec, method_type, quant_methods, quantize, register_quantizer
+from slimray.compress.quantize import QuantSpec, method_type, quant_methods, quantize, register_quantizer, torchao_config
 
 FAMILY = "causal_lm"
 INT4_GROUP_SIZE = 32
@@ -239,8 +239,6 @@ def replace_modules(model: nn.Module, names: Sequence[str], make) -> None:
 
 def gpu_quant_config(method: str):
     """The torchao config object of a GPU-only ``method`` (the shared table: ``slimray.compress.quantize.torchao_config``)."""
-    from slimray.compress.quantize import torchao_config
-
     if method not in GPU_QUANT_METHODS:
         raise ValueError(f"{method!r} is not one of the GPU-only methods {GPU_QUANT_METHODS}")
     return torchao_config(method)
@@ -265,8 +263,6 @@ def _layerwise(model: nn.Module, spec: QuantSpec, calibration: Any, *, keep_floa
 
 def _torchao_int8(model: nn.Module, spec: QuantSpec, calibration: Any, *, keep_float: Sequence[str] = (), **options: Any) -> nn.Module:
     from torchao.quantization import quantize_
-
-    from slimray.compress.quantize import torchao_config
 
     if keep_float:
         raise ValueError(f"keep_float is not supported with {spec.method}")

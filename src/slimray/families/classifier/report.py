@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from slimray.families.recipe import Column
-from slimray.report import rows_table, write_curves_png, write_front_png, write_text_atomic
+from slimray.report import rows_table, write_curves_png, write_front_png
+from slimray.storage import write_json_atomic, write_text_atomic
 
 
 def _b(report: dict[str, Any]) -> int:
@@ -208,8 +209,6 @@ def distill_sweep_md(summary: dict[str, Any]) -> list[str]:
 
 def write_distill_sweep(summary: dict[str, Any], run_dir: Path) -> None:
     """``distill_sweep.json``, ``.md`` and ``.png`` (validation accuracy per epoch of every trial; ASHA's stops are short)."""
-    from slimray.storage import write_json_atomic
-
     write_json_atomic(run_dir / "distill_sweep.json", summary)
     write_text_atomic(run_dir / "distill_sweep.md", "\n".join(distill_sweep_md(summary)))
     best = summary["best"]["key"]

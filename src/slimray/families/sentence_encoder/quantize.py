@@ -12,16 +12,15 @@ artifacts keep the float weights and are quantized again at load.
 from __future__ import annotations
 
 import warnings
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import AfterValidator
 from torch import nn
 
-from slimray.compress.quantize import QuantSpec, check_method, register_quantizer
+from slimray.compress.quantize import QuantSpec, method_type, register_quantizer
 
 FAMILY = "sentence_encoder"
-EncoderQuantMethod = Annotated[str, AfterValidator(lambda m: check_method(m, FAMILY))]
+EncoderQuantMethod = method_type(FAMILY)
 
 
 @register_quantizer("none", family=FAMILY)
