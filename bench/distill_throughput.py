@@ -31,7 +31,7 @@ import torch
 from slimray.families.classifier.artifacts import ArtifactSpec, save_artifact
 from slimray.compress.measure import predict_logits
 from slimray.config import load_config
-from slimray.data import load_dataset
+from slimray.families.classifier.datasets import load_dataset
 from slimray.families.classifier import build_model, load_ccexam_mnist_teacher
 from slimray.families.classifier.kd import finetune, train_epoch
 

@@ -1,10 +1,11 @@
 """Search efficiency: the full grid against an adaptive search (Optuna TPE + ASHA), in one invocation.
 
-For each recipe the teacher and the distilled student come from a pipeline run folder (made, or reused, by
-the same stages ``slimray run`` uses); then both searches compress that same student, each in its own
-folder (its own pruned-model cache, so neither reuses the other's fine-tuning). Reported per search:
-trials, trial-seconds (the sum of every trial's wall time), wall time, and the winner (fastest trial within
-``max_accuracy_drop`` of the teacher on val). The two winners are then re-timed side by side in this process.
+For each recipe the teacher and the students are distilled once (``slimray distill``'s stages, or a finished run
+given with ``--seed-run``); then each search runs the shared stages on a run folder of its own seeded with them
+(``slimray sweep``'s path: saved students are searched, none trained; its own pruned-model cache, so neither search
+reuses the other's fine-tuning). Reported per search: trials, trial-seconds (the sum of every trial's wall time), the
+run's wall time (search, finalists, report), and its winner (the pipeline's rule: fastest within ``max_accuracy_drop``
+of the teacher on val, finalists timed side by side). The two winners are then re-timed side by side in this process.
 
 Target (issue #5): the adaptive winner within 0.2 points and 10% latency of the grid's, for at most half
 the grid's trial-seconds.
@@ -18,7 +19,6 @@ Prints a table; writes ``OUT/search_efficiency.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -27,90 +27,79 @@ from typing import Any
 
 import torch
 
-from slimray.pipelines import classifier as pipeline
-from slimray.families.classifier.artifacts import load_runnable
-from slimray.storage import write_json_atomic
 from slimray.compress.measure import accuracy, compare_latency
-from slimray.config import load_config
-from slimray.sweep.search import SweepContext, run_sweep
-from slimray.sweep.select import choose
+from slimray.config import PipelineConfig, load_config
+from slimray.families.classifier.artifacts import load_runnable
+from slimray.families.classifier.datasets import load_dataset
+from slimray.pipelines import run_pipeline
+from slimray.storage import write_json_atomic
+
+SEEDED = ("teacher", "students", "teacher_logits.safetensors", "test_sample.safetensors")
 
 
-def _search(run: pipeline.Run, d: pipeline.Distilled, name: str, search: dict[str, Any], *, floor: float, concurrent: int) -> dict[str, Any]:
-    cfg = run.cfg
-    folder = run.run_dir / "bench" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    ctx = SweepContext(
-        run_dir=str(folder), base_model_dir=str(run.run_dir / "student"), search=search, accuracy_floor=floor,
-        temperature=cfg.distill.temperature, alpha=cfg.distill.alpha, seed=cfg.distill.seed, **run.refs, teacher_logits=d.logits_ref,
-    )
+def _seed(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in SEEDED:
+        if (src / name).exists() and not (dst / name).exists():
+            (shutil.copytree if (src / name).is_dir() else shutil.copyfile)(src / name, dst / name)
+
+
+def _search(cfg: PipelineConfig, name: str, search: dict[str, Any], *, out: Path, seed: Path) -> dict[str, Any]:
+    variant = PipelineConfig.model_validate(cfg.model_dump() | {"name": f"{cfg.name}-{name}", "search": search})
+    _seed(seed, out / variant.name)
     t0 = time.perf_counter()
-    trials = run_sweep(ctx, run_name=f"bench-{name}", max_concurrent_trials=concurrent, resume=True)
+    report = run_pipeline(variant, out_dir=out, train_students=False)
     wall = time.perf_counter() - t0
-    b = search["serving_batch_size"]
-    winner, ok, _ = choose(trials, quality_key="accuracy", higher_is_better=True, floor=floor, speed_key=f"latency_ms_b{b}",
-                           faster="min")
+    trials = report["trials"]
+    w = report["winner"]
     return {
         "search": name, "algorithm": search["algorithm"], "scheduler": search["scheduler"], "num_trials": len(trials),
         "num_stopped_early": sum(bool(t.get("stopped_early")) for t in trials),
         "trial_seconds": sum(t.get("trial_seconds") or 0.0 for t in trials), "wall_s": wall,
-        "winner": winner and {k: winner.get(k) for k in ("key", "accuracy", "params", "size_bytes", "artifact", f"latency_ms_b{b}")},
-        "constraint_met": ok,
+        "winner": {k: w.get(k) for k in ("key", "accuracy", "params", "size_bytes", "artifact", "examples_per_s")},
+        "constraint_met": report["constraint_met"], "floor": report["quality"]["floor"],
     }
-
-
-SEEDED = ("teacher", "student", "student_labels_only", "teacher_logits.safetensors")
 
 
 def bench_recipe(recipe: str, *, out: Path, prune_ratios: list[float] | None, adaptive: str, seed_run: Path | None = None) -> dict[str, Any]:
     cfg = load_config(recipe=recipe)
     cfg = cfg.model_copy(update={"name": f"{recipe}-search-bench"})
+    runs = out / "runs"
     if seed_run is not None:  # reuse a finished run's teacher and students (same recipe) instead of distilling again
-        dst = out / "runs" / cfg.name
-        dst.mkdir(parents=True, exist_ok=True)
-        for name in SEEDED:
-            if (seed_run / name).exists() and not (dst / name).exists():
-                (shutil.copytree if (seed_run / name).is_dir() else shutil.copyfile)(seed_run / name, dst / name)
-    run = pipeline.open_run(cfg, out_dir=out / "runs")
-    d = pipeline.distill_stage(run)
+        _seed(seed_run, runs / cfg.name)
+    run_pipeline(cfg, out_dir=runs, until="distil")
     s = cfg.search
-    x_ref, y_ref = run.split["val"] if s.teacher_reference_split == "val" else run.split["test"]
-    floor = accuracy(d.teacher, x_ref, y_ref) - s.max_accuracy_drop
     space = s.space.model_dump() | ({"prune_ratios": prune_ratios} if prune_ratios else {})
     base = s.model_dump() | {"space": space, "space_file": None}
     grid = base | {"algorithm": "grid", "scheduler": "none", "num_samples": None}
     adapt = base | {"algorithm": adaptive, "scheduler": "asha", "num_samples": None}
     if adapt["finetune_epochs"] < 2:
         adapt["finetune_epochs"] = grid["finetune_epochs"] = 2
-    import ray
-
-    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    rows = [_search(run, d, "grid", grid, floor=floor, concurrent=concurrent),
-            _search(run, d, f"{adaptive}-asha", adapt, floor=floor, concurrent=concurrent)]
+    rows = [_search(cfg, "grid", grid, out=runs, seed=runs / cfg.name),
+            _search(cfg, f"{adaptive}-asha", adapt, out=runs, seed=runs / cfg.name)]
     # the two winners re-timed side by side, and scored on test
     b = s.serving_batch_size
-    x_te, y_te = run.split["test"]
+    ds = load_dataset(cfg.data.name, seed=cfg.data.seed)
+    x_te, y_te = ds.normalized("test")
     models = {}
     for r in rows:
-        if r["winner"]:
-            models[r["search"]] = load_runnable(r["winner"]["artifact"], num_threads=s.num_threads)[0]
-            r["winner"]["test_accuracy"] = accuracy(models[r["search"]], x_te, y_te)
+        models[r["search"]] = load_runnable(r["winner"]["artifact"], num_threads=s.num_threads)[0]
+        r["winner"]["test_accuracy"] = accuracy(models[r["search"]], x_te, y_te)
     timed = compare_latency(models, x_te[:b], batch_sizes=[b], num_threads=s.num_threads)
     for r in rows:
-        if r["winner"]:
-            r["winner"]["latency_ms_side_by_side"] = timed[r["search"]][b]
+        r["winner"]["latency_ms_side_by_side"] = timed[r["search"]][b]
     g, a = rows
-    verdict = None
-    if g["winner"] and a["winner"]:
-        verdict = {
-            "accuracy_gap_points": g["winner"]["accuracy"] - a["winner"]["accuracy"],
-            "latency_ratio": a["winner"]["latency_ms_side_by_side"] / g["winner"]["latency_ms_side_by_side"],
-            "trial_seconds_ratio": a["trial_seconds"] / g["trial_seconds"],
-        }
-        verdict["target_met"] = (
-            verdict["accuracy_gap_points"] <= 0.2 and verdict["latency_ratio"] <= 1.10 and verdict["trial_seconds_ratio"] <= 0.5
-        )
-    return {"recipe": recipe, "accuracy_floor": floor, "prune_ratios": space["prune_ratios"], "searches": rows, "adaptive_vs_grid": verdict}
+    verdict = {
+        "accuracy_gap_points": g["winner"]["accuracy"] - a["winner"]["accuracy"],
+        "latency_ratio": a["winner"]["latency_ms_side_by_side"] / g["winner"]["latency_ms_side_by_side"],
+        "trial_seconds_ratio": a["trial_seconds"] / g["trial_seconds"],
+    }
+    verdict["target_met"] = (
+        verdict["accuracy_gap_points"] <= 0.2 and verdict["latency_ratio"] <= 1.10 and verdict["trial_seconds_ratio"] <= 0.5
+        and g["constraint_met"] and a["constraint_met"]
+    )
+    return {"recipe": recipe, "accuracy_floor": g["floor"], "prune_ratios": space["prune_ratios"], "searches": rows,
+            "adaptive_vs_grid": verdict}
 
 
 def table(results: list[dict[str, Any]]) -> str:

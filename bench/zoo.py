@@ -4,7 +4,7 @@
 
 Each architecture of ``tests/zoo/zoo_models.py`` (random init: the figures are speed, not accuracy) is pruned
 at each ratio with slimray's rules, quantized and saved per setting exactly as a sweep trial saves it
-(``slimray.sweep.search.save_trial``), loaded as a replica loads it, checked against the fp32 torch model it came
+(``slimray.families.classifier.search.save_trial``), loaded as a replica loads it, checked against the fp32 torch model it came
 from (class agreement) and timed at batch 1 and 64 on one thread, one model at a time. A failed trial is
 recorded with its one-line explanation. The machine is shared and noisy, so the per-trial timing only picks
 candidates: the teacher and the four fastest trials are then re-timed side by side in interleaved rounds

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slimray.config import PipelineConfig, load_config
-from slimray.data import load_digits
+from slimray.families.classifier.datasets import load_digits
 from slimray.families.classifier import build_model
 from slimray.families.classifier.spec import CNNSpec
 from slimray.families.classifier.kd import finetune

@@ -14,6 +14,7 @@ import torch
 from slimray import storage
 from slimray.families.classifier.artifacts import ArtifactSpec, load_artifact, save_artifact
 from slimray.storage import DamagedArtifactError, DiskFullError, reusable, sha256_file, verify_artifact, write_json_atomic
+from slimray.config import PipelineConfig
 from slimray.families.classifier import build_model
 
 from .conftest import DIGITS_CNN, tiny_digits_config
@@ -52,19 +53,31 @@ def test_artifact_without_hashes_still_loads(saved, digits):
 
 
 def _student_stage(tmp_path, digits, monkeypatch, calls: list):
-    from slimray.pipelines import classifier as pipeline
+    """The shared pipeline's distil stage over the classifier's hooks, with Ray Train replaced by a stand-in."""
+    import slimray.training.distill as distill
+    from slimray.pipelines.flow import FlowStages
 
-    cfg = tiny_digits_config()
+    data = tiny_digits_config().model_dump()
+    data["distill"]["labels_only_baseline"] = False
+    cfg = PipelineConfig.model_validate(data)
 
     def fake_training(job, data, **kw):  # what Ray Train would return: a model of the configured student architecture
         calls.append(job.label)
         torch.manual_seed(len(calls))
         return build_model(cfg.distill.student).eval(), {}
 
-    monkeypatch.setattr(pipeline, "run_training", fake_training)
-    run = pipeline.Run(cfg, tmp_path, "digits", digits.input, 10, {}, {}, 0.0)
-    data = pipeline.TrainData(None, None, None, None)
-    return lambda: pipeline._student(run, data, distilled=True, init=None)
+    monkeypatch.setattr(distill, "run_training", fake_training)
+    stages = FlowStages(cfg)
+    stages.open(tmp_path, 0.0)
+    stages.prepare()
+    stages.teacher, stages.folders = build_model(DIGITS_CNN).eval(), {"teacher": None}
+    stages.plans = stages.recipe.plan_students(cfg, stages.teacher, data=stages.data)
+
+    def run():
+        stages.distil()
+        return stages.students["student"]
+
+    return run
 
 
 @pytest.mark.parametrize("damage", ["truncated safetensors", "garbage spec.json"])
@@ -77,18 +90,18 @@ def test_damaged_reused_stage_is_rebuilt_alone_with_one_line(tmp_path, digits, m
     capsys.readouterr()
 
     student_stage()  # intact: reused, not retrained
-    assert calls == ["student"] and "reusing the saved model" in capsys.readouterr().out
+    assert calls == ["student"] and "student: reused" in capsys.readouterr().out
 
-    victim = tmp_path / "student" / ("model.safetensors" if damage.startswith("truncated") else "spec.json")
+    victim = tmp_path / "students" / "student" / ("model.safetensors" if damage.startswith("truncated") else "spec.json")
     _truncate(victim) if damage.startswith("truncated") else victim.write_text("{not json")
-    model, spec = student_stage()
+    student_stage()
     out = capsys.readouterr().out
     damaged = [line for line in out.splitlines() if "damaged" in line]
     assert len(damaged) == 1 and str(victim) in damaged[0] and "rebuilding this stage" in damaged[0]
     assert calls == ["student", "student"]  # rebuilt
-    verify_artifact(tmp_path / "student", ArtifactSpec)  # and intact again
+    verify_artifact(tmp_path / "students" / "student", ArtifactSpec)  # and intact again
     assert (tmp_path / "teacher" / "keep").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left aside
+    assert not [p for p in (tmp_path / "students").iterdir() if p.name.startswith(".")]  # nothing left aside
 
 
 @pytest.mark.parametrize("damage", ["garbage", "text-looking"])
@@ -194,14 +207,18 @@ def test_text_artifacts_carry_hashes_and_a_damaged_one_is_not_reused(tmp_path):
 
 
 def test_truncated_teacher_logits_cache_is_recomputed_with_one_line(tmp_path, capsys):
-    from slimray.pipelines import classifier as pipeline
+    from types import SimpleNamespace
+
+    from slimray.families.classifier.recipe import ClassifierRecipe
 
     torch.manual_seed(0)
     teacher, x = build_model(DIGITS_CNN).eval(), torch.randn(20, 1, 8, 8)
-    first = pipeline._teacher_logits(teacher, x, tmp_path)
+    recipe = ClassifierRecipe()
+    recipe._run_dir = tmp_path
+    first = recipe._teacher_logits(teacher, SimpleNamespace(x_train=x, teacher_logits=None))
     _truncate(tmp_path / "teacher_logits.safetensors")
     capsys.readouterr()
-    again = pipeline._teacher_logits(teacher, x, tmp_path)
+    again = recipe._teacher_logits(teacher, SimpleNamespace(x_train=x, teacher_logits=None))
     damaged = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
     assert len(damaged) == 1 and "teacher_logits.safetensors" in damaged[0]
     assert (again == first).all()

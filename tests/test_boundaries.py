@@ -29,7 +29,7 @@ def test_every_module_is_placed_and_the_map_reads_as_documented():
     assert layer_of("slimray.families.causal_lm.serving").name == "families"
     assert layer_of("slimray.families.causal_lm.config").name == "config"  # the longest prefix wins
     assert layer_of("slimray.serving.app").name == "serving" and layer_of("slimray.serving.options").name == "config"
-    assert layer_of("slimray.raycompat").name == "raybase" and layer_of("slimray.pipelines.classifier").name == "entry"
+    assert layer_of("slimray.raycompat").name == "raybase" and layer_of("slimray.pipelines.flow").name == "entry"
     assert all(why for layer in layers.LAYERS for why in layer.modules.values())
 
 
@@ -102,10 +102,10 @@ def test_a_family_importing_stages_fails(clean_copy, tmp_path):
 
 def test_serving_importing_stage_code_fails(clean_copy, tmp_path):
     text = ("def _lazy():\n    from slimray.training.distill import TrainJob\n    from slimray.sweep import select\n"
-            "    from slimray.pipelines.classifier import ClassifierStages")
+            "    from slimray.pipelines.flow import FlowStages")
     problems = planted(clean_copy, tmp_path, {"serving/checks.py": text})
     bad = {p.path[-1] for p in found(problems, "layer", "slimray.serving.checks") if len(p.path) == 2}
-    assert bad == {"slimray.training.distill", "slimray.sweep.select", "slimray.pipelines.classifier"}
+    assert bad == {"slimray.training.distill", "slimray.sweep.select", "slimray.pipelines.flow"}
 
 
 def test_core_importing_a_family_or_entry_fails(clean_copy, tmp_path):

@@ -110,7 +110,7 @@ def test_submit_follow_then_serve_from_serve_config(local_cluster, clean_env, tm
         env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120,
     )
     assert dep.returncode == 0, dep.stdout + dep.stderr
-    from slimray.data.sample import read_test_sample
+    from slimray.families.classifier.sample import read_test_sample
 
     x = read_test_sample(run_dir)[0][:4].tolist()
     deadline = time.monotonic() + 120

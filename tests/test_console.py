@@ -99,8 +99,8 @@ def test_sigterm_mid_sweep_then_rerun_keeps_finished_trials(tmp_path):
     assert (run_dir / "report.json").exists()
     new_starts = Counter(k for e, k in read_trial_log(run_dir)[len(log_before):] if e == "start")
     assert not (set(new_starts) & finished), f"finished trials ran again: {new_starts}"
-    assert {k for e, k in read_trial_log(run_dir) if e == "end"} == {"prune0.00-none", "prune0.00-dynamic_int8",
-                                                                      "prune0.50-none", "prune0.50-dynamic_int8"}
+    assert {k for e, k in read_trial_log(run_dir) if e == "end"} == {"student-prune0.00-none", "student-prune0.00-dynamic_int8",
+                                                                      "student-prune0.50-none", "student-prune0.50-dynamic_int8"}
 
 
 def test_diverted_logger_writes_to_the_run_logs_not_the_console(tmp_path, capsys):

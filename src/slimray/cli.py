@@ -423,38 +423,29 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(cfg, out_dir=args.out, address=args.address, fresh=args.fresh, until="distil")
             print(f"students: {(args.out / cfg.name).resolve()} (their Train metrics under logs/ and *_metrics.jsonl)")
             return 0
-        if args.command == "sweep":
-            from slimray.pipelines import classifier as pipeline
-            from slimray.families.classifier.artifacts import load_artifact
+        if args.command == "sweep":  # the search (and, with a space's distill part, the distillation sweep) on the stages
+            from slimray.pipelines import run_pipeline
 
             cfg = _load(args)
-            run = pipeline.open_run(cfg, out_dir=args.out, address=args.address, fresh=args.fresh)
-            d = pipeline.teacher_stage(run)
-            summary = None
-            if cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None:
-                from slimray.families.classifier.report import best_vs_default_table, distill_sweep_table
-
-                summary = pipeline.distill_sweep_stage(run, d, resume=args.resume)
-                print(best_vs_default_table(summary) + "\n\n" + distill_sweep_table(summary))
-                print(f"best student: {run.run_dir / pipeline.BEST_STUDENT}  report: {run.run_dir / 'distill_sweep.md'}")
-                if cfg.distill_sweep.compress is None:
-                    return 0
-                if (run.run_dir / "student" / "spec.json").exists():
-                    d.default_student = load_artifact(run.run_dir / "student")[0]
-                args.student = run.run_dir / pipeline.BEST_STUDENT
-                d.student = load_artifact(args.student)[0]
-            base = args.student.resolve() if args.student else run.run_dir / "student"
-            if args.student and not (base / "spec.json").exists():
+            student = args.student.resolve() if args.student else None
+            if student is not None and not (student / "spec.json").exists():
                 raise ConfigError(f"--student {args.student}: no spec.json there (expected a slimray model folder)")
-            if not (base / "spec.json").exists():
-                base = run.run_dir / "teacher"
-                pipeline.log("no student in this run: compressing the teacher")
-            if (run.run_dir / "student_labels_only" / "spec.json").exists():
-                d.baseline = load_artifact(run.run_dir / "student_labels_only")[0]
+            sweeps = cfg.distill_sweep is not None and cfg.distill_sweep.distill is not None
+            only_distil = sweeps and cfg.distill_sweep.compress is None
             try:
-                pipeline.sweep_stage(run, d, base_dir=base, resume=args.resume, distill_sweep=summary)
+                run_pipeline(cfg, out_dir=args.out, address=args.address, fresh=args.fresh, student=student,
+                                      train_students=False, resume=args.resume, until="distil" if only_distil else None)
             except FileExistsError as err:
                 raise ConfigError(str(err)) from None
+            run_dir = (args.out / cfg.name).resolve()
+            if sweeps:
+                import json
+
+                from slimray.families.classifier.report import best_vs_default_table, distill_sweep_table
+
+                summary = json.loads((run_dir / "distill_sweep.json").read_text())
+                print(best_vs_default_table(summary) + "\n\n" + distill_sweep_table(summary))
+                print(f"best student: {run_dir / 'students' / 'student-best'}  report: {run_dir / 'distill_sweep.md'}")
             return 0
         if args.command == "serve":
             from slimray.runtime import init_ray

@@ -21,8 +21,8 @@ from slimray.families.classifier.artifacts import load_artifact, load_runnable, 
 from slimray.compress.export import check_outputs, export_onnx, export_program, load_program
 from slimray.compress.runtime import ONNX_FILE, OrtModel
 from slimray.config import check_name
-from slimray.data import load_dataset, normalize
-from slimray.data.sample import TEST_SAMPLE, read_test_sample
+from slimray.families.classifier.datasets import load_dataset, normalize
+from slimray.families.classifier.sample import TEST_SAMPLE, read_test_sample
 from slimray.storage import write_json_atomic
 from slimray.schema import ConfigError
 

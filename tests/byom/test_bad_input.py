@@ -17,7 +17,7 @@ import user_models
 
 from slimray.cli import main
 
-STAGES = ("teacher", "student_init", "student", "teacher_outputs", "winner", "report.json")
+STAGES = ("teacher", "students", "teacher_outputs", "winner", "report.json")
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ import yaml
 import project
 
 from slimray.families.classifier.artifacts import load_runnable, load_spec
-from slimray.data import normalize
-from slimray.data.sample import read_test_sample
+from slimray.families.classifier.datasets import normalize
+from slimray.families.classifier.sample import read_test_sample
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +42,12 @@ def _free_port() -> int:
 
 def _check_run(run_dir: Path, *, factory: str) -> dict:
     report = json.loads((run_dir / "report.json").read_text())
-    student = load_spec(run_dir / "student")
+    student = load_spec(run_dir / "students" / "student")
     assert student.model.kind == "module" and student.model.factory == factory
     assert student.model.resized_modules and student.model.note.startswith("teacher ")
-    assert report["student"]["params"] < report["teacher"]["params"]
+    assert {r["key"]: r for r in report["students"]}["student"]["params"] < report["teacher"]["params"]
     # distillation: 2 Ray Train workers, each epoch read the whole training split from Ray Data shards
-    lines = [json.loads(line) for line in (run_dir / "student_metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run_dir / "logs" / "student_metrics.jsonl").read_text().splitlines()]
     assert lines and all(len(m["worker_nodes"]) == 2 for m in lines)
     n_train = lines[0]["samples_seen"]
     assert all(m["samples_seen"] == n_train for m in lines) and n_train > 1000
@@ -103,7 +103,7 @@ def test_residual_cnn_on_an_image_folder_is_derived_distilled_searched_and_serve
     report = _check_run(run_dir, factory="user_models:resnet")
     assert report["dataset"] == "files"
     # depth: one of the two repeated residual blocks of stage1 dropped (the one that mattered least), then width
-    student = load_spec(run_dir / "student")
+    student = load_spec(run_dir / "students" / "student")
     assert len(student.model.removed_modules) == 1 and student.model.removed_modules[0] in ("stage1.0", "stage1.1")
     derived = student.metadata["derived"]
     assert derived["dropped_blocks"] == student.model.removed_modules and len(derived["kept_blocks"]) == 1
@@ -111,9 +111,9 @@ def test_residual_cnn_on_an_image_folder_is_derived_distilled_searched_and_serve
     m = report["metric"]
     assert m["name"] == "user_metrics:macro_f1" and m["budget"] == 0.03 and 0.5 < m["teacher_reference"] <= 1.0
     assert all("metric_value" in t for t in report["trials"])
-    assert 0.0 <= report["winner"]["metric"]["val"] <= 1.0
+    assert 0.0 <= report["winner_test"]["metric"]["val"] <= 1.0
     if report["constraint_met"]:
-        assert report["winner"]["metric"]["val"] >= m["teacher_reference"] - m["budget"] - 1e-9
+        assert report["winner_test"]["metric"]["val"] >= m["teacher_reference"] - m["budget"] - 1e-9
 
     _served_like_in_process(run_dir, cwd=tmp_path)
 
@@ -131,7 +131,7 @@ def test_mlp_on_parquet_runs_end_to_end_and_serves_after_its_code_folder_moves(t
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "user-mlp"
     _check_run(run_dir, factory="user_models:mlp")
-    for stage in ("teacher", "student", "winner"):
+    for stage in ("teacher", "students/student", "winner"):
         spec = load_spec(run_dir / stage)
         assert list(spec.model.code) == ["user_models.py"] and spec.model.code_dir is None, stage
         assert str(tmp_path) not in (run_dir / stage / "spec.json").read_text(), stage
@@ -180,7 +180,7 @@ def test_user_vit_with_the_starter_config_runs_every_trial_and_is_served(tmp_pat
     run_dir = tmp_path / "runs" / "digits"
     report = _check_run(run_dir, factory="user_models:vit")
     assert report["teacher"]["accuracy"] > 90.0, report["teacher"]  # a trained teacher, or the budget means nothing
-    resized = load_spec(run_dir / "student").model.resized_modules
+    resized = load_spec(run_dir / "students" / "student").model.resized_modules
     attn = {k: v for k, v in resized.items() if k.endswith("self_attn")}
     assert attn and all(v["embed_dim"] % 4 == 0 and v["head_dim"] * 4 == v["embed_dim"] for v in attn.values())
     trials = report["trials"]

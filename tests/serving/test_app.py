@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from slimray.families.classifier.artifacts import load_runnable
-from slimray.data import normalize
+from slimray.families.classifier.datasets import normalize
 from slimray.serving.app import RequestError, ServeOptions, build_app, deploy, parse_inputs
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,8 @@ def test_served_onnxruntime_model_answers_like_in_process(served, digits, serve_
     from ray import serve
 
     client, run_dir = served
-    ort_dir = run_dir / "trials" / "prune0.50-none-onnxruntime"
+    base = json.loads((run_dir / "report.json").read_text())["search_bases"][0]  # a trial's key names its starting student
+    ort_dir = run_dir / "trials" / f"{base}-prune0.50-none-onnxruntime"
     app = build_app(ServeOptions(name="ort", model_dir=str(ort_dir), num_cpus_per_replica=0.25, max_batch_examples=64))
     serve.run(app, name="ort", route_prefix="/ort")
     try:

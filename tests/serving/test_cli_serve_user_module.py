@@ -34,7 +34,7 @@ def _user_run(root: Path, *, name: str) -> tuple[Path, Path]:
     by pruning as the pipeline derives one, saved as the run's winner, with the run's config and test sample."""
     from slimray.compress.prune import prune_to_fraction
     from slimray.config import PipelineConfig, load_config
-    from slimray.data.sample import TEST_SAMPLE
+    from slimray.families.classifier.sample import TEST_SAMPLE
 
     code = user_code_folder(root / "code", module=MODULE)
     run = root / "runs" / name

@@ -103,7 +103,7 @@ def encoder_dir(tmp_path_factory):
 
 def in_process_probabilities(model_dir, x: np.ndarray) -> np.ndarray:
     from slimray.families.classifier.artifacts import load_runnable
-    from slimray.data import normalize
+    from slimray.families.classifier.datasets import normalize
 
     model, spec = load_runnable(model_dir)
     with torch.inference_mode():

@@ -277,7 +277,7 @@ from slimray.runtime import init_ray
 from slimray.families.classifier.artifacts import load_artifact
 from slimray.compress.measure import predict_logits
 from slimray.config import DistillConfig
-from slimray.data import load_digits
+from slimray.families.classifier.datasets import load_digits
 from slimray.sweep.distill_search import DistillSweepContext, run_distill_sweep
 from slimray.sweep.space import SweepSpaceFile
 from slimray.training.classifier_data import TrainData

@@ -21,7 +21,7 @@ def main(out_dir: str, strategies: list[str]) -> int:
     from ray._common.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
-    from slimray.data import load_digits
+    from slimray.families.classifier.datasets import load_digits
     from slimray.runtime import FAIL_FAST_ENV
     from slimray.training.classifier_data import TrainData, classifier_job
     from slimray.training.distill import run_training

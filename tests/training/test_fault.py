@@ -96,7 +96,7 @@ DRIVER = textwrap.dedent(
     """
     import sys, ray
     from slimray.runtime import init_ray
-    from slimray.data import load_digits
+    from slimray.families.classifier.datasets import load_digits
     from slimray.training.classifier_data import TrainData, classifier_job
     from slimray.training.distill import run_training
     init_ray(num_cpus=2)

@@ -159,7 +159,7 @@ def test_fsdp_feature_kd_with_teacher_in_loop_checkpoints_full_state_and_resumes
 
 def test_pipeline_checks_the_teacher_layer_before_training_the_teacher():
     from slimray.config import PipelineConfig, load_config
-    from slimray.training.classifier_data import check_teacher_layer
+    from slimray.families.classifier.teachers import check_teacher_layer
 
     data = load_config(recipe="digits").model_dump()
     data["distill"].update(loss="features", teacher_outputs="in_loop",

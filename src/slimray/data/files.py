@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from slimray.data import Split
+from slimray.families.classifier.datasets import Split, rows_within_budget
 from slimray.data.files_config import FilesDataConfig
 from slimray.families.classifier.spec import InputSpec
 from slimray.schema import ConfigError
@@ -254,15 +254,6 @@ def _scan(ds, *, field: str) -> dict[str, Any]:
     return {"n": n, "shape": list(shape), "y_min": y_min, "y_max": y_max, "min": lo, "max": hi, "mean": mean.tolist(), "std": std.tolist()}
 
 
-MEMORY_BUDGET_BYTES = 1 << 30  # what one split (or sample) read onto the driver may take
-
-
-def rows_within_budget(shape: list[int], limit: int, *, budget: int = MEMORY_BUDGET_BYTES) -> int:
-    """``limit``, lowered so that that many float32 examples of ``shape`` fit in ``budget`` bytes (at least 1,000)."""
-    per = 4 * int(np.prod(shape))
-    return max(1000, min(limit, budget // max(per, 1)))
-
-
 def _collect(ds, *, limit: int, field: str) -> Split:
     xs, ys = [], []
     try:
@@ -362,43 +353,53 @@ def builtin_as_files(ds: Any, out_dir: Path) -> FilesDataConfig:
 
 # --- teacher outputs: a Ray Data batch-inference job ----------------------------------------------------
 
-class _TeacherLogits:
-    """Callable class for ``map_batches``: the teacher rebuilt from its artifact bytes in each actor."""
+class _TeacherOutputs:
+    """Callable class for ``map_batches``: the teacher rebuilt from its artifact's bytes in each actor by its family
+    (``Recipe.load_bytes``), which adds its outputs to each batch (``Recipe.teacher_outputs``)."""
 
-    def __init__(self, files: dict[str, bytes], input_spec: dict[str, Any]):
+    def __init__(self, files: dict[str, bytes], family: str):
         import torch
 
-        from slimray.families.classifier.artifacts import load_artifact_bytes
+        from slimray import families
 
         torch.set_num_threads(1)
-        self.model = load_artifact_bytes(files)[0].eval()
-        self.input = InputSpec.model_validate(input_spec)
+        self.recipe = families.get(family).load("recipe")()
+        self.model = self.recipe.load_bytes(files).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            logits = self.model(self.input.normalize(torch.from_numpy(np.ascontiguousarray(batch["x"]))))
-        return {"x": batch["x"], "y": batch["y"], "logits": logits.float().numpy()}
+        return self.recipe.teacher_outputs(self.model, batch)
 
 
-def write_teacher_outputs(train, *, teacher_dir: Path, input_spec: InputSpec, out_dir: Path, batch_size: int = 512) -> Path:
-    """Run the teacher once over the training split (one actor) and write (x, y, logits) as Parquet into
-    ``out_dir`` (written to a temporary sibling, then renamed: a half-written folder never looks finished)."""
+def write_teacher_outputs(train, *, teacher_dir: Path, family: str, out_dir: Path, batch_size: int = 512) -> Path:
+    """Run the teacher once over the training split (one actor) and write each batch with its outputs (the classifier:
+    x, y, logits) as Parquet into ``out_dir`` (written to a temporary sibling, then renamed: a half-written folder never
+    looks finished)."""
     import shutil
 
-    from slimray.families.classifier.artifacts import artifact_files
+    from slimray import families
 
+    files = families.get(family).load("recipe")().artifact_files(teacher_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (train.map_batches(
-        _TeacherLogits, fn_constructor_kwargs={"files": artifact_files(teacher_dir), "input_spec": input_spec.model_dump()},
+        _TeacherOutputs, fn_constructor_kwargs={"files": files, "family": family},
         batch_size=batch_size, batch_format="numpy", concurrency=1, num_cpus=1,
     ).write_parquet(str(tmp)))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def open_stream(source: Any, run_dir: Path) -> FilesData:
+    """A family's streamed training data opened (``Recipe.stream_source``): a files section, or a built-in dataset
+    written once as Parquet under ``RUN/data`` and read back the same way."""
+    if not isinstance(source, FilesDataConfig):
+        source = builtin_as_files(source, run_dir / "data")
+    from slimray.runs import log
+
+    log(f"data: reading {source.train} with Ray Data (one checking pass over the training split)")
+    return load_files_data(source)
 
 
 def read_sample(path: Path, *, limit: int) -> dict[str, np.ndarray]:

@@ -43,6 +43,8 @@ class Family:
     export_formats: tuple[str, ...] = ()  # what ``slimray export --format`` takes for its runs
     recipe: str | None = None  # its hooks for the shared pipeline (slimray.families.recipe.Recipe)
     artifact_spec: str | None = None  # the StrictModel of its artifacts' spec.json (checked before serving)
+    student_sweep: str | None = None  # a distillation sweep (Tune over Train) the pipeline runs when a config asks for one
+    student_sweep_check: str | None = None  # check(cfg) before anything trains: the sweep's trials fit the cluster
 
     def load(self, hook: str) -> Any:
         """The object a hook names, e.g. ``family.load("config")``."""
@@ -133,12 +135,15 @@ register(Family(
     description="any nn.Module from a tensor (image, feature vector) to class logits",
     config="slimray.config:PipelineConfig",
     loader="slimray.config:load_config",
-    stages="slimray.pipelines.classifier:ClassifierStages",
+    stages="slimray.pipelines.flow:FlowStages",
     train_task="slimray.families.classifier.train:ClassifierTask",
     serve_check="slimray.serving.checks:check_classifier",
     codec="slimray.serving.codecs:ClassifierCodec",
     artifact_format="slimray.model/1",
     artifact_spec="slimray.families.classifier.artifacts:ArtifactSpec",
+    recipe="slimray.families.classifier.recipe:ClassifierRecipe",
+    student_sweep="slimray.sweep.distill_search:sweep_students",
+    student_sweep_check="slimray.sweep.distill_search:check_student_sweep",
     recipes=("mnist", "digits"),
     export="slimray.exports:export_run",
     export_formats=("onnx", "torch-export"),

@@ -7,7 +7,7 @@ is pure torch/numpy: no Ray, no serving, no stage code. The pipeline calls them 
 1. ``check(cfg)`` before Ray starts; ``prepare(cfg, run_dir)`` -> the family's data (arrays, tokenised text, ...), loaded once on the driver;
 2. ``teacher(cfg, data)`` -> the teacher ``nn.Module`` (loaded from the user's weights, or ``None`` when it is
    trained first with ``teacher_job``); ``evaluate(cfg, model, data)`` -> its quality row;
-3. ``plan_students(cfg, teacher)`` -> the students to distil (a name and the spec the TrainTask builds);
+3. ``plan_students(cfg, teacher, data=)`` -> the students to distil (a name and the spec the TrainTask builds);
 4. ``train_job(cfg, plan, distilled=)`` and ``train_data(cfg, data, teacher)``: the Ray Train job's family section
    and the arrays its workers share (the shared loop runs the family's ``TrainTask``); each student is distilled and,
    beside it, trained on labels only with the same budget: the search starts from whichever validates better;
@@ -62,6 +62,10 @@ class Quality:
     def better(self, a: float, b: float) -> bool:
         return a > b if self.higher_is_better else a < b
 
+    def meets(self, value: float, floor: float) -> bool:
+        """Whether ``value`` is no worse than ``floor`` (the worst value a feasible row may have)."""
+        return value >= floor - 1e-9 if self.higher_is_better else value <= floor + 1e-9
+
 
 @dataclass(frozen=True)
 class Column:
@@ -85,6 +89,25 @@ class Column:
 
 
 @dataclass(frozen=True)
+class SearchPlan:
+    """How a family's candidates are drawn when not every one runs (``Recipe.search_plan``): ``axes`` (name -> the
+    values Tune samples), ``key_of`` (a module-level function naming the candidate a draw is, one of
+    ``Recipe.candidates``' keys), the algorithm (``grid``, ``random`` or ``optuna``), the trials drawn, the metrics a
+    searcher reads (``metric``/``mode``, one objective or several) and, for early stopping, ``asha``: the keyword
+    arguments of Tune's ASHA scheduler (``time_attr``, ``metric``, ``mode``, ``max_t``, ``grace_period``,
+    ``reduction_factor``) over the steps a stepwise trial (``Recipe.measure_steps``) reports."""
+
+    axes: dict[str, list[Any]]
+    key_of: Any
+    algorithm: str = "grid"
+    num_samples: int | None = None
+    metric: str | list[str] = "reported"
+    mode: str | list[str] = "max"
+    num_startup_trials: int | None = None
+    asha: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class StudentPlan:
     """A student to distil: its name (the run folder's ``students/<name>``) and the spec its TrainTask builds."""
 
@@ -105,6 +128,14 @@ class Recipe(abc.ABC):
     time_in_trials: bool = True  # False: the trials leave speed out, the driver times every candidate one at a time
     fresh_trial_process: bool = False  # True: every trial in a new process (an engine that patches its process)
     identity: str | None = None  # the candidate (settings key) that leaves a model as it is, if the family has one
+    keep_teacher: bool = False  # True: a teacher the family loads (the user's) is saved as RUN/teacher too (trials load it)
+    stepwise: bool = False  # True: a trial is ``measure_steps``, a row per step (e.g. per fine-tune epoch: ASHA's budget)
+    timing_lock: bool = False  # True: trials time under one lock (``measure_steps``' ``timing``), never two at once
+
+    def quality_of(self, cfg: Any) -> Quality:
+        """The quality constraint of this run (by default the family's ``quality``; a family whose metric the user
+        chooses reads it from the config)."""
+        return self.quality
 
     def is_saved(self, path: Path) -> bool:
         """Whether ``path`` holds a finished artifact of this family (a rerun reuses it)."""
@@ -120,6 +151,38 @@ class Recipe(abc.ABC):
     def prepare(self, cfg: Any, run_dir: Path) -> Any:
         """The family's data, loaded once on the driver (checked: a bad file fails here, naming it)."""
 
+    def stream_source(self, cfg: Any, data: Any) -> Any:
+        """Training data the pipeline reads through Ray Data instead (``None``: none): a files section
+        (``slimray.data.files``: image folders, Parquet, NPZ) or a built-in dataset to read the same way. The pipeline
+        opens it (one checking pass over the training split; val and test read into memory), hands the opened source
+        to ``with_stream``, lets the Train workers read the training split in shards and runs the teacher's outputs over
+        it as a batch-inference job (``teacher_outputs``); a sample of them comes back through ``with_sample``."""
+        return None
+
+    def with_stream(self, cfg: Any, data: Any, opened: Any, *, run_dir: Path) -> Any:
+        """``data`` completed from the opened stream (its ``input``, ``num_classes``, ``num_train``, ``val``, ``test``)."""
+        raise NotImplementedError
+
+    def teacher_outputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """One batch of the streamed training split with the teacher's outputs added (the batch-inference job's map)."""
+        raise NotImplementedError
+
+    def artifact_files(self, path: Path) -> dict[str, bytes]:
+        """An artifact's files as bytes, to travel through the object store (nodes need no shared disk)."""
+        raise NotImplementedError
+
+    def load_bytes(self, files: dict[str, bytes]) -> nn.Module:
+        """A model from ``artifact_files``' answer (the batch-inference actors rebuild the teacher so)."""
+        raise NotImplementedError
+
+    def sample_size(self, cfg: Any, data: Any) -> int:
+        """How many rows of the teacher's outputs the driver reads back for the search (pruning, calibration, fine-tuning)."""
+        return 10_000
+
+    def with_sample(self, cfg: Any, data: Any, sample: dict[str, Any]) -> Any:
+        """``data`` with a sample of the streamed training split and the teacher's outputs on it."""
+        raise NotImplementedError
+
     def teacher(self, cfg: Any, data: Any) -> nn.Module | None:
         """The user's teacher, loaded; ``None`` when the teacher is trained first (``teacher_job``)."""
         return None
@@ -134,8 +197,8 @@ class Recipe(abc.ABC):
 
     # students
     @abc.abstractmethod
-    def plan_students(self, cfg: Any, teacher: nn.Module) -> list[StudentPlan]:
-        """The students to distil from ``teacher``."""
+    def plan_students(self, cfg: Any, teacher: nn.Module, *, data: Any) -> list[StudentPlan]:
+        """The students to distil from ``teacher`` (``data``: e.g. the examples a student derived by pruning ranks on)."""
 
     @abc.abstractmethod
     def train_job(self, cfg: Any, plan: StudentPlan, *, distilled: bool) -> dict[str, Any]:
@@ -167,6 +230,18 @@ class Recipe(abc.ABC):
         """Build ``candidate`` from ``student`` and measure it: (the compressed model, its row)."""
         raise NotImplementedError(f"{type(self).__name__} implements neither measure nor measure_rows")
 
+    def search_plan(self, cfg: Any) -> SearchPlan | None:
+        """How the candidates are drawn (``None``: every one, once, as a grid)."""
+        return None
+
+    def measure_steps(self, cfg: Any, candidate: dict[str, Any], student: Any, data: Any, *, out_dir: Path,
+                      timing: Any, floor: float) -> Any:
+        """A stepwise family's trial (``stepwise``): a generator of rows, one per step (each saved and reported to
+        Tune, so a scheduler may stop the trial after any: its last row is its result). ``timing(name)``: a context
+        manager holding the trials' timing lock; ``floor``: the quality floor (an early-stopping objective reads it).
+        A failure is a row too (``status`` error, ``error``, ``advice``)."""
+        raise NotImplementedError
+
     def measure_rows(self, cfg: Any, candidate: dict[str, Any], student: nn.Module, data: Any, *,
                      out_dir: Path) -> list[dict[str, Any]]:
         """The rows of one trial: by default the one ``measure`` gives. A family overriding this returns rows with a
@@ -177,9 +252,14 @@ class Recipe(abc.ABC):
         """The compressed model alone (the finalists are rebuilt in the driver to be timed side by side)."""
         return self.measure(None, candidate, student, data)[0]
 
-    def budget(self, cfg: Any) -> float:
-        """The quality budget the constraint allows (``quality.floor``)."""
+    def budget(self, cfg: Any, *, teacher: dict[str, Any]) -> float:
+        """The quality budget the constraint allows (``quality.floor``); ``teacher``: the teacher's row (a budget relative
+        to the teacher's value reads it)."""
         return float(cfg.search.max_quality_drop)
+
+    def reference(self, cfg: Any, teacher: dict[str, Any]) -> float:
+        """The teacher's value the floor is measured from (by default its row's quality key)."""
+        return float(teacher[self.quality_of(cfg).key])
 
     def admissible(self, cfg: Any, row: dict[str, Any], *, teacher: dict[str, Any]) -> bool:
         """A hard constraint beyond ``quality`` (e.g. a minimum cosine to the teacher, a prefill floor); rows failing it
@@ -238,7 +318,7 @@ class Recipe(abc.ABC):
     def report_extras(self, cfg: Any, result: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         """The family's own report sections: (keys added to report.json, markdown lines). ``result``: ``run_dir``,
         ``teacher``, ``winner``, ``finalists``, ``beside`` (key -> timed row), ``students``, ``meets_constraint``,
-        ``trials``, ``pareto_front`` (keys), ``seconds``, ``data``."""
+        ``trials``, ``pareto_front`` (keys), ``seconds``, ``data``, ``distill_sweep`` (the family's distillation sweep's summary, or None)."""
         return {}, []
 
     def sample_request(self, data: Any) -> dict[str, Any]:

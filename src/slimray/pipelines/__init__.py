@@ -3,8 +3,8 @@
 ``run_pipeline(cfg)`` looks up the config's family (``slimray.families``), asks its ``Stages`` to check what can
 be checked before anything starts (the user's code and weights, cross-field constraints), opens the run folder
 and Ray the same way for every family (``start_run``), then runs the family's stages in order with one console
-line per stage (``until``: the stages up to one, e.g. ``slimray distill``). The stages (``pipelines/flow.py`` for a
-family with a ``Recipe``; the classifier's own glue, ``pipelines/classifier.py``) use the shared engines: Ray Train through
+line per stage (``until``: the stages up to one, e.g. ``slimray distill``). The stages (``pipelines/flow.py``, over
+every family's ``Recipe``) use the shared engines: Ray Train through
 ``slimray.training.distill.run_training`` (the family's ``TrainTask``), Ray Tune through
 ``slimray.sweep.engine.run_tuner``, the shared winner selection (``slimray.sweep.select``) and the run-folder
 conventions (``slimray.runs``: reused finished stages, atomic artifacts).
@@ -46,6 +46,9 @@ class Stages(abc.ABC):
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        self.given_student: Path | None = None
+        self.train_students = True
+        self.resume = True
 
     def check(self) -> None:
         """What can fail before the run folder and Ray exist (the user's code, weights, config cross-checks)."""
@@ -56,13 +59,17 @@ class Stages(abc.ABC):
 
 
 def run_pipeline(cfg: Any, *, out_dir: str | Path = "runs", address: str | None = None, fresh: bool = False,
-                 until: str | None = None) -> dict[str, Any]:
+                 until: str | None = None, student: Path | None = None, train_students: bool = True,
+                 resume: bool = True) -> dict[str, Any]:
     """Run every stage of ``cfg``'s family (finished stages of an earlier run of the same name are reused), or the
     stages up to and including ``until`` (e.g. ``distil``: ``slimray distill``); returns the last stage's answer (the
-    report, also ``OUT/<name>/report.json``, when every stage ran)."""
+    report, also ``OUT/<name>/report.json``, when every stage ran). ``slimray sweep``'s options: ``student`` (an
+    artifact folder searched instead of the run's students), ``train_students`` (False: only students already saved
+    in the run are searched, or the teacher), ``resume`` (False: an earlier search experiment is an error)."""
     from slimray import families
 
     stages: Stages = families.get(cfg.family).load("stages")(cfg)
+    stages.given_student, stages.train_students, stages.resume = student, train_students, resume
     names = stages.names
     if until is not None:
         if until not in names:

@@ -44,21 +44,44 @@ class FlowStages(Stages):
         super().__init__(cfg)
         self.family = families.get(cfg.family)
         self.recipe = self.family.load("recipe")()
-        self.quality = self.recipe.quality
+        self.quality = self.recipe.quality_of(cfg)
+        self.stream: Any = None  # the training split as a Ray Dataset, when the family streams it (Recipe.stream_source)
+        # set by run_pipeline: given_student (`slimray sweep --student`: search this artifact instead of distilling),
+        # train_students (False, `slimray sweep`: students already saved are searched, none trained), resume (False: an
+        # earlier search experiment of this run is an error)
+        self.sweep_summary: dict[str, Any] | None = None
 
     def check(self) -> None:
         self.recipe.check(self.cfg)
 
+    def _sweeps_students(self) -> bool:
+        """Whether the run asks for a distillation sweep (a family with a ``student_sweep`` hook, a config with a space)."""
+        space = getattr(self.cfg, "distill_sweep", None)
+        return space is not None and space.distill is not None and self.family.student_sweep is not None
+
     def open(self, run_dir: Path, t_start: float) -> None:
         self.run_dir, self.t_start = run_dir, t_start
+        if self._sweeps_students():  # Ray is up: the distillation sweep's trials must fit before anything trains
+            self.family.load("student_sweep_check")(self.cfg)
 
     # ------------------------------------------------------------------------------------------------ stages
     def prepare(self) -> None:
         self.data = self.recipe.prepare(self.cfg, self.run_dir)
+        source = self.recipe.stream_source(self.cfg, self.data)
+        if source is not None:  # training data through Ray Data: checked in one streaming pass, val/test read
+            from slimray.data.files import open_stream
+
+            opened = open_stream(source, self.run_dir)
+            self.data = self.recipe.with_stream(self.cfg, self.data, opened, run_dir=self.run_dir)
+            self.stream = opened.train
 
     def evaluate_teacher(self) -> None:
         teacher = given = self.recipe.teacher(self.cfg, self.data)
         path = self.run_dir / "teacher"
+        if given is not None and self.recipe.keep_teacher:
+            if not self.recipe.is_saved(path):
+                self.recipe.save(path, given, candidate={}, cfg=self.cfg, data=self.data)
+            given = None  # its folder is RUN/teacher, like a trained one's
         if teacher is None:
             if self.recipe.is_saved(path):
                 teacher = self.recipe.load(path)
@@ -72,9 +95,11 @@ class FlowStages(Stages):
         self.folders: dict[str, Path | None] = {"teacher": path if given is None else None}
         self.teacher_row = {"key": "teacher", **self.recipe.evaluate(self.cfg, self.teacher, self.data)}
         log(f"teacher: {self._q(self.teacher_row)}, {self.teacher_row.get('params', 0):,} params")
+        self.budget = self.recipe.budget(self.cfg, teacher=self.teacher_row)
+        self.floor = self.quality.floor(self.recipe.reference(self.cfg, self.teacher_row), self.budget)
 
     def derive_students(self) -> None:
-        self.plans = self.recipe.plan_students(self.cfg, self.teacher)
+        self.plans = [] if self.given_student is not None else self.recipe.plan_students(self.cfg, self.teacher, data=self.data)
         for p in self.plans:
             log(f"student {p.name}: " + (p.note or json.dumps(p.spec)))
         self.reference_rows = []
@@ -90,6 +115,15 @@ class FlowStages(Stages):
         self.student_rows: list[dict[str, Any]] = []
         self.bases: list[str] = []
         labels_only = getattr(d, "labels_only_baseline", False)  # a family without labels to train on has no such field
+        if self.given_student is not None:  # `slimray sweep --student DIR`: that artifact is the one starting model
+            name = self.given_student.name
+            self.folders[name], self.students[name] = self.given_student, self.recipe.load(self.given_student)
+            row = {"key": name, "plan": name, "distilled": None, "search_base": True,
+                   **self.recipe.evaluate(self.cfg, self.students[name], self.data)}
+            self.student_rows.append(row)
+            self.bases.append(name)
+            log(f"{name}: given ({self.given_student}), {self._q(row)}")
+            return
         for plan in self.plans:
             rows = {}
             for distilled in (True, False) if labels_only else (True,):
@@ -99,8 +133,11 @@ class FlowStages(Stages):
                 if self.recipe.is_saved(path):
                     model = self.recipe.load(path)
                     log(f"{name}: reused {path}")
+                elif not self.train_students:
+                    continue
                 else:
                     if shared is None:
+                        self._teacher_outputs()
                         shared = self.recipe.train_data(self.cfg, self.data, self.teacher)
                     model = self._train(name, plan, self.recipe.train_job(self.cfg, plan, distilled=distilled), shared,
                                         init_state=self.recipe.init_state(self.cfg, plan, self.teacher))
@@ -109,6 +146,8 @@ class FlowStages(Stages):
                 rows[distilled] = {"key": name, "plan": plan.name, "distilled": distilled,
                                    **self.recipe.evaluate(self.cfg, model, self.data)}
                 self.student_rows.append(rows[distilled])
+            if True not in rows:
+                continue
             best = rows[True]
             if False in rows:
                 gain = rows[True][self.quality.key] - rows[False][self.quality.key]
@@ -120,6 +159,34 @@ class FlowStages(Stages):
                     f"starts from the {'distilled' if best is rows[True] else 'labels-only'} student")
             best["search_base"] = True
             self.bases.append(best["key"])
+        if self._sweeps_students():
+            self._sweep_students()
+
+    def _sweep_students(self) -> None:
+        """The family's distillation sweep (Tune over Train): its best student, which competed with the recipe-settings
+        student, is the one the search starts from."""
+        self._teacher_outputs()
+        init = None
+        plan = self.plans[0] if self.plans else None
+        state = self.recipe.init_state(self.cfg, plan, self.teacher) if plan is not None else None
+        if state is not None:  # a derived student: every trial starts from the same pruned weights (saved once)
+            init = self.run_dir / "students" / "student-init"
+            if not self.recipe.is_saved(init):
+                model = self.family.load("train_task").rebuild({"spec": self.recipe.job_spec(plan, self.data)}, state)
+                self.recipe.save(init, model, candidate={}, cfg=self.cfg, data=self.data)
+        default = self.folders.get(plan.name) if plan is not None else None
+        best_dir, self.sweep_summary = self.family.load("student_sweep")(
+            self.cfg, run_dir=self.run_dir, data=self.data, train_data=self.recipe.train_data(self.cfg, self.data, self.teacher),
+            stream=getattr(self, "train_stream", None), init_dir=init, default_dir=default, resume=self.resume)
+        name = best_dir.name
+        self.folders[name], self.students[name] = best_dir, self.recipe.load(best_dir)
+        for r in self.student_rows:
+            r.pop("search_base", None)
+        row = {"key": name, "plan": name, "distilled": True, "search_base": True,
+               **self.recipe.evaluate(self.cfg, self.students[name], self.data)}
+        self.student_rows.append(row)
+        self.bases = [name]
+        log(f"{name}: the distillation sweep's pick ({self.sweep_summary['best']['key']}), {self._q(row)}; the search starts from it")
 
     def search(self) -> None:
         from slimray.sweep.trials import advise_with_recipe, measure_with_recipe, run_trials
@@ -131,19 +198,37 @@ class FlowStages(Stages):
         self.candidates = {f"{b}-{k}": (b, c) for b in self.searched for k, c in settings.items()}
         log(f"search: {len(self.candidates)} candidates ({len(settings)} settings x {len(self.searched)} starting model(s): "
             f"{', '.join(self.searched)})")
+        self._teacher_outputs()  # a streamed family's search fine-tunes and calibrates on a sample of them
         measure = functools.partial(measure_with_recipe, family=self.family.name, config_json=self.cfg.model_dump_json(),
-                                    run_dir=str(self.run_dir.resolve()), candidates=self.candidates)
+                                    run_dir=str(self.run_dir.resolve()), candidates=self.candidates, floor=self.floor)
         advice = functools.partial(advise_with_recipe, family=self.family.name, candidates=self.candidates)
+        plan = self.recipe.search_plan(self.cfg)
+        drawn: dict[str, Any] = {}
+        if plan is not None:  # candidates drawn (random, Optuna) or stopped early (ASHA) by Tune over the family's axes
+            from slimray.sweep.trials import Sampling, based_key
+
+            scheduler = None
+            if plan.asha is not None:
+                from ray.tune.schedulers import ASHAScheduler
+
+                scheduler = ASHAScheduler(**plan.asha)
+            drawn = dict(axes={"base": list(self.searched), **plan.axes}, key_of=functools.partial(based_key, key_of=plan.key_of),
+                         sampling=Sampling(algorithm=plan.algorithm, num_samples=plan.num_samples, metric=plan.metric, mode=plan.mode,
+                                           num_startup_trials=plan.num_startup_trials, seed=0, scheduler=scheduler))
+            log(f"search: {plan.algorithm}" + (f", {plan.num_samples} trials drawn" if plan.algorithm != "grid" else "")
+                + (", ASHA stops weak trials early" if scheduler is not None else ""))
         results = run_trials(
             run_dir=self.run_dir, keys=list(self.candidates), measure=measure, advice=advice, run_name=f"{self.family.name}-search",
             shared={"data": self.data, "students": {b: self._trial_input(b) for b in self.searched}},
-            max_concurrent_trials=s.max_concurrent_trials, use_tune=s.use_tune, cpus_per_trial=self.recipe.trial_cpus,
-            reuse_actors=not self.recipe.fresh_trial_process,
+            max_concurrent_trials=s.max_concurrent_trials or self._cpus(), use_tune=s.use_tune, cpus_per_trial=self.recipe.trial_cpus,
+            reuse_actors=not self.recipe.fresh_trial_process, timing_lock=self.recipe.timing_lock, resume=self.resume, **drawn,
         )
         self.trials = []
         for k, r in results.items():
             base, settings = self.candidates[k]
             if "rows" not in r:
+                if r.get("artifact"):  # the trial saved its model: the finalists and the winner are read from there
+                    self.candidates[k] = (base, {**settings, "artifact": r["artifact"]})
                 self.trials.append({"key": k, "student": base, **settings, **r})
                 continue
             for row in r["rows"]:  # one trial, several settings (e.g. every quantization x sequence length)
@@ -163,8 +248,6 @@ class FlowStages(Stages):
 
     def finalists(self) -> None:
         s, q, speed = self.cfg.search, self.quality, self.recipe.speed_key
-        budget = self.recipe.budget(self.cfg)
-        self.floor = q.floor(self.teacher_row[q.key], budget)
         done = [t for t in self.trials if t.get("status") == "ok"]
         if not self.recipe.time_in_trials:  # the trials left speed out: every candidate timed here, one at a time
             log(f"timing: {len(done)} candidates, one round, one at a time")
@@ -175,7 +258,7 @@ class FlowStages(Stages):
         identity = f"teacher-{self.recipe.identity}" if self.recipe.identity else None  # the teacher as it is, as a candidate
         # the teacher as the trials measured it (its identity trial), for constraints relative to the teacher's speed
         as_trial = next((t for t in done if t["key"] == identity), self.teacher_row)
-        feasible = sorted((t for t in done if q.feasible(t[q.key], teacher_value=self.teacher_row[q.key], budget=budget)),
+        feasible = sorted((t for t in done if q.meets(t[q.key], self.floor)),
                           key=lambda t: -t[speed])
         ranked = [t for t in feasible if self.recipe.admissible(self.cfg, t, teacher=as_trial)][: s.num_finalists]
         if not ranked:  # nothing admissible in the trials' first pass: the fastest feasible, checked again side by side
@@ -250,8 +333,7 @@ class FlowStages(Stages):
         if ok:
             log(f"winner {w['key']}: {self._q(w)} (constraint: {self.quality.label} no worse than {self.floor:.4g}), "
                 f"{w['speedup']:.2f}x the teacher" + (f"; tied within the noise with {', '.join(self.tied)}" if self.tied else ""))
-        elif not pool and self.quality.feasible(w[self.quality.key], teacher_value=self.teacher_row[self.quality.key],
-                                                budget=self.recipe.budget(self.cfg)):
+        elif not pool and self.quality.meets(w[self.quality.key], self.floor):
             log(f"no finalist meets {self.recipe.admissible_rule(self.cfg) or 'the further constraint'} side by side; the "
                 f"fastest within the quality budget is {w['key']} ({self._q(w)}, {w['speedup']:.2f}x the teacher), "
                 "reported as not meeting it")
@@ -280,7 +362,7 @@ class FlowStages(Stages):
         front = non_dominated(self.trials, goals={q: "max" if self.quality.higher_is_better else "min", speed: "max"})
         report = {
             "family": self.family.name, "name": self.cfg.name, "quality": {"key": q, "label": self.quality.label,
-            "higher_is_better": self.quality.higher_is_better, "floor": self.floor, "budget": self.recipe.budget(self.cfg)},
+            "higher_is_better": self.quality.higher_is_better, "floor": self.floor, "budget": self.budget},
             "speed": {"key": speed, "label": self.recipe.speed_label},
             "teacher": self.teacher_row, "students": self.student_rows, "references": self.reference_rows,
             "search_bases": self.searched, "trials": self.trials, "finalists": self.finalist_rows, "beside": self.beside_rows,
@@ -289,13 +371,14 @@ class FlowStages(Stages):
                        "size_ratio": self.teacher_row["size_bytes"] / self.winner_row["size_bytes"]
                        if self.teacher_row.get("size_bytes") and self.winner_row.get("size_bytes") else None},
             "distill_metrics": {r["key"]: read_jsonl(self.run_dir / "logs" / f"{r['key']}_metrics.jsonl") for r in self.student_rows},
-            "notes": self.recipe.notes(self.cfg),
+            "notes": self.recipe.notes(self.cfg), **({"distill_sweep": self.sweep_summary} if self.sweep_summary else {}),
             "pareto_front": [t["key"] for t in front], "seconds": time.perf_counter() - self.t_start,
         }
         extra, extra_md = self.recipe.report_extras(self.cfg, {
             "run_dir": self.run_dir, "teacher": self.teacher_row, "winner": report["winner"], "finalists": self.finalist_rows,
             "beside": {r["key"]: r for r in self.beside_rows}, "students": self.student_rows, "meets_constraint": self.feasible,
-            "trials": self.trials, "pareto_front": report["pareto_front"], "seconds": report["seconds"], "data": self.data})
+            "trials": self.trials, "pareto_front": report["pareto_front"], "seconds": report["seconds"], "data": self.data,
+            "distill_sweep": self.sweep_summary})
         report.update(extra)
         write_json_atomic(self.run_dir / "report.json", report)
         cols = list(self.recipe.columns)
@@ -324,6 +407,31 @@ class FlowStages(Stages):
         return report
 
     # ------------------------------------------------------------------------------------------------ helpers
+    def _cpus(self) -> int:
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def _teacher_outputs(self) -> None:
+        """A streamed family: the teacher's outputs over the training split, once, as a Ray Data batch-inference job
+        written into the run folder (reused by a rerun); the Train workers read them in shards and the driver reads
+        a sample back for the search (``Recipe.with_sample``)."""
+        if self.stream is None or getattr(self, "_outputs_done", False):
+            return
+        from slimray.data.files import TEACHER_OUTPUTS, read_sample, write_teacher_outputs
+
+        out = self.run_dir / TEACHER_OUTPUTS
+        if not out.is_dir():
+            log("teacher: computing its outputs over the training split once (Ray Data batch inference)")
+            write_teacher_outputs(self.stream, teacher_dir=self.run_dir / "teacher", family=self.family.name, out_dir=out)
+        else:
+            log("teacher: reusing its saved outputs")
+        import ray.data
+
+        self.train_stream = ray.data.read_parquet(str(out))
+        self.data = self.recipe.with_sample(self.cfg, self.data, read_sample(out, limit=self.recipe.sample_size(self.cfg, self.data)))
+        self._outputs_done = True
+
     def _trial_input(self, name: str) -> Any:
         return self.recipe.trial_input(name, self.students[name], folder=self.folders.get(name), data=self.data)
 
@@ -386,5 +494,8 @@ class FlowStages(Stages):
                        family=self.family.name, spec=self.recipe.job_spec(plan, self.data),
                        batch_size=d.batch_size, num_workers=d.num_workers, seed=d.seed,
                        metrics_path=str(self.run_dir / "logs" / f"{label}_metrics.jsonl"), **fields)
-        model, metrics = run_training(job, shared, init_state=init_state)
+        stream = getattr(self, "train_stream", None) if self.stream is not None else None
+        if self.stream is not None and stream is None:  # the teacher itself, trained before any outputs exist: raw rows
+            stream = self.stream
+        model, metrics = run_training(job, shared, init_state=init_state, stream=stream)
         return model

@@ -74,8 +74,8 @@ def check_classifier(url: str, run_dir: Path, serve_cfg: Any) -> None:
     import torch
 
     from slimray.families.classifier.artifacts import load_runnable
-    from slimray.data import normalize
-    from slimray.data.sample import read_test_sample
+    from slimray.families.classifier.datasets import normalize
+    from slimray.families.classifier.sample import read_test_sample
 
     model, spec = load_runnable(run_dir / "winner")
     x, labels = read_test_sample(run_dir)

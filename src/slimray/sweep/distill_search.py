@@ -220,3 +220,103 @@ def pick_best(candidates: list[dict[str, Any]], *, tie_tolerance: float, latency
     top = max(c["val_accuracy"] for c in candidates)
     tied = [c for c in candidates if c["val_accuracy"] >= top - tie_tolerance - 1e-9]
     return min(tied, key=lambda c: (c["params"], c[latency_key], -c["val_accuracy"]))
+
+
+BEST_STUDENT = "student-best"
+
+
+def _recipe_settings(distill: DistillConfig, fields: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's values of the fields a distillation space ranges over (how the default student was made)."""
+    out: dict[str, Any] = {}
+    for k in fields:
+        if k == "width":
+            out[k] = 1.0
+        elif k == "depth":
+            s = distill.student
+            out[k] = len(s.conv_channels) if s.kind == "cnn" else len(s.hidden)
+        else:
+            out[k] = getattr(distill, k)
+    out["epochs"] = distill.epochs
+    out["num_workers"] = distill.num_workers
+    return out
+
+
+def check_student_sweep(cfg: Any) -> None:
+    """Before anything trains: the distillation sweep's trials must fit the cluster (an error names the resources)."""
+    from slimray.sweep.engine import plan_train_trials
+
+    space = cfg.distill_sweep
+    if space is None or space.distill is None:
+        return
+    s = space.search
+    plan_train_trials(num_trials=space.num_trials, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker, use_gpu=s.use_gpu,
+                      max_concurrent_trials=s.max_concurrent_trials, what="distillation sweep")
+
+
+def sweep_students(cfg: Any, *, run_dir: Path, data: Any, train_data: dict[str, Any], stream: Any, init_dir: Path | None,
+                   default_dir: Path | None, resume: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The classifier's distillation sweep (its family's ``student_sweep`` hook): Tune over Train, one Ray Train run per
+    point of ``cfg.distill_sweep.distill``; the best student (held-out accuracy; ties: smaller, then faster, timed side
+    by side) among the completed trials and the recipe-settings student (``default_dir``, when trained) is copied to
+    ``RUN/students/student-best``. ``data``: the recipe's data (val/test tensors); ``train_data``: the arrays the Train
+    workers share (the recipe's ``train_data``); ``init_dir``: a derived student's starting weights. Returns (the best
+    student's folder, the summary, also written as ``RUN/distill_sweep.{json,md,png}``)."""
+    import ray
+
+    from slimray.compress.measure import accuracy, compare_latency
+    from slimray.families.classifier.artifacts import ArtifactSpec, copy_artifact
+    from slimray.families.classifier.report import write_distill_sweep
+    from slimray.families.classifier.spec import count_params
+    from slimray.runs import log
+    from slimray.storage import reusable
+    from slimray.sweep.engine import plan_train_trials
+
+    space = cfg.distill_sweep
+    best_dir = run_dir / "students" / BEST_STUDENT
+    summary_path = run_dir / "distill_sweep.json"
+    if summary_path.exists() and reusable(best_dir, spec_cls=ArtifactSpec, log=log):
+        log("distillation sweep: reusing the finished sweep")
+        return best_dir, json.loads(summary_path.read_text())
+    s = space.search
+    concurrent = plan_train_trials(num_trials=space.num_trials, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker,
+                                   use_gpu=s.use_gpu, max_concurrent_trials=s.max_concurrent_trials, what="distillation sweep")
+    log(f"distillation sweep ({s.algorithm}{', asha' if s.scheduler == 'asha' else ''}): {space.num_trials} trials over "
+        f"{space.distill.varying() or list(space.distill.params())}, {s.num_workers} Ray Train worker(s) each, {concurrent} at a time")
+    put = {k: (ray.put(v) if v is not None else None) for k, v in train_data.items() if k in ("x_train", "y_train", "x_val", "y_val", "teacher_logits")}
+    ctx = DistillSweepContext(
+        run_dir=str(run_dir), storage_path=str((run_dir / "ray").resolve()), sweep_name=f"{cfg.name}-distill-sweep",
+        distill=cfg.distill.model_dump(), space=space.model_dump(), input_spec=data.input.model_dump(),
+        data=TrainData(**put, train_stream=stream), teacher_dir=str(run_dir / "teacher"),
+        student_init_dir=str(init_dir) if init_dir is not None else None,
+    )
+    rows = run_distill_sweep(ctx, max_concurrent_trials=concurrent, resume=resume)
+    log(f"distillation sweep: {sum(r['status'] == 'completed' for r in rows)}/{len(rows)} trials completed")
+    b = cfg.search.serving_batch_size
+    models = {r["trial_id"]: load_artifact(r["artifact"])[0] for r in rows if r["status"] == "completed"}
+    if default_dir is not None and (default_dir / "spec.json").exists():
+        models["default"] = load_artifact(default_dir)[0]
+    log(f"timing {len(models)} students side by side (batch 1 and {b})")
+    timed = compare_latency(models, data.x_test[:b], batch_sizes=sorted({1, b}), num_threads=cfg.search.num_threads)
+    settings = {r["trial_id"]: r["settings"] for r in rows}
+    settings["default"] = _recipe_settings(cfg.distill, space.distill.params()) if cfg.distill.student is not None else {}
+    candidates = [
+        {"key": k, "settings": settings.get(k, {}), "val_accuracy": accuracy(m, data.x_val, data.y_val),
+         "test_accuracy": accuracy(m, data.x_test, data.y_test), "params": count_params(m),
+         "latency_ms": {f"batch_{bb}": v for bb, v in timed[k].items()}, "lat": timed[k][b]}
+        for k, m in models.items()
+    ]
+    best = pick_best(candidates, tie_tolerance=s.tie_tolerance, latency_key="lat")
+    src = default_dir if best["key"] == "default" else Path(next(r["artifact"] for r in rows if r["trial_id"] == best["key"]))
+    copy_artifact(src, best_dir, update={"name": BEST_STUDENT, "metadata": {"trial": best["key"]}})
+    log(f"distillation sweep: best student {best['key']} ({best['val_accuracy']:.2f}% val, {best['params']} params)")
+    drop = lambda c: {k: v for k, v in c.items() if k != "lat"}  # noqa: E731
+    summary = {
+        "search": s.model_dump(), "space": space.distill.model_dump(exclude_none=True), "varying": space.distill.varying(),
+        "serving_batch_size": b, "max_concurrent_trials": concurrent, "wall_s": rows[0]["sweep_wall_s"] if rows else 0.0,
+        "trial_seconds": sum(r.get("trial_seconds") or 0.0 for r in rows),
+        "trials": [{k: v for k, v in r.items() if k != "sweep_wall_s"} for r in rows],
+        "candidates": [drop(c) for c in candidates], "best": drop(best),
+        "default": next((drop(c) for c in candidates if c["key"] == "default"), None),
+    }
+    write_distill_sweep(summary, run_dir)
+    return best_dir, summary

@@ -240,17 +240,27 @@ def run_trials(
     return {k: read_result(run_dir, k, advice=advice) for k in chosen}
 
 
+def based_key(config: dict[str, Any], *, key_of: Callable[[dict[str, Any]], str]) -> str:
+    """The key of a drawn config over a family's axes plus ``base`` (the starting model): ``<base>-<family key>``."""
+    return f"{config['base']}-{key_of(config)}"
+
+
 def measure_with_recipe(key: str, shared: dict[str, Any], *, family: str, config_json: str, run_dir: str,
-                        candidates: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+                        candidates: dict[str, tuple[str, dict[str, Any]]], floor: float | None = None) -> Any:
     """A family's candidate as a trial: ``candidates[key]`` = (student name, settings); the family's ``Recipe`` builds
     it from ``shared["students"][name]`` and measures it on ``shared["data"]`` into one row, or into several
-    (``rows``, each with its ``variant``) when one trial covers several settings; artifacts go to ``RUN/trials/<key>/``."""
+    (``rows``, each with its ``variant``) when one trial covers several settings, or, for a stepwise family, into a
+    row per step (a generator: each step saved and reported); artifacts go to ``RUN/trials/<key>/``."""
     from slimray import families
 
     fam = families.get(family)
     recipe = fam.load("recipe")()
     cfg = fam.load("config").model_validate_json(config_json)
     student, candidate = candidates[key]
+    if recipe.stepwise:
+        steps = recipe.measure_steps(cfg, candidate, shared["students"][student], shared["data"], out_dir=Path(run_dir) / "trials" / key,
+                                     timing=shared["timing"], floor=floor)
+        return ({"key": key, "student": student, **row} for row in steps)
     rows = recipe.measure_rows(cfg, candidate, shared["students"][student], shared["data"], out_dir=Path(run_dir) / "trials" / key)
     if len(rows) == 1 and "variant" not in rows[0]:
         return {"key": key, "status": "ok", "student": student, **rows[0]}

@@ -30,7 +30,7 @@ from typing import Any
 import ray
 
 from slimray.families.classifier.artifacts import artifact_files, load_artifact
-from slimray.families.classifier.features import build_projection, find_layer
+from slimray.families.classifier.features import build_projection
 from slimray.families.classifier.spec import build_model, parse_spec
 from slimray.families.classifier.train import ClassifierTrainOptions, example_input
 from slimray.schema import ConfigError
@@ -122,25 +122,3 @@ def check_feature_layers(job: TrainJob) -> None:
     teacher, _ = load_artifact(opts.teacher_dir)
     shape = opts.input_spec["shape"] if opts.input_spec else None
     build_projection(build_model(spec), teacher, opts.feature_kd, example_input(spec, shape))
-
-
-def check_teacher_layer(cfg: Any) -> None:
-    """For a ``PipelineConfig`` with feature KD: the teacher layer must name a module of the teacher's
-    architecture (the configured one, or the ccexam CNN's); checked before the teacher is trained."""
-    fk = cfg.distill.feature_kd
-    if fk is None:
-        return
-    from slimray.families.classifier.teachers import CCEXAM_MNIST_SPEC
-
-    if cfg.teacher.is_users:
-        spec = cfg.teacher.module_spec()
-    else:
-        spec = cfg.teacher.model if cfg.teacher.source == "train" else CCEXAM_MNIST_SPEC
-    teacher = build_model(spec)
-    find_layer(teacher, fk.teacher_layer, role="teacher")
-    if cfg.distill.student is None:  # a derived student has the teacher's module names
-        find_layer(teacher, fk.student_layer, role="student")
-        return
-    if cfg.teacher.is_users:  # the projection needs the data's input shape: checked before training
-        return
-    build_projection(build_model(cfg.distill.student), teacher, fk, example_input(cfg.distill.student))

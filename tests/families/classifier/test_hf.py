@@ -72,7 +72,7 @@ def test_a_derived_student_is_rebuilt_from_its_json_record(hf_folder):
     ("pickle_only", "teacher.path .* lacks model.safetensors \\(pytorch_model.bin is a pickle"),
 ])
 def test_bad_folders_fail_before_ray_naming_teacher_path(hf_folder, tmp_path, case, match):
-    from slimray.pipelines.classifier import check_config
+    from slimray.families.classifier.recipe import ClassifierRecipe
 
     folder, _ = hf_folder
     bad = tmp_path / "bad"
@@ -88,7 +88,7 @@ def test_bad_folders_fail_before_ray_naming_teacher_path(hf_folder, tmp_path, ca
         (bad / "config.json").write_text(json.dumps(conf))
         (bad / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(ConfigError, match=match):
-        check_config(_cfg(bad))
+        ClassifierRecipe().check(_cfg(bad))
 
 
 def test_source_fields_are_checked_at_load():

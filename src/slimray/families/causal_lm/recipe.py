@@ -176,7 +176,7 @@ class CausalLMRecipe(Recipe):
                 "size_bytes": dir_size_bytes(folder) if folder is not None else None}
 
     # students
-    def plan_students(self, cfg: Any, teacher: nn.Module) -> list[StudentPlan]:
+    def plan_students(self, cfg: Any, teacher: nn.Module, *, data: Any = None) -> list[StudentPlan]:
         """Layer importance (KL when skipped) on validation windows; each student keeps its most important layers, then
         fewer KV groups / MLP neurons when its width says so. The cut models are kept for ``init_state``."""
         from slimray.families.causal_lm.artifacts import load_meta
@@ -374,7 +374,7 @@ class CausalLMRecipe(Recipe):
             out[candidate_key("teacher", "bf16", "vllm")] = ("teacher", {"quantization": "bf16", "runtime": "vllm", "sparsity": "none"})
         return out
 
-    def budget(self, cfg: Any) -> float:
+    def budget(self, cfg: Any, *, teacher: dict[str, Any]) -> float:
         return float(cfg.search.ppl_budget)
 
     def admissible(self, cfg: Any, row: dict[str, Any], *, teacher: dict[str, Any]) -> bool:

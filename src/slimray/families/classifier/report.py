@@ -1,6 +1,6 @@
-"""The classifier's report.md and plots, from its report.json, through the shared renderer (``slimray.report``): its
-models, trials, pruning speedups and distillation-sweep trials are rows, each table a list of ``Column``s, each plot
-the shared quality-against-speed front or per-epoch curves. Pure: no Ray.
+"""The classifier's own report sections (``ClassifierRecipe.report_extras``; the shared renderer, ``slimray.report``,
+writes the rest): where the winner's speed comes from, the real speedup of pruning, the distillation sweep's trials
+(rows, each table a list of ``Column``s; its per-epoch curves plotted). Pure: no Ray.
 """
 
 from __future__ import annotations
@@ -9,146 +9,36 @@ from pathlib import Path
 from typing import Any
 
 from slimray.families.recipe import Column
-from slimray.report import rows_table, write_curves_png, write_front_png
+from slimray.report import rows_table, write_curves_png
 from slimray.storage import write_json_atomic, write_text_atomic
-
-
-def _b(report: dict[str, Any]) -> int:
-    return report["serving_batch_size"]
 
 
 def _lat_columns(b: int) -> list[Column]:
     return [Column("ms_b1", "ms @ batch 1", "{:.3f}"), Column("ms_b", f"ms @ batch {b}", "{:.3f}")]
 
 
-def headline_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Teacher, labels-only student, recipe-settings student (after a distillation sweep), the student searched, winner."""
-    b = _b(report)
-    t_lat = report["teacher"]["latency_ms"][f"batch_{b}"]
-    named = [
-        ("teacher", report["teacher"]),
-        ("student (labels only)", report["student"].get("labels_only")),
-        ("student (distilled, recipe settings)", report.get("student_default")),
-        ("student (distilled)" if "student_default" not in report else "student (distilled, sweep best)", report["student"]),
-        (f"winner ({report['winner'].get('runtime', 'torch')})", report["winner"]),
-    ]
-    rows = []
-    for name, r in named:
-        if not r:
+def gain_breakdown_md(steps: list[dict[str, Any]], *, batch_size: int) -> list[str]:
+    """Where the winner's speed comes from: teacher, starting student, its prune ratio in fp32, the winner (side by side)."""
+    rows = [{"key": s["step"], "ms_b": s["latency_ms"], "speedup": s["speedup_vs_teacher"]} for s in steps]
+    return [f"Where the gain comes from (batch {batch_size}, side-by-side timing):", "",
+            rows_table(rows, [Column("ms_b", "ms", "{:.3f}"), Column("speedup", "cumulative speedup", "x")]), ""]
+
+
+def pruning_md(trials: list[dict[str, Any]], *, batch_size: int) -> list[str]:
+    """The fp32 torch trials per prune ratio and starting model: parameter ratio beside the measured latency ratio."""
+    lines: list[str] = []
+    for base in dict.fromkeys(t.get("student") for t in trials):
+        fp32 = sorted((t for t in trials if t.get("student") == base and t.get("status") == "ok" and t.get("quantization") == "none"
+                       and t.get("runtime", "torch") == "torch"), key=lambda t: t["prune_ratio"])
+        ref = next((t for t in fp32 if t["prune_ratio"] == 0), None)
+        if ref is None or len(fp32) < 2:
             continue
-        lat = r.get("latency_ms") or {}
-        lb = lat.get(f"batch_{b}")
-        rows.append({"key": name, "accuracy": r.get("accuracy"), "params": r.get("params"), "size_bytes": r.get("size_bytes"),
-                     "ms_b1": lat.get("batch_1"), "ms_b": lb, "speedup": t_lat / lb if lb else None})
-    return rows
-
-
-def headline_table(report: dict[str, Any]) -> str:
-    b = _b(report)
-    cols = [Column("accuracy", "test acc %", "{:.2f}"), Column("params", "params", "{:,}"), Column("size_bytes", "size MB", "mb"),
-            *_lat_columns(b), Column("speedup", f"speedup @ {b}", "x")]
-    return rows_table(headline_rows(report), cols)
-
-
-def trial_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every trial flattened: its sweep latencies as ``ms_b1``/``ms_b``, epochs with a stop mark, peak memory."""
-    b = _b(report)
-    rows = []
-    for t in report["trials"]:
-        lat = t.get("latency_ms") or {}
-        rows.append({
-            **t, "runtime": t.get("runtime", "torch"), "ms_b1": lat.get("batch_1"), "ms_b": lat.get(f"batch_{b}"),
-            "epochs": f"{t.get('finetune_epochs', '-')}{' (stopped early)' if t.get('stopped_early') else ''}",
-            "error": (t.get("error") or "") + (f" at {t['stage']}" if t.get("stage") else ""),
-        })
-    return rows
-
-
-def trials_table(report: dict[str, Any]) -> str:
-    cols = [Column("prune_ratio", "prune ratio"), Column("quantization", "quantization"), Column("runtime", "runtime"),
-            Column("epochs", "epochs"), Column("val_accuracy", "val acc %", "{:.2f}"), Column("params", "params", "{:,}"),
-            Column("size_bytes", "size MB", "mb"), Column("peak_memory_bytes", "peak MB", "mb"), *_lat_columns(_b(report)),
-            Column("trial_seconds", "trial s", "{:.1f}")]
-    return rows_table(trial_rows(report), cols)
-
-
-def pruning_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The fp32 torch trials per prune ratio: parameter ratio beside the measured latency ratio (sweep timing)."""
-    b = _b(report)
-    fp32 = sorted((t for t in report["trials"] if t["status"] == "ok" and t["quantization"] == "none"
-                   and t.get("runtime", "torch") == "torch"), key=lambda t: t["prune_ratio"])
-    base = next((t for t in fp32 if t["prune_ratio"] == 0), None)
-    if base is None:
-        return []
-    return [{"key": f"prune {t['prune_ratio']}", "params": t["params"], "param_ratio": base["params"] / t["params"],
-             "ms_b": t["latency_ms"][f"batch_{b}"], "speedup": base["latency_ms"][f"batch_{b}"] / t["latency_ms"][f"batch_{b}"]}
-            for t in fp32]
-
-
-def report_md(report: dict[str, Any]) -> list[str]:
-    w, b = report["winner"], _b(report)
-    metric = report.get("metric") or {}
-    name = metric.get("name", "accuracy")
-    lines = [
-        f"# slimray run `{report['name']}` (recipe `{report['recipe']}`)", "", headline_table(report), "",
-        f"Winner: prune ratio {w.get('prune_ratio')}, quantization `{w.get('quantization')}`, runtime `{w.get('runtime', 'torch')}`; "
-        f"{'within' if report['constraint_met'] else 'NOT within'} {report['max_accuracy_drop']:.4g} "
-        f"{'points' if name == 'accuracy' else name + ' units'} of the teacher (selection on validation {name}). Speedup at "
-        f"batch {b} vs the teacher: {report['speedup_vs_teacher'][f'batch_{b}']:.2f}x (latencies re-timed side by side in one "
-        f"process, {report['timing']['num_threads']} thread(s)).", "",
-    ]
-    base = report.get("search_base") or {}
-    if "kd_gain_points" in base:
-        gain = base["kd_gain_points"]
-        lines += [
-            f"Distillation {'gained' if gain >= 0 else 'lost'} {abs(gain):.2f} points of validation accuracy against the same "
-            f"student trained on labels only ({base['val_accuracy_distilled']:.2f}% vs {base['val_accuracy_labels_only']:.2f}%); "
-            f"the search started from the {'labels-only' if base['student'] == 'student_labels_only' else 'distilled'} student.", "",
-        ]
-    same = report.get("speedup_vs_teacher_same_runtime")
-    if same:
-        lines += [
-            f"Two speedups at batch {b}: {report['speedup_vs_teacher'][f'batch_{b}']:.2f}x against the teacher as given "
-            f"(torch eager), {same[f'batch_{b}']:.2f}x against the teacher in the winner's runtime ({same['runtime']}, fp32): "
-            "the second is what compression bought apart from the runtime.", "",
-        ]
-    steps = [{"key": s["step"], "ms_b": s["latency_ms"], "speedup": s["speedup_vs_teacher"]} for s in report["gain_breakdown"]]
-    lines += [f"Where the gain comes from (batch {b}, side-by-side timing):", "",
-              rows_table(steps, [Column("ms_b", "ms", "{:.3f}"), Column("speedup", "cumulative speedup", "x")]),
-              "", "## All trials (sweep timing; the table above is re-timed)", "", trials_table(report), ""]
-    search = report.get("search")
-    if search:
-        lines += [f"Search: {search['algorithm']}, scheduler {search['scheduler']}; {search['num_trials']} trials, "
-                  f"{search['trial_seconds']:.0f} trial-seconds, {search['wall_s']:.0f} s wall.", ""]
-        lines += [f"- left out of the space: {d['quantization']} in {d['runtime']}: {d['why']}" for d in search.get("left_out", [])]
-        lines.append("")
-        if search.get("most_failed"):
-            lines += [f"**{search['most_failed']}**", ""]
-    failed = [t for t in report["trials"] if t["status"] != "ok"]
-    if failed:
-        lines += ["## Failed trials", "", *[f"- {t.get('explanation') or t.get('error', 'unknown error')}" for t in failed], ""]
-    pruning = pruning_rows(report)
-    if pruning:
-        lines += ["## Real speedup of pruning (fp32, torch eager, sweep timing)", "",
-                  rows_table(pruning, [Column("params", "params", "{:,}"), Column("param_ratio", "param ratio", "x"),
-                                       Column("ms_b", f"ms @ {b}", "{:.3f}"), Column("speedup", "latency speedup", "x")]), ""]
-    lines += ["![pareto](pareto.png)", ""]
-    if report.get("distill_sweep"):
-        lines += distill_sweep_md(report["distill_sweep"])
+        rows = [{"key": f"prune {t['prune_ratio']}", "params": t["params"], "param_ratio": ref["params"] / t["params"],
+                 "ms_b": t["latency_ms_serving"], "speedup": ref["latency_ms_serving"] / t["latency_ms_serving"]} for t in fp32]
+        lines += [f"Real speedup of pruning {base} (fp32, torch eager, trial timing):", "",
+                  rows_table(rows, [Column("params", "params", "{:,}"), Column("param_ratio", "param ratio", "x"),
+                                    Column("ms_b", f"ms @ {batch_size}", "{:.3f}"), Column("speedup", "latency speedup", "x")]), ""]
     return lines
-
-
-def write_report_files(report: dict[str, Any], run_dir: Path) -> None:
-    """``report.md`` and ``pareto.png`` (validation quality against sweep latency, the front joined, the winner ringed)."""
-    write_text_atomic(run_dir / "report.md", "\n".join(report_md(report)))
-    b = _b(report)
-    ok = [{**r, "latency": r["ms_b"]} for r in trial_rows(report) if r["status"] == "ok"]
-    front = {t["key"] for t in report.get("pareto_front", [])}
-    name = (report.get("metric") or {}).get("name", "accuracy")
-    write_front_png(ok, [r for r in ok if r["key"] in front], run_dir / "pareto.png", quality_key="val_accuracy",
-                    quality_label="validation accuracy (%)" if name == "accuracy" else f"validation {name}",
-                    speed_key="latency", speed_label=f"latency at batch {b} (ms, sweep timing; lower is faster)",
-                    winner=report["winner"].get("key"), floor=report["accuracy_floor"])
 
 
 # ------------------------------------------------------------------------------------------- the distillation sweep

@@ -8,7 +8,7 @@ for another runtime its outputs against the torch model.
 
 The pruned model of a ratio after ``k`` fine-tune epochs is computed once and cached in the run folder (under a file
 lock), so every quantization/runtime trial of one ratio, and every epoch count, shares it. The sweep that runs these
-trials on Ray Tune is ``slimray.sweep.search``.
+trials on Ray Tune is the shared trainable (``slimray.sweep.trials``), through ``ClassifierRecipe.measure_steps``.
 """
 
 from __future__ import annotations

@@ -60,3 +60,27 @@ def check_takes_examples(model: torch.nn.Module, cfg: Any, input_shape: list[int
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise ConfigError(f"{label} {factory!r}: a classifier must return logits shaped (batch, classes), got "
                           f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else list(out.shape)}")
+
+
+def check_teacher_layer(cfg: Any) -> None:
+    """For a ``PipelineConfig`` with feature KD: the teacher layer must name a module of the teacher's
+    architecture (the configured one, or the ccexam CNN's); checked before the teacher is trained."""
+    fk = cfg.distill.feature_kd
+    if fk is None:
+        return
+    from slimray.families.classifier.features import build_projection, find_layer
+    from slimray.families.classifier.spec import build_model
+    from slimray.families.classifier.train import example_input
+
+    if cfg.teacher.is_users:
+        spec = cfg.teacher.module_spec()
+    else:
+        spec = cfg.teacher.model if cfg.teacher.source == "train" else CCEXAM_MNIST_SPEC
+    teacher = build_model(spec)
+    find_layer(teacher, fk.teacher_layer, role="teacher")
+    if cfg.distill.student is None:  # a derived student has the teacher's module names
+        find_layer(teacher, fk.student_layer, role="student")
+        return
+    if cfg.teacher.is_users:  # the projection needs the data's input shape: checked before training
+        return
+    build_projection(build_model(cfg.distill.student), teacher, fk, example_input(cfg.distill.student))

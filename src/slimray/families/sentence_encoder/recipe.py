@@ -198,7 +198,7 @@ class EncoderRecipe(Recipe):
         return {**q, "seq_len": seq, "params": count_params(model), "size_bytes": size}
 
     # students
-    def plan_students(self, cfg: Any, teacher: nn.Module) -> list[StudentPlan]:
+    def plan_students(self, cfg: Any, teacher: nn.Module, *, data: Any = None) -> list[StudentPlan]:
         layers = cfg.model.student_layers
         spec = spec_for(truncated(teacher, layers), name="student", base_config=teacher_config(teacher_dir(cfg.model)),
                         max_seq_len=cfg.model.max_seq_len, metadata={"student_layers": layers})
@@ -273,7 +273,7 @@ class EncoderRecipe(Recipe):
             self._loaded[path] = load_text_artifact(path)[0]
         return self._loaded[path]
 
-    def budget(self, cfg: Any) -> float:
+    def budget(self, cfg: Any, *, teacher: dict[str, Any]) -> float:
         return 1.0 / cfg.search.min_probe_ratio
 
     def admissible_rule(self, cfg: Any) -> str | None:

@@ -114,7 +114,7 @@ class TabularRecipe(Recipe):
                 "params": param_count(model), "size_bytes": stored_bytes(model), "hidden": hidden_widths(model)}
 
     # students
-    def plan_students(self, cfg: Any, teacher: nn.Module) -> list[StudentPlan]:
+    def plan_students(self, cfg: Any, teacher: nn.Module, *, data: Any = None) -> list[StudentPlan]:
         return [StudentPlan("student-" + "x".join(map(str, h)), {"hidden": list(h)}) for h in cfg.distill.students]
 
     def train_job(self, cfg: Any, plan: StudentPlan, *, distilled: bool) -> dict[str, Any]:
