@@ -239,9 +239,6 @@ class SearchConfig(SearchBase):
             raise ValueError("num_samples applies to algorithm random/optuna; grid runs every point once")
         if not self.use_tune and (self.algorithm != "grid" or self.scheduler != "none"):
             raise ValueError("use_tune: false runs every point in the driver: it needs algorithm grid and scheduler none")
-        if self.include_teacher:
-            raise ValueError("include_teacher: the classifier searches its student (or, without one, the teacher through "
-                             "`slimray sweep`); set include_teacher: false")
         return self
 
     @property

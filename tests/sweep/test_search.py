@@ -53,10 +53,43 @@ def test_without_tune_every_point_runs_in_the_driver(tmp_path, digits, trained_d
     from slimray.pipelines import run_pipeline
 
     cfg, student = given_run(tmp_path, digits, trained_digits_cnn, "driver", use_tune=False, finetune_epochs=1, num_timing_repeats=3,
-                             space={"prune_ratios": [0.0, 0.5], "quantizations": ["none"], "runtimes": ["torch"]})
+                             space={"prune_ratios": [0.0, 0.5], "quantizations": ["none"], "runtimes": ["torch"]}, include_teacher=True)
     report = run_pipeline(cfg, out_dir=tmp_path, student=student, train_students=False)
-    trials = report["trials"]
-    assert [t["key"] for t in trials] == ["student-prune0.00-none", "student-prune0.50-none"]
-    assert all(t["status"] == "ok" for t in trials)
-    assert trials[1]["finetune_epochs"] == 1 and not trials[1]["stopped_early"] and trials[1]["params"] < trials[0]["params"]
+    trials = {t["key"]: t for t in report["trials"]}
+    # include_teacher: the teacher's own compressions are searched beside the student's (is a student needed at all?)
+    assert list(trials) == [f"{b}-prune{r}-none" for b in ("student", "teacher") for r in ("0.00", "0.50")]
+    assert report["search_bases"] == ["student", "teacher"] and all(t["status"] == "ok" for t in trials.values())
+    pruned, whole = trials["student-prune0.50-none"], trials["student-prune0.00-none"]
+    assert pruned["finetune_epochs"] == 1 and not pruned["stopped_early"] and pruned["params"] < whole["params"]
     assert not (tmp_path / "driver" / "ray" / "classifier-search").exists()  # no Tune experiment
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_sweep_cli_runs_the_distillation_sweep_and_searches_its_best_student(tmp_path, ray_session, capsys):
+    """`slimray sweep --space` with a distill and a compress part, on the shared stages: the teacher is trained, no
+    student of the recipe is, the distillation sweep's trials (Tune over Train, one worker each) compete, the best is
+    copied to students/student-best and is the one starting model of the compression search."""
+    import json
+
+    import yaml
+
+    from slimray.cli import main
+
+    cfg = tiny_digits_config("dsweep-cli").model_dump(mode="json")
+    cfg["teacher"]["epochs"] = 6
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({
+        "distill": {"temperature": [2.0, 6.0], "epochs": 4}, "search": {"num_workers": 1},
+        "compress": {"prune_ratios": [0.0], "quantizations": ["none"], "runtimes": ["torch"]}}))
+    code = main(["sweep", "--config", str(tmp_path / "cfg.yaml"), "--space", str(tmp_path / "space.yaml"), "--out", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert code == 0 and "best student:" in out
+    run_dir = tmp_path / "runs" / "dsweep-cli"
+    summary = json.loads((run_dir / "distill_sweep.json").read_text())
+    assert len(summary["trials"]) == 2 and summary["default"] is None  # no recipe-settings student was trained
+    assert (run_dir / "students" / "student-best" / "spec.json").exists() and not (run_dir / "students" / "student").exists()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["search_bases"] == ["student-best"] and report["distill_sweep"]["best"]["key"] == summary["best"]["key"]
+    assert [t["key"] for t in report["trials"]] == ["student-best-prune0.00-none"] and report["winner"]["key"]
+    assert "## Distillation sweep" in (run_dir / "report.md").read_text()

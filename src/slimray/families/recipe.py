@@ -4,7 +4,10 @@ functions, so that one stage sequence, one Tune trainable, one winner rule and o
 A family implements ``Recipe`` in its own folder and names it in its registry entry (``Family.recipe``). Every hook
 is pure torch/numpy: no Ray, no serving, no stage code. The pipeline calls them in this order:
 
-1. ``check(cfg)`` before Ray starts; ``prepare(cfg, run_dir)`` -> the family's data (arrays, tokenised text, ...), loaded once on the driver;
+1. ``check(cfg)`` before Ray starts; ``prepare(cfg, run_dir)`` -> the family's data (arrays, tokenised text, ...), loaded once
+   on the driver; training data on disk the family streams instead (``stream_source``) is opened by the pipeline through
+   Ray Data (``with_stream``), and after the teacher the pipeline runs its outputs over it as a batch-inference job
+   (``teacher_outputs``, ``load_bytes``) and hands back a sample (``with_sample``);
 2. ``teacher(cfg, data)`` -> the teacher ``nn.Module`` (loaded from the user's weights, or ``None`` when it is
    trained first with ``teacher_job``); ``evaluate(cfg, model, data)`` -> its quality row;
 3. ``plan_students(cfg, teacher, data=)`` -> the students to distil (a name and the spec the TrainTask builds);
@@ -16,7 +19,10 @@ is pure torch/numpy: no Ray, no serving, no stage code. The pipeline calls them 
    A family whose trial shares costly work between settings (a fine-tune per prune ratio, then every quantization x
    sequence length) implements ``measure_rows`` instead: several rows per trial, each with its ``variant`` and
    ``settings``;
-6. ``quality``: which row key the constraint reads, its direction and the budget's field; ``admissible``: any further
+   A stepwise family (``stepwise``) gives ``measure_steps``: a generator of one row per step (a fine-tune epoch), which
+   ASHA reads when ``search_plan`` asks for it (with Tune's random search or Optuna over the family's axes);
+6. ``quality`` (or ``quality_of(cfg)``, a metric the user chooses): which row key the constraint reads, its direction and
+   the budget's field (``budget(cfg, teacher=)``, measured from ``reference(cfg, teacher)``); ``admissible``: any further
    hard constraint on a row, judged against the teacher measured the same way; ``speed_key``: the row key the winner
    rule ranks by (higher is faster);
 7. ``time(models, data, settings=)`` times models side by side in this process: the finalists in rounds (and, when the

@@ -1,19 +1,25 @@
-"""The shared stage sequence: any family with a ``Recipe`` (``slimray.families.recipe``) runs distil -> search ->
-serve through it, with no stage code of its own.
+"""The shared stage sequence: every family runs distil -> search -> serve through its ``Recipe``
+(``slimray.families.recipe``), with no stage code of its own.
 
-Stages, one console line each: ``prepare`` (the family reads its data), ``evaluate_teacher`` (the user's teacher, or
-one trained on labels on Ray Train), ``derive_students`` (the family's plans), ``distil`` (each student on the one Ray
-Train loop, distilled and, with the same budget, on labels only; the search starts from whichever validates better and
-the report says what distillation gained or lost), ``search`` (every candidate x starting student as one trial of the
-one Tune trainable, ``slimray.sweep.trials``; with ``include_teacher`` the teacher is a starting model too),
-``finalists`` (the fastest feasible candidates, the teacher, the starting students and the family's reference models
-for them (``timed_beside``) rebuilt in this process, or in an actor of their own when the family says so
-(``time_apart``, ``slimray.sweep.timers``), and timed side by side in rounds: ``num_rounds`` at least, up to
-``max_rounds`` until one finalist leads two rounds running), ``winner`` (the one rule,
-``slimray.sweep.select.choose``: fastest under the family's quality constraint and ``admissible``, a lead inside the
-noise is a tie that the smaller model wins), ``export`` (the winner's artifact, ``Recipe.export``, and a sample
-request) and ``report`` (rows rendered with the family's columns, the Pareto front plotted, the family's own
-sections). A rerun reuses the teacher, the students and every finished trial.
+Stages, one console line each: ``prepare`` (the family reads its data; training data it streams, ``stream_source``, is
+opened here through Ray Data: one checking pass, val and test into memory), ``evaluate_teacher`` (the user's teacher,
+kept as ``RUN/teacher`` when the family's trials load it, or one trained on labels on Ray Train), ``derive_students``
+(the family's plans), ``distil`` (streamed data: the teacher's outputs first, a Ray Data batch-inference job whose
+Parquet the Train workers read in shards; each student on the one Ray Train loop, distilled and, with the same budget,
+on labels only; the search starts from whichever validates better and the report says what distillation gained or
+lost; with a distillation space and a family's ``student_sweep`` hook, its Tune-over-Train sweep picks the starting
+student), ``search`` (every candidate x starting student as one trial of the one Tune trainable,
+``slimray.sweep.trials``, or Tune's random search / Optuna over the family's axes with ASHA reading a stepwise trial's
+rows, ``Recipe.search_plan``; with ``include_teacher`` the teacher is a starting model too), ``finalists`` (the fastest
+feasible candidates, the teacher, the starting students and the family's reference models for them (``timed_beside``)
+rebuilt in this process, or in an actor of their own when the family says so (``time_apart``,
+``slimray.sweep.timers``), and timed side by side in rounds: ``num_rounds`` at least, up to ``max_rounds`` until one
+finalist leads two rounds running), ``winner`` (the one rule, ``slimray.sweep.select.choose``: fastest under the
+family's quality constraint and ``admissible``, a lead inside the noise is a tie that the smaller model wins),
+``export`` (the winner's artifact, ``Recipe.export``, and a sample request) and ``report`` (rows rendered with the
+family's columns, the Pareto front plotted, the family's own sections). A rerun reuses the teacher, the students and
+every finished trial. ``slimray sweep`` runs the same stages with no student trained (``train_students``), or from a
+given artifact (``given_student``).
 """
 
 from __future__ import annotations

@@ -220,17 +220,21 @@ class ClassifierRecipe(Recipe):
                "size_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))}
         if metric.fn is not None:
             row.update(metric_value=value, test_metric=metric.value(model, data.x_test, data.y_test))
-        if cfg.search.teacher_reference_split == "test":
-            row["reference"] = metric.quality(metric.value(model, data.x_test, data.y_test))
+        if cfg.search.teacher_reference_split == "test":  # the floor is measured from the teacher's held-out value
+            row["reference_value"] = metric.value(model, data.x_test, data.y_test)
+            row["reference"] = metric.quality(row["reference_value"])
         return row
 
     def reference(self, cfg: Any, teacher: dict[str, Any]) -> float:
         return float(teacher.get("reference", teacher["accuracy"]))
 
     def budget(self, cfg: Any, *, teacher: dict[str, Any]) -> float:
-        metric = metric_of(cfg)
-        value = teacher.get("metric_value", teacher["accuracy"])
-        return metric.budget(value)
+        return metric_of(cfg).budget(self._reference_value(teacher))
+
+    @staticmethod
+    def _reference_value(teacher: dict[str, Any]) -> float:
+        """The teacher's metric value on the reference split (``search.teacher_reference_split``)."""
+        return float(teacher.get("reference_value", teacher.get("metric_value", teacher["accuracy"])))
 
     # ------------------------------------------------------------------------------------------------ students
     def plan_students(self, cfg: Any, teacher: nn.Module, *, data: ClassifierData) -> list[StudentPlan]:
@@ -275,6 +279,15 @@ class ClassifierRecipe(Recipe):
                else "labels only" + ("" if distilled else " (same budget)"))
         log(f"{plan.name}{'' if distilled else ' (labels only)'}: {d.epochs} epochs, {how}, {d.num_workers} Ray Train workers "
             f"({d.strategy}, {d.placement_strategy})")
+        if kd and d.loss == "features":  # the layers and their projection resolved here: a bad pair fails before any worker
+            from slimray.families.classifier.features import build_projection
+            from slimray.families.classifier.spec import build_model
+            from slimray.families.classifier.train import example_input
+
+            assert self._run_dir is not None
+            spec = parse_spec(plan.spec)
+            build_projection(build_model(spec), load_artifact(self._run_dir / "teacher")[0], d.feature_kd,
+                             example_input(spec, self._input_spec["shape"]))
         return {**self._loop(cfg), "epochs": d.epochs, "lr": d.lr, "lr_schedule": d.lr_schedule, "weight_decay": d.weight_decay,
                 "task": self._task(cfg, alpha=d.alpha if kd else 0.0, feature_kd=d.feature_kd if kd and d.loss == "features" else None)}
 
@@ -479,7 +492,7 @@ class ClassifierRecipe(Recipe):
             if t.get("status") == "ok":
                 t["stopped_early"] = t.get("finetune_epochs", 0) < (s.finetune_epochs if t.get("prune_ratio", 0) > 0 else 0)
         extra = {
-            "dataset": data.name, "metric": metric.describe() | {"teacher_reference": teacher.get("metric_value", teacher["accuracy"]),
+            "dataset": data.name, "metric": metric.describe() | {"teacher_reference": self._reference_value(teacher),
                                                                "budget": self.budget(cfg, teacher=teacher)},
             "teacher_reference_split": s.teacher_reference_split, "serving_batch_size": b,
             "constraint_met": result["meets_constraint"], "winner_test": winner_test,
