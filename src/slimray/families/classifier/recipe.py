@@ -79,21 +79,22 @@ def _base_name(name: str) -> str:
 
 
 class ClassifierRecipe(Recipe):
+    quality = Quality(key="accuracy", label="val accuracy %")  # or the user's metric, signed (quality_of)
     speed_key = "examples_per_s"
     speed_label = "examples/s (serving batch, 1 thread)"
     keep_teacher = True
     stepwise = True
     timing_lock = True
+    columns = (Column("accuracy", "val quality", "{:.3f}"), Column("test_accuracy", "test acc %", "{:.2f}"),
+               Column("params", "params", "{:d}"), Column("size_bytes", "size MB", "mb"),
+               Column("latency_ms_b1", "ms b1", "{:.3f}"), Column("latency_ms_serving", "ms serving batch", "{:.3f}"),
+               Column("examples_per_s", "examples/s", "{:.0f}"), Column("speedup", "speedup", "x"))
 
     def __init__(self) -> None:
         self._user_teacher: nn.Module | None = None
         self._plans: dict[str, StudentPlan] = {}
         self._init: dict[str, dict[str, torch.Tensor]] = {}
         self._run_dir: Path | None = None
-
-    @property
-    def quality(self) -> Quality:  # type: ignore[override]
-        return Quality(key="accuracy", label="val accuracy %")
 
     def quality_of(self, cfg: Any) -> Quality:
         metric = metric_of(cfg)
@@ -102,12 +103,6 @@ class ClassifierRecipe(Recipe):
         sign = "" if metric.higher_is_better else "-"
         return Quality(key="accuracy", label=f"{sign}{metric.name.rsplit(':', 1)[-1]} (val)")
 
-    @property
-    def columns(self) -> tuple[Column, ...]:  # type: ignore[override]
-        return (Column("accuracy", "val quality", "{:.3f}"), Column("test_accuracy", "test acc %", "{:.2f}"),
-                Column("params", "params", "{:d}"), Column("size_bytes", "size MB", "mb"),
-                Column("latency_ms_b1", "ms b1", "{:.3f}"), Column("latency_ms_serving", "ms serving batch", "{:.3f}"),
-                Column("examples_per_s", "examples/s", "{:.0f}"), Column("speedup", "speedup", "x"))
 
     def is_saved(self, path: Path) -> bool:
         from slimray.runs import log
