@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "runs) or GGUF for llama.cpp (causal-LM runs), checked against the source")
     exp.add_argument("run_dir", type=Path)
     exp.add_argument("--format", choices=["onnx", "torch-export", "gguf"], required=True)
-    exp.add_argument("--trial", help="classifier: a trial key, e.g. prune0.50-none; causal LM: teacher or a student's "
+    exp.add_argument("--trial", help="classifier: a trial key, e.g. student-prune0.50-none; causal LM: teacher or a student's "
                                      "name (default: the winner)")
     exp.add_argument("--gguf-type", choices=["q8_0", "q4_0", "f16", "bf16", "f32"],
                      help="gguf: the type of the 2-D weights (default q8_0; norms stay f32)")
