@@ -62,8 +62,7 @@ class Quality:
         return teacher_value - budget if self.higher_is_better else teacher_value + budget
 
     def feasible(self, value: float, *, teacher_value: float, budget: float) -> bool:
-        limit = self.floor(teacher_value, budget)
-        return value >= limit - 1e-9 if self.higher_is_better else value <= limit + 1e-9
+        return self.meets(value, self.floor(teacher_value, budget))
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.higher_is_better else a < b

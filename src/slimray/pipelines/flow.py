@@ -52,6 +52,7 @@ class FlowStages(Stages):
         self.recipe = self.family.load("recipe")()
         self.quality = self.recipe.quality_of(cfg)
         self.stream: Any = None  # the training split as a Ray Dataset, when the family streams it (Recipe.stream_source)
+        self.train_stream: Any = None  # ... and with the teacher's outputs, once they are written (_teacher_outputs)
         # set by run_pipeline: given_student (`slimray sweep --student`: search this artifact instead of distilling),
         # train_students (False, `slimray sweep`: students already saved are searched, none trained), resume (False: an
         # earlier search experiment of this run is an error)
@@ -183,7 +184,7 @@ class FlowStages(Stages):
         default = self.folders.get(plan.name) if plan is not None else None
         best_dir, self.sweep_summary = self.family.load("student_sweep")(
             self.cfg, run_dir=self.run_dir, data=self.data, train_data=self.recipe.train_data(self.cfg, self.data, self.teacher),
-            stream=getattr(self, "train_stream", None), init_dir=init, default_dir=default, resume=self.resume)
+            stream=self.train_stream, init_dir=init, default_dir=default, resume=self.resume)
         name = best_dir.name
         self.folders[name], self.students[name] = best_dir, self.recipe.load(best_dir)
         for r in self.student_rows:
@@ -422,7 +423,7 @@ class FlowStages(Stages):
         """A streamed family: the teacher's outputs over the training split, once, as a Ray Data batch-inference job
         written into the run folder (reused by a rerun); the Train workers read them in shards and the driver reads
         a sample back for the search (``Recipe.with_sample``)."""
-        if self.stream is None or getattr(self, "_outputs_done", False):
+        if self.stream is None or self.train_stream is not None:
             return
         from slimray.data.files import TEACHER_OUTPUTS, read_sample, write_teacher_outputs
 
@@ -436,7 +437,6 @@ class FlowStages(Stages):
 
         self.train_stream = ray.data.read_parquet(str(out))
         self.data = self.recipe.with_sample(self.cfg, self.data, read_sample(out, limit=self.recipe.sample_size(self.cfg, self.data)))
-        self._outputs_done = True
 
     def _trial_input(self, name: str) -> Any:
         return self.recipe.trial_input(name, self.students[name], folder=self.folders.get(name), data=self.data)
@@ -500,8 +500,7 @@ class FlowStages(Stages):
                        family=self.family.name, spec=self.recipe.job_spec(plan, self.data),
                        batch_size=d.batch_size, num_workers=d.num_workers, seed=d.seed,
                        metrics_path=str(self.run_dir / "logs" / f"{label}_metrics.jsonl"), **fields)
-        stream = getattr(self, "train_stream", None) if self.stream is not None else None
-        if self.stream is not None and stream is None:  # the teacher itself, trained before any outputs exist: raw rows
-            stream = self.stream
+        # streamed data: the teacher's outputs once written; the teacher itself, trained before them, reads the raw rows
+        stream = self.train_stream if self.train_stream is not None else self.stream
         model, metrics = run_training(job, shared, init_state=init_state, stream=stream)
         return model

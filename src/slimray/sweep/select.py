@@ -13,11 +13,6 @@ def feasible(trials: list[dict[str, Any]], *, teacher_accuracy: float, max_drop:
     return [t for t in trials if t.get("status") == "ok" and t[accuracy_key] >= floor - 1e-9]
 
 
-def rank_fastest(trials: list[dict[str, Any]], *, latency_key: str) -> list[dict[str, Any]]:
-    """Fastest first; ties (equal latency) go to the smaller model, then the more accurate."""
-    return sorted(trials, key=lambda t: (t[latency_key], t["size_bytes"], -t["accuracy"]))
-
-
 def non_dominated(trials: list[dict[str, Any]], *, goals: dict[str, str]) -> list[dict[str, Any]]:
     """The finished trials no other finished trial beats on every goal (``{key: "max" | "min"}``) and strictly on
     one, in their original order."""

@@ -94,6 +94,7 @@ class ClassifierRecipe(Recipe):
         self._user_teacher: nn.Module | None = None
         self._plans: dict[str, StudentPlan] = {}
         self._init: dict[str, dict[str, torch.Tensor]] = {}
+        self._meta: dict[str, Any] = {}  # a derived student's record (what was pruned), in its artifact's metadata
         self._run_dir: Path | None = None
 
     def quality_of(self, cfg: Any) -> Quality:
@@ -168,7 +169,7 @@ class ClassifierRecipe(Recipe):
 
     def load_bytes(self, files: dict[str, bytes]) -> nn.Module:
         model, spec = load_artifact_bytes(files)
-        self._input = spec.input
+        self._input = spec.input  # the batch-inference actor's recipe: teacher_outputs normalises batches with it
         return model
 
     def sample_size(self, cfg: Any, data: ClassifierData) -> int:
@@ -209,15 +210,16 @@ class ClassifierRecipe(Recipe):
 
     def evaluate(self, cfg: Any, model: nn.Module, data: ClassifierData) -> dict[str, Any]:
         metric = metric_of(cfg)
-        value = metric.value(model, data.x_val, data.y_val)
-        row = {"accuracy": metric.quality(value), "val_accuracy": accuracy(model, data.x_val, data.y_val),
-               "test_accuracy": accuracy(model, data.x_test, data.y_test), "params": count_params(model),
+        val_acc, test_acc = accuracy(model, data.x_val, data.y_val), accuracy(model, data.x_test, data.y_test)
+        # accuracy is the metric unless the user gave one: then it is scored too (one more pass per split)
+        value, test_value = (val_acc, test_acc) if metric.fn is None else (
+            metric.value(model, data.x_val, data.y_val), metric.value(model, data.x_test, data.y_test))
+        row = {"accuracy": metric.quality(value), "val_accuracy": val_acc, "test_accuracy": test_acc, "params": count_params(model),
                "size_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))}
         if metric.fn is not None:
-            row.update(metric_value=value, test_metric=metric.value(model, data.x_test, data.y_test))
+            row.update(metric_value=value, test_metric=test_value)
         if cfg.search.teacher_reference_split == "test":  # the floor is measured from the teacher's held-out value
-            row["reference_value"] = metric.value(model, data.x_test, data.y_test)
-            row["reference"] = metric.quality(row["reference_value"])
+            row.update(reference_value=test_value, reference=metric.quality(test_value))
         return row
 
     def reference(self, cfg: Any, teacher: dict[str, Any]) -> float:
@@ -381,7 +383,6 @@ class ClassifierRecipe(Recipe):
             if row.get("status") == "ok":
                 row["examples_per_s"] = 1e3 * b / row[f"latency_ms_b{b}"]
                 row["latency_ms_serving"] = row[f"latency_ms_b{b}"]
-                row["stopped_early"] = None  # set by the report: a trial ASHA stopped has fewer epochs than the search's
             yield row
 
     def advice(self, error: str, candidate: dict[str, Any]) -> str:
@@ -436,7 +437,7 @@ class ClassifierRecipe(Recipe):
         else:
             plan = self._plans.get(_base_name(name))
             spec = parse_spec(plan.spec) if plan is not None else spec_from_model(model, teacher_spec(cfg))
-            meta = getattr(self, "_meta", {})
+            meta = self._meta
         save_artifact(path, model.eval(), ArtifactSpec(name=name, model=spec, input=data.input, metadata=meta))
 
     def load(self, path: Path) -> nn.Module:
@@ -497,7 +498,7 @@ class ClassifierRecipe(Recipe):
             "search": {"algorithm": s.algorithm, "scheduler": s.scheduler, "num_trials": len(trials),
                        "trial_seconds": sum(t.get("trial_seconds") or 0.0 for t in trials),
                        "left_out": [{"quantization": q, "runtime": r, "why": why} for q, r, why in s.space.dropped],
-                       "most_failed": most_failed([{**t, "status": "ok" if t.get("status") == "ok" else "error"} for t in trials])},
+                       "most_failed": most_failed(trials)},
         }
         md = [f"Winner on the test split: {winner_test['accuracy']:.2f}% accuracy (teacher {teacher['test_accuracy']:.2f}%), "
               f"{extra['speedup_vs_teacher'][f'batch_{b}']:.2f}x the teacher at batch {b}, "
